@@ -1,0 +1,23 @@
+"""datatrace: training data influence, verified against retraining.
+
+``score[q, i]`` estimates ``f_q(theta_without_i) - f_q(theta_hat)``: the change of query q's measurement (by
+default its loss) if training example i were removed and the model retrained, in the measurement's units.
+"""
+
+from ._validation import NotFittedError
+from .influence import InfluenceFunction
+from .scores import Scores, TopK
+from .tasks import ClassificationTask, RegressionTask, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassificationTask",
+    "InfluenceFunction",
+    "NotFittedError",
+    "RegressionTask",
+    "Scores",
+    "Task",
+    "TopK",
+    "__version__",
+]

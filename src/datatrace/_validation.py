@@ -1,0 +1,90 @@
+"""Input validation shared by every module.
+
+Every error raised for bad user input names the argument, the value received, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a method that needs ``fit`` is called on an attributor that was not fitted."""
+
+
+def describe(value: Any, limit: int = 80) -> str:
+    """A short, safe rendering of a user value for an error message."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    try:
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return f"ndarray(shape={value.shape}, dtype={value.dtype})"
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def bad_value(name: str, value: Any, allowed: str, fix: str) -> ValueError:
+    """Build a ValueError in the project's standard form."""
+    return ValueError(f"{name}={describe(value)} is not allowed: {allowed}. Fix: {fix}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    if value not in choices:
+        raise bad_value(name, value, f"expected one of {choices}", f"pass one of {choices}")
+    return value
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise bad_value(name, value, f"expected an integer >= {minimum}", f"pass an integer >= {minimum}")
+    return value
+
+
+def check_nonnegative_float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise bad_value(name, value, "expected a non-negative number", "pass a float >= 0") from None
+    if not out >= 0.0 or out == float("inf"):
+        raise bad_value(name, value, "expected a finite non-negative number", "pass a float >= 0")
+    return out
+
+
+def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
+    """Raise if ``tensor`` holds NaN or inf, saying where (first offending index) and what to change."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = ~torch.isfinite(tensor)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            count = int(bad.sum())
+            value = tensor[first].item() if tensor.dim() else tensor.item()
+            msg = f"{what} contains {count} non-finite value(s) (first at index {first}: {value})."
+            raise FloatingPointError(msg + (" " + hint if hint else ""))
+
+
+def check_indices(name: str, indices: Any, n: int) -> torch.Tensor:
+    """Validate integer indices into a collection of ``n`` items and return them as a 1-D long tensor."""
+    try:
+        idx = torch.as_tensor(indices)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad_value(name, indices, "expected integer indices", "pass a list or tensor of ints") from None
+    if idx.dim() == 0:
+        idx = idx.reshape(1)
+    if idx.dim() != 1 or (idx.numel() and (idx.is_floating_point() or idx.dtype == torch.bool)):
+        raise bad_value(name, indices, "expected a 1-D sequence of integer indices", "pass a list of ints")
+    idx = idx.long()
+    if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+        bad = idx[(idx < -n) | (idx >= n)][0].item()
+        raise IndexError(
+            f"{name} contains {bad}, out of range for {n} training examples: allowed is -{n} <= index < {n}. "
+            f"Fix: pass indices between 0 and {n - 1}."
+        )
+    return torch.where(idx < 0, idx + n, idx)

@@ -1,0 +1,179 @@
+"""Exact dense curvature: the Hessian and the Gauss-Newton matrix, inverted through an eigendecomposition.
+
+For a model with ``p`` parameters in scope these routes form the ``p x p`` matrix ``C`` of the training objective
+(regulariser included), decompose ``C = V diag(e) V^T`` in the working dtype (float64 by default) and apply
+
+    C^+ v = V diag(phi(e)) V^T v,     phi(e) = 1 / (policy(e) + damping)
+
+with three explicit decisions, all reported in ``info``:
+
+* **zero eigenvalues** (``|e| <= rtol * max|e|``, e.g. the softmax's shift invariance of unpenalised biases):
+  a pseudo-inverse, ``phi = 0``. Per-example gradients have no component there, so nothing is lost.
+* **negative eigenvalues** (a network away from a strict minimum), ``negative=``:
+  ``"clip"`` (default) sets them to zero, so with ``damping`` they are treated as flat directions and with no
+  damping they are dropped; ``"abs"`` uses ``|e|`` (saddle-free Newton, Dauphin et al. 2014); ``"keep"`` uses
+  them as they are (the literal Newton step, which can explode near zero).
+* **damping** ``lambda_d >= 0`` added to every kept eigenvalue. ``"auto"``: 0 when no eigenvalue is negative (a
+  convex objective, where the exact inverse is the right answer) and otherwise ``0.01 * mean(|e|)``, a
+  Levenberg-Marquardt style choice that keeps the inverse well away from the noise of small eigenvalues.
+
+Koh & Liang (2017) use the exact Hessian; the Gauss-Newton matrix (Martens 2020) is positive semi-definite for
+convex losses and is what Bae et al. (2022) show influence functions on networks actually approximate (the
+proximal Bregman response).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+
+import torch
+from tqdm.auto import tqdm
+
+from .._validation import bad_value, check_choice, check_finite, check_nonnegative_float
+from ..data import DataSource
+from ..gradients import FunctionalModel
+from .base import Curvature
+
+logger = logging.getLogger(__name__)
+
+#: default budget for dense curvature: the p x p matrix plus its eigenvectors and workspace
+DEFAULT_MAX_DENSE_BYTES = 4 * 1024**3
+NEGATIVE_POLICIES = ("clip", "abs", "keep")
+
+
+class DenseCurvature(Curvature):
+    """Shared machinery of the dense routes: build ``C``, eigendecompose, apply the damped (pseudo-)inverse."""
+
+    def __init__(
+        self,
+        damping: float | str = "auto",
+        negative: str = "clip",
+        rtol: float | None = None,
+        max_bytes: int = DEFAULT_MAX_DENSE_BYTES,
+    ) -> None:
+        super().__init__()
+        if damping != "auto":
+            damping = check_nonnegative_float("damping", damping)
+        self.damping = damping
+        self.negative = check_choice("negative", negative, NEGATIVE_POLICIES)
+        self.rtol = rtol
+        self.max_bytes = max_bytes
+
+    @abstractmethod
+    def _matrix(self, fmodel: FunctionalModel, data: DataSource, progress: bool) -> torch.Tensor:
+        """The ``p x p`` curvature matrix of the objective, regulariser included."""
+
+    def check_size(self, fmodel: FunctionalModel) -> None:
+        p = fmodel.num_params
+        itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
+        need = 3 * p * p * itemsize  # matrix, eigenvectors, workspace
+        if need > self.max_bytes:
+            from . import matrix_free_names  # late import: the registry imports this module
+
+            alternatives = ", ".join(repr(n) for n in matrix_free_names()) or "none registered yet"
+            raise MemoryError(
+                f"curvature={self.name!r} forms a dense {p:,} x {p:,} matrix: about {need / 1024**3:.1f} GiB in "
+                f"{fmodel.dtype}, above the limit of {self.max_bytes / 1024**3:.1f} GiB. Fix: restrict the "
+                f"parameters in scope with params= (e.g. the last layer), raise max_bytes if the memory is "
+                f"there, or use a route that never forms the matrix ({alternatives})."
+            )
+
+    def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> DenseCurvature:
+        self.check_size(fmodel)
+        matrix = self._matrix(fmodel, data, progress)
+        check_finite(
+            matrix,
+            f"the {self.name} curvature matrix",
+            "Fix: check the model's outputs and loss for NaN/inf on the training data (datatrace checked the "
+            "data itself), lower the learning rate that produced the model, or fit in float64.",
+        )
+        evals, evecs = torch.linalg.eigh(matrix)
+        self._set_spectrum(evals, evecs, fmodel)
+        self.matrix_ = matrix
+        return self
+
+    def _set_spectrum(self, evals: torch.Tensor, evecs: torch.Tensor, fmodel: FunctionalModel) -> None:
+        scale = float(evals.abs().max()) if evals.numel() else 0.0
+        rtol = (
+            self.rtol if self.rtol is not None else max(evals.numel(), 10) * torch.finfo(evals.dtype).eps * 10
+        )
+        tol = rtol * scale
+        zero = evals.abs() <= tol
+        negative = (evals < -tol) & ~zero
+        if self.damping == "auto":
+            damping = 0.0 if not bool(negative.any()) else 0.01 * float(evals.abs().mean())
+        else:
+            damping = float(self.damping)
+        if self.negative == "clip":
+            effective = evals.clamp(min=0.0)
+        elif self.negative == "abs":
+            effective = evals.abs()
+        else:
+            effective = evals
+        denom = effective + damping
+        dropped = zero | (denom.abs() <= tol)
+        inv = torch.where(
+            dropped, torch.zeros_like(denom), 1.0 / torch.where(dropped, torch.ones_like(denom), denom)
+        )
+        self.evals_, self.evecs_, self.inv_evals_ = evals, evecs, inv
+        self.damping_ = damping
+        self.info_ = {
+            "route": self.name,
+            "num_params": int(evals.numel()),
+            "damping": damping,
+            "negative_policy": self.negative,
+            "eigenvalue_max": float(evals.max()),
+            "eigenvalue_min": float(evals.min()),
+            "num_negative": int(negative.sum()),
+            "num_zero_dropped": int(dropped.sum()),
+            "zero_tolerance": tol,
+        }
+        if int(negative.sum()):
+            logger.info(
+                "%s curvature has %d negative eigenvalue(s) (min %.3g); policy %r with damping %.3g.",
+                self.name,
+                int(negative.sum()),
+                float(evals.min()),
+                self.negative,
+                damping,
+            )
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        v = vectors.to(self.evecs_.dtype)
+        return ((v @ self.evecs_) * self.inv_evals_) @ self.evecs_.T
+
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        v = vectors.to(self.evecs_.dtype)
+        return v @ self.matrix_ + self.damping_ * v
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(damping={self.damping!r}, negative={self.negative!r})"
+
+
+class ExactHessian(DenseCurvature):
+    """The exact Hessian of the training objective, ``(1/n) sum_i d^2 l_i + diag(lambda)``."""
+
+    name = "exact"
+
+    def _matrix(self, fmodel: FunctionalModel, data: DataSource, progress: bool) -> torch.Tensor:
+        with tqdm(total=fmodel.num_params, desc="Hessian columns", disable=not progress, leave=False) as bar:
+            return fmodel.dense_hessian(data, progress=bar.update)
+
+
+class GaussNewton(DenseCurvature):
+    """The generalised Gauss-Newton matrix ``(1/n) sum_i J_i^T (d^2 l_i / d o^2) J_i + diag(lambda)``."""
+
+    name = "gauss-newton"
+
+    def _matrix(self, fmodel: FunctionalModel, data: DataSource, progress: bool) -> torch.Tensor:
+        if not fmodel.task.has_outputs:
+            raise bad_value(
+                "curvature",
+                self.name,
+                f"{type(fmodel.task).__name__} does not split its loss into outputs(model, batch) and "
+                "loss_from_outputs(outputs, batch), which Gauss-Newton needs",
+                "define both methods on the task, or use curvature='exact'",
+            )
+        with tqdm(total=len(data), desc="Gauss-Newton", disable=not progress, leave=False) as bar:
+            return fmodel.dense_gauss_newton(data, progress=bar.update)

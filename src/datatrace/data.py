@@ -1,0 +1,174 @@
+"""One view of the user's data, whatever form it came in.
+
+datatrace accepts a tuple of tensors or numpy arrays, a ``torch.utils.data.Dataset`` or a ``DataLoader``. All of
+them become a :class:`DataSource`: a fixed, indexed sequence of ``n`` examples that can be walked in batches *in
+index order* (scores are indexed by training example, so a shuffling loader is re-read sequentially) and cut into
+subsets of the same kind (for retraining).
+
+A batch is always a tuple; the :class:`~datatrace.Task` decides what its elements mean (by default ``(x, y)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data.dataloader import default_collate
+
+from ._validation import bad_value, check_finite, check_indices
+
+DEFAULT_BATCH_SIZE = 256
+
+DataLike = Any  # tuple of tensors/arrays | Dataset | DataLoader | DataSource
+
+
+def _to_tensor(array: Any, name: str) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array
+    if isinstance(array, np.ndarray):
+        if array.dtype == object:
+            raise bad_value(name, array, "object arrays cannot become tensors", "convert to a numeric dtype")
+        return torch.from_numpy(np.ascontiguousarray(array))
+    if isinstance(array, (list, float, int)):
+        return torch.as_tensor(array)
+    raise bad_value(
+        name,
+        array,
+        "each element of a data tuple must be a torch.Tensor or numpy array",
+        "convert it with torch.as_tensor(...)",
+    )
+
+
+def _batch_to_tuple(batch: Any) -> tuple:
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch)
+    return (batch,)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """An indexed data set of ``n`` examples, read in order in batches.
+
+    Build one with :func:`as_data_source`. ``kind`` records the form it came in so that :meth:`subset` can give
+    back the same form (a tuple of arrays stays a tuple of arrays; a Dataset becomes a ``Subset``).
+    """
+
+    kind: str  # "tensors" | "numpy" | "dataset"
+    tensors: tuple[torch.Tensor, ...] | None
+    dataset: Dataset | None
+    batch_size: int
+    collate_fn: Any
+    name: str
+
+    def __len__(self) -> int:
+        if self.tensors is not None:
+            return int(self.tensors[0].shape[0])
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def batches(
+        self, batch_size: int | None = None, indices: torch.Tensor | None = None
+    ) -> Iterator[tuple[torch.Tensor, tuple]]:
+        """Yield ``(indices, batch)`` pairs in index order; ``indices`` restricts to those examples."""
+        bs = batch_size or self.batch_size
+        order = torch.arange(len(self)) if indices is None else indices
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs]
+            yield idx, self.get(idx)
+
+    def get(self, indices: torch.Tensor | Sequence[int]) -> tuple:
+        """The examples at ``indices`` as one batch (a tuple of tensors)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.tensors is not None:
+            return tuple(t[idx] for t in self.tensors)
+        items = [self.dataset[int(i)] for i in idx]  # type: ignore[index]
+        return _batch_to_tuple(self.collate_fn(items))
+
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> Any:
+        """The examples at ``indices`` in the form the user gave (tuple of tensors/arrays, or a Dataset)."""
+        idx = check_indices("indices", indices, len(self))
+        if self.kind == "numpy":
+            np_idx = idx.numpy()
+            return tuple(t.numpy()[np_idx] for t in self.tensors)  # type: ignore[union-attr]
+        if self.kind == "tensors":
+            return tuple(t[idx] for t in self.tensors)  # type: ignore[union-attr]
+        return Subset(self.dataset, idx.tolist())  # type: ignore[arg-type]
+
+    def check_finite(self) -> None:
+        """Raise if a floating-point element of the data has NaN or inf (say which element and where)."""
+        for position, tensor in enumerate(self.tensors or ()):
+            check_finite(
+                tensor,
+                f"{self.name}[{position}]",
+                "Fix: clean or impute the data before computing influence.",
+            )
+
+
+def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = None) -> DataSource:
+    """Turn a tuple of tensors/arrays, a Dataset or a DataLoader into a :class:`DataSource`.
+
+    Raises a ValueError naming ``name`` for anything else, for tuples whose elements disagree in length and for
+    an empty data set.
+    """
+    if isinstance(data, DataSource):
+        return data
+    if isinstance(data, DataLoader):
+        if isinstance(data.dataset, IterableDataset):
+            raise bad_value(
+                name,
+                data,
+                "a DataLoader over an IterableDataset has no stable example indices",
+                "pass a map-style Dataset (one with __getitem__ and __len__) or a tuple of tensors",
+            )
+        source = DataSource(
+            kind="dataset",
+            tensors=None,
+            dataset=data.dataset,
+            batch_size=batch_size or data.batch_size or DEFAULT_BATCH_SIZE,
+            collate_fn=data.collate_fn or default_collate,
+            name=name,
+        )
+    elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        if not hasattr(data, "__len__"):
+            raise bad_value(name, data, "the Dataset has no __len__", "implement __len__ on the Dataset")
+        source = DataSource("dataset", None, data, batch_size or DEFAULT_BATCH_SIZE, default_collate, name)
+    elif isinstance(data, (tuple, list)):
+        if len(data) == 0:
+            raise bad_value(name, data, "an empty tuple holds no data", "pass (inputs, targets)")
+        is_numpy = all(isinstance(a, np.ndarray) for a in data)
+        tensors = tuple(_to_tensor(a, f"{name}[{i}]") for i, a in enumerate(data))
+        for i, t in enumerate(tensors):
+            if t.dim() == 0:
+                raise bad_value(f"{name}[{i}]", t, "each element needs a leading example axis", "reshape it")
+        lengths = [int(t.shape[0]) for t in tensors]
+        if len(set(lengths)) != 1:
+            raise ValueError(
+                f"{name} has elements of different lengths {lengths}: every element of the tuple must have one "
+                f"row per example. Fix: pass arrays with the same first dimension."
+            )
+        source = DataSource(
+            "numpy" if is_numpy else "tensors", tensors, None, batch_size or DEFAULT_BATCH_SIZE, None, name
+        )
+    else:
+        raise bad_value(
+            name,
+            data,
+            "expected a tuple of tensors or numpy arrays, a torch Dataset or a DataLoader",
+            "wrap arrays as (X, y)",
+        )
+    if len(source) == 0:
+        raise ValueError(f"{name} is empty (0 examples). Fix: pass a data set with at least one example.")
+    return source
+
+
+def cast_batch(batch: tuple, dtype: torch.dtype, device: torch.device | str | None) -> tuple:
+    """Move a batch to ``device`` and cast its floating-point tensors to ``dtype`` (labels keep their dtype)."""
+    out = []
+    for t in batch:
+        if isinstance(t, torch.Tensor):
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        out.append(t)
+    return tuple(out)

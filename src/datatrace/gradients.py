@@ -1,0 +1,219 @@
+"""Gradients and curvature-vector products of a task, computed with ``torch.func``.
+
+:class:`FunctionalModel` binds a model, a :class:`~datatrace.Task` and the parameters in scope, and exposes
+functions of the flat parameter vector ``theta`` (see :mod:`datatrace.params`):
+
+* ``per_example_grads(batch)``: the rows ``grad_theta l(z_i, theta)``, shape ``(b, p)`` (``vmap`` over ``grad``);
+* ``per_example_measurement_grads(batch)``: the same for the task's measurement;
+* ``objective_grad(data)``: ``grad L = (1/n) sum_i grad l_i + lambda * theta`` (zero at a minimum);
+* ``hvp(v, data)``: ``H v`` for the objective's Hessian (forward-over-reverse, Pearlmutter 1994);
+* ``dense_hessian(data)`` and ``dense_gauss_newton(data)``: the ``p x p`` matrices, for small models and tests.
+
+Everything is computed with the module's other parameters and buffers fixed (``functional_call``), with the
+model in eval mode (dropout off, batch-norm statistics frozen) so that influence refers to one deterministic
+function of ``theta``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+from .data import DataSource, cast_batch
+from .params import ParamSpace, select_parameters
+from .tasks import Task
+
+
+class _Bound(nn.Module):
+    """Holds ``model`` as a submodule so that ``functional_call`` can swap its parameters inside ``fn``."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, tuple], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.model, batch)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def prepare_model(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A private copy of ``model`` in ``dtype`` (the user's model is never modified), in eval mode."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}. "
+            "Fix: pass the trained network, or use datatrace.from_sklearn for a scikit-learn estimator."
+        )
+    clone = copy.deepcopy(model)
+    if dtype is not None:
+        clone = clone.to(dtype)
+    clone.eval()
+    return clone
+
+
+class FunctionalModel:
+    """A model and task viewed as functions of the flat vector of in-scope parameters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        params: str | list[str] | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.task = task
+        selected = select_parameters(model, params)
+        self.space = ParamSpace.from_tensors(selected)
+        self.theta = self.space.flatten({n: p.detach() for n, p in selected.items()})
+        self.dtype = self.theta.dtype
+        self.device = self.theta.device
+        self.chunk_size = chunk_size
+        self._loss = _Bound(model, task.loss)
+        self._measure = _Bound(model, task.measurement)
+        self.regularizer = self.space.flatten(
+            {
+                n: torch.full(s, task.weight_decay_for(n), dtype=self.dtype)
+                for n, s in zip(self.space.names, self.space.shapes)
+            }
+        ).to(self.device)
+
+    @property
+    def num_params(self) -> int:
+        return self.space.numel
+
+    # -- scalar functions of theta -----------------------------------------------------------------------------
+    def _call(self, module: nn.Module, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
+        named = {"model." + k: v for k, v in self.space.unflatten(theta).items()}
+        return functional_call(module, named, batch)
+
+    def losses(self, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
+        return self._call(self._loss, theta, batch)
+
+    def measurements(self, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
+        return self._call(self._measure, theta, batch)
+
+    def prepare(self, batch: tuple) -> tuple:
+        return cast_batch(batch, self.dtype, self.device)
+
+    # -- per-example gradients ---------------------------------------------------------------------------------
+    def _per_example(self, module: nn.Module, batch: tuple) -> torch.Tensor:
+        def single(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
+            out = self._call(module, theta, tuple(t.unsqueeze(0) for t in example))
+            if out.shape != (1,):
+                raise ValueError(
+                    f"the task returned shape {tuple(out.shape)} for a batch of one example; loss and "
+                    "measurement must return one value per example, shape (batch_size,). "
+                    "Fix: use reduction='none' and do not average over the batch."
+                )
+            return out[0]
+
+        dims = (None, *tuple(0 for _ in batch))
+        return vmap(grad(single), in_dims=dims, chunk_size=self.chunk_size)(self.theta, *batch)
+
+    def per_example_grads(self, batch: tuple) -> torch.Tensor:
+        """``grad_theta l(z_i, theta_hat)`` for each example of ``batch``, shape ``(b, p)``."""
+        return self._per_example(self._loss, self.prepare(batch))
+
+    def per_example_measurement_grads(self, batch: tuple) -> torch.Tensor:
+        """``grad_theta f(z_q, theta_hat)`` for each query of ``batch``, shape ``(b, p)``."""
+        return self._per_example(self._measure, self.prepare(batch))
+
+    # -- the training objective --------------------------------------------------------------------------------
+    def objective_grad(self, data: DataSource) -> torch.Tensor:
+        """``grad L(theta_hat) = (1/n) sum_i grad l_i + lambda * theta_hat``; zero at a minimum."""
+        n = len(data)
+        total = torch.zeros_like(self.theta)
+        for _, batch in data.batches():
+            b = self.prepare(batch)
+            total += grad(lambda t, b=b: self.losses(t, b).sum())(self.theta)
+        return total / n + self.regularizer * self.theta
+
+    def hvp(self, vectors: torch.Tensor, data: DataSource) -> torch.Tensor:
+        """``H v`` for each row ``v`` of ``vectors`` (shape ``(m, p)``), H the Hessian of the objective."""
+        n = len(data)
+        vectors = vectors.to(self.dtype)
+        out = vectors * self.regularizer
+        for _, batch in data.batches():
+            b = self.prepare(batch)
+            g = grad(lambda t, b=b: self.losses(t, b).sum() / n)
+
+            def column(v: torch.Tensor, g=g) -> torch.Tensor:
+                return jvp(g, (self.theta,), (v,))[1]
+
+            out = out + vmap(column, chunk_size=self.chunk_size)(vectors)
+        return out
+
+    def dense_hessian(self, data: DataSource, progress: Callable | None = None) -> torch.Tensor:
+        """The ``p x p`` Hessian of the training objective (data term plus regulariser)."""
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        step = max(1, min(self.num_params, self.chunk_size or 256))
+        blocks = []
+        for start in range(0, self.num_params, step):
+            blocks.append(self.hvp(eye[start : start + step], data))
+            if progress is not None:
+                progress(min(step, self.num_params - start))
+        hessian = torch.cat(blocks, dim=0)
+        return 0.5 * (hessian + hessian.T)
+
+    def dense_gauss_newton(self, data: DataSource, progress: Callable | None = None) -> torch.Tensor:
+        """``G = (1/n) sum_i J_i^T (d^2 l_i / d o^2) J_i + diag(lambda)``, with ``o = task.outputs``.
+
+        The generalised Gauss-Newton matrix (Schraudolph 2002; Martens 2020): the Hessian with the second
+        derivative of the outputs dropped. It is positive semi-definite whenever the loss is convex in the
+        outputs (cross-entropy, squared error).
+        """
+        if not self.task.has_outputs:
+            self.task.outputs(self.model, ())  # raises the task's own explanatory error
+        n = len(data)
+        ggn = torch.diag(self.regularizer.clone())
+        out_module = _Bound(self.model, self.task.outputs)
+
+        def single_out(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
+            return self._call(out_module, theta, tuple(t.unsqueeze(0) for t in example))[0].reshape(-1)
+
+        def single_loss(o: torch.Tensor, shape: torch.Size, *example: torch.Tensor) -> torch.Tensor:
+            batch = tuple(t.unsqueeze(0) for t in example)
+            return self.task.loss_from_outputs(o.reshape(1, *shape), batch)[0]
+
+        for _, batch in data.batches():
+            b = self.prepare(batch)
+            dims = (None, *tuple(0 for _ in b))
+            jac = vmap(jacrev(single_out), in_dims=dims, chunk_size=self.chunk_size)(
+                self.theta, *b
+            )  # (b, k, p)
+            with torch.no_grad():
+                outs = self._call(out_module, self.theta, b)
+            shape = outs.shape[1:]
+            flat_out = outs.reshape(outs.shape[0], -1)
+            hess_out = vmap(
+                jacrev(jacrev(lambda o, *ex, shape=shape: single_loss(o, shape, *ex))),
+                in_dims=(0, *tuple(0 for _ in b)),
+            )(flat_out, *b)  # (b, k, k)
+            ggn += torch.einsum("bkp,bkl,blq->pq", jac, hess_out, jac) / n
+            if progress is not None:
+                progress(len(b[0]))
+        return 0.5 * (ggn + ggn.T)
+
+
+def model_parameters_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.get_default_dtype()
+
+
+__all__ = ["FunctionalModel", "eval_mode", "model_parameters_dtype", "prepare_model"]

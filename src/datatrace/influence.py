@@ -1,0 +1,244 @@
+"""Influence functions (Koh & Liang 2017) on any PyTorch model.
+
+With the training objective ``L(theta) = (1/n) sum_i l(z_i, theta) + sum_b lambda_b/2 ||theta_b||^2`` of
+:mod:`datatrace.tasks`, its minimiser ``theta_hat`` and (an approximation of) its Hessian ``H``:
+
+* upweighting example ``i`` by ``eps`` moves the minimiser by ``d theta / d eps = -(1/n) H^{-1} g_i`` with
+  ``g_i = grad l(z_i, theta_hat)``; removal is ``eps = -1``, so
+
+      theta_{-i} - theta_hat  ~  (1/n) H^{-1} g_i                               (params_change)
+
+* by the chain rule, a query measurement ``f_q`` changes by
+
+      f_q(theta_{-i}) - f_q(theta_hat)  ~  (1/n) grad f_q^T H^{-1} g_i          (score)
+
+  positive on a loss means removing ``i`` raises the query's loss: ``i`` is a proponent;
+* self-influence is the score of an example on its own loss, ``(1/n) g_i^T H^{-1} g_i``: how much its loss would
+  rise if it were left out (large for atypical, mislabelled or memorised examples).
+
+Removing a set ``S`` is, to first order, the sum of the individual scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._validation import NotFittedError, bad_value, check_finite, check_indices
+from .curvature import Curvature, make_curvature
+from .data import DataLike, DataSource, as_data_source
+from .gradients import FunctionalModel, prepare_model
+from .scores import Scores
+from .tasks import Task
+
+logger = logging.getLogger(__name__)
+
+#: relative gradient norm ||grad L|| / mean_i ||g_i|| above which the model is reported as not at a minimum
+STATIONARITY_TOLERANCE = 1e-3
+
+
+class InfluenceFunction:
+    """Leave-one-out influence of training examples on queries, without retraining.
+
+    Args:
+        model: the trained ``nn.Module`` (never modified: datatrace works on a private copy).
+        task: a :class:`~datatrace.Task` with the per-example loss, the query measurement and the weight decay
+            the model was trained with.
+        curvature: a route name (``"exact"``, ``"gauss-newton"``, see :mod:`datatrace.curvature`) or a
+            :class:`~datatrace.curvature.Curvature` instance.
+        damping: added to the curvature's eigenvalues, or ``"auto"`` (the route's principled default).
+        params: module or parameter name patterns in scope (``None``: every trainable parameter).
+        dtype: working precision (float64 by default: influence differences are small numbers).
+        batch_size: examples per batch for gradient computations (default: the data's own, or 256).
+        progress: show tqdm progress bars.
+
+    Example:
+        >>> import torch, datatrace
+        >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 1, dtype=torch.float64)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> w = torch.linalg.lstsq(torch.cat([X, torch.ones(50, 1, dtype=X.dtype)], 1), y).solution
+        >>> with torch.no_grad(): model.weight.copy_(w[:3].T); model.bias.copy_(w[3])
+        >>> inf = datatrace.InfluenceFunction(model, datatrace.RegressionTask(), progress=False).fit((X, y))
+        >>> inf.score((X[:2], y[:2])).values.shape
+        torch.Size([2, 50])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        curvature: str | Curvature = "exact",
+        damping: float | str = "auto",
+        params: str | list[str] | None = None,
+        dtype: torch.dtype | None = torch.float64,
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(task, Task):
+            raise bad_value(
+                "task",
+                task,
+                "expected a datatrace.Task",
+                "pass ClassificationTask(), RegressionTask() or a subclass",
+            )
+        if not isinstance(model, nn.Module):
+            raise bad_value(
+                "model",
+                model,
+                "expected a torch.nn.Module",
+                "for scikit-learn estimators use datatrace.from_sklearn",
+            )
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise bad_value("dtype", dtype, "expected a floating torch dtype or None", "pass torch.float64")
+        self.model = model
+        self.task = task
+        self.curvature = curvature
+        self.damping = damping
+        self.params = params
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.progress = progress
+        make_curvature(curvature, damping)  # validate the name and damping now, not after minutes of work
+
+    # -- fitting -----------------------------------------------------------------------------------------------
+    def fit(self, train: DataLike) -> InfluenceFunction:
+        """Compute training gradients and the curvature on ``train`` (the data the model was trained on)."""
+        source = as_data_source(train, "train", self.batch_size)
+        source.check_finite()
+        fmodel = FunctionalModel(prepare_model(self.model, self.dtype), self.task, self.params)
+        check_finite(fmodel.theta, "the model's parameters", "Fix: pass a model whose weights are finite.")
+        grads = self._gradients(fmodel, source, "train", fmodel.per_example_grads, "training gradients")
+        self._check_stationary(fmodel, grads)
+        curvature = make_curvature(self.curvature, self.damping)
+        curvature.fit(fmodel, source, progress=self.progress)
+        self.fmodel_ = fmodel
+        self.train_ = source
+        self.train_grads_ = grads
+        self.curvature_ = curvature
+        self.n_train_ = len(source)
+        self._train_ihvp: torch.Tensor | None = None
+        logger.info(
+            "fitted %s on %d examples, %d parameters: %s",
+            curvature.name,
+            len(source),
+            grads.shape[1],
+            curvature.info,
+        )
+        return self
+
+    def _gradients(
+        self, fmodel: FunctionalModel, source: DataSource, name: str, fn: Any, desc: str
+    ) -> torch.Tensor:
+        rows = []
+        with tqdm(total=len(source), desc=desc, disable=not self.progress, leave=False) as bar:
+            for idx, batch in source.batches():
+                try:
+                    g = fn(batch)
+                except (RuntimeError, IndexError, TypeError) as err:
+                    shapes = [
+                        tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch
+                    ]
+                    raise ValueError(
+                        f"running {type(self.task).__name__} on a batch of {name} failed: {err}. The batch's "
+                        f"elements have shapes {shapes}. Fix: check that the model, the task and the data agree "
+                        "(input width, number of outputs, label type)."
+                    ) from err
+                bad = ~torch.isfinite(g).all(dim=1)
+                if bool(bad.any()):
+                    first = int(idx[bad.nonzero()[0, 0]])
+                    raise FloatingPointError(
+                        f"the gradient of {name} example {first} is not finite ({int(bad.sum())} bad example(s) "
+                        f"in its batch). Fix: check that example's inputs and label, and the model's outputs on it."
+                    )
+                rows.append(g)
+                bar.update(len(idx))
+        return torch.cat(rows)
+
+    def _check_stationary(self, fmodel: FunctionalModel, grads: torch.Tensor) -> None:
+        full = grads.mean(dim=0) + fmodel.regularizer * fmodel.theta
+        scale = float(grads.norm(dim=1).mean()) or 1.0
+        relative = float(full.norm()) / scale
+        self.gradient_norm_ = float(full.norm())
+        if relative > STATIONARITY_TOLERANCE:
+            logger.warning(
+                "the model is not at a minimum of the training objective: ||grad L|| = %.3g (%.3g of a typical "
+                "per-example gradient norm). Influence functions assume a minimum; estimates continue but may be "
+                "off. Fix: train to convergence, or check that the task's weight_decay matches training.",
+                float(full.norm()),
+                relative,
+            )
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "curvature_"):
+            raise NotFittedError(
+                "this InfluenceFunction is not fitted yet. Fix: call .fit(train) with the training data first."
+            )
+
+    # -- queries -----------------------------------------------------------------------------------------------
+    def query_gradients(self, query: DataLike) -> torch.Tensor:
+        """``grad f_q(theta_hat)`` for every query, shape ``(n_query, p)``."""
+        self._check_fitted()
+        source = as_data_source(query, "query", self.batch_size)
+        source.check_finite()
+        return self._gradients(
+            self.fmodel_, source, "query", self.fmodel_.per_example_measurement_grads, "query gradients"
+        )
+
+    def score(self, query: DataLike) -> Scores:
+        """Leave-one-out influence of every training example on every query's measurement.
+
+        Returns :class:`~datatrace.Scores` with ``values[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)
+        = (1/n) grad f_q^T H^{-1} g_i``.
+        """
+        q_grads = self.query_gradients(query)
+        solved = self.curvature_.solve(q_grads)
+        check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
+        values = (solved @ self.train_grads_.T) / self.n_train_
+        return Scores(values, self.task.describe_measurement(), self._metadata())
+
+    def _metadata(self) -> dict[str, Any]:
+        info = {k: v for k, v in self.curvature_.info.items() if isinstance(v, (int, float, str, bool))}
+        info = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in info.items()}
+        return {
+            "estimator": "InfluenceFunction",
+            "curvature": info,
+            "n_train": self.n_train_,
+            "num_params": self.fmodel_.num_params,
+            "dtype": str(self.fmodel_.dtype),
+            "gradient_norm": self.gradient_norm_,
+            "task": repr(self.task),
+        }
+
+    def _train_solved(self) -> torch.Tensor:
+        if self._train_ihvp is None:
+            self._train_ihvp = self.curvature_.solve(self.train_grads_)
+        return self._train_ihvp
+
+    def self_influence(self) -> torch.Tensor:
+        """``(1/n) g_i^T H^{-1} g_i`` for every training example, shape ``(n_train,)``: the estimated rise of
+        example ``i``'s own loss if it were removed and the model retrained."""
+        self._check_fitted()
+        return (self._train_solved() * self.train_grads_).sum(dim=1) / self.n_train_
+
+    def params_change(self, indices: Any) -> dict[str, torch.Tensor]:
+        """Estimated ``theta_{-i} - theta_hat = (1/n) H^{-1} g_i`` for each index ``i``.
+
+        Returns a dict parameter name -> tensor of shape ``(len(indices), *param.shape)``.
+        """
+        self._check_fitted()
+        idx = check_indices("indices", indices, self.n_train_)
+        delta = self.curvature_.solve(self.train_grads_[idx]) / self.n_train_
+        return self.fmodel_.space.unflatten(delta)
+
+    def removal_params(self, indices: Any) -> dict[str, torch.Tensor]:
+        """Estimated change of the parameters when the *set* ``indices`` is removed together (first order: the
+        sum of the individual changes). Returns a dict parameter name -> tensor of the parameter's shape."""
+        self._check_fitted()
+        idx = check_indices("indices", indices, self.n_train_)
+        delta = self.curvature_.solve(self.train_grads_[idx].sum(dim=0, keepdim=True)) / self.n_train_
+        return {k: v[0] for k, v in self.fmodel_.space.unflatten(delta).items()}
