@@ -10,7 +10,8 @@ A batch is always a tuple; the :class:`~datatrace.Task` decides what its element
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,11 @@ def _to_tensor(array: Any, name: str) -> torch.Tensor:
         "each element of a data tuple must be a torch.Tensor or numpy array",
         "convert it with torch.as_tensor(...)",
     )
+
+
+def _collate_unbatched(convert: Callable, items: list) -> Any:
+    """Batch items of a DataLoader with ``batch_size=None`` (its ``collate_fn`` converts single samples)."""
+    return default_collate([convert(item) for item in items])
 
 
 def _batch_to_tuple(batch: Any) -> tuple:
@@ -115,23 +121,29 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
     """
     if isinstance(data, DataSource):
         return data
+    if isinstance(data, IterableDataset) or (
+        isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset)
+    ):
+        raise bad_value(
+            name,
+            data,
+            "an IterableDataset (or a DataLoader over one) has no stable example indices",
+            "pass a map-style Dataset (one with __getitem__ and __len__) or a tuple of tensors",
+        )
     if isinstance(data, DataLoader):
-        if isinstance(data.dataset, IterableDataset):
-            raise bad_value(
-                name,
-                data,
-                "a DataLoader over an IterableDataset has no stable example indices",
-                "pass a map-style Dataset (one with __getitem__ and __len__) or a tuple of tensors",
-            )
         source = DataSource(
             kind="dataset",
             tensors=None,
             dataset=data.dataset,
             batch_size=batch_size or data.batch_size or DEFAULT_BATCH_SIZE,
-            collate_fn=data.collate_fn or default_collate,
+            collate_fn=(
+                data.collate_fn or default_collate
+                if data.batch_size is not None
+                else functools.partial(_collate_unbatched, data.collate_fn)
+            ),
             name=name,
         )
-    elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+    elif isinstance(data, Dataset):
         if not hasattr(data, "__len__"):
             raise bad_value(name, data, "the Dataset has no __len__", "implement __len__ on the Dataset")
         source = DataSource("dataset", None, data, batch_size or DEFAULT_BATCH_SIZE, default_collate, name)

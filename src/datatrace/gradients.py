@@ -12,6 +12,11 @@ functions of the flat parameter vector ``theta`` (see :mod:`datatrace.params`):
 Everything is computed with the module's other parameters and buffers fixed (``functional_call``), with the
 model in eval mode (dropout off, batch-norm statistics frozen) so that influence refers to one deterministic
 function of ``theta``.
+
+Sums over the data (``objective_grad``, ``hvp``, ``dense_gauss_newton``) go through
+:func:`datatrace.distributed.distributed_sum`: under an initialised ``torch.distributed`` process group each rank
+sums over its own contiguous shard and the partial sums are all-reduced (the regulariser is added once, after the
+reduction); in a single process it is the plain loop.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from .data import DataSource, cast_batch
+from .distributed import distributed_sum
 from .params import ParamSpace, select_parameters
 from .tasks import Task
 
@@ -77,6 +83,15 @@ class FunctionalModel:
     ) -> None:
         self.model = model
         self.task = task
+        if isinstance(task.weight_decay, dict):
+            names = [n for n, _ in model.named_parameters()]
+            unknown = sorted(set(task.weight_decay) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"weight_decay names {unknown}, which are not parameters of the model: allowed names are "
+                    f"{names[:12]}{' ...' if len(names) > 12 else ''}. Fix: use the names of "
+                    "model.named_parameters() (a misspelt name would silently get no weight decay)."
+                )
         selected = select_parameters(model, params)
         self.space = ParamSpace.from_tensors(selected)
         self.theta = self.space.flatten({n: p.detach() for n, p in selected.items()})
@@ -137,26 +152,30 @@ class FunctionalModel:
     def objective_grad(self, data: DataSource) -> torch.Tensor:
         """``grad L(theta_hat) = (1/n) sum_i grad l_i + lambda * theta_hat``; zero at a minimum."""
         n = len(data)
-        total = torch.zeros_like(self.theta)
-        for _, batch in data.batches():
+
+        def batch_grad(batch: tuple) -> torch.Tensor:
             b = self.prepare(batch)
-            total += grad(lambda t, b=b: self.losses(t, b).sum())(self.theta)
+            return grad(lambda t: self.losses(t, b).sum())(self.theta)
+
+        total = distributed_sum(batch_grad, data, device=self.device, desc="objective gradient")
         return total / n + self.regularizer * self.theta
 
     def hvp(self, vectors: torch.Tensor, data: DataSource) -> torch.Tensor:
         """``H v`` for each row ``v`` of ``vectors`` (shape ``(m, p)``), H the Hessian of the objective."""
         n = len(data)
         vectors = vectors.to(self.dtype)
-        out = vectors * self.regularizer
-        for _, batch in data.batches():
-            b = self.prepare(batch)
-            g = grad(lambda t, b=b: self.losses(t, b).sum() / n)
 
-            def column(v: torch.Tensor, g=g) -> torch.Tensor:
+        def batch_hvp(batch: tuple) -> torch.Tensor:
+            b = self.prepare(batch)
+            g = grad(lambda t: self.losses(t, b).sum() / n)
+
+            def column(v: torch.Tensor) -> torch.Tensor:
                 return jvp(g, (self.theta,), (v,))[1]
 
-            out = out + vmap(column, chunk_size=self.chunk_size)(vectors)
-        return out
+            return vmap(column, chunk_size=self.chunk_size)(vectors)
+
+        data_term = distributed_sum(batch_hvp, data, device=self.device, desc="Hessian-vector products")
+        return data_term + vectors * self.regularizer
 
     def dense_hessian(self, data: DataSource, progress: Callable | None = None) -> torch.Tensor:
         """The ``p x p`` Hessian of the training objective (data term plus regulariser)."""
@@ -180,7 +199,6 @@ class FunctionalModel:
         if not self.task.has_outputs:
             self.task.outputs(self.model, ())  # raises the task's own explanatory error
         n = len(data)
-        ggn = torch.diag(self.regularizer.clone())
         out_module = _Bound(self.model, self.task.outputs)
 
         def single_out(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
@@ -190,7 +208,7 @@ class FunctionalModel:
             batch = tuple(t.unsqueeze(0) for t in example)
             return self.task.loss_from_outputs(o.reshape(1, *shape), batch)[0]
 
-        for _, batch in data.batches():
+        def batch_ggn(batch: tuple) -> torch.Tensor:
             b = self.prepare(batch)
             dims = (None, *tuple(0 for _ in b))
             jac = vmap(jacrev(single_out), in_dims=dims, chunk_size=self.chunk_size)(
@@ -204,9 +222,12 @@ class FunctionalModel:
                 jacrev(jacrev(lambda o, *ex, shape=shape: single_loss(o, shape, *ex))),
                 in_dims=(0, *tuple(0 for _ in b)),
             )(flat_out, *b)  # (b, k, k)
-            ggn += torch.einsum("bkp,bkl,blq->pq", jac, hess_out, jac) / n
             if progress is not None:
                 progress(len(b[0]))
+            return torch.einsum("bkp,bkl,blq->pq", jac, hess_out, jac) / n
+
+        ggn = distributed_sum(batch_ggn, data, device=self.device, desc="Gauss-Newton matrix")
+        ggn = ggn + torch.diag(self.regularizer)
         return 0.5 * (ggn + ggn.T)
 
 

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ._validation import NotFittedError, bad_value, check_finite, check_indices
 from .curvature import Curvature, make_curvature
 from .data import DataLike, DataSource, as_data_source
+from .distributed import distributed_per_example
 from .gradients import FunctionalModel, prepare_model
 from .scores import Scores
 from .tasks import Task
@@ -103,6 +103,13 @@ class InfluenceFunction:
         self.dtype = dtype
         self.batch_size = batch_size
         self.progress = progress
+        if isinstance(curvature, Curvature) and damping != "auto":
+            raise bad_value(
+                "damping",
+                damping,
+                f"a Curvature instance ({curvature!r}) carries its own damping, so this one would be ignored",
+                "set it on the instance, e.g. curvature=ExactHessian(damping=...), and leave damping='auto'",
+            )
         make_curvature(curvature, damping)  # validate the name and damping now, not after minutes of work
 
     # -- fitting -----------------------------------------------------------------------------------------------
@@ -134,30 +141,27 @@ class InfluenceFunction:
     def _gradients(
         self, fmodel: FunctionalModel, source: DataSource, name: str, fn: Any, desc: str
     ) -> torch.Tensor:
-        rows = []
-        with tqdm(total=len(source), desc=desc, disable=not self.progress, leave=False) as bar:
-            for idx, batch in source.batches():
-                try:
-                    g = fn(batch)
-                except (RuntimeError, IndexError, TypeError) as err:
-                    shapes = [
-                        tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch
-                    ]
-                    raise ValueError(
-                        f"running {type(self.task).__name__} on a batch of {name} failed: {err}. The batch's "
-                        f"elements have shapes {shapes}. Fix: check that the model, the task and the data agree "
-                        "(input width, number of outputs, label type)."
-                    ) from err
-                bad = ~torch.isfinite(g).all(dim=1)
-                if bool(bad.any()):
-                    first = int(idx[bad.nonzero()[0, 0]])
-                    raise FloatingPointError(
-                        f"the gradient of {name} example {first} is not finite ({int(bad.sum())} bad example(s) "
-                        f"in its batch). Fix: check that example's inputs and label, and the model's outputs on it."
-                    )
-                rows.append(g)
-                bar.update(len(idx))
-        return torch.cat(rows)
+        def rows(idx: torch.Tensor, batch: tuple) -> torch.Tensor:
+            try:
+                g = fn(batch)
+            except (RuntimeError, IndexError, TypeError) as err:
+                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch]
+                raise ValueError(
+                    f"running {type(self.task).__name__} on a batch of {name} failed: {err}. The batch's "
+                    f"elements have shapes {shapes}. Fix: check that the model, the task and the data agree "
+                    "(input width, number of outputs, label type)."
+                ) from err
+            bad = ~torch.isfinite(g).all(dim=1)
+            if bool(bad.any()):
+                first = int(idx[bad.nonzero()[0, 0]])
+                raise FloatingPointError(
+                    f"the gradient of {name} example {first} is not finite ({int(bad.sum())} bad example(s) "
+                    f"in its batch). Fix: check that example's inputs and label, and the model's outputs on it."
+                )
+            return g
+
+        # each rank computes its shard's rows; all ranks get all rows in index order (datatrace.distributed)
+        return distributed_per_example(rows, source, with_indices=True, progress=self.progress, desc=desc)
 
     def _check_stationary(self, fmodel: FunctionalModel, grads: torch.Tensor) -> None:
         full = grads.mean(dim=0) + fmodel.regularizer * fmodel.theta

@@ -15,6 +15,8 @@ the Gauss-Newton curvature ``J^T (d^2 l / d outputs^2) J``; both built-in tasks 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -46,9 +48,12 @@ class Task:
     def __init__(self, weight_decay: float | Mapping[str, float] = 0.0) -> None:
         if isinstance(weight_decay, Mapping):
             for key, value in weight_decay.items():
-                if not isinstance(value, (int, float)) or value < 0:
+                if not isinstance(value, numbers.Real) or not 0.0 <= float(value) < math.inf:
                     raise bad_value(
-                        f"weight_decay[{key!r}]", value, "expected a number >= 0", "pass non-negative floats"
+                        f"weight_decay[{key!r}]",
+                        value,
+                        "expected a finite number >= 0",
+                        "pass non-negative floats",
                     )
             self.weight_decay: float | dict[str, float] = {str(k): float(v) for k, v in weight_decay.items()}
         else:
@@ -58,8 +63,10 @@ class Task:
                 raise bad_value(
                     "weight_decay", weight_decay, "expected a float or {name: float}", "pass e.g. 1e-3"
                 ) from None
-            if not wd >= 0.0:
-                raise bad_value("weight_decay", weight_decay, "expected a number >= 0", "pass e.g. 1e-3 or 0")
+            if not 0.0 <= wd < math.inf:
+                raise bad_value(
+                    "weight_decay", weight_decay, "expected a finite number >= 0", "pass e.g. 1e-3 or 0"
+                )
             self.weight_decay = wd
 
     # -- the required part -------------------------------------------------------------------------------------

@@ -42,6 +42,15 @@ DEFAULT_MAX_DENSE_BYTES = 4 * 1024**3
 NEGATIVE_POLICIES = ("clip", "abs", "keep")
 
 
+def _format_bytes(size: float) -> str:
+    """``23064`` -> ``'22.5 KiB'``: a size in the largest binary unit that keeps it >= 1."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class DenseCurvature(Curvature):
     """Shared machinery of the dense routes: build ``C``, eigendecompose, apply the damped (pseudo-)inverse."""
 
@@ -73,8 +82,8 @@ class DenseCurvature(Curvature):
 
             alternatives = ", ".join(repr(n) for n in matrix_free_names()) or "none registered yet"
             raise MemoryError(
-                f"curvature={self.name!r} forms a dense {p:,} x {p:,} matrix: about {need / 1024**3:.1f} GiB in "
-                f"{fmodel.dtype}, above the limit of {self.max_bytes / 1024**3:.1f} GiB. Fix: restrict the "
+                f"curvature={self.name!r} forms a dense {p:,} x {p:,} matrix: about {_format_bytes(need)} in "
+                f"{fmodel.dtype}, above the limit max_bytes={_format_bytes(self.max_bytes)}. Fix: restrict the "
                 f"parameters in scope with params= (e.g. the last layer), raise max_bytes if the memory is "
                 f"there, or use a route that never forms the matrix ({alternatives})."
             )

@@ -1,0 +1,223 @@
+"""datatrace.distributed: single-process identities, shard planning, and a real 2-process gloo group on 127.0.0.1.
+
+The 2-process test spawns ranks with torch.multiprocessing (spawn); each rank calls the helpers with
+FunctionalModel methods on its own shard (tests/_dist_worker.py) and the results must equal the single-process
+computation to 1e-10 in float64, on both ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from _dist_worker import BATCH, N_TRAIN, problem, run, sums_by_methods
+from datatrace import ClassificationTask
+from datatrace.data import as_data_source
+from datatrace.distributed import (
+    all_gather_rows,
+    all_reduce_sum,
+    distributed_per_example,
+    distributed_sum,
+    is_main_process,
+    local_only,
+    shard_bounds,
+    shard_indices,
+    world,
+)
+from datatrace.gradients import FunctionalModel, prepare_model
+from datatrace.tracin import TracIn
+
+TOL = {"rtol": 1e-10, "atol": 1e-10}
+
+# -- single process: every helper is the identity ----------------------------------------------------------------
+
+
+def test_single_process_is_the_identity(classification_data, make_mlp):
+    assert world() == (0, 1, False)
+    assert is_main_process()
+    with local_only():
+        assert world() == (0, 1, False)
+    t = torch.randn(3, 2)
+    assert all_reduce_sum(t) is t
+    assert all_gather_rows(t) is t
+    assert all_gather_rows(None) is None
+    assert torch.equal(shard_indices(5), torch.arange(5))
+    X, y = classification_data
+    fmodel = FunctionalModel(prepare_model(make_mlp(), torch.float64), ClassificationTask())
+    source = as_data_source((X, y), batch_size=7)
+    direct = torch.cat([fmodel.per_example_grads(b) for _, b in source.batches()])
+    torch.testing.assert_close(
+        distributed_per_example(fmodel.per_example_grads, source), direct, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        distributed_sum(lambda b: fmodel.per_example_grads(b).sum(0), (X, y)), direct.sum(0), **TOL
+    )
+    seen = []
+    distributed_per_example(lambda idx, b: seen.append(idx) or b[0], source, with_indices=True)
+    assert torch.equal(torch.cat(seen), torch.arange(len(X)))
+
+
+def test_single_process_errors_propagate_unchanged(classification_data):
+    def bad(batch):
+        raise KeyError("from fn")
+
+    with pytest.raises(KeyError, match="from fn"):
+        distributed_per_example(bad, classification_data)
+    with pytest.raises(ValueError, match=r"fn returned a tensor of shape \(2,\) for a batch of 60 examples"):
+        distributed_per_example(lambda b: torch.zeros(2), classification_data)
+    with pytest.raises(ValueError, match=r"fn returned a float; it must return a tensor"):
+        distributed_sum(lambda b: 1.0, classification_data)
+    with pytest.raises(ValueError, match=r"every batch must give the same shape"):
+        distributed_sum(lambda b: torch.zeros(len(b[0])), as_data_source(classification_data, batch_size=50))
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 8, 100])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_shards_are_contiguous_balanced_and_cover_everything(n, world_size):
+    shards = [shard_indices(n, rank=r, world_size=world_size) for r in range(world_size)]
+    assert torch.equal(torch.cat(shards), torch.arange(n))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the larger shards come first
+    assert [(int(s[0]), int(s[-1]) + 1) for s in shards if len(s)] == [
+        b for b in shard_bounds(n, world_size) if b[0] < b[1]
+    ]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(shards, [shard_indices(n, r, world_size) for r in range(world_size)])
+    )
+
+
+def test_shard_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"rank=1.*together"):
+        shard_indices(5, rank=1)
+    with pytest.raises(ValueError, match=r"rank=2.*0 <= rank < world_size=2"):
+        shard_indices(5, rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"world_size=0"):
+        shard_bounds(5, 0)
+    with pytest.raises(ValueError, match=r"n=-1.*integer >= 0"):
+        shard_bounds(-1, 2)
+    with pytest.raises(ValueError, match=r"tensor=\[1, 2\].*torch.Tensor"):
+        all_reduce_sum([1, 2])
+
+
+# -- two gloo processes on 127.0.0.1 -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(world_size: int, outdir: str, deadline_s: float = 120.0) -> None:
+    ctx = mp.start_processes(
+        run, args=(world_size, _free_port(), outdir), nprocs=world_size, join=False, start_method="spawn"
+    )
+    stop = time.monotonic() + deadline_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > stop:
+            for process in ctx.processes:
+                if process.is_alive():
+                    process.terminate()
+            pytest.fail(
+                f"the {world_size} gloo ranks did not finish within {deadline_s:.0f} s (a collective hung)"
+            )
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("dist")
+    _spawn(2, str(outdir))
+    tensors = [load_file(str(outdir / f"rank{r}.safetensors")) for r in range(2)]
+    facts = [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(2)]
+    return tensors, facts
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The single-process answers, computed here with no process group."""
+    model, task, data, vectors = problem()
+    fmodel = FunctionalModel(prepare_model(model, torch.float64), task)
+    source = as_data_source(data, "train", batch_size=BATCH)
+    n = len(source)
+    grad_part, hvp_part, ggn_part = sums_by_methods(fmodel, vectors, n)
+    ckpts = [{k: v.detach().clone() + 0.1 * s for k, v in model.state_dict().items()} for s in range(2)]
+    tracin = TracIn(model, task, ckpts, [0.1, 0.05], batch_size_train=4, batch_size=BATCH, progress=False)
+    one = as_data_source((data[0][:1], data[1][:1]))
+    return {
+        "per_example_grads": torch.cat([fmodel.per_example_grads(b) for _, b in source.batches()]),
+        "objective_grad": fmodel.objective_grad(source),
+        "hvp": fmodel.hvp(vectors, source),
+        "ggn": fmodel.dense_gauss_newton(source),
+        "sum_of_parts": {
+            "objective_grad": sum(grad_part(b) for _, b in source.batches())
+            + fmodel.regularizer * fmodel.theta,
+            "hvp": sum(hvp_part(b) for _, b in source.batches()) + vectors * fmodel.regularizer,
+            "ggn": sum(ggn_part(b) for _, b in source.batches()) + torch.diag(fmodel.regularizer),
+        },
+        "tiny_rows": fmodel.per_example_grads(one.get([0])),
+        "tiny_sum": grad_part(one.get([0])),
+        "tracin": tracin.fit(data).score((data[0][:5], data[1][:5])).values,
+    }
+
+
+@pytest.mark.slow
+def test_two_ranks_collectives(two_ranks):
+    tensors, facts = two_ranks
+    for rank in range(2):
+        t, f = tensors[rank], facts[rank]
+        assert f["world"] == [rank, 2, True]
+        assert f["world_local_only"] == [0, 1, False]
+        assert f["shard_7"] == ([0, 1, 2, 3] if rank == 0 else [4, 5, 6])
+        assert f["all_reduce_left_input_alone"]
+        expected_sum = torch.arange(6, dtype=torch.float64).reshape(2, 3) * 3 + 0.5
+        torch.testing.assert_close(t["all_reduce"], expected_sum, rtol=0, atol=0)
+        gathered = t["gather_unequal"]
+        assert gathered.shape == (4, 2, 2) and gathered.dtype == torch.float64
+        torch.testing.assert_close(gathered[:, 0, 0], torch.tensor([0.0, 1.0, 2.0, 0.0], dtype=torch.float64))
+        torch.testing.assert_close(gathered[:, 1, 1], torch.tensor([1.0, 1.0, 1.0, 2.0], dtype=torch.float64))
+        assert t["gather_int"].dtype == torch.int64
+        assert t["gather_int"].tolist() == [0, 10, 11]
+        assert t["gather_none"].dtype == torch.float32 and t["gather_none"].shape == (2, 5)
+        assert t["gather_zero_rows"].shape == (3, 4)
+        assert "ranks disagree on tensor" in f["mismatch_error"] and "(rows, *(4,))" in f["mismatch_error"]
+        assert t["after_errors"].item() == 2.0
+
+
+@pytest.mark.slow
+def test_two_ranks_match_single_process_functional_model(two_ranks, reference):
+    tensors, _ = two_ranks
+    for rank in range(2):
+        t = tensors[rank]
+        assert t["per_example_grads"].shape == (N_TRAIN, reference["per_example_grads"].shape[1])
+        torch.testing.assert_close(t["per_example_grads"], reference["per_example_grads"], **TOL)
+        torch.testing.assert_close(t["per_example_grads_bs5"], reference["per_example_grads"], **TOL)
+        torch.testing.assert_close(t["objective_grad"], reference["objective_grad"], **TOL)
+        for key in ("objective_grad", "hvp", "ggn"):  # the per-batch shares add up to the full quantity
+            torch.testing.assert_close(reference["sum_of_parts"][key], reference[key], **TOL)
+        torch.testing.assert_close(t["hvp"], reference["hvp"], **TOL)
+        torch.testing.assert_close(t["ggn"], reference["ggn"], **TOL)
+        assert t["index_sum"].item() == sum(range(N_TRAIN))
+        torch.testing.assert_close(t["tiny_rows"], reference["tiny_rows"], **TOL)
+        torch.testing.assert_close(t["tiny_sum"], reference["tiny_sum"], **TOL)
+        torch.testing.assert_close(t["tracin"], reference["tracin"], **TOL)
+    torch.testing.assert_close(
+        tensors[0]["hvp"], tensors[1]["hvp"], rtol=0, atol=0
+    )  # identical on both ranks
+
+
+@pytest.mark.slow
+def test_two_ranks_a_failure_on_one_rank_stops_both(two_ranks):
+    _, facts = two_ranks
+    for name in ("rows", "sum"):
+        assert facts[1][f"error_{name}"] == "ValueError: boom on rank 1"
+        message = facts[0][f"error_{name}"]
+        assert message.startswith("RuntimeError: rank(s) [1] failed while computing")
+        assert "see the exception raised on rank 1" in message
