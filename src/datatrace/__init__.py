@@ -5,9 +5,12 @@ default its loss) if training example i were removed and the model retrained, in
 """
 
 from ._validation import NotFittedError
+from .diagnostics import RegressionDiagnostics, linear_regression_diagnostics
 from .influence import InfluenceFunction
 from .scores import Scores, TopK
+from .sklearn import SklearnInfluence, from_sklearn
 from .tasks import ClassificationTask, RegressionTask, Task
+from .tracin import TracIn
 
 __version__ = "0.1.0"
 
@@ -15,9 +18,14 @@ __all__ = [
     "ClassificationTask",
     "InfluenceFunction",
     "NotFittedError",
+    "RegressionDiagnostics",
     "RegressionTask",
     "Scores",
+    "SklearnInfluence",
     "Task",
     "TopK",
+    "TracIn",
     "__version__",
+    "from_sklearn",
+    "linear_regression_diagnostics",
 ]

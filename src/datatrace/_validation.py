@@ -26,7 +26,7 @@ def describe(value: Any, limit: int = 80) -> str:
             return f"ndarray(shape={value.shape}, dtype={value.dtype})"
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
-    text = repr(value)
+    text = " ".join(repr(value).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -138,7 +138,8 @@ class FunctionalModel:
             return out[0]
 
         dims = (None, *tuple(0 for _ in batch))
-        return vmap(grad(single), in_dims=dims, chunk_size=self.chunk_size)(self.theta, *batch)
+        # detached: out-of-scope parameters may require grad, and no caller differentiates these rows again
+        return vmap(grad(single), in_dims=dims, chunk_size=self.chunk_size)(self.theta, *batch).detach()
 
     def per_example_grads(self, batch: tuple) -> torch.Tensor:
         """``grad_theta l(z_i, theta_hat)`` for each example of ``batch``, shape ``(b, p)``."""
