@@ -5,6 +5,12 @@ name               route
 =================  ==========================================================================================
 ``"exact"``        dense Hessian of the training objective, eigendecomposed (:class:`ExactHessian`)
 ``"gauss-newton"`` dense generalised Gauss-Newton matrix plus the regulariser (:class:`GaussNewton`)
+``"block-diagonal"`` a dense route per module (or per tensor), blocks eigendecomposed (:class:`BlockDiagonal`)
+``"cg"``           conjugate gradient on Hessian- or Gauss-Newton-vector products (:class:`CG`)
+``"lissa"``        stochastic Neumann series with a checked scale (:class:`LiSSA`)
+``"arnoldi"``      top-k eigenpairs by Lanczos/Arnoldi, inverse on that subspace (:class:`Arnoldi`)
+``"diagonal"``     diagonal of the Gauss-Newton, empirical Fisher or Hessian (:class:`Diagonal`)
+``"identity"``     H ~ I: gradient dot products, a baseline, not in leave-one-out units (:class:`Identity`)
 =================  ==========================================================================================
 """
 
@@ -16,6 +22,8 @@ from typing import Any
 from .._validation import bad_value
 from .base import Curvature
 from .dense import DenseCurvature, ExactHessian, GaussNewton
+from .iterative import CG, Arnoldi, ConvergenceWarning, LiSSA, ggn_vp
+from .simple import BlockDiagonal, Diagonal, Identity
 
 #: name -> factory(damping=..., **options); matrix-free routes register with ``matrix_free=True``
 _REGISTRY: dict[str, tuple[Callable[..., Curvature], bool]] = {}
@@ -51,13 +59,27 @@ def make_curvature(curvature: str | Curvature, damping: Any = "auto", **options:
 
 register("exact", ExactHessian)
 register("gauss-newton", GaussNewton)
+register("block-diagonal", BlockDiagonal)
+register("cg", CG, matrix_free=True)
+register("lissa", LiSSA, matrix_free=True)
+register("arnoldi", Arnoldi, matrix_free=True)
+register("diagonal", Diagonal, matrix_free=True)
+register("identity", Identity)  # a baseline (gradient dot products), not suggested as an alternative
 
 __all__ = [
+    "CG",
+    "Arnoldi",
+    "BlockDiagonal",
+    "ConvergenceWarning",
     "Curvature",
     "DenseCurvature",
+    "Diagonal",
     "ExactHessian",
     "GaussNewton",
+    "Identity",
+    "LiSSA",
     "available",
+    "ggn_vp",
     "make_curvature",
     "matrix_free_names",
     "register",
