@@ -145,9 +145,15 @@ class FunctionalModel:
         """``grad_theta l(z_i, theta_hat)`` for each example of ``batch``, shape ``(b, p)``."""
         return self._per_example(self._loss, self.prepare(batch))
 
-    def per_example_measurement_grads(self, batch: tuple) -> torch.Tensor:
-        """``grad_theta f(z_q, theta_hat)`` for each query of ``batch``, shape ``(b, p)``."""
-        return self._per_example(self._measure, self.prepare(batch))
+    def per_example_measurement_grads(
+        self, batch: tuple, measurement: Callable[[nn.Module, tuple], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``grad_theta f(z_q, theta_hat)`` for each query of ``batch``, shape ``(b, p)``.
+
+        ``measurement(model, batch) -> (b,)`` replaces the task's own measurement when given.
+        """
+        module = self._measure if measurement is None else _Bound(self.model, measurement)
+        return self._per_example(module, self.prepare(batch))
 
     # -- the training objective --------------------------------------------------------------------------------
     def objective_grad(self, data: DataSource) -> torch.Tensor:

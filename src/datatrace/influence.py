@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +38,9 @@ from .scores import Scores
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
+
+#: a query measurement: ``(model, batch) -> tensor of shape (batch_size,)``
+Measurement = Callable[[nn.Module, tuple], torch.Tensor]
 
 #: relative gradient norm ||grad L|| / mean_i ||g_i|| above which the model is reported as not at a minimum
 STATIONARITY_TOLERANCE = 1e-3
@@ -184,26 +188,42 @@ class InfluenceFunction:
             )
 
     # -- queries -----------------------------------------------------------------------------------------------
-    def query_gradients(self, query: DataLike) -> torch.Tensor:
+    def query_gradients(self, query: DataLike, measurement: Measurement | None = None) -> torch.Tensor:
         """``grad f_q(theta_hat)`` for every query, shape ``(n_query, p)``."""
         self._check_fitted()
+        if measurement is not None and not callable(measurement):
+            raise bad_value(
+                "measurement",
+                measurement,
+                "expected a callable (model, batch) -> (batch_size,)",
+                "pass a function",
+            )
         source = as_data_source(query, "query", self.batch_size)
         source.check_finite()
-        return self._gradients(
-            self.fmodel_, source, "query", self.fmodel_.per_example_measurement_grads, "query gradients"
-        )
 
-    def score(self, query: DataLike) -> Scores:
+        def rows(batch: tuple) -> torch.Tensor:
+            return self.fmodel_.per_example_measurement_grads(batch, measurement)
+
+        return self._gradients(self.fmodel_, source, "query", rows, "query gradients")
+
+    def score(self, query: DataLike, measurement: Measurement | None = None) -> Scores:
         """Leave-one-out influence of every training example on every query's measurement.
 
         Returns :class:`~datatrace.Scores` with ``values[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)
-        = (1/n) grad f_q^T H^{-1} g_i``.
+        = (1/n) grad f_q^T H^{-1} g_i``. ``measurement(model, batch) -> (batch_size,)`` replaces the task's
+        measurement for this call (e.g. a predicted probability, a margin, one term of a group metric); the
+        training side (gradients, curvature) is reused as fitted.
         """
-        q_grads = self.query_gradients(query)
+        q_grads = self.query_gradients(query, measurement)
         solved = self.curvature_.solve(q_grads)
         check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
         values = (solved @ self.train_grads_.T) / self.n_train_
-        return Scores(values, self.task.describe_measurement(), self._metadata())
+        what = (
+            self.task.describe_measurement()
+            if measurement is None
+            else getattr(measurement, "__name__", "a custom measurement")
+        )
+        return Scores(values, what, self._metadata())
 
     def _metadata(self) -> dict[str, Any]:
         info = {k: v for k, v in self.curvature_.info.items() if isinstance(v, (int, float, str, bool))}

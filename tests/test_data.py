@@ -1,0 +1,205 @@
+"""as_data_source: every input kind, index order, subsets of the same kind, and rejected inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+
+from datatrace.data import DataSource, as_data_source, cast_batch
+
+N = 11
+
+
+@pytest.fixture
+def arrays():
+    X = torch.arange(N * 2, dtype=torch.float64).reshape(N, 2)
+    y = torch.arange(N) % 3
+    return X, y
+
+
+def all_batches(source: DataSource, batch_size=None):
+    idx, xs, ys = [], [], []
+    for i, (x, y) in source.batches(batch_size):
+        idx.append(i)
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(idx), torch.cat(xs), torch.cat(ys)
+
+
+def kinds(X, y):
+    torch.manual_seed(0)
+    return {
+        "tensors": (X, y),
+        "list": [X, y],
+        "numpy": (X.numpy(), y.numpy()),
+        "dataset": TensorDataset(X, y),
+        "loader": DataLoader(TensorDataset(X, y), batch_size=4, shuffle=True),
+    }
+
+
+@pytest.mark.parametrize("kind", ["tensors", "list", "numpy", "dataset", "loader"])
+def test_every_kind_reads_in_index_order(arrays, kind):
+    X, y = arrays
+    data = kinds(X, y)[kind]
+    source = as_data_source(data, "train", batch_size=3 if kind != "loader" else None)
+    expected_kind = {"tensors": "tensors", "list": "tensors", "numpy": "numpy"}.get(kind, "dataset")
+    assert source.kind == expected_kind and source.name == "train"
+    assert len(source) == N
+    idx, xs, ys = all_batches(source)
+    assert idx.tolist() == list(range(N))
+    assert torch.equal(xs, X) and torch.equal(ys, y)
+    # explicit indices and get()
+    sub_idx = torch.tensor([7, 2, 9])
+    _, (x, yy) = next(source.batches(indices=sub_idx))
+    assert torch.equal(x, X[sub_idx]) and torch.equal(yy, y[sub_idx])
+    x, yy = source.get([4, 0])
+    assert torch.equal(x, X[[4, 0]]) and torch.equal(yy, y[[4, 0]])
+    # a DataSource passes through unchanged
+    assert as_data_source(source) is source
+
+
+def test_dataloader_shuffle_is_ignored_and_its_batch_size_used(arrays):
+    X, y = arrays
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(X, y), batch_size=4, shuffle=True)
+    shuffled = torch.cat([b[1] for b in loader])
+    assert not torch.equal(shuffled, y)  # the loader itself does shuffle
+    source = as_data_source(loader)
+    assert source.batch_size == 4
+    sizes = [len(i) for i, _ in source.batches()]
+    assert sizes == [4, 4, 3]
+    idx, xs, ys = all_batches(source)
+    assert idx.tolist() == list(range(N)) and torch.equal(xs, X) and torch.equal(ys, y)
+    assert as_data_source(loader, batch_size=5).batch_size == 5  # an explicit batch size wins
+
+
+def test_dataloader_collate_fn_is_used(arrays):
+    X, y = arrays
+
+    def collate(items):
+        xs, ys = zip(*items)
+        return torch.stack(xs) * 2, torch.stack(ys)
+
+    source = as_data_source(DataLoader(TensorDataset(X, y), batch_size=3, collate_fn=collate))
+    _, xs, _ = all_batches(source)
+    assert torch.equal(xs, 2 * X)
+
+
+def test_dataloader_without_automatic_batching(arrays):
+    """batch_size=None: the loader yields single samples (its collate_fn only converts); batches still stack."""
+    X, y = arrays
+    source = as_data_source(DataLoader(TensorDataset(X, y), batch_size=None), batch_size=4)
+    idx, xs, ys = all_batches(source)
+    assert idx.tolist() == list(range(N)) and torch.equal(xs, X) and torch.equal(ys, y)
+
+
+def test_numpy_is_converted_without_changing_dtype(arrays):
+    X, y = arrays
+    source = as_data_source((X.numpy().astype(np.float32), y.numpy()))
+    x, yy = source.get([0, 1])
+    assert x.dtype == torch.float32 and yy.dtype == torch.int64
+    # non-contiguous arrays are fine
+    source = as_data_source((np.asfortranarray(X.numpy()), y.numpy()))
+    assert torch.equal(source.get([3])[0], X[[3]])
+
+
+@pytest.mark.parametrize("kind", ["tensors", "numpy", "dataset", "loader"])
+def test_subset_returns_the_same_kind(arrays, kind):
+    X, y = arrays
+    source = as_data_source(kinds(X, y)[kind])
+    idx = [8, 1, -1]
+    sub = source.subset(idx)
+    if kind == "numpy":
+        assert isinstance(sub, tuple) and all(isinstance(a, np.ndarray) for a in sub)
+        np.testing.assert_array_equal(sub[0], X.numpy()[[8, 1, N - 1]])
+        np.testing.assert_array_equal(sub[1], y.numpy()[[8, 1, N - 1]])
+    elif kind == "tensors":
+        assert isinstance(sub, tuple) and all(isinstance(t, torch.Tensor) for t in sub)
+        assert torch.equal(sub[0], X[[8, 1, N - 1]]) and torch.equal(sub[1], y[[8, 1, N - 1]])
+    else:
+        assert isinstance(sub, Subset)
+        assert sub.indices == [8, 1, N - 1]
+        assert torch.equal(sub[0][0], X[8])
+    again = as_data_source(sub)
+    assert again.kind == source.kind and len(again) == 3
+
+
+def test_subset_out_of_range(arrays):
+    source = as_data_source(arrays)
+    with pytest.raises(IndexError, match=rf"indices contains {N}, out of range for {N} training examples"):
+        source.subset([0, N])
+    with pytest.raises(ValueError, match=r"indices=.*integer indices"):
+        source.subset([[0, 1]])
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        yield from range(3)
+
+
+def test_iterable_dataset_is_rejected():
+    with pytest.raises(
+        ValueError, match=r"train=.*IterableDataset.*has no stable example indices.*map-style"
+    ):
+        as_data_source(DataLoader(Stream()), "train")
+    with pytest.raises(
+        ValueError, match=r"train=.*IterableDataset.*has no stable example indices.*map-style"
+    ):
+        as_data_source(Stream(), "train")
+
+
+class NoLen(Dataset):
+    def __getitem__(self, i):
+        return torch.zeros(2), 0
+
+
+def test_dataset_without_len_is_rejected():
+    with pytest.raises(ValueError, match=r"data=.*no __len__"):
+        as_data_source(NoLen())
+
+
+def test_mismatched_lengths_name_the_argument(arrays):
+    X, y = arrays
+    with pytest.raises(ValueError, match=rf"query has elements of different lengths \[{N}, {N - 1}\]"):
+        as_data_source((X, y[:-1]), "query")
+
+
+@pytest.mark.parametrize(
+    ("data", "pattern"),
+    [
+        ((), r"train=\(\) is not allowed: an empty tuple"),
+        ((torch.zeros(0, 2), torch.zeros(0)), r"train is empty \(0 examples\)"),
+        (TensorDataset(torch.zeros(0, 2)), r"train is empty"),
+        ((torch.tensor(1.0), torch.zeros(1)), r"train\[0\]=.*leading example axis"),
+        ((np.array([object(), object()], dtype=object), np.zeros(2)), r"train\[0\]=.*object arrays"),
+        ((torch.zeros(2, 2), "labels"), r"train\[1\]=.*torch.Tensor or numpy array"),
+        ({"x": torch.zeros(2)}, r"train=.*expected a tuple of tensors or numpy arrays"),
+        (torch.zeros(3, 2), r"train=.*expected a tuple"),
+    ],
+)
+def test_bad_data_is_rejected_with_the_argument_name(data, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        as_data_source(data, "train")
+
+
+def test_check_finite_says_which_element_and_where(arrays):
+    X, y = arrays
+    X = X.clone()
+    X[6, 1] = float("-inf")
+    X[9, 0] = float("nan")
+    source = as_data_source((X, y), "train")
+    with pytest.raises(
+        FloatingPointError,
+        match=r"train\[0\] contains 2 non-finite value\(s\) \(first at index \(6, 1\): -inf\)",
+    ):
+        source.check_finite()
+    as_data_source((X.nan_to_num(posinf=0.0, neginf=0.0), y)).check_finite()  # clean data passes
+
+
+def test_cast_batch_casts_floats_and_keeps_labels(arrays):
+    X, y = arrays
+    x32, yy = cast_batch((X.float(), y), torch.float64, "cpu")
+    assert x32.dtype == torch.float64 and yy.dtype == torch.int64
+    assert torch.equal(x32, X)

@@ -1,0 +1,171 @@
+"""Scores: selection on a hand-made matrix, totals, and the safetensors + JSON round trip (no pickle)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from datatrace import Scores, TopK
+from datatrace.scores import MEANING
+
+# query 0: two positives (proponents), three negatives; query 1: all positive; query 2: all negative
+VALUES = torch.tensor(
+    [
+        [0.5, -0.2, 0.1, -0.9, 0.0, -0.05],
+        [0.3, 0.2, 0.6, 0.1, 0.4, 0.05],
+        [-0.3, -0.7, -0.1, -0.2, -0.6, -0.4],
+    ],
+    dtype=torch.float64,
+)
+
+
+@pytest.fixture
+def scores():
+    return Scores(
+        VALUES.clone(), "the query's loss", {"estimator": "hand", "n_train": 6, "nested": {"a": [1, 2]}}
+    )
+
+
+def test_shape_and_meaning(scores):
+    assert (scores.n_query, scores.n_train) == (3, 6)
+    assert "f_q(theta_without_i) - f_q(theta_hat)" in scores.meaning and "proponent" in scores.meaning
+    assert "n_query=3" in repr(scores) and "n_train=6" in repr(scores)
+
+
+def test_values_must_be_2d():
+    with pytest.raises(ValueError, match=r"values=.*2-D"):
+        Scores(torch.zeros(3))
+
+
+def test_top_k_by_absolute_value(scores):
+    top = scores.top_k(2)
+    assert isinstance(top, TopK)
+    assert top.indices.tolist() == [[3, 0], [2, 4], [1, 4]]
+    torch.testing.assert_close(
+        top.values, torch.tensor([[-0.9, 0.5], [0.6, 0.4], [-0.7, -0.6]], dtype=torch.float64)
+    )
+
+
+def test_proponents_are_positive_largest_first(scores):
+    top = scores.proponents(0, k=3)
+    assert top.indices.tolist() == [0, 2]  # only two positive scores exist: no zero or negative is returned
+    assert top.values.tolist() == [0.5, 0.1]
+    assert scores.proponents(1, k=3).indices.tolist() == [2, 4, 0]
+    assert scores.proponents(2).indices.numel() == 0
+    assert scores.proponents(-2, k=1).indices.tolist() == [2]  # negative q counts from the end
+
+
+def test_opponents_are_most_negative_first(scores):
+    top = scores.opponents(0, k=10)
+    assert top.indices.tolist() == [3, 1, 5]
+    assert top.values.tolist() == [-0.9, -0.2, -0.05]
+    assert scores.opponents(1).indices.numel() == 0
+    assert scores.opponents(2, k=2).values.tolist() == [-0.7, -0.6]
+
+
+def test_k_larger_than_n_train_is_clipped(scores):
+    assert scores.top_k(100).indices.shape == (3, 6)
+    assert len(scores.proponents(1, k=100).indices) == 6
+    assert len(scores.opponents(2, k=100).indices) == 6
+
+
+@pytest.mark.parametrize("q", [3, -4, 1.0, True, "0"])
+def test_bad_query_index(scores, q):
+    with pytest.raises(IndexError, match=r"q=.*out of range for 3 queries.*-3 <= q < 3"):
+        scores.proponents(q)
+    with pytest.raises(IndexError, match=r"q=.*out of range"):
+        scores.opponents(q)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_bad_k(scores, k):
+    with pytest.raises(ValueError, match=r"k=.*integer >= 1"):
+        scores.top_k(k)
+    with pytest.raises(ValueError, match=r"k=.*integer >= 1"):
+        scores.proponents(0, k=k)
+
+
+def test_total_sums_over_queries(scores):
+    torch.testing.assert_close(scores.total(), VALUES.sum(0))
+    assert scores.total().shape == (6,)
+
+
+def test_save_load_round_trip(scores, tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "scores.safetensors"
+    returned = scores.save(path)
+    assert returned == path
+    assert sorted(p.name for p in path.parent.iterdir()) == ["scores.safetensors", "scores.safetensors.json"]
+
+    # the values file is plain safetensors: 8-byte header length, then a JSON header
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    assert header["values"]["dtype"] == "F64" and header["values"]["shape"] == [3, 6]
+    assert torch.equal(load_file(str(path))["values"], VALUES)
+    meta = json.loads((path.parent / "scores.safetensors.json").read_text())
+    assert meta["format"] == "datatrace.Scores" and meta["shape"] == [3, 6] and meta["meaning"] == MEANING
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("Scores.load must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    back = Scores.load(str(path))
+    assert torch.equal(back.values, scores.values) and back.values.dtype == torch.float64
+    assert back.measurement == scores.measurement
+    assert back.metadata == scores.metadata
+    # no temporary files left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == ["scores.safetensors", "scores.safetensors.json"]
+
+
+def test_save_overwrites(scores, tmp_path):
+    path = tmp_path / "s.safetensors"
+    Scores(torch.zeros(2, 2)).save(path)
+    scores.save(path)
+    assert torch.equal(Scores.load(path).values, VALUES)
+
+
+def test_load_of_mismatched_pair_raises(scores, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    scores.save(a)
+    Scores(torch.zeros(2, 6, dtype=torch.float64)).save(b)
+    shutil.copy(tmp_path / "b.safetensors.json", tmp_path / "a.safetensors.json")
+    with pytest.raises(
+        ValueError, match=r"shape \[3, 6\] but its metadata says \[2, 6\].*not written together"
+    ):
+        Scores.load(a)
+
+
+def test_load_of_missing_or_foreign_files(scores, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothing.safetensors does not exist"):
+        Scores.load(tmp_path / "nothing.safetensors")
+    path = tmp_path / "s.safetensors"
+    scores.save(path)
+    (tmp_path / "s.safetensors.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"s.safetensors.json does not exist"):
+        Scores.load(path)
+    (tmp_path / "s.safetensors.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match=r"not a datatrace Scores file"):
+        Scores.load(path)
+
+
+def test_save_rejects_metadata_that_is_not_json(tmp_path):
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(ValueError, match=r"metadata must be JSON-serialisable"):
+        Scores(torch.zeros(1, 2), metadata={"tensor": torch.zeros(1)}).save(path)
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_non_contiguous_float32_values(tmp_path):
+    values = torch.arange(12, dtype=torch.float32).reshape(3, 4).T  # a transposed view
+    Scores(values).save(tmp_path / "t.safetensors")
+    back = Scores.load(tmp_path / "t.safetensors")
+    assert back.values.dtype == torch.float32 and torch.equal(back.values, values)
