@@ -55,17 +55,21 @@ def sums_by_methods(fmodel: FunctionalModel, vectors: torch.Tensor, n: int):
     the full-data quantity, whose sum over all batches (plus the regulariser once) is the full-data value.
     """
 
+    # local_only: the methods shard over the process group themselves; here each applies to one local batch
     def grad_part(batch):
         b = len(batch[0])
-        return (fmodel.objective_grad(as_data_source(batch)) - fmodel.regularizer * fmodel.theta) * b / n
+        with local_only():
+            return (fmodel.objective_grad(as_data_source(batch)) - fmodel.regularizer * fmodel.theta) * b / n
 
     def hvp_part(batch):
         b = len(batch[0])
-        return (fmodel.hvp(vectors, as_data_source(batch)) - vectors * fmodel.regularizer) * b / n
+        with local_only():
+            return (fmodel.hvp(vectors, as_data_source(batch)) - vectors * fmodel.regularizer) * b / n
 
     def ggn_part(batch):
         b = len(batch[0])
-        return (fmodel.dense_gauss_newton(as_data_source(batch)) - torch.diag(fmodel.regularizer)) * b / n
+        with local_only():
+            return (fmodel.dense_gauss_newton(as_data_source(batch)) - torch.diag(fmodel.regularizer)) * b / n
 
     return grad_part, hvp_part, ggn_part
 
@@ -124,6 +128,10 @@ def _checks(rank: int, world_size: int) -> tuple[dict[str, torch.Tensor], dict]:
     out["objective_grad"] = distributed_sum(grad_part, source) + fmodel.regularizer * fmodel.theta
     out["hvp"] = distributed_sum(hvp_part, source) + vectors * fmodel.regularizer
     out["ggn"] = distributed_sum(ggn_part, source) + torch.diag(fmodel.regularizer)
+    # the methods themselves shard over the ranks and reduce (datatrace.gradients uses datatrace.distributed)
+    out["objective_grad_integrated"] = fmodel.objective_grad(source)
+    out["hvp_integrated"] = fmodel.hvp(vectors, source)
+    out["ggn_integrated"] = fmodel.dense_gauss_newton(source)
     out["index_sum"] = distributed_sum(lambda idx, batch: idx.double().sum(), source, with_indices=True)
 
     # a data set smaller than the world: rank 1's shard is empty

@@ -203,6 +203,8 @@ def test_two_ranks_match_single_process_functional_model(two_ranks, reference):
         for key in ("objective_grad", "hvp", "ggn"):  # the per-batch shares add up to the full quantity
             torch.testing.assert_close(reference["sum_of_parts"][key], reference[key], **TOL)
         torch.testing.assert_close(t["hvp"], reference["hvp"], **TOL)
+        for key in ("objective_grad", "hvp", "ggn"):
+            torch.testing.assert_close(t[f"{key}_integrated"], reference[key], **TOL)
         torch.testing.assert_close(t["ggn"], reference["ggn"], **TOL)
         assert t["index_sum"].item() == sum(range(N_TRAIN))
         torch.testing.assert_close(t["tiny_rows"], reference["tiny_rows"], **TOL)
