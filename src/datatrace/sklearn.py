@@ -84,7 +84,7 @@ from torch import nn
 from ._validation import bad_value, check_indices, describe
 from .curvature import Curvature
 from .data import DataLike
-from .influence import InfluenceFunction
+from .influence import InfluenceFunction, Measurement
 from .params import select_parameters
 from .tasks import ClassificationTask, RegressionTask, Task
 
@@ -448,9 +448,9 @@ class SklearnInfluence(InfluenceFunction):
         self._check_convergence()
         return self
 
-    def query_gradients(self, query: DataLike) -> torch.Tensor:
+    def query_gradients(self, query: DataLike, measurement: Measurement | None = None) -> torch.Tensor:
         """``grad f_q(theta_hat)`` for queries ``(X, y)`` in the estimator's label space, shape ``(m, p)``."""
-        return super().query_gradients(self._prepare(query, "query"))
+        return super().query_gradients(self._prepare(query, "query"), measurement)
 
     def _check_convergence(self) -> None:
         fmodel = self.fmodel_
