@@ -182,7 +182,8 @@ class FunctionalModel:
             return vmap(column, chunk_size=self.chunk_size)(vectors)
 
         data_term = distributed_sum(batch_hvp, data, device=self.device, desc="Hessian-vector products")
-        return data_term + vectors * self.regularizer
+        # detached: out-of-scope parameters may require grad; nothing differentiates H v again
+        return (data_term + vectors * self.regularizer).detach()
 
     def dense_hessian(self, data: DataSource, progress: Callable | None = None) -> torch.Tensor:
         """The ``p x p`` Hessian of the training objective (data term plus regulariser)."""
@@ -235,7 +236,7 @@ class FunctionalModel:
 
         ggn = distributed_sum(batch_ggn, data, device=self.device, desc="Gauss-Newton matrix")
         ggn = ggn + torch.diag(self.regularizer)
-        return 0.5 * (ggn + ggn.T)
+        return (0.5 * (ggn + ggn.T)).detach()
 
 
 def model_parameters_dtype(model: nn.Module) -> torch.dtype:

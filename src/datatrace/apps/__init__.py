@@ -1,0 +1,46 @@
+"""Applications built on influence scores: explain predictions, debug data, value data, audit, attack.
+
+Every function takes a *fitted* attributor (e.g. :class:`datatrace.InfluenceFunction`) and shares its sign
+convention: ``score[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)``, the change of query ``q``'s measurement (by
+default its loss, in the loss's units) if training example ``i`` were removed and the model retrained. Positive
+on a loss: ``i`` helped the query (a proponent); negative: ``i`` hurt it (an opponent).
+
+=========================  ===================================================================================
+:func:`explain`            the strongest proponents and opponents of each query
+:func:`debug_data`         self-influence, training loss and validation influence of every training example
+:func:`detection_summary`  how many known-bad examples each ranking finds (self-influence, loss, random)
+:func:`removal_check`      retrain without the top ``k`` of a ranking vs ``k`` random examples
+:func:`value_data`         data values: the change of the total validation loss if each example is removed
+:func:`fairness_audit`     which examples drive a gap between two groups (loss or positive rate)
+:func:`memorisation_audit` outlying self-influence, and whether removal flips the example's own prediction
+:func:`pbrf_response`      the proximal Bregman response (Bae et al. 2022), the target of influence on networks
+:func:`attack`             Koh & Liang's training-set attack, verified by retraining
+=========================  ===================================================================================
+"""
+
+from .attack import AttackResult, attack, perturbation_direction
+from .audit import FairnessAudit, MemorisationAudit, fairness_audit, memorisation_audit
+from .debug import DebugResult, RemovalCheck, debug_data, detection_summary, removal_check
+from .explain import Explanation, explain
+from .pbrf import pbrf_response
+from .value import DataValues, value_data
+
+__all__ = [
+    "AttackResult",
+    "DataValues",
+    "DebugResult",
+    "Explanation",
+    "FairnessAudit",
+    "MemorisationAudit",
+    "RemovalCheck",
+    "attack",
+    "debug_data",
+    "detection_summary",
+    "explain",
+    "fairness_audit",
+    "memorisation_audit",
+    "pbrf_response",
+    "perturbation_direction",
+    "removal_check",
+    "value_data",
+]
