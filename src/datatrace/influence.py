@@ -53,7 +53,8 @@ class InfluenceFunction:
         model: the trained ``nn.Module`` (never modified: datatrace works on a private copy).
         task: a :class:`~datatrace.Task` with the per-example loss, the query measurement and the weight decay
             the model was trained with.
-        curvature: a route name (``"exact"``, ``"gauss-newton"``, see :mod:`datatrace.curvature`) or a
+        curvature: a route name (``"auto"``: exact when the dense matrix fits, else EK-FAC, else CG;
+            ``"exact"``, ``"gauss-newton"``, ``"cg"``, ``"ekfac"``..., see :mod:`datatrace.curvature`) or a
             :class:`~datatrace.curvature.Curvature` instance.
         damping: added to the curvature's eigenvalues, or ``"auto"`` (the route's principled default).
         params: module or parameter name patterns in scope (``None``: every trainable parameter).
@@ -76,7 +77,7 @@ class InfluenceFunction:
         self,
         model: nn.Module,
         task: Task,
-        curvature: str | Curvature = "exact",
+        curvature: str | Curvature = "auto",
         damping: float | str = "auto",
         params: str | list[str] | None = None,
         dtype: torch.dtype | None = torch.float64,

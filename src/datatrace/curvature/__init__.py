@@ -10,6 +10,9 @@ name               route
 ``"lissa"``        stochastic Neumann series with a checked scale (:class:`LiSSA`)
 ``"arnoldi"``      top-k eigenpairs by Lanczos/Arnoldi, inverse on that subspace (:class:`Arnoldi`)
 ``"diagonal"``     diagonal of the Gauss-Newton, empirical Fisher or Hessian (:class:`Diagonal`)
+``"kfac"``         Kronecker-factored Gauss-Newton/Fisher per Linear/Conv2d/Conv1D layer (:class:`KFAC`)
+``"ekfac"``        K-FAC eigenbases with eigenvalues refitted per example (:class:`EKFAC`)
+``"auto"``         exact when it fits in memory, else EK-FAC, else CG; logs the choice (:class:`AutoCurvature`)
 ``"identity"``     H ~ I: gradient dot products, a baseline, not in leave-one-out units (:class:`Identity`)
 =================  ==========================================================================================
 """
@@ -20,9 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .._validation import bad_value
+from .auto import AutoCurvature
 from .base import Curvature
 from .dense import DenseCurvature, ExactHessian, GaussNewton
 from .iterative import CG, Arnoldi, ConvergenceWarning, LiSSA, ggn_vp
+from .kfac import EKFAC, KFAC
 from .simple import BlockDiagonal, Diagonal, Identity
 
 #: name -> factory(damping=..., **options); matrix-free routes register with ``matrix_free=True``
@@ -64,11 +69,17 @@ register("cg", CG, matrix_free=True)
 register("lissa", LiSSA, matrix_free=True)
 register("arnoldi", Arnoldi, matrix_free=True)
 register("diagonal", Diagonal, matrix_free=True)
+register("kfac", KFAC, matrix_free=True)
+register("ekfac", EKFAC, matrix_free=True)
+register("auto", AutoCurvature)
 register("identity", Identity)  # a baseline (gradient dot products), not suggested as an alternative
 
 __all__ = [
     "CG",
+    "EKFAC",
+    "KFAC",
     "Arnoldi",
+    "AutoCurvature",
     "BlockDiagonal",
     "ConvergenceWarning",
     "Curvature",

@@ -1,0 +1,77 @@
+"""``curvature="auto"``: the most accurate route the memory allows, chosen at ``fit`` time and logged.
+
+The order is by accuracy measured in ``benchmarks/bench_curvature.py``:
+
+1. the exact Hessian (dense, eigendecomposed in float64) when its ``p x p`` matrix fits in ``max_bytes``;
+2. EK-FAC when every parameter in scope belongs to a layer it supports (Linear, Conv2d, Conv1D);
+3. otherwise conjugate gradient on Gauss-Newton-vector products, which needs no structure at all.
+
+The chosen route's ``info`` is reported with ``"auto_choice"`` and ``"auto_reason"`` added.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..data import DataSource
+from ..gradients import FunctionalModel
+from .base import Curvature
+from .dense import DEFAULT_MAX_DENSE_BYTES, ExactHessian
+
+logger = logging.getLogger(__name__)
+
+
+class AutoCurvature(Curvature):
+    """Pick exact, EK-FAC or CG for the model at hand (see the module docstring)."""
+
+    name = "auto"
+
+    def __init__(self, damping: float | str = "auto", max_bytes: int = DEFAULT_MAX_DENSE_BYTES) -> None:
+        super().__init__()
+        self.damping = damping
+        self.max_bytes = max_bytes
+
+    def _choose(self, fmodel: FunctionalModel) -> tuple[Curvature, str]:
+        p = fmodel.num_params
+        itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
+        need = 3 * p * p * itemsize
+        if need <= self.max_bytes:
+            reason = f"{p:,} parameters: the dense Hessian needs {need / 1024**3:.2f} GiB <= {self.max_bytes / 1024**3:.1f} GiB"
+            return ExactHessian(damping=self.damping, max_bytes=self.max_bytes), reason
+        from .iterative import CG
+        from .kfac import EKFAC, find_layers
+
+        try:
+            find_layers(fmodel)
+        except ValueError as err:  # a parameter outside the layers EK-FAC supports
+            reason = (
+                f"{p:,} parameters are too many for a dense matrix ({need / 1024**3:.1f} GiB) and EK-FAC cannot "
+                f"cover them ({str(err).split('. Fix')[0]}): conjugate gradient on Gauss-Newton products"
+            )
+        else:
+            reason = (
+                f"{p:,} parameters are too many for a dense matrix ({need / 1024**3:.1f} GiB); every one is in "
+                "a layer EK-FAC supports"
+            )
+            return EKFAC(damping=self.damping), reason
+        matrix = "gauss-newton" if fmodel.task.has_outputs else "hessian"
+        return CG(matrix=matrix, damping=self.damping), reason
+
+    def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> AutoCurvature:
+        route, reason = self._choose(fmodel)
+        logger.info("curvature='auto' chose %r: %s", route.name, reason)
+        route.fit(fmodel, data, progress=progress)
+        self.route_ = route
+        self.info_ = {**route.info, "auto_choice": route.name, "auto_reason": reason}
+        return self
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.route_.solve(vectors)
+
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.route_.matvec(vectors)
+
+    def __repr__(self) -> str:
+        return f"AutoCurvature(damping={self.damping!r})"
