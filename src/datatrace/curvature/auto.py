@@ -44,6 +44,8 @@ class AutoCurvature(Curvature):
         from .kfac import EKFAC, find_layers
 
         try:
+            if not fmodel.task.has_outputs:
+                raise ValueError(f"{type(fmodel.task).__name__} has no outputs/loss_from_outputs split")
             find_layers(fmodel)
         except ValueError as err:  # a parameter outside the layers EK-FAC supports
             reason = (

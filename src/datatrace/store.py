@@ -1,0 +1,794 @@
+"""An on-disk store of projected training gradients, written once, read memory-mapped, scored in blocks.
+
+Projected-gradient attributors (TRAK, LoGra, :class:`~datatrace.projected.ProjectedInfluence`) compute one feature
+vector ``phi_i`` (a projected per-example gradient, ``k`` numbers) per training example *once*, and then answer
+every query set with a matrix product. A :class:`GradientStore` holds those ``n x k`` features:
+
+* **layout**: a directory with ``chunk-000000.npy``, ``chunk-000001.npy``, ... (``chunk_size`` rows each, the last
+  one shorter) and ``manifest.json`` (shapes, dtype, the sha256 of every chunk file, and *fingerprints* of what the
+  features were computed from: the model's parameter bytes, the data, the projection, the task...). Optional
+  float64 *accumulators* (sums over examples computed in the same pass, e.g. the projected Gauss-Newton matrix)
+  are kept beside them in a safetensors file, checksummed too.
+* **written once, resumably**: every chunk file is written to a temporary name, fsynced and renamed
+  (``os.replace``), and only then recorded in the manifest (itself replaced atomically). An interrupted write
+  therefore leaves only completed chunks that look complete; a rerun with the same fingerprints
+  (:meth:`GradientStore.create` on the same directory) reuses them and computes only the missing ones. A store
+  whose fingerprints differ is refused with an error that names the fingerprint that differs.
+* **precision**: features can be stored as float32, float16 or bfloat16 (bfloat16 as raw 16-bit words, since
+  numpy has no bfloat16); every product upcasts them to float32 (float64 when the query side is float64), so
+  accumulation is never done in 16 bits.
+* **one writer**: a store is filled by one process at a time (readers may be many once it is complete).
+* **reading**: chunks are memory-mapped (``np.load(mmap_mode="c")``, never pickle), so a store larger than memory
+  is read block by block. :meth:`GradientStore.verify` re-hashes every file.
+
+Scoring against a store never holds more than one block of the ``m x n`` score matrix besides what it returns:
+:func:`score_against_store` returns the dense ``(m, n)`` matrix, :func:`top_k_against_store` a streaming top-k
+(the ``k`` largest and the ``k`` most negative scores per query, i.e. proponents and opponents) merged chunk by
+chunk with ``torch.topk``, in ``O(m k + m * chunk_rows)`` memory.
+
+Example:
+    >>> import tempfile, torch
+    >>> from datatrace.store import GradientStore, score_against_store
+    >>> features = torch.randn(10, 4)
+    >>> store = GradientStore.create(tempfile.mkdtemp(), n=10, dim=4, chunk_size=4, fingerprints={"model": "m1"})
+    >>> store = store.fill(lambda start, stop: features[start:stop], progress=False)
+    >>> store.complete, store.n_chunks
+    (True, 3)
+    >>> torch.allclose(score_against_store(features[:2], store), features[:2] @ features.T)
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ._validation import bad_value, check_positive_int
+from .scores import TopK
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "datatrace.GradientStore"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+#: default chunk: about this many bytes of features per file
+DEFAULT_CHUNK_BYTES = 64 * 1024**2
+#: rows of the score matrix computed at once by the scoring functions: queries x store rows <= this
+DEFAULT_BLOCK_ELEMENTS = 2**24
+
+#: dtype name -> (torch dtype, numpy dtype it is stored as)
+_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "float32": (torch.float32, np.dtype(np.float32)),
+    "float64": (torch.float64, np.dtype(np.float64)),
+    "float16": (torch.float16, np.dtype(np.float16)),
+    "bfloat16": (torch.bfloat16, np.dtype(np.uint16)),  # raw bits; numpy has no bfloat16
+}
+_FINGERPRINT_WORDS = {
+    "model": "a different model (its parameter values differ)",
+    "data": "different training data",
+    "projection": "a different projection (kind, dimension or seed)",
+    "task": "a different task (loss or weight decay)",
+    "config": "different settings",
+}
+
+
+class StoreMismatchError(ValueError):
+    """The directory holds a store computed from something else (a different model, data set or projection)."""
+
+
+class StoreCorruptedError(RuntimeError):
+    """A file of the store is missing, truncated or does not match its recorded checksum."""
+
+
+class FeatureBlock(NamedTuple):
+    """One chunk of a store: rows ``start:start + len(values)`` of the ``(n, dim)`` feature matrix."""
+
+    chunk: int
+    start: int
+    values: torch.Tensor
+
+
+class StreamingTopK(NamedTuple):
+    """Per query, the ``k`` training examples with the largest scores (``proponents``, largest first) and the ``k``
+    with the most negative scores (``opponents``, most negative first); each a :class:`~datatrace.TopK` of
+    ``(n_query, k)`` tensors. When fewer than ``k`` scores of a query are positive (negative), the list is completed
+    with the next ones in order, whatever their sign."""
+
+    proponents: TopK
+    opponents: TopK
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, (torch_dtype, _) in _DTYPES.items():
+        if torch_dtype == dtype:
+            return name
+    raise bad_value(
+        "dtype",
+        dtype,
+        f"a store holds one of {list(_DTYPES)}",
+        "pass torch.float32, torch.float16 or torch.bfloat16",
+    )
+
+
+def sha256_file(path: str | os.PathLike, block: int = 2**22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(directory: Path, name: str, write: Callable[[str], Any]) -> str:
+    """Write ``directory/name`` through a temporary file (fsynced, then renamed); return the file's sha256."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable (POSIX); not available everywhere
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return digest
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+    return digest
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trip through JSON so that stored and fresh fingerprints compare equal (tuples become lists...)."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True))
+    except TypeError as err:
+        raise bad_value(
+            "fingerprints",
+            value,
+            f"fingerprints must be JSON values ({err})",
+            "pass strings, numbers, lists, dicts",
+        ) from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return text[:12] + "..."  # a sha256
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _differences(stored: Any, fresh: Any, prefix: str = "") -> list[str]:
+    """Human-readable leaf differences between two JSON values."""
+    if isinstance(stored, dict) and isinstance(fresh, dict):
+        out = []
+        for key in sorted(set(stored) | set(fresh), key=str):
+            out += _differences(stored.get(key, "<missing>"), fresh.get(key, "<missing>"), f"{prefix}{key}.")
+        return out
+    if stored != fresh:
+        return [f"{prefix.rstrip('.') or 'value'}: stored {_short(stored)} vs now {_short(fresh)}"]
+    return []
+
+
+class GradientStore:
+    """Projected per-example training gradients on disk: chunked ``.npy`` files plus a JSON manifest.
+
+    Open an existing store with ``GradientStore(directory)``; create one (or resume an interrupted one) with
+    :meth:`create`, then :meth:`fill` it (or :meth:`write_chunk` chunk by chunk).
+
+    Attributes (from the manifest): ``n`` (rows), ``dim`` (features per row), ``dtype`` (storage dtype),
+    ``chunk_size``, ``n_chunks``, ``fingerprints``, ``complete``.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        try:
+            self.path = Path(directory)
+        except TypeError:
+            raise bad_value("directory", directory, "expected a path", "pass a directory path") from None
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists():
+            raise FileNotFoundError(
+                f"directory={str(self.path)!r} holds no {MANIFEST}, so it is not a GradientStore. Fix: pass the "
+                "directory a store was written to, or create one with GradientStore.create(...)."
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreCorruptedError(
+                f"{manifest_path} cannot be read ({err}). Fix: delete the directory and compute the store again."
+            ) from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError(
+                f"{manifest_path} is not a datatrace GradientStore manifest (format="
+                f"{manifest.get('format') if isinstance(manifest, dict) else None!r}). Fix: use another directory."
+            )
+        if manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{manifest_path} was written by store format version {manifest.get('version')!r}; this datatrace "
+                f"reads version {FORMAT_VERSION}. Fix: compute the store again with this version."
+            )
+        self._manifest = manifest
+        self._accumulators: dict[str, torch.Tensor] | None = None
+
+    # -- creation --------------------------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        n: int,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+        chunk_size: int | None = None,
+        fingerprints: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> GradientStore:
+        """A new store in ``directory``, or the existing one there if it was made for the same thing.
+
+        The existing store (complete or interrupted) is reused when its ``n``, ``dim``, ``dtype``, ``chunk_size`` and
+        every fingerprint equal the ones given here; otherwise a :class:`StoreMismatchError` names what differs.
+
+        Args:
+            directory: where the store lives (created if needed).
+            n: number of rows (training examples). dim: features per row.
+            dtype: storage dtype, float32 (default), float16, bfloat16 or float64.
+            chunk_size: rows per chunk file (default: about 64 MiB per file).
+            fingerprints: JSON values identifying what the features are computed from, e.g.
+                ``{"model": sha256, "data": sha256, "projection": {...}}``.
+            metadata: free JSON facts recorded in the manifest (not compared).
+        """
+        n = check_positive_int("n", n)
+        dim = check_positive_int("dim", dim)
+        name = dtype_name(dtype)
+        itemsize = _DTYPES[name][1].itemsize
+        fingerprints = _jsonable(dict(fingerprints or {}))
+        try:
+            path = Path(directory)
+        except TypeError:
+            raise bad_value("directory", directory, "expected a path", "pass a directory path") from None
+        if chunk_size is None:
+            if (
+                path / MANIFEST
+            ).exists():  # resuming or reusing: keep the chunking the store was written with
+                chunk_size = int(cls(path)._manifest.get("chunk_size", 0)) or None
+            if chunk_size is None:
+                chunk_size = max(1, min(n, DEFAULT_CHUNK_BYTES // (dim * itemsize)))
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+        if path.exists() and not path.is_dir():
+            raise bad_value(
+                "directory", str(path), "the path exists and is not a directory", "pass a directory"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / MANIFEST).exists():
+            store = cls(path)
+            store._check_same(n=n, dim=dim, dtype=name, chunk_size=chunk_size, fingerprints=fingerprints)
+            done = len(store._manifest["chunks"])
+            if store.complete:
+                logger.info("GradientStore %s is complete (%d chunks); reusing it.", path, store.n_chunks)
+            else:
+                logger.info(
+                    "GradientStore %s: resuming an interrupted write, %d of %d chunks already done.",
+                    path,
+                    done,
+                    store.n_chunks,
+                )
+            return store
+        leftovers = sorted(p.name for p in path.iterdir() if p.name.startswith("chunk-"))
+        if leftovers:
+            raise ValueError(
+                f"directory={str(path)!r} holds chunk files ({', '.join(leftovers[:3])}, ...) but no {MANIFEST}, "
+                "so it is unknown what they were computed from. Fix: use a new directory or empty this one."
+            )
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "n": n,
+            "dim": dim,
+            "dtype": name,
+            "chunk_size": chunk_size,
+            "n_chunks": -(-n // chunk_size),
+            "fingerprints": fingerprints,
+            "metadata": _jsonable(dict(metadata or {})),
+            "chunks": {},
+            "accumulators": None,
+            "complete": False,
+        }
+        store = cls.__new__(cls)
+        store.path = path
+        store._manifest = manifest
+        store._accumulators = None
+        store._write_manifest()
+        return store
+
+    def _check_same(self, *, n: int, dim: int, dtype: str, chunk_size: int, fingerprints: dict) -> None:
+        m = self._manifest
+        for key, fresh in (("n", n), ("dim", dim), ("dtype", dtype), ("chunk_size", chunk_size)):
+            if m.get(key) != fresh:
+                raise StoreMismatchError(
+                    f"the GradientStore in {str(self.path)!r} was written with {key}={m.get(key)!r} but this call "
+                    f"has {key}={fresh!r}. Fix: use a new directory for these settings (or delete this one), or "
+                    f"call with {key}={m.get(key)!r} to reuse it."
+                )
+        stored = m.get("fingerprints", {})
+        for key in sorted(set(stored) | set(fingerprints)):
+            old, new = stored.get(key, "<missing>"), fingerprints.get(key, "<missing>")
+            if old != new:
+                words = _FINGERPRINT_WORDS.get(key, f"a different {key!r}")
+                details = "; ".join(_differences(old, new)[:4])
+                raise StoreMismatchError(
+                    f"the GradientStore in {str(self.path)!r} was computed from {words}: its {key!r} fingerprint "
+                    f"differs ({details}); features of different origins must never be mixed. Fix: use a new "
+                    "directory (store_dir=...) for this one, or delete the old store, or pass the original "
+                    f"{key} to reuse it."
+                )
+
+    # -- properties ------------------------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self._manifest["n"])
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def dim(self) -> int:
+        return int(self._manifest["dim"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self._manifest["dtype"]][0]
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self._manifest["chunk_size"])
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self._manifest["n_chunks"])
+
+    @property
+    def fingerprints(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._manifest["fingerprints"]))
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._manifest.get("metadata", {})))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._manifest["complete"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of features on disk (without the .npy headers and accumulators)."""
+        return self.n * self.dim * _DTYPES[self._manifest["dtype"]][1].itemsize
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        """``(start, stop)`` rows of chunk ``chunk``."""
+        self._check_chunk_index(chunk)
+        start = chunk * self.chunk_size
+        return start, min(self.n, start + self.chunk_size)
+
+    def missing_chunks(self) -> list[int]:
+        """Indices of the chunks not written yet."""
+        done = self._manifest["chunks"]
+        return [i for i in range(self.n_chunks) if str(i) not in done]
+
+    def __repr__(self) -> str:
+        state = (
+            "complete"
+            if self.complete
+            else f"{self.n_chunks - len(self.missing_chunks())}/{self.n_chunks} chunks"
+        )
+        return f"GradientStore({str(self.path)!r}, n={self.n}, dim={self.dim}, dtype={self._manifest['dtype']}, {state})"
+
+    def _check_chunk_index(self, chunk: Any) -> int:
+        if (
+            isinstance(chunk, bool)
+            or not isinstance(chunk, (int, np.integer))
+            or not 0 <= chunk < self.n_chunks
+        ):
+            raise IndexError(
+                f"chunk={chunk!r} is out of range: this store has {self.n_chunks} chunks, allowed is "
+                f"0 <= chunk < {self.n_chunks}. Fix: pass a chunk index in that range."
+            )
+        return int(chunk)
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def _write_manifest(self) -> None:
+        text = json.dumps(self._manifest, indent=1, sort_keys=True)
+        _atomic_write(self.path, MANIFEST, lambda tmp: Path(tmp).write_text(text))
+
+    def write_chunk(
+        self, chunk: int, features: torch.Tensor, accumulators: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write chunk ``chunk`` (its ``(rows, dim)`` features) and add ``accumulators`` to the running sums.
+
+        The chunk file and the new sums are written atomically and then recorded in the manifest in one atomic
+        replace, so an interruption at any point leaves a store whose recorded chunks and sums agree.
+        """
+        chunk = self._check_chunk_index(chunk)
+        if str(chunk) in self._manifest["chunks"]:
+            raise ValueError(
+                f"chunk {chunk} of the GradientStore in {str(self.path)!r} is already written; a store is written "
+                "once. Fix: write only missing_chunks(), or use a new directory."
+            )
+        start, stop = self.rows(chunk)
+        if not isinstance(features, torch.Tensor):
+            features = torch.as_tensor(np.asarray(features))
+        if features.shape != (stop - start, self.dim):
+            raise bad_value(
+                "features",
+                features,
+                f"chunk {chunk} holds rows {start}:{stop}, so it needs shape ({stop - start}, {self.dim})",
+                "return one row of dim features per example of the chunk",
+            )
+        if not bool(torch.isfinite(features).all()):
+            bad = int((~torch.isfinite(features).all(dim=1)).nonzero()[0, 0]) + start
+            raise FloatingPointError(
+                f"the features of row {bad} (chunk {chunk}) are not finite. Fix: check that training example, the "
+                "model's outputs on it, and use float32 features if float16 overflowed (|x| > 65504)."
+            )
+        torch_dtype, np_dtype = _DTYPES[self._manifest["dtype"]]
+        stored = features.detach().to("cpu", torch_dtype).contiguous()
+        if torch_dtype == torch.bfloat16:
+            array = stored.view(torch.int16).numpy().view(np.uint16)
+        else:
+            array = stored.numpy()
+        if torch_dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(stored).all()):
+            raise FloatingPointError(
+                f"chunk {chunk} overflows {self._manifest['dtype']} (largest feature {float(features.abs().max()):.3g})."
+                " Fix: store features as float32 (feature_dtype=torch.float32)."
+            )
+        name = f"chunk-{chunk:06d}.npy"
+        contiguous = np.ascontiguousarray(array, np_dtype)
+
+        def write_npy(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+                np.save(f, contiguous, allow_pickle=False)
+
+        digest = _atomic_write(self.path, name, write_npy)
+
+        old_acc_file = None
+        if accumulators:
+            running = self._load_accumulators()
+            for key, value in accumulators.items():
+                value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+                if key in running and running[key].shape != value.shape:
+                    raise bad_value(
+                        f"accumulators[{key!r}]",
+                        value,
+                        f"the running sum has shape {tuple(running[key].shape)}",
+                        "pass the same shape for every chunk",
+                    )
+                running[key] = running[key] + value if key in running else value.clone()
+            acc_name = f"accumulators-{chunk:06d}-{secrets.token_hex(4)}.safetensors"
+            acc_digest = _atomic_write(
+                self.path,
+                acc_name,
+                lambda tmp: save_file({k: v.contiguous() for k, v in running.items()}, tmp),
+            )
+            old = self._manifest.get("accumulators")
+            old_acc_file = old["file"] if old else None
+            self._manifest["accumulators"] = {
+                "file": acc_name,
+                "sha256": acc_digest,
+                "names": sorted(running),
+            }
+            self._accumulators = running
+        self._manifest["chunks"][str(chunk)] = {"file": name, "rows": stop - start, "sha256": digest}
+        self._manifest["complete"] = len(self._manifest["chunks"]) == self.n_chunks
+        self._write_manifest()
+        if old_acc_file is not None:
+            try:
+                os.remove(self.path / old_acc_file)
+            except OSError:
+                pass
+
+    def fill(
+        self,
+        compute: Callable[[int, int], torch.Tensor | tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+        progress: bool = True,
+    ) -> GradientStore:
+        """Compute and write every missing chunk: ``compute(start, stop)`` returns the rows ``start:stop`` (and
+        optionally a dict of float64 accumulators to add to the running sums). Returns ``self``, complete.
+
+        Completed chunks are never recomputed, so calling ``fill`` again after an interruption resumes.
+        """
+        missing = self.missing_chunks()
+        if not missing:
+            return self
+        done_rows = self.n - sum(self.rows(i)[1] - self.rows(i)[0] for i in missing)
+        with tqdm(
+            total=self.n, initial=done_rows, desc="gradient store", disable=not progress, leave=False
+        ) as bar:
+            for chunk in missing:
+                start, stop = self.rows(chunk)
+                try:
+                    out = compute(start, stop)
+                except BaseException:
+                    logger.warning(
+                        "GradientStore %s: stopped in chunk %d; %d of %d chunks are written and will be reused. "
+                        "Call again with the same arguments to resume.",
+                        self.path,
+                        chunk,
+                        self.n_chunks - len(self.missing_chunks()),
+                        self.n_chunks,
+                    )
+                    raise
+                features, acc = out if isinstance(out, tuple) else (out, None)
+                self.write_chunk(chunk, features, acc)
+                bar.update(stop - start)
+        return self
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def _require_complete(self) -> None:
+        if not self.complete:
+            missing = self.missing_chunks()
+            raise RuntimeError(
+                f"the GradientStore in {str(self.path)!r} is incomplete: {len(missing)} of {self.n_chunks} chunks are "
+                f"missing (first: {missing[:5]}), because its write was interrupted. Fix: run the same computation "
+                "again (e.g. fit with the same store_dir) to resume it."
+            )
+
+    def chunk(self, chunk: int) -> torch.Tensor:
+        """The features of chunk ``chunk`` as a tensor backed by a copy-on-write memory map (stored dtype)."""
+        chunk = self._check_chunk_index(chunk)
+        entry = self._manifest["chunks"].get(str(chunk))
+        if entry is None:
+            raise RuntimeError(
+                f"chunk {chunk} of the GradientStore in {str(self.path)!r} is not written yet. Fix: fill the store."
+            )
+        path = self.path / entry["file"]
+        try:
+            array = np.load(path, mmap_mode="c", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise StoreCorruptedError(
+                f"chunk file {path} cannot be read ({err}). Fix: store.verify() lists every damaged file; delete "
+                "the store and compute it again."
+            ) from None
+        torch_dtype, np_dtype = _DTYPES[self._manifest["dtype"]]
+        if array.shape != (entry["rows"], self.dim) or array.dtype != np_dtype:
+            raise StoreCorruptedError(
+                f"chunk file {path} holds {array.dtype} {array.shape} but the manifest says {np_dtype} "
+                f"({entry['rows']}, {self.dim}). Fix: delete the store and compute it again."
+            )
+        if torch_dtype == torch.bfloat16:
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+
+    def features(self, chunks: int | Sequence[int] | None = None) -> Iterator[FeatureBlock]:
+        """Iterate over :class:`FeatureBlock` s (``chunk``, ``start``, ``values``) of the given chunks (default all)."""
+        if chunks is None:
+            self._require_complete()
+            order: Sequence[int] = range(self.n_chunks)
+        elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+            order = [int(chunks)]
+        else:
+            order = list(chunks)
+        for i in order:
+            start, _ = self.rows(self._check_chunk_index(i))
+            yield FeatureBlock(int(i), start, self.chunk(int(i)))
+
+    def to_tensor(self) -> torch.Tensor:
+        """All ``(n, dim)`` features in memory (stored dtype). For small stores and tests."""
+        return torch.cat([block.values for block in self.features()])
+
+    def _load_accumulators(self) -> dict[str, torch.Tensor]:
+        if self._accumulators is None:
+            entry = self._manifest.get("accumulators")
+            if not entry:
+                self._accumulators = {}
+            else:
+                path = self.path / entry["file"]
+                try:
+                    self._accumulators = dict(load_file(str(path)))
+                except Exception as err:  # safetensors raises its own error types
+                    raise StoreCorruptedError(
+                        f"accumulator file {path} cannot be read ({err}). Fix: delete the store and compute it again."
+                    ) from None
+        return {k: v.clone() for k, v in self._accumulators.items()}
+
+    def accumulator(self, name: str) -> torch.Tensor:
+        """The float64 sum ``name`` accumulated over every chunk (needs a complete store)."""
+        self._require_complete()
+        acc = self._load_accumulators()
+        if name not in acc:
+            raise bad_value(
+                "name", name, f"this store holds accumulators {sorted(acc)}", "pass one of those names"
+            )
+        return acc[name]
+
+    def verify(self) -> GradientStore:
+        """Re-hash every chunk file and the accumulators against the manifest; raise :class:`StoreCorruptedError`
+        naming every file that is missing or altered. Returns ``self`` when all is well."""
+        problems = []
+        entries = [
+            (f"chunk {k}", v) for k, v in sorted(self._manifest["chunks"].items(), key=lambda kv: int(kv[0]))
+        ]
+        if self._manifest.get("accumulators"):
+            entries.append(("accumulators", self._manifest["accumulators"]))
+        for what, entry in entries:
+            path = self.path / entry["file"]
+            if not path.exists():
+                problems.append(f"{what}: {entry['file']} is missing")
+                continue
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                problems.append(
+                    f"{what}: {entry['file']} has sha256 {digest[:12]}... but the manifest says {entry['sha256'][:12]}..."
+                )
+        if problems:
+            raise StoreCorruptedError(
+                f"the GradientStore in {str(self.path)!r} is damaged: {len(problems)} file(s) do not match the "
+                f"manifest: {'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}. Fix: delete the store and "
+                "compute it again (or restore the files from a copy)."
+            )
+        return self
+
+
+# -- scoring against a store ---------------------------------------------------------------------------------------
+
+
+FeatureSource = GradientStore | torch.Tensor
+
+
+def _blocks(store: FeatureSource, block_rows: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+    if isinstance(store, GradientStore):
+        for block in store.features():
+            yield block.start, block.values
+    elif isinstance(store, torch.Tensor):
+        if store.dim() != 2:
+            raise bad_value(
+                "store", store, "in-memory features must be a 2-D tensor (n, dim)", "reshape them"
+            )
+        rows = block_rows or max(1, DEFAULT_BLOCK_ELEMENTS // max(1, store.shape[1]))
+        for start in range(0, store.shape[0], rows):
+            yield start, store[start : start + rows]
+    else:
+        raise bad_value(
+            "store",
+            store,
+            "expected a GradientStore or an (n, dim) tensor of features",
+            "pass a GradientStore",
+        )
+
+
+def _prepare_queries(
+    query_features: torch.Tensor, store: FeatureSource, transform: Callable | None
+) -> tuple[torch.Tensor, int, int]:
+    if not isinstance(query_features, torch.Tensor) or query_features.dim() != 2:
+        raise bad_value(
+            "query_features", query_features, "expected a 2-D tensor (n_query, dim)", "pass one row per query"
+        )
+    n = len(store) if isinstance(store, GradientStore) else int(store.shape[0])
+    dim = store.dim if isinstance(store, GradientStore) else int(store.shape[1])
+    q = transform(query_features) if transform is not None else query_features
+    if not isinstance(q, torch.Tensor) or q.shape != (query_features.shape[0], dim):
+        raise bad_value(
+            "query_features" if transform is None else "transform",
+            q if transform is not None else query_features,
+            f"the store holds {dim} features per row, so queries need shape ({query_features.shape[0]}, {dim})"
+            + (" after transform" if transform is not None else ""),
+            "project the queries with the projection the store was built with",
+        )
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.to(compute), n, dim
+
+
+def score_against_store(
+    query_features: torch.Tensor,
+    store: FeatureSource,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    block_rows: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Dense scores ``transform(Q) @ F^T``, shape ``(n_query, n)``, computed chunk by chunk.
+
+    Args:
+        query_features: ``(m, dim)`` projected query gradients.
+        store: a complete :class:`GradientStore` or an in-memory ``(n, dim)`` tensor.
+        transform: applied once to the queries before the products (e.g. the inverse projected curvature divided
+            by ``n``); default none.
+        block_rows: rows per block for an in-memory tensor (a store uses its chunks).
+        progress: tqdm over blocks.
+
+    Features stored in 16 bits are upcast to float32 (float64 when the transformed queries are float64) for the
+    product, so accumulation is never done in 16 bits. The result is on the queries' device.
+    """
+    q, n, _ = _prepare_queries(query_features, store, transform)
+    out = torch.empty(q.shape[0], n, dtype=q.dtype, device=q.device)
+    total = store.n_chunks if isinstance(store, GradientStore) else None
+    for start, values in tqdm(
+        _blocks(store, block_rows), total=total, desc="scoring", disable=not progress, leave=False
+    ):
+        block = values.to(device=q.device, dtype=q.dtype)
+        out[:, start : start + block.shape[0]] = q @ block.T
+    return out
+
+
+def top_k_against_store(
+    query_features: torch.Tensor,
+    store: FeatureSource,
+    k: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    block_rows: int | None = None,
+    query_block: int | None = None,
+    progress: bool = False,
+) -> StreamingTopK:
+    """Streaming top-k of ``transform(Q) @ F^T`` per query: the ``k`` largest scores and the ``k`` most negative.
+
+    Never holds the ``(m, n)`` matrix: for each block of at most ``query_block`` queries it walks the store's
+    chunks and merges each block of scores into the running ``k`` best with ``torch.topk``. Memory is
+    ``O(query_block * (k + chunk_rows))``.
+
+    Returns:
+        :class:`StreamingTopK` with ``proponents`` (largest first) and ``opponents`` (most negative first), each
+        holding ``(m, min(k, n))`` ``indices`` (int64) and ``values``.
+    """
+    k = check_positive_int("k", k)
+    q, n, _ = _prepare_queries(query_features, store, transform)
+    k = min(k, n)
+    if query_block is None:
+        rows = store.chunk_size if isinstance(store, GradientStore) else (block_rows or n)
+        query_block = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, rows + k))
+    query_block = check_positive_int("query_block", query_block)
+    parts_pos, parts_neg = [], []
+    for qs in range(0, q.shape[0], query_block):
+        qb = q[qs : qs + query_block]
+        best_v = torch.empty(qb.shape[0], 0, dtype=q.dtype, device=q.device)
+        best_i = torch.empty(qb.shape[0], 0, dtype=torch.long, device=q.device)
+        worst_v, worst_i = best_v.clone(), best_i.clone()
+        for start, values in tqdm(
+            _blocks(store, block_rows), desc="top-k", disable=not progress, leave=False
+        ):
+            block = values.to(device=q.device, dtype=q.dtype)
+            scores = qb @ block.T
+            idx = torch.arange(start, start + block.shape[0], device=q.device).expand(qb.shape[0], -1)
+            cand_v = torch.cat([best_v, scores], dim=1)
+            cand_i = torch.cat([best_i, idx], dim=1)
+            top = min(k, cand_v.shape[1])
+            v, pos = torch.topk(cand_v, top, dim=1)
+            best_v, best_i = v, torch.gather(cand_i, 1, pos)
+            cand_v = torch.cat([worst_v, scores], dim=1)
+            cand_i = torch.cat([worst_i, idx], dim=1)
+            v, pos = torch.topk(-cand_v, top, dim=1)
+            worst_v, worst_i = -v, torch.gather(cand_i, 1, pos)
+        parts_pos.append((best_i, best_v))
+        parts_neg.append((worst_i, worst_v))
+    return StreamingTopK(
+        TopK(torch.cat([p[0] for p in parts_pos]), torch.cat([p[1] for p in parts_pos])),
+        TopK(torch.cat([p[0] for p in parts_neg]), torch.cat([p[1] for p in parts_neg])),
+    )
+
+
+__all__ = [
+    "FeatureBlock",
+    "GradientStore",
+    "StoreCorruptedError",
+    "StoreMismatchError",
+    "StreamingTopK",
+    "score_against_store",
+    "top_k_against_store",
+]
