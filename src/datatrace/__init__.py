@@ -37,4 +37,6 @@ __all__ = [
     "__version__",
     "from_sklearn",
     "linear_regression_diagnostics",
+    "metrics",
+    "retrain",
 ]
