@@ -12,9 +12,11 @@ The chosen route's ``info`` is reported with ``"auto_choice"`` and ``"auto_reaso
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
+from .._validation import check_nonnegative_float
 from ..data import DataSource
 from ..gradients import FunctionalModel
 from .base import Curvature
@@ -30,8 +32,17 @@ class AutoCurvature(Curvature):
 
     def __init__(self, damping: float | str = "auto", max_bytes: int = DEFAULT_MAX_DENSE_BYTES) -> None:
         super().__init__()
+        if damping != "auto":
+            damping = check_nonnegative_float("damping", damping)
         self.damping = damping
         self.max_bytes = max_bytes
+
+    def __getattr__(self, name: str) -> Any:
+        """Fitted attributes of the chosen route (``damping_``, ``evals_``, ...) read through ``auto``."""
+        route = self.__dict__.get("route_")
+        if route is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(route, name)
 
     def _choose(self, fmodel: FunctionalModel) -> tuple[Curvature, str]:
         p = fmodel.num_params
