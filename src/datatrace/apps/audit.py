@@ -260,7 +260,8 @@ def fairness_audit(
             "use datatrace.InfluenceFunction, or metric='loss' with a task whose measurement is its loss",
         )
     values = per_example(model, fn, source, "query")
-    scores = influence.score(prepared) if measurement is None else influence.score(prepared, measurement)
+    # the attributor encodes labels itself (SklearnInfluence): score the query as given, not `prepared`
+    scores = influence.score(query) if measurement is None else influence.score(query, measurement)
     rows = as_numpy(scores.values)
     effect = weights @ rows
     gap = float(weights @ values)
