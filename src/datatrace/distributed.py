@@ -368,7 +368,8 @@ def distributed_per_example(
         logger.error("rank %d failed while computing %s: %s", rank, desc, err)
         error = err
     if not distributed:
-        assert local is not None  # a DataSource is never empty
+        if local is None:  # pragma: no cover - a DataSource is never empty
+            raise RuntimeError("internal error: no rows were computed for a non-empty data source")
         return local
     out = _gather_rows(local, error, group, desc)
     if out is None:  # pragma: no cover - only if every shard is empty, which a non-empty source rules out
@@ -426,7 +427,8 @@ def distributed_sum(
         logger.error("rank %d failed while computing %s: %s", rank, desc, err)
         error = err
     if not distributed:
-        assert total is not None  # a DataSource is never empty
+        if total is None:  # pragma: no cover - a DataSource is never empty
+            raise RuntimeError("internal error: no rows were computed for a non-empty data source")
         return total
     # agree on shape/dtype (for ranks with an empty shard) and on failures before the reduction itself
     local_meta = None if total is None else total.reshape(1, *total.shape)
