@@ -48,7 +48,9 @@ class WarmStart:
         return fit_full_batch(self.model, self.task, subset, max_iter=1000, tolerance_grad=1e-10)
 
 
-def forward_backward_seconds(model: torch.nn.Module, task: datatrace.Task, train: tuple, repeats: int = 5) -> float:
+def forward_backward_seconds(
+    model: torch.nn.Module, task: datatrace.Task, train: tuple, repeats: int = 5
+) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -59,7 +61,9 @@ def forward_backward_seconds(model: torch.nn.Module, task: datatrace.Task, train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--n-loo", type=int, default=100, help="training examples actually left out")
@@ -89,7 +93,12 @@ def main() -> None:
     start = time.perf_counter()
     cache = RESULTS / "cache" / f"loo-logreg-{args.n_train}-{args.n_test}-{args.weight_decay}-{args.seed}"
     truth = retrain.leave_one_out(
-        WarmStart(model, task), train, retrain.evaluator(task, test), indices, n_jobs=args.jobs, cache_dir=cache
+        WarmStart(model, task),
+        train,
+        retrain.evaluator(task, test),
+        indices,
+        n_jobs=args.jobs,
+        cache_dir=cache,
     )
     t_retrain = time.perf_counter() - start
     corr = metrics.loo_correlation(scores.values[:, indices].numpy(), truth.changes)
@@ -116,7 +125,11 @@ def main() -> None:
     print(f"{'quantity':<40}{'value':>14}")
     for key in ("mean_pearson", "mean_spearman", "pooled_pearson", "min_pearson"):
         print(f"{key:<40}{result[key]:>14.4f}")
-    for key in ("seconds_influence_fit_and_score", "seconds_forward_backward", "influence_over_forward_backward"):
+    for key in (
+        "seconds_influence_fit_and_score",
+        "seconds_forward_backward",
+        "influence_over_forward_backward",
+    ):
         print(f"{key:<40}{result[key]:>14.3f}")
     print(f"{'seconds_retrain_all_loo':<40}{t_retrain:>14.1f}")
     RESULTS.mkdir(parents=True, exist_ok=True)

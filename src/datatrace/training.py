@@ -51,7 +51,9 @@ def fit_full_batch(
     source = as_data_source(data, "data")
     model = copy.deepcopy(model) if copy_model else model
     dtype = next(model.parameters()).dtype
-    batches = [cast_batch(b, dtype, next(model.parameters()).device) for _, b in source.batches(batch_size=4096)]
+    batches = [
+        cast_batch(b, dtype, next(model.parameters()).device) for _, b in source.batches(batch_size=4096)
+    ]
     trainable = list(select_parameters(model, params).values())
     model.eval()
     optimizer = torch.optim.LBFGS(
