@@ -71,12 +71,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import hessian, vjp, vmap
 
 from ._validation import bad_value, check_choice, check_positive_int
 from .gradients import FunctionalModel, _Bound
+from .layers import SUPPORTED_LAYERS, input_rows, output_rows, scan_layers
 from .tasks import ClassificationTask, RegressionTask, Task
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,6 @@ ROWS_PER_SEED = 1024
 DEFAULT_MAX_CACHED_BYTES = 2**30
 #: RandomProjector: per-example vjp rows x p elements computed at once
 _VJP_ELEMENTS = 2**25
-SUPPORTED_LAYERS = "nn.Linear, nn.Conv2d (groups=1) and transformers' Conv1D"
 
 Cotangents = Callable[[torch.Tensor], torch.Tensor]
 
@@ -542,17 +541,6 @@ class RandomProjector(Projector):
 # -- factorised (LoGra) projections ----------------------------------------------------------------------------------
 
 
-def _layer_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, torch.Tensor):
-        return "conv1d"
-    return None
-
-
 @dataclass
 class ProjectedLayer:
     """A supported module with parameters in scope, and its two side projections (``None``: identity)."""
@@ -596,39 +584,19 @@ class ProjectedLayer:
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input as rows ``a``, shape ``(b, T, d_in')`` (a 1 appended when the bias is in scope)."""
-        m = self.module
-        if self.kind == "conv2d":
-            if x.dim() != 4:
-                raise ValueError(
-                    f"FactorizedProjector needs batched 4-D input to the Conv2d layer {self.name!r}, got shape "
-                    f"{tuple(x.shape)}. Fix: give the model batches of shape (batch, channels, height, width)."
-                )
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-                x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-                padding: Any = 0
-            else:
-                padding = m.padding
-            rows = F.unfold(
-                x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride
-            ).transpose(1, 2)
-        else:
-            if x.dim() < 2:
-                raise ValueError(
-                    f"FactorizedProjector needs a leading batch axis in the input of layer {self.name!r}, got shape "
-                    f"{tuple(x.shape)}. Fix: give the model batches."
-                )
-            rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        parts = [rows] if self.weight is not None else []
-        if self.bias is not None:
-            parts.append(torch.ones(*rows.shape[:2], 1, dtype=rows.dtype, device=rows.device))
-        return torch.cat(parts, dim=-1)
+        return input_rows(
+            self.name,
+            self.module,
+            self.kind,
+            x,
+            self.weight is not None,
+            self.bias is not None,
+            "FactorizedProjector",
+        )
 
     def output_rows(self, g: torch.Tensor) -> torch.Tensor:
         """An output-shaped gradient as rows ``s``, shape ``(b, T, d_out)``."""
-        if self.kind == "conv2d":
-            return g.reshape(g.shape[0], self.d_out, -1).transpose(1, 2)
-        return g.reshape(g.shape[0], -1, g.shape[-1])
+        return output_rows(self.kind, self.d_out, g)
 
     def project_matrix(self, M: torch.Tensor) -> torch.Tensor:
         """``P_out^T M P_in`` for ``M`` of shape ``(..., d_out, d_in')``."""
@@ -642,38 +610,8 @@ class ProjectedLayer:
 def find_layers(fmodel: FunctionalModel) -> list[ProjectedLayer]:
     """The supported modules owning the parameters in scope, in model order; a ValueError names any parameter in
     scope that no supported module owns (or that two modules share)."""
-    named = dict(fmodel.model.named_parameters())
-    in_scope = {id(named[n]): n for n in fmodel.space.names if n in named}
-    owners: dict[int, set[int]] = {}
-    for _, module in fmodel.model.named_modules(remove_duplicate=False):
-        for p in module._parameters.values():
-            if p is not None and id(p) in in_scope:
-                owners.setdefault(id(p), set()).add(id(module))
-    layers: list[ProjectedLayer] = []
-    covered: set[str] = set()
-    for mname, module in fmodel.model.named_modules():
-        kind = _layer_kind(module)
-        if kind is None:
-            continue
-        weight = in_scope.get(id(module.weight)) if isinstance(module.weight, torch.Tensor) else None
-        bias_p = getattr(module, "bias", None)
-        bias = in_scope.get(id(bias_p)) if isinstance(bias_p, torch.Tensor) else None
-        if weight is None and bias is None:
-            continue
-        if any(len(owners[id(named[n])]) > 1 for n in (weight, bias) if n is not None):
-            continue  # shared parameters are reported below
-        if kind == "conv2d" and module.groups != 1:
-            raise ValueError(
-                f"module {mname!r} is a grouped Conv2d (groups={module.groups}); FactorizedProjector supports "
-                "groups=1. Fix: exclude its parameters with params=, or use RandomProjector."
-            )
-        if kind == "conv1d":
-            d_in, d_out = int(module.weight.shape[0]), int(module.weight.shape[1])
-        else:
-            d_out, d_in = int(module.weight.shape[0]), int(module.weight[0].numel())
-        layers.append(ProjectedLayer(mname, module, kind, weight, bias, d_in, d_out))
-        covered.update(n for n in (weight, bias) if n is not None)
-    missing = [n for n in fmodel.space.names if n not in covered]
+    specs, missing = scan_layers(fmodel, "FactorizedProjector", "RandomProjector")
+    layers = [ProjectedLayer(s.name, s.module, s.kind, s.weight, s.bias, s.in_dim, s.out_dim) for s in specs]
     if missing:
         raise bad_value(
             "projector",

@@ -107,7 +107,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, vmap
 from tqdm.auto import tqdm
@@ -115,6 +114,7 @@ from tqdm.auto import tqdm
 from .._validation import bad_value, check_choice, check_nonnegative_float, check_positive_int
 from ..data import DataSource
 from ..gradients import FunctionalModel
+from ..layers import SUPPORTED_LAYERS, input_rows, output_rows, scan_layers
 from ..tasks import ClassificationTask, RegressionTask
 from .base import Curvature
 
@@ -128,27 +128,10 @@ MAX_GGN_OUTPUTS = 1024
 AUTO_DAMPING_FRACTION = 1e-3
 #: per-example gradients of a layer are formed in chunks of at most this many elements (EK-FAC, conv layers)
 _CHUNK_ELEMENTS = 2**24
-SUPPORTED_MODULES = "nn.Linear, nn.Conv2d (groups=1) and transformers' Conv1D"
+SUPPORTED_MODULES = SUPPORTED_LAYERS
 
 
 # -- layers --------------------------------------------------------------------------------------------------------
-
-
-def _layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (Hugging Face's transposed dense layer) or None."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    weight = getattr(module, "weight", None)
-    if (
-        type(module).__name__ == "Conv1D"
-        and hasattr(module, "nf")
-        and isinstance(weight, torch.Tensor)
-        and weight.dim() == 2
-    ):
-        return "conv1d"
-    return None
 
 
 @dataclass
@@ -218,38 +201,13 @@ class _Layer:
     # what the hooks see -------------------------------------------------------------------------------------------
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input as ``(b, T, in')`` rows ``a`` (a 1 appended when the bias is in scope)."""
-        m = self.module
-        if self.kind == "conv2d":
-            if x.dim() != 4:
-                raise ValueError(
-                    f"K-FAC needs batched 4-D input to the Conv2d layer {self.name!r}, got shape "
-                    f"{tuple(x.shape)}. Fix: give the model batches of shape (batch, channels, height, width)."
-                )
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-                x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-                padding: Any = 0
-            else:
-                padding = m.padding
-            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-            rows = cols.transpose(1, 2)  # (b, L, C*kh*kw): channel-major, as weight.reshape(out, -1)
-        else:
-            if x.dim() < 2:
-                raise ValueError(
-                    f"K-FAC needs a leading batch axis in the input of layer {self.name!r}, got shape "
-                    f"{tuple(x.shape)}. Fix: give the model batches, not single examples."
-                )
-            rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        parts = [rows] if self.weight is not None else []
-        if self.bias is not None:
-            parts.append(torch.ones(*rows.shape[:2], 1, dtype=rows.dtype, device=rows.device))
-        return torch.cat(parts, dim=-1)
+        return input_rows(
+            self.name, self.module, self.kind, x, self.weight is not None, self.bias is not None, "K-FAC"
+        )
 
     def output_rows(self, g: torch.Tensor) -> torch.Tensor:
         """An output-shaped gradient as ``(b, T, out)`` rows ``s``."""
-        if self.kind == "conv2d":
-            return g.reshape(g.shape[0], self.out_dim, -1).transpose(1, 2)
-        return g.reshape(g.shape[0], -1, g.shape[-1])
+        return output_rows(self.kind, self.out_dim, g)
 
 
 def _other_routes() -> str:
@@ -267,44 +225,8 @@ def find_layers(fmodel: FunctionalModel) -> list[_Layer]:
     Raises a ValueError naming every parameter in scope that no supported module owns (or that two modules
     share), and for grouped convolutions.
     """
-    named = dict(fmodel.model.named_parameters())
-    in_scope = {id(named[n]): n for n in fmodel.space.names if n in named}
-    owners: dict[int, dict[int, str]] = {}  # id(parameter) -> {id(module): module name}
-    for mname, module in fmodel.model.named_modules(remove_duplicate=False):
-        for p in module._parameters.values():
-            if p is not None and id(p) in in_scope:
-                owners.setdefault(id(p), {}).setdefault(id(module), mname)
-    layers: list[_Layer] = []
-    covered: set[str] = set()
-    problems: dict[str, str] = {}
-    seen_modules: set[int] = set()
-    for mname, module in fmodel.model.named_modules():
-        kind = _layer_kind(module)
-        if kind is None or id(module) in seen_modules:
-            continue
-        seen_modules.add(id(module))
-        weight = in_scope.get(id(module.weight)) if isinstance(module.weight, torch.Tensor) else None
-        bias_p = getattr(module, "bias", None)
-        bias = in_scope.get(id(bias_p)) if isinstance(bias_p, torch.Tensor) else None
-        if weight is None and bias is None:
-            continue
-        shared = [n for n in (weight, bias) if n is not None and len(owners[id(named[n])]) > 1]
-        for n in shared:
-            problems[n] = f"{n} (shared by modules {sorted(owners[id(named[n])].values())})"
-        if shared:
-            continue
-        if kind == "conv2d" and module.groups != 1:
-            raise ValueError(
-                f"module {mname!r} is a grouped Conv2d (groups={module.groups}); K-FAC here supports groups=1. "
-                f"Fix: exclude its parameters with params=, or use {_other_routes()}."
-            )
-        if kind == "conv1d":
-            in_dim, out_dim = int(module.weight.shape[0]), int(module.weight.shape[1])
-        else:  # Linear (out, in), Conv2d (out, in, kh, kw)
-            out_dim, in_dim = int(module.weight.shape[0]), int(module.weight[0].numel())
-        layers.append(_Layer(mname, module, kind, weight, bias, out_dim, in_dim))
-        covered.update(n for n in (weight, bias) if n is not None)
-    listed = [problems.get(n, n) for n in fmodel.space.names if n not in covered]
+    specs, listed = scan_layers(fmodel, "K-FAC here", _other_routes())
+    layers = [_Layer(s.name, s.module, s.kind, s.weight, s.bias, s.out_dim, s.in_dim) for s in specs]
     if listed:
         raise ValueError(
             f"K-FAC covers parameters of {SUPPORTED_MODULES} only, each owned by a single module, but these "
