@@ -239,10 +239,39 @@ class FunctionalModel:
         return (0.5 * (ggn + ggn.T)).detach()
 
 
+def batch_failure(task: Task, what: str, batch: tuple, err: BaseException) -> ValueError:
+    """The error for a task that failed on a batch: the shapes it got and what usually disagrees."""
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch]
+    return ValueError(
+        f"running {type(task).__name__} on a batch of {what} failed: {err}. The batch's elements have shapes "
+        f"{shapes}. Fix: check that the model, the task and the data agree (input width, number of outputs, "
+        "label type)."
+    )
+
+
+def check_rows_finite(
+    rows: torch.Tensor, indices: torch.Tensor, describe: Callable[[int], str], fix: str
+) -> None:
+    """Raise a FloatingPointError naming the first example (``describe(index)``) whose row is not finite."""
+    bad = ~torch.isfinite(rows).all(dim=1)
+    if bool(bad.any()):
+        first = int(indices[bad.nonzero()[0, 0]])
+        raise FloatingPointError(
+            f"the {describe(first)} is not finite ({int(bad.sum())} bad example(s) in its batch). Fix: {fix}"
+        )
+
+
 def model_parameters_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         return p.dtype
     return torch.get_default_dtype()
 
 
-__all__ = ["FunctionalModel", "eval_mode", "model_parameters_dtype", "prepare_model"]
+__all__ = [
+    "FunctionalModel",
+    "batch_failure",
+    "check_rows_finite",
+    "eval_mode",
+    "model_parameters_dtype",
+    "prepare_model",
+]

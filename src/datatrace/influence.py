@@ -33,7 +33,7 @@ from ._validation import NotFittedError, bad_value, check_finite, check_indices
 from .curvature import Curvature, make_curvature
 from .data import DataLike, DataSource, as_data_source
 from .distributed import distributed_per_example
-from .gradients import FunctionalModel, prepare_model
+from .gradients import FunctionalModel, batch_failure, check_rows_finite, prepare_model
 from .scores import Scores
 from .tasks import Task
 
@@ -150,19 +150,13 @@ class InfluenceFunction:
             try:
                 g = fn(batch)
             except (RuntimeError, IndexError, TypeError) as err:
-                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch]
-                raise ValueError(
-                    f"running {type(self.task).__name__} on a batch of {name} failed: {err}. The batch's "
-                    f"elements have shapes {shapes}. Fix: check that the model, the task and the data agree "
-                    "(input width, number of outputs, label type)."
-                ) from err
-            bad = ~torch.isfinite(g).all(dim=1)
-            if bool(bad.any()):
-                first = int(idx[bad.nonzero()[0, 0]])
-                raise FloatingPointError(
-                    f"the gradient of {name} example {first} is not finite ({int(bad.sum())} bad example(s) "
-                    f"in its batch). Fix: check that example's inputs and label, and the model's outputs on it."
-                )
+                raise batch_failure(self.task, name, batch, err) from err
+            check_rows_finite(
+                g,
+                idx,
+                lambda i: f"gradient of {name} example {i}",
+                "check that example's inputs and label, and the model's outputs on it.",
+            )
             return g
 
         # each rank computes its shard's rows; all ranks get all rows in index order (datatrace.distributed)

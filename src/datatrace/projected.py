@@ -93,7 +93,7 @@ from ._validation import (
     check_positive_int,
 )
 from .data import DataLike, DataSource, as_data_source
-from .gradients import FunctionalModel, prepare_model
+from .gradients import FunctionalModel, batch_failure, check_rows_finite, prepare_model
 from .projection import (
     FactorizedProjector,
     Projector,
@@ -416,19 +416,13 @@ class ProjectedInfluence:
                 else:
                     g, pseudo = projector.project_vjps(batch, "loss")[:, 0], out
         except (RuntimeError, IndexError, TypeError) as err:
-            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in raw]
-            raise ValueError(
-                f"running {type(task).__name__} on a batch of training data failed: {err}. The batch's elements "
-                f"have shapes {shapes}. Fix: check that the model, the task and the data agree (input width, "
-                "number of outputs, label type)."
-            ) from err
-        bad = ~torch.isfinite(g).all(dim=1)
-        if bool(bad.any()):
-            first = int(idx[bad.nonzero()[0, 0]])
-            raise FloatingPointError(
-                f"the projected gradient of training example {first} is not finite. Fix: check that example's "
-                "inputs and label, and the model's outputs on it."
-            )
+            raise batch_failure(task, "training data", raw, err) from err
+        check_rows_finite(
+            g,
+            idx,
+            lambda i: f"projected gradient of training example {i}",
+            "check that example's inputs and label, and the model's outputs on it.",
+        )
         return g, pseudo
 
     def _fit_curvature(self, acc: dict[str, torch.Tensor]) -> None:

@@ -65,7 +65,7 @@ from torch import nn
 from ._validation import NotFittedError, bad_value, check_finite, check_positive_int, describe
 from .data import DataLike, DataSource, as_data_source
 from .distributed import distributed_per_example
-from .gradients import FunctionalModel, prepare_model
+from .gradients import FunctionalModel, batch_failure, check_rows_finite, prepare_model
 from .params import select_parameters
 from .scores import Scores
 from .tasks import Task
@@ -420,19 +420,13 @@ class TracIn:
             try:
                 g = fn(batch)
             except (RuntimeError, IndexError, TypeError) as err:
-                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch]
-                raise ValueError(
-                    f"running {type(self.task).__name__} on a batch of {which} data at checkpoint {c} failed: "
-                    f"{err}. The batch's elements have shapes {shapes}. Fix: check that the model, the task and "
-                    "the data agree (input width, number of outputs, label type)."
-                ) from err
-            bad = ~torch.isfinite(g).all(dim=1)
-            if bool(bad.any()):
-                first = int(idx[bad.nonzero()[0, 0]])
-                raise FloatingPointError(
-                    f"the gradient of {which} example {first} at checkpoint {c} is not finite "
-                    f"({int(bad.sum())} bad example(s) in its batch). Fix: check that example and that checkpoint."
-                )
+                raise batch_failure(self.task, f"{which} data at checkpoint {c}", batch, err) from err
+            check_rows_finite(
+                g,
+                idx,
+                lambda i: f"gradient of {which} example {i} at checkpoint {c}",
+                "check that example and that checkpoint.",
+            )
             return g if post is None else post(g)
 
         desc = f"{which} gradients, checkpoint {c + 1}/{n_ckpt}"
