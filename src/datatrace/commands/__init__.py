@@ -194,6 +194,18 @@ class Context:
         return _finite(results)
 
 
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments every ``run_<command>`` takes from the flags of :func:`add_common_arguments`."""
+    return {
+        "curvature": args.curvature,
+        "damping": args.damping,
+        "seed": args.seed,
+        "progress": not args.quiet,
+        "stream": sys.stdout,
+        "threads": args.threads,
+    }
+
+
 def _describe_route(curvature: Any) -> str:
     return curvature if isinstance(curvature, str) else repr(curvature)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from typing import Any, TextIO
@@ -26,6 +25,7 @@ import numpy as np
 from ..demo import UsageError
 from . import (
     add_common_arguments,
+    common_options,
     conventions,
     example_records,
     format_rows,
@@ -111,12 +111,7 @@ def run(args: argparse.Namespace) -> int:
         group_names=args.group_names,
         z_threshold=args.z_threshold,
         top=args.top,
-        curvature=args.curvature,
-        damping=args.damping,
-        seed=args.seed,
-        progress=not args.quiet,
-        stream=sys.stdout,
-        threads=args.threads,
+        **common_options(args),
     )
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from typing import Any, TextIO
 
@@ -28,6 +27,7 @@ from ..demo import UsageError
 from ..spec import SpecError
 from . import (
     add_common_arguments,
+    common_options,
     conventions,
     example_records,
     format_rows,
@@ -95,12 +95,7 @@ def run(args: argparse.Namespace) -> int:
         remove_k=args.remove_k,
         n_random=args.n_random,
         top=args.top,
-        curvature=args.curvature,
-        damping=args.damping,
-        seed=args.seed,
-        progress=not args.quiet,
-        stream=sys.stdout,
-        threads=args.threads,
+        **common_options(args),
     )
     return 0
 

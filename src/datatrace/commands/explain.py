@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from typing import Any, TextIO
 
@@ -23,6 +22,7 @@ import numpy as np
 from ..demo import UsageError
 from . import (
     add_common_arguments,
+    common_options,
     conventions,
     example_records,
     format_rows,
@@ -72,12 +72,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         query_indices=args.query_index,
         k=args.k,
-        curvature=args.curvature,
-        damping=args.damping,
-        seed=args.seed,
-        progress=not args.quiet,
-        stream=sys.stdout,
-        threads=args.threads,
+        **common_options(args),
     )
     return 0
 

@@ -14,14 +14,21 @@ import argparse
 import importlib.util
 import logging
 import os
-import sys
 import time
 from typing import Any, TextIO
 
 import numpy as np
 
 from ..demo import UsageError
-from . import add_common_arguments, example_records, format_rows, setup_table, show_examples, start
+from . import (
+    add_common_arguments,
+    common_options,
+    example_records,
+    format_rows,
+    setup_table,
+    show_examples,
+    start,
+)
 
 logger = logging.getLogger("datatrace.commands.value")
 
@@ -60,12 +67,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         format=args.format,
         top=args.top,
-        curvature=args.curvature,
-        damping=args.damping,
-        seed=args.seed,
-        progress=not args.quiet,
-        stream=sys.stdout,
-        threads=args.threads,
+        **common_options(args),
     )
     return 0
 
