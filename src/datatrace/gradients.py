@@ -24,11 +24,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
+from ._validation import bad_value
 from .data import DataSource, cast_batch
 from .distributed import distributed_sum
 from .params import ParamSpace, select_parameters
@@ -239,6 +241,26 @@ class FunctionalModel:
         return (0.5 * (ggn + ggn.T)).detach()
 
 
+def check_model_and_task(model: Any, task: Any, dtype: Any = None) -> None:
+    """The checks every attributor's constructor makes: a Module, a datatrace Task, a floating dtype or None."""
+    if not isinstance(task, Task):
+        raise bad_value(
+            "task",
+            task,
+            "expected a datatrace.Task",
+            "pass ClassificationTask(), RegressionTask() or a subclass",
+        )
+    if not isinstance(model, nn.Module):
+        raise bad_value(
+            "model",
+            model,
+            "expected a torch.nn.Module",
+            "for scikit-learn estimators use datatrace.from_sklearn",
+        )
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise bad_value("dtype", dtype, "expected a floating torch dtype or None", "pass torch.float64")
+
+
 def batch_failure(task: Task, what: str, batch: tuple, err: BaseException) -> ValueError:
     """The error for a task that failed on a batch: the shapes it got and what usually disagrees."""
     shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch]
@@ -270,6 +292,7 @@ def model_parameters_dtype(model: nn.Module) -> torch.dtype:
 __all__ = [
     "FunctionalModel",
     "batch_failure",
+    "check_model_and_task",
     "check_rows_finite",
     "eval_mode",
     "model_parameters_dtype",

@@ -33,7 +33,7 @@ from ._validation import NotFittedError, bad_value, check_finite, check_indices
 from .curvature import Curvature, make_curvature
 from .data import DataLike, DataSource, as_data_source
 from .distributed import distributed_per_example
-from .gradients import FunctionalModel, batch_failure, check_rows_finite, prepare_model
+from .gradients import FunctionalModel, batch_failure, check_model_and_task, check_rows_finite, prepare_model
 from .scores import Scores
 from .tasks import Task
 
@@ -84,22 +84,7 @@ class InfluenceFunction:
         batch_size: int | None = None,
         progress: bool = True,
     ) -> None:
-        if not isinstance(task, Task):
-            raise bad_value(
-                "task",
-                task,
-                "expected a datatrace.Task",
-                "pass ClassificationTask(), RegressionTask() or a subclass",
-            )
-        if not isinstance(model, nn.Module):
-            raise bad_value(
-                "model",
-                model,
-                "expected a torch.nn.Module",
-                "for scikit-learn estimators use datatrace.from_sklearn",
-            )
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise bad_value("dtype", dtype, "expected a floating torch dtype or None", "pass torch.float64")
+        check_model_and_task(model, task, dtype)
         self.model = model
         self.task = task
         self.curvature = curvature

@@ -93,7 +93,7 @@ from ._validation import (
     check_positive_int,
 )
 from .data import DataLike, DataSource, as_data_source
-from .gradients import FunctionalModel, batch_failure, check_rows_finite, prepare_model
+from .gradients import FunctionalModel, batch_failure, check_model_and_task, check_rows_finite, prepare_model
 from .projection import (
     FactorizedProjector,
     Projector,
@@ -224,20 +224,7 @@ class ProjectedInfluence:
         random_state: int = 0,
         progress: bool = True,
     ) -> None:
-        if not isinstance(task, Task):
-            raise bad_value(
-                "task",
-                task,
-                "expected a datatrace.Task",
-                "pass ClassificationTask(), RegressionTask() or a subclass",
-            )
-        if not isinstance(model, nn.Module):
-            raise bad_value(
-                "model",
-                model,
-                "expected a torch.nn.Module",
-                "for scikit-learn estimators use datatrace.from_sklearn",
-            )
+        check_model_and_task(model, task)
         if not (projector == "auto" or isinstance(projector, Projector)):
             raise bad_value(
                 "projector",
