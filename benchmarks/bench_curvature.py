@@ -90,6 +90,8 @@ ROUTES = [
     Method("identity", "datatrace", "identity"),
     Method("kfac", "datatrace", "kfac"),
     Method("ekfac", "datatrace", "ekfac"),
+    Method("kfac-weighted", "datatrace", "kfac", {"input_factor": "weighted"}, "weighted input factor"),
+    Method("ekfac-mean", "datatrace", "ekfac", {"input_factor": "mean"}, "classic mean input factor"),
 ]
 
 # Peers: float64 wherever the library allows it; their regulariser set to the model's L2 strength in their own

@@ -466,3 +466,30 @@ def test_solve_before_fit_and_wrong_shapes(factory, single_layer):
         route.fit(single_layer.fmodel, single_layer.source, progress=False)
         with pytest.raises(ValueError, match=r"^vectors=.*Fix:"):
             route.solve(torch.zeros(2, single_layer.p + 1, dtype=DTYPE))
+
+
+def test_cg_auto_damping_recovers_from_negative_curvature_the_lanczos_estimate_missed(
+    mlp, monkeypatch, caplog
+):
+    """A 1-step Lanczos estimate sees no negative curvature (its Ritz value is one Rayleigh quotient); CG then
+    meets d^T H d < 0, raises the damping by the same rule and solves again: the answer is the dense solve at
+    the final damping, which makes H + damping I positive definite."""
+    from datatrace.curvature import iterative
+
+    monkeypatch.setattr(iterative, "SPECTRUM_STEPS", 1)
+    lam_min = float(torch.linalg.eigvalsh(mlp.hessian).min())
+    cg = CG(rtol=1e-10).fit(mlp.fmodel, mlp.source, progress=False)
+    assert cg.info["negative_curvature_found"] is False and cg.damping_ == 0.0  # the estimate missed it
+    with caplog.at_level("WARNING", logger="datatrace.curvature.iterative"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            x = cg.solve(mlp.V)
+    assert cg.info["damping_raises"] >= 1 and cg.info["num_negative_curvature"] == 0
+    assert cg.damping_ > -lam_min and cg.info["damping"] == cg.damping_
+    assert "raises the damping" in caplog.text
+    assert row_rel(x, dense_solve(mlp.hessian, cg.damping_, mlp.V)) < 1e-6
+    # an explicit damping is the user's choice: CG keeps it and warns instead
+    fixed = CG(damping=0.0).fit(mlp.fmodel, mlp.source, progress=False)
+    with pytest.warns(ConvergenceWarning, match="non-positive curvature"):
+        fixed.solve(mlp.V)
+    assert fixed.damping_ == 0.0 and "damping_raises" not in fixed.info

@@ -244,9 +244,10 @@ def test_sampling_is_seeded(mlp_classification):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("input_factor", ["mean", "weighted"])
 @pytest.mark.parametrize("problem", ["mlp", "logistic"])
 def test_ekfac_is_at_least_as_close_to_the_gauss_newton_as_kfac(
-    problem, mlp_classification, classification_data
+    problem, input_factor, mlp_classification, classification_data
 ):
     """Same eigenbasis, Frobenius-optimal diagonal: per layer, ||EKFAC - G|| <= ||KFAC - G||."""
     if problem == "mlp":
@@ -259,13 +260,42 @@ def test_ekfac_is_at_least_as_close_to_the_gauss_newton_as_kfac(
     source = as_data_source(data)
     G = fm.dense_gauss_newton(source)
     k, e = (
-        KFAC(damping=0.0).fit(fm, source, progress=False),
-        EKFAC(damping=0.0).fit(fm, source, progress=False),
+        KFAC(damping=0.0, input_factor=input_factor).fit(fm, source, progress=False),
+        EKFAC(damping=0.0, input_factor=input_factor).fit(fm, source, progress=False),
     )
     Mk, Me = dense_of(k, fm.num_params), dense_of(e, fm.num_params)
     for layer in k.layers_:
         b = layer_block(fm, layer)
         assert (Me[b, b] - G[b, b]).norm() <= (Mk[b, b] - G[b, b]).norm() * (1 + 1e-12)
+
+
+def test_weighted_input_factor_against_its_closed_form(mlp_classification):
+    """``input_factor="weighted"``: A_w = sum_i tr(H_i) a_i a_i^T / sum_i tr(H_i) for the last layer (its GGN
+    pseudo-gradients are the columns of the output-Hessian factor, so sum_c ||s_ic||^2 = tr(H_i)), S unchanged,
+    and the K-FAC block's trace equals the exact Gauss-Newton block's (exact for a dense layer)."""
+    model, task, data = mlp_classification
+    X = data[0]
+    fm = fmodel_of(model, task)
+    source = as_data_source(data, batch_size=25)
+    weighted = KFAC(input_factor="weighted").fit(fm, source, progress=False)
+    mean = KFAC().fit(fm, source, progress=False)
+    with torch.no_grad():
+        hidden = torch.tanh(model[0](X))
+        p = torch.softmax(model(X), dim=1)
+    a = torch.cat([hidden, torch.ones(len(X), 1, dtype=DT)], dim=1)
+    tr_h = (p * (1 - p)).sum(dim=1)  # tr(diag(p) - p p^T)
+    expected = (a * tr_h[:, None]).T @ a / tr_h.sum()
+    last_w, last_m = weighted.layers_[1], mean.layers_[1]
+    assert rel(last_w.A, expected) < 1e-10
+    assert rel(last_m.A, a.T @ a / len(X)) < 1e-10
+    assert rel(last_w.S, last_m.S) < 1e-12
+    G = fm.dense_gauss_newton(source) - torch.diag(fm.regularizer)
+    for layer in weighted.layers_:
+        b = layer_block(fm, layer)
+        kron_trace = float(torch.trace(layer.S) * torch.trace(layer.A))
+        assert kron_trace == pytest.approx(float(torch.trace(G[b, b])), rel=1e-10)
+    # EK-FAC uses the weighted factor by default, K-FAC the mean
+    assert EKFAC().input_factor == "weighted" and KFAC().input_factor == "mean"
 
 
 # -- convolutions, Conv1D, sequences, repeated calls ------------------------------------------------------------------
@@ -490,6 +520,7 @@ def test_sampled_fisher_needs_a_predictive_distribution(regression_data):
         ({"damping": -1.0}, r"damping=-1\.0"),
         ({"n_samples": 0}, r"n_samples=0"),
         ({"random_state": "x"}, r"random_state='x'"),
+        ({"input_factor": "true"}, r"input_factor='true'.*'weighted', 'mean'"),
     ],
 )
 def test_constructor_validates(kwargs, pattern):

@@ -28,6 +28,24 @@ matrix, chosen by ``fisher=``:
 * ``"empirical"``: the gradients of the actual labels (the "empirical Fisher", Kunstner et al. 2019 explain why it
   is a poor curvature estimate away from a perfect fit; offered for comparison and for tasks without outputs).
 
+**The weighted input factor** (``input_factor="weighted"``, EK-FAC's default). K-FAC's factorisation
+``E[s s^T (x) a a^T] ~ E[s s^T] (x) E[a a^T]`` treats the output curvature of a row as independent of its input,
+but the examples that carry curvature are the uncertain ones (a confident softmax has ``s ~ 0``), so the plain
+mean ``A`` is dominated by inputs that contribute nothing. Weighting every row by the squared norm of its
+pseudo-gradients,
+
+    A_w = sum_{i,c,t} ||s_ict||^2 a_it a_it^T / sum_{i,c,t} ||s_ict||^2,
+
+is one step of the power iteration for the nearest Kronecker product in Frobenius norm (Van Loan & Pitsianis
+1993) started from ``S = I``, costs nothing extra (same pass, same hooks) and keeps the trace exact for dense
+layers: ``tr(S (x) A_w) = (1/n) sum ||s||^2 ||a||^2``. EK-FAC only takes the eigenbasis from ``A``, so this
+changes which basis its eigenvalues are refitted in. Measured against 100 actual leave-one-out retrains
+(multinomial logistic regression on 1,000 digits, three data splits and three L2 strengths; mean Pearson r):
+EK-FAC 0.826 / 0.809 / 0.814 weighted vs 0.805 / 0.799 / 0.809 with the mean (L2 ``1e-3``), 0.675 vs 0.636 at
+``1e-4``, 0.941 vs 0.942 at ``1e-2``; LDS on the 64-32-10 MLP 0.654 vs 0.653. For K-FAC, whose eigenvalues
+are the products of the factors', it is not better (0.817 vs 0.813 on the first split, 0.803 vs 0.812 and 0.804 vs
+0.821 on the others, LDS 0.650 vs 0.667), so K-FAC keeps the mean by default.
+
 **EK-FAC** (George et al. 2018; Grosse et al. 2023, eq. 20) keeps the eigenbases ``Q_S``, ``Q_A`` of the two
 factors but refits the eigenvalues as the second moments of the per-example pseudo-gradients in that basis,
 
@@ -121,6 +139,7 @@ from .base import Curvature
 logger = logging.getLogger(__name__)
 
 FISHER_TYPES = ("ggn", "sampled", "empirical")
+INPUT_FACTORS = ("weighted", "mean")
 #: fisher="ggn" backpropagates one pseudo-gradient per output; above this many outputs use fisher="sampled"
 MAX_GGN_OUTPUTS = 1024
 #: "auto" damping, as a fraction of the layer's mean eigenvalue, used when the regulariser does not bound the
@@ -336,6 +355,8 @@ class KFAC(Curvature):
         damping: added to every eigenvalue on top of the regulariser; ``"auto"`` (module docstring) or a float.
         n_samples: labels sampled per example for ``fisher="sampled"``.
         random_state: seed of those samples (an int; ``None`` draws a fresh seed).
+        input_factor: ``"mean"`` (the classic ``A = E[a a^T]``, K-FAC's default) or ``"weighted"`` (``A`` weighted
+            by the squared norm of each row's output pseudo-gradients, EK-FAC's default; module docstring).
 
     After ``fit``: ``layers_`` (per layer factors and eigendecompositions), ``info`` (per-layer damping,
     factor sizes, eigenvalue ranges).
@@ -350,9 +371,11 @@ class KFAC(Curvature):
         damping: float | str = "auto",
         n_samples: int = 1,
         random_state: int | None = 0,
+        input_factor: str = "mean",
     ) -> None:
         super().__init__()
         self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
+        self.input_factor = check_choice("input_factor", input_factor, INPUT_FACTORS)
         if damping != "auto":
             damping = check_nonnegative_float("damping", damping)
         self.damping = damping
@@ -366,7 +389,8 @@ class KFAC(Curvature):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(fisher={self.fisher!r}, damping={self.damping!r}, "
-            f"n_samples={self.n_samples!r}, random_state={self.random_state!r})"
+            f"n_samples={self.n_samples!r}, random_state={self.random_state!r}, "
+            f"input_factor={self.input_factor!r})"
         )
 
     # -- fitting ----------------------------------------------------------------------------------------------------
@@ -388,16 +412,28 @@ class KFAC(Curvature):
             layer.A = torch.zeros(layer.a_dim, layer.a_dim, dtype=torch.float64, device=fmodel.device)
             layer.S = torch.zeros(layer.out_dim, layer.out_dim, dtype=torch.float64, device=fmodel.device)
 
+        weighted = self.input_factor == "weighted"
+        weight_totals = [0.0 for _ in layers]
+        position = {id(layer): i for i, layer in enumerate(layers)}
+
         def accumulate(layer: _Layer, a: torch.Tensor, s_cols: list[torch.Tensor], first_chunk: bool) -> None:
-            if first_chunk:
-                a64 = a.to(torch.float64).reshape(-1, a.shape[-1])
+            a64 = a.to(torch.float64).reshape(-1, a.shape[-1])
+            s_stack = torch.stack(s_cols).to(torch.float64)  # (columns, b, T, out)
+            if weighted:  # rows weighted by the squared norm of their output pseudo-gradients (all columns)
+                w = (s_stack * s_stack).sum(dim=(0, -1)).reshape(-1)
+                layer.A += (a64 * w[:, None]).T @ a64
+                weight_totals[position[id(layer)]] += float(w.sum())
+            elif first_chunk:
                 layer.A += a64.T @ a64
-            s64 = torch.stack(s_cols).to(torch.float64).reshape(-1, layer.out_dim)
+            s64 = s_stack.reshape(-1, layer.out_dim)
             layer.S += s64.T @ s64
 
         self._walk(fmodel, layers, data, progress, "K-FAC factors", accumulate, check=True)
-        for layer in layers:
-            layer.A /= max(layer.locations, 1)
+        for i, layer in enumerate(layers):
+            if weighted:
+                layer.A /= weight_totals[i] if weight_totals[i] > 0 else 1.0
+            else:
+                layer.A /= max(layer.locations, 1)
             layer.S /= max(layer.examples, 1)
             for what, factor in (("input factor A", layer.A), ("output-gradient factor S", layer.S)):
                 _check_factor(factor, layer, what)
@@ -783,10 +819,21 @@ class KFAC(Curvature):
 class EKFAC(KFAC):
     """Eigenvalue-corrected K-FAC (George et al. 2018): K-FAC's eigenbases, eigenvalues refitted per layer as
     ``Lambda_jk = (1/n) sum_i sum_c ((Q_S^T G_ic Q_A)_jk)^2`` (Grosse et al. 2023, eq. 20). Same arguments as
-    :class:`KFAC`; costs a second pass over the data."""
+    :class:`KFAC`, except that ``input_factor`` defaults to ``"weighted"`` (module docstring: the eigenbasis of
+    the output-curvature-weighted input factor is closer to the true one); costs a second pass over the data."""
 
     name = "ekfac"
     _refit_eigenvalues = True
+
+    def __init__(
+        self,
+        fisher: str = "ggn",
+        damping: float | str = "auto",
+        n_samples: int = 1,
+        random_state: int | None = 0,
+        input_factor: str = "weighted",
+    ) -> None:
+        super().__init__(fisher, damping, n_samples, random_state, input_factor)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
