@@ -31,6 +31,8 @@ from datatrace.distributed import (
 from datatrace.gradients import FunctionalModel, prepare_model
 from datatrace.tracin import TracIn
 
+QUERY = 5  # the first QUERY training examples are the queries of the curvature routes below
+
 N_TRAIN = 41  # odd: the two shards differ in size (21 and 20)
 BATCH = 8
 
@@ -161,4 +163,36 @@ def _checks(rank: int, world_size: int) -> tuple[dict[str, torch.Tensor], dict]:
     ckpts = [{k: v.detach().clone() + 0.1 * s for k, v in model.state_dict().items()} for s in range(2)]
     tracin = TracIn(model, task, ckpts, [0.1, 0.05], batch_size_train=4, batch_size=BATCH, progress=False)
     out["tracin"] = tracin.fit(data).score((data[0][:5], data[1][:5])).values
+
+    # -- curvature routes shard their passes over the data (K-FAC factors, EK-FAC eigenvalues, GGN products,
+    # diagonals); the influence scores then equal the single process's
+    out.update(curvature_scores(model, task, data))
     return out, facts
+
+
+def curvature_routes() -> dict:
+    """name -> a fresh curvature object, for the worker and for the single-process reference."""
+    from datatrace.curvature import CG, Diagonal
+    from datatrace.curvature.kfac import EKFAC, KFAC
+
+    return {
+        "kfac": lambda: KFAC(),
+        "ekfac": lambda: EKFAC(),
+        "ekfac_empirical": lambda: EKFAC(fisher="empirical"),
+        "cg_gauss_newton": lambda: CG(matrix="gauss-newton", rtol=1e-12),
+        "diagonal_ggn": lambda: Diagonal(),
+        "diagonal_empirical": lambda: Diagonal(matrix="empirical-fisher"),
+    }
+
+
+def curvature_scores(model: nn.Module, task: ClassificationTask, data: tuple) -> dict[str, torch.Tensor]:
+    from datatrace import InfluenceFunction
+
+    out = {}
+    for name, make in curvature_routes().items():
+        inf = InfluenceFunction(model, task, curvature=make(), batch_size=BATCH, progress=False).fit(data)
+        out[f"scores_{name}"] = inf.score((data[0][:QUERY], data[1][:QUERY])).values
+        if hasattr(inf.curvature_, "layers_"):  # examples counted over all ranks: n, not n per rank
+            info = inf.curvature_.info
+            out[f"examples_{name}"] = torch.tensor([info["examples"], info["examples_this_rank"]])
+    return out

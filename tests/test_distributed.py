@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from _dist_worker import BATCH, N_TRAIN, problem, run, sums_by_methods
+from _dist_worker import BATCH, N_TRAIN, curvature_routes, curvature_scores, problem, run, sums_by_methods
 from datatrace import ClassificationTask
 from datatrace.data import as_data_source
 from datatrace.distributed import (
@@ -165,6 +165,7 @@ def reference():
         "tiny_rows": fmodel.per_example_grads(one.get([0])),
         "tiny_sum": grad_part(one.get([0])),
         "tracin": tracin.fit(data).score((data[0][:5], data[1][:5])).values,
+        **curvature_scores(model, task, data),
     }
 
 
@@ -213,6 +214,24 @@ def test_two_ranks_match_single_process_functional_model(two_ranks, reference):
     torch.testing.assert_close(
         tensors[0]["hvp"], tensors[1]["hvp"], rtol=0, atol=0
     )  # identical on both ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", sorted(curvature_routes()))
+def test_two_ranks_curvature_routes_match_single_process(two_ranks, reference, route):
+    """K-FAC / EK-FAC factors, CG on Gauss-Newton products and the diagonal routes are fitted from shards (each
+    rank passes over its own examples; the statistics are all-reduced) and score like one process."""
+    tensors, _ = two_ranks
+    expected = reference[f"scores_{route}"]
+    assert expected.abs().max() > 0
+    for rank in range(2):
+        torch.testing.assert_close(tensors[rank][f"scores_{route}"], expected, **TOL)
+        if f"examples_{route}" in reference:  # K-FAC passes: all n examples seen, each by one rank only
+            assert reference[f"examples_{route}"].tolist() == [N_TRAIN, N_TRAIN]
+            assert tensors[rank][f"examples_{route}"].tolist() == [
+                N_TRAIN,
+                len(shard_indices(N_TRAIN, rank=rank, world_size=2)),
+            ]
 
 
 @pytest.mark.slow

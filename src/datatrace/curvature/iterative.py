@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from .._validation import NotFittedError, bad_value, check_choice, check_nonnegative_float, check_positive_int
 from ..data import DataLike, DataSource, as_data_source
+from ..distributed import distributed_sum
 from ..gradients import FunctionalModel, _Bound
 from .base import Curvature
 from .dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES, DenseCurvature
@@ -141,24 +142,30 @@ def ggn_vp(fmodel: FunctionalModel, vectors: torch.Tensor, data: DataLike) -> to
     rows, one = _as_rows(vectors, fmodel.num_params, fmodel.dtype, fmodel.device)
     task, theta, n = fmodel.task, fmodel.theta, len(source)
     out_module = _Bound(fmodel.model, task.outputs)
-    result = rows * fmodel.regularizer
-    for _, batch in source.batches():
+
+    def batch_product(batch: tuple) -> torch.Tensor:
         b = fmodel.prepare(batch)
 
-        def outputs(t: torch.Tensor, b: tuple = b) -> torch.Tensor:
+        def outputs(t: torch.Tensor) -> torch.Tensor:
             return fmodel._call(out_module, t, b)
 
-        def loss_grad(o: torch.Tensor, b: tuple = b) -> torch.Tensor:
+        def loss_grad(o: torch.Tensor) -> torch.Tensor:
             return grad(lambda o_: task.loss_from_outputs(o_, b).sum())(o)
 
         outs, pullback = vjp(outputs, theta)
 
-        def product(v: torch.Tensor, outputs=outputs, loss_grad=loss_grad, outs=outs, pullback=pullback):
+        def product(v: torch.Tensor) -> torch.Tensor:
             jv = jvp(outputs, (theta,), (v,))[1]
             hjv = jvp(loss_grad, (outs,), (jv,))[1]
             return pullback(hjv)[0]
 
-        result = result + vmap(product, chunk_size=fmodel.chunk_size)(rows) / n
+        return vmap(product, chunk_size=fmodel.chunk_size)(rows) / n
+
+    # each rank sums its shard under torch.distributed (datatrace.distributed); the regulariser is added once
+    data_term = distributed_sum(
+        batch_product, source, device=fmodel.device, desc="Gauss-Newton-vector products"
+    )
+    result = (rows * fmodel.regularizer + data_term).detach()
     return result[0] if one else result
 
 

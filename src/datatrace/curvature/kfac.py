@@ -98,6 +98,14 @@ diagonal in K-FAC's eigenbasis (its trace equals the true block's); it helps mos
 uneven scales and little on well-scaled ones. Use ``curvature="exact"`` or ``"gauss-newton"`` when the model is
 small enough, and K-FAC/EK-FAC for rankings on models where nothing denser fits.
 
+**Under torch.distributed** (a process group the caller initialised, e.g. with ``torchrun``): each rank passes
+over its own contiguous shard of the data (:func:`datatrace.distributed.shard_indices`) for the factors and for
+EK-FAC's eigenvalues, and the sums (``A``, ``S``, the weights, the eigenvalues, the example counts) are
+all-reduced in one collective per pass, so every rank fits the same factors as a single process would (up to the
+order of float additions; ``info["examples_this_rank"]`` shows the split). ``fisher="sampled"`` draws from one
+seeded stream per rank (``random_state + rank``), so its samples differ from a single process's (same
+distribution). A failure on one rank raises on every rank instead of leaving the others waiting.
+
 Every factor is accumulated and eigendecomposed in float64. Non-finite factors raise a ``FloatingPointError``
 naming the layer. Parameters in scope that do not belong to a supported module (LayerNorm, embeddings, a bare
 ``nn.Parameter``, a weight shared by two modules) raise a ``ValueError`` naming them. On the first batch the
@@ -127,10 +135,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import jacrev, vmap
-from tqdm.auto import tqdm
 
 from .._validation import bad_value, check_choice, check_nonnegative_float, check_positive_int
 from ..data import DataSource
+from ..distributed import all_reduce_sum, distributed_sum, world
 from ..gradients import FunctionalModel
 from ..layers import SUPPORTED_LAYERS, input_rows, output_rows, scan_layers
 from ..tasks import ClassificationTask, RegressionTask
@@ -413,7 +421,7 @@ class KFAC(Curvature):
             layer.S = torch.zeros(layer.out_dim, layer.out_dim, dtype=torch.float64, device=fmodel.device)
 
         weighted = self.input_factor == "weighted"
-        weight_totals = [0.0 for _ in layers]
+        weight_totals = torch.zeros(len(layers), dtype=torch.float64, device=fmodel.device)
         position = {id(layer): i for i, layer in enumerate(layers)}
 
         def accumulate(layer: _Layer, a: torch.Tensor, s_cols: list[torch.Tensor], first_chunk: bool) -> None:
@@ -422,16 +430,18 @@ class KFAC(Curvature):
             if weighted:  # rows weighted by the squared norm of their output pseudo-gradients (all columns)
                 w = (s_stack * s_stack).sum(dim=(0, -1)).reshape(-1)
                 layer.A += (a64 * w[:, None]).T @ a64
-                weight_totals[position[id(layer)]] += float(w.sum())
+                weight_totals[position[id(layer)]] += w.sum()
             elif first_chunk:
                 layer.A += a64.T @ a64
             s64 = s_stack.reshape(-1, layer.out_dim)
             layer.S += s64.T @ s64
 
         self._walk(fmodel, layers, data, progress, "K-FAC factors", accumulate, check=True)
+        _reduce_over_ranks([t for layer in layers for t in (layer.A, layer.S)] + [weight_totals])
         for i, layer in enumerate(layers):
             if weighted:
-                layer.A /= weight_totals[i] if weight_totals[i] > 0 else 1.0
+                total = float(weight_totals[i])
+                layer.A /= total if total > 0 else 1.0
             else:
                 layer.A /= max(layer.locations, 1)
             layer.S /= max(layer.examples, 1)
@@ -469,6 +479,7 @@ class KFAC(Curvature):
                         layer.eigenvalues += (g * g).sum(dim=0)
 
             self._walk(fmodel, layers, data, progress, "EK-FAC eigenvalues", project, check=False)
+            _reduce_over_ranks([layer.eigenvalues for layer in layers])
             for layer in layers:
                 layer.eigenvalues /= max(layer.examples, 1)
                 _check_factor(layer.eigenvalues, layer, "refitted eigenvalues")
@@ -488,17 +499,34 @@ class KFAC(Curvature):
         consume: Any,
         check: bool,
     ) -> None:
-        """One pass over the data: for each batch, hand every layer its rows ``a`` and pseudo-gradients ``s``."""
-        generator = torch.Generator(device=fmodel.device).manual_seed(self._seed)
+        """One pass over this rank's shard of the data (all of it in a single process): for each batch, hand
+        every layer its rows ``a`` and pseudo-gradients ``s``; then the example counts are summed over ranks (the
+        caller reduces what ``consume`` accumulated). A failure on one rank raises on every rank."""
+        rank, _, _ = world()
+        # one stream of samples per rank (fisher="sampled"); a single process is rank 0, the plain seed
+        generator = torch.Generator(device=fmodel.device).manual_seed(self._seed + rank)
         params = {name: p for name, p in fmodel.model.named_parameters() if name in fmodel.space.names}
         for layer in layers:
             layer.locations = layer.examples = layer.calls = 0
-        first = check
-        with tqdm(total=len(data), desc=desc, disable=not progress, leave=False) as bar:
-            for idx, raw in data.batches():
-                self._batch(fmodel, layers, fmodel.prepare(raw), len(idx), generator, params, first, consume)
-                first = False
-                bar.update(len(idx))
+        first = [check]
+
+        def step(idx: torch.Tensor, raw: tuple) -> torch.Tensor:
+            self._batch(fmodel, layers, fmodel.prepare(raw), len(idx), generator, params, first[0], consume)
+            first[0] = False
+            return torch.zeros(1, dtype=torch.float64, device=fmodel.device)
+
+        distributed_sum(step, data, with_indices=True, device=fmodel.device, progress=progress, desc=desc)
+        self._examples_this_rank = max((layer.examples for layer in layers), default=0)
+        counts = torch.tensor(
+            [[layer.examples, layer.locations, layer.calls, layer.calls > 0] for layer in layers],
+            dtype=torch.float64,
+            device=fmodel.device,
+        )
+        _reduce_over_ranks([counts])
+        for layer, (examples, locations, calls, ranks_calling) in zip(layers, counts.tolist()):
+            layer.examples, layer.locations = round(examples), round(locations)
+            # every rank with a non-empty shard sees the same number of calls per forward pass
+            layer.calls = round(calls / ranks_calling) if ranks_calling else 0
 
     def _batch(
         self,
@@ -767,6 +795,10 @@ class KFAC(Curvature):
             "damping_min": min(dampings) if dampings else 0.0,
             "damping_max": max(dampings) if dampings else 0.0,
             "num_zero_dropped": sum(int(layer.info["num_dropped"]) for layer in layers),
+            "input_factor": self.input_factor,
+            "examples": max((layer.examples for layer in layers), default=0),
+            "examples_this_rank": self._examples_this_rank,
+            "world_size": world()[1],
             "layers": summary,
         }
         logger.info("%s fitted on %d layer(s): %s", self.name, len(layers), self.info_)
@@ -837,6 +869,18 @@ class EKFAC(KFAC):
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
+
+
+def _reduce_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over the ranks of an initialised process group, in place (one collective for all of
+    them); a no-op in a single process."""
+    if not tensors or not world()[2]:
+        return
+    flat = all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+        offset += t.numel()
 
 
 def _check_factor(factor: torch.Tensor, layer: _Layer, what: str) -> None:

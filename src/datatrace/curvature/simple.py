@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .._validation import NotFittedError, check_choice, check_finite, check_positive_int
 from ..data import DataSource, as_data_source
+from ..distributed import distributed_sum
 from ..gradients import FunctionalModel, _Bound
 from ..params import ParamSpace
 from .base import Curvature
@@ -75,40 +76,44 @@ def ggn_diagonal(fmodel: FunctionalModel, data: DataSource, progress: bool = Fal
     def single_loss(o: torch.Tensor, shape: torch.Size, *example: torch.Tensor) -> torch.Tensor:
         return task.loss_from_outputs(o.reshape(1, *shape), tuple(t.unsqueeze(0) for t in example))[0]
 
-    total = fmodel.regularizer.clone() * n
-    with tqdm(total=n, desc="Gauss-Newton diagonal", disable=not progress, leave=False) as bar:
-        for _, batch in data.batches():
-            b = fmodel.prepare(batch)
-            with torch.no_grad():
-                outs = fmodel._call(out_module, fmodel.theta, b)
-            shape = outs.shape[1:]
-            k = max(1, int(shape.numel()))
-            step = max(1, JACOBIAN_BUDGET // (k * p))
-            dims = (None, *tuple(0 for _ in b))
-            hess = vmap(
-                jacrev(jacrev(lambda o, *ex, shape=shape: single_loss(o, shape, *ex))),
-                in_dims=(0, *tuple(0 for _ in b)),
-            )(outs.reshape(outs.shape[0], -1), *b)  # (b, k, k)
-            for start in range(0, outs.shape[0], step):
-                part = tuple(t[start : start + step] for t in b)
-                jac = vmap(jacrev(single_out), in_dims=dims, chunk_size=fmodel.chunk_size)(
-                    fmodel.theta, *part
-                )
-                total += torch.einsum("bkp,bkl,blp->p", jac, hess[start : start + step], jac)
-            bar.update(outs.shape[0])
-    return total / n
+    def batch_diagonal(batch: tuple) -> torch.Tensor:
+        b = fmodel.prepare(batch)
+        with torch.no_grad():
+            outs = fmodel._call(out_module, fmodel.theta, b)
+        shape = outs.shape[1:]
+        k = max(1, int(shape.numel()))
+        step = max(1, JACOBIAN_BUDGET // (k * p))
+        dims = (None, *tuple(0 for _ in b))
+        hess = vmap(
+            jacrev(jacrev(lambda o, *ex: single_loss(o, shape, *ex))),
+            in_dims=(0, *tuple(0 for _ in b)),
+        )(outs.reshape(outs.shape[0], -1), *b)  # (b, k, k)
+        part_sum = torch.zeros_like(fmodel.theta)
+        for start in range(0, outs.shape[0], step):
+            part = tuple(t[start : start + step] for t in b)
+            jac = vmap(jacrev(single_out), in_dims=dims, chunk_size=fmodel.chunk_size)(fmodel.theta, *part)
+            part_sum += torch.einsum("bkp,bkl,blp->p", jac, hess[start : start + step], jac)
+        return part_sum
+
+    # each rank sums its shard under torch.distributed (datatrace.distributed); the regulariser is added once
+    total = distributed_sum(
+        batch_diagonal, data, device=fmodel.device, progress=progress, desc="Gauss-Newton diagonal"
+    )
+    return (total / n + fmodel.regularizer).detach()
 
 
 def empirical_fisher_diagonal(
     fmodel: FunctionalModel, data: DataSource, progress: bool = False
 ) -> torch.Tensor:
     """``(1/n) sum_i g_i^2 + lambda`` (elementwise) with ``g_i`` the per-example loss gradients, shape ``(p,)``."""
-    total = torch.zeros_like(fmodel.theta)
-    with tqdm(total=len(data), desc="empirical Fisher diagonal", disable=not progress, leave=False) as bar:
-        for idx, batch in data.batches():
-            total += (fmodel.per_example_grads(batch) ** 2).sum(dim=0)
-            bar.update(len(idx))
-    return total / len(data) + fmodel.regularizer
+    total = distributed_sum(
+        lambda batch: (fmodel.per_example_grads(batch) ** 2).sum(dim=0),
+        data,
+        device=fmodel.device,
+        progress=progress,
+        desc="empirical Fisher diagonal",
+    )
+    return (total / len(data) + fmodel.regularizer).detach()
 
 
 def hutchinson_diagonal(
