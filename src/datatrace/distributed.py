@@ -9,7 +9,10 @@ here split the training examples into contiguous shards, one per rank, and combi
   :func:`all_gather_rows` puts all ``n`` rows back together, in index order, on every rank
   (:func:`distributed_per_example`);
 * sums over the data (the objective gradient, Hessian-vector products, the Gauss-Newton matrix): each rank sums
-  over its shard and :func:`all_reduce_sum` adds the partial sums (:func:`distributed_sum`).
+  over its shard and :func:`all_reduce_sum` adds the partial sums (:func:`distributed_sum`);
+* work that is not a loop over examples (writing store chunks, scoring store chunks): each rank does its part in a
+  ``try``, then :func:`raise_if_any_failed` (also a barrier) tells every rank whether any part failed, and only
+  then are the results combined.
 
 Without an initialised process group (or inside :func:`local_only`) every helper is the single-process identity,
 so library code can call them unconditionally. All ranks must make the same calls in the same order (SPMD), as
@@ -51,10 +54,12 @@ from .data import DataLike, as_data_source
 __all__ = [
     "all_gather_rows",
     "all_reduce_sum",
+    "barrier",
     "distributed_per_example",
     "distributed_sum",
     "is_main_process",
     "local_only",
+    "raise_if_any_failed",
     "shard_bounds",
     "shard_indices",
     "world",
@@ -446,3 +451,52 @@ def _shape_of(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return f"a {type(value).__name__}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synchronisation for work that is not a loop over examples
+# ---------------------------------------------------------------------------------------------------------------
+def raise_if_any_failed(
+    error: BaseException | None, what: str = "a distributed computation", group: Any = None
+) -> None:
+    """Collective: every rank says whether its part of ``what`` failed; if any did, every rank raises.
+
+    Call it on every rank after the rank's own part of a computation, passing the exception that part raised (or
+    ``None``), and before any collective that combines the parts. It uses the same metadata exchange (and the same
+    messages) as :func:`distributed_per_example`: the failing rank re-raises ``error``, the others raise a
+    ``RuntimeError`` naming the failed rank(s), so no rank is left waiting in a later collective. When no rank
+    failed it returns on every rank after all of them arrived, so it is also a barrier.
+
+    Single process: raises ``error`` if one is given, otherwise does nothing.
+
+    Example::
+
+        error = None
+        try:
+            part = compute_my_part()
+        except Exception as err:
+            error = err
+        raise_if_any_failed(error, "my computation")  # every rank raises, or every rank continues
+        total = all_reduce_sum(part)
+    """
+    if error is not None and not isinstance(error, BaseException):
+        raise bad_value(
+            "error", error, "expected an exception or None", "pass the exception this rank caught"
+        )
+    _, _, distributed = world(group)
+    if not distributed:
+        if error is not None:
+            raise error
+        return
+    _exchange_meta(None, error, group, what, "status")
+
+
+def barrier(group: Any = None) -> None:
+    """Wait until every rank of ``group`` has called it (a no-op in a single process).
+
+    A one-element :func:`all_reduce_sum`, which works on every backend without device arguments. It carries no
+    failure flag: where a rank may have failed before getting here, use :func:`raise_if_any_failed` instead.
+    """
+    _, _, distributed = world(group)
+    if distributed:
+        all_reduce_sum(torch.zeros(1), group)

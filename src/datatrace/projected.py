@@ -55,6 +55,20 @@ activations and output gradients; with :class:`~datatrace.projection.RandomProje
 per-example vector of length ``p`` multiplied by the ``p x k`` matrix, so for large models or many outputs prefer
 the factorised projection, ``ggn_samples=1`` or ``fisher="empirical"``.
 
+**Under torch.distributed** (a process group initialised by the caller, e.g. with ``torchrun``; datatrace never
+starts one and never wraps the model in ``DistributedDataParallel``), :meth:`ProjectedInfluence.fit` shards the
+training pass over the ranks and every rank ends with the same fitted state as a single process (up to the order of
+floating-point additions). In memory, each rank computes the features and the curvature sums of a contiguous range
+of whole batches (:func:`~datatrace.distributed.shard_bounds` over the batches, so every batch, and with
+``ggn_samples`` its random signs, is the same as in one process); the rows are gathered in index order and the sums
+added over the ranks. With ``store_dir`` the store's chunks are dealt out over the ranks and rank 0 alone writes
+the manifest (:mod:`datatrace.store`); ``store_dir`` must be on a file system that every rank sees. Query features
+are sharded by query (:func:`~datatrace.distributed.distributed_per_example`), and scoring, top-k and
+self-influence against a store by chunk; scoring against in-memory features is replicated (every rank does all of
+it). So ``fit``, ``score``, ``top_k``, ``query_features`` and ``self_influence`` are collective: call them on every
+rank, or wrap a call made on one rank only in :func:`~datatrace.distributed.local_only`. If one rank fails, every
+rank raises instead of waiting. ``info["train_examples_processed"]`` counts the examples *this rank* processed.
+
 References: Park et al. 2023 (TRAK); Choe et al. 2024 (LoGra, "What is your data worth to GPT?"); Koh & Liang
 2017; Martens 2020 (Gauss-Newton).
 
@@ -93,6 +107,15 @@ from ._validation import (
     check_positive_int,
 )
 from .data import DataLike, DataSource, as_data_source
+from .distributed import (
+    all_gather_rows,
+    all_reduce_sum,
+    distributed_per_example,
+    is_main_process,
+    raise_if_any_failed,
+    shard_bounds,
+    world,
+)
 from .gradients import FunctionalModel, batch_failure, check_model_and_task, check_rows_finite, prepare_model
 from .projection import (
     FactorizedProjector,
@@ -198,12 +221,15 @@ class ProjectedInfluence:
         batch_size: examples per batch (default: the data's own, or 256).
         chunk_size: training examples per store chunk (default: about 64 MiB of features per chunk).
         random_state: seed of ``ggn_samples``.
-        progress: tqdm progress bars.
+        progress: tqdm progress bars (on rank 0 only under torch.distributed).
 
     After :meth:`fit`: ``projector_``, ``n_train_``, ``dim_``, ``store_`` (or ``None``), ``train_features_``
     (in-memory mode), ``curvature_matrix_`` (the projected curvature ``G_P``, float64, without damping),
     ``damping_``, ``info`` (including the solver: Cholesky, or an eigendecomposition with a pseudo-inverse when
     ``G_P`` can be singular, i.e. ``k > p`` or no regulariser and no damping).
+
+    Under ``torch.distributed`` the training pass is sharded over the ranks and every rank ends with the same
+    fitted state (module docstring); the query-side methods are collective.
     """
 
     def __init__(
@@ -333,12 +359,43 @@ class ProjectedInfluence:
             self.store_ = store
             self.train_features_ = None
         else:
-            features, acc = compute(0, n)
+            features, acc = self._compute_in_memory(compute, source)
             self.store_ = None
             self.train_features_ = features
         self._fit_curvature(acc)
         logger.info("fitted ProjectedInfluence on %d examples, dim %d: %s", n, k, self.info)
         return self
+
+    def _compute_in_memory(
+        self, compute: Any, source: DataSource
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """All training features and curvature sums; under torch.distributed each rank computes a contiguous range
+        of whole batches, then the rows are gathered in index order and the sums added."""
+        n = len(source)
+        rank, size, distributed = world()
+        if not distributed:
+            return compute(0, n)
+        bs = source.batch_size
+        lo, hi = shard_bounds(-(-n // bs), size)[rank]
+        start, stop = min(n, lo * bs), min(n, hi * bs)
+        features: torch.Tensor | None = None
+        acc: dict[str, torch.Tensor] = {}
+        error: BaseException | None = None
+        try:
+            features, acc = compute(start, stop)
+        except Exception as err:
+            logger.error("rank %d failed while computing training features %d:%d: %s", rank, start, stop, err)
+            error = err
+        raise_if_any_failed(error, "the projected training features")
+        assert features is not None
+        # 16-bit rows travel as float32 (exact both ways), whatever the backend supports
+        wire = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+        gathered = all_gather_rows(wire)
+        assert gathered is not None
+        k = acc["grad"].shape[0]
+        packed = all_reduce_sum(torch.cat([acc["ggn"].reshape(-1), acc["grad"], acc["norm"]]))
+        sums = {"ggn": packed[: k * k].reshape(k, k), "grad": packed[k * k : k * k + k], "norm": packed[-1:]}
+        return gathered.to(features.dtype), sums
 
     def _chunk_computer(self, source: DataSource) -> Any:
         def compute(start: int, stop: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -350,7 +407,10 @@ class ProjectedInfluence:
             rows = []
             indices = torch.arange(start, stop)
             with tqdm(
-                total=stop - start, desc="training features", disable=not self.progress, leave=False
+                total=stop - start,
+                desc="training features",
+                disable=not self.progress or not is_main_process(),
+                leave=False,
             ) as bar:
                 for idx, batch in source.batches(indices=indices):
                     g, pseudo = self._train_batch(idx, batch)
@@ -361,7 +421,10 @@ class ProjectedInfluence:
                     rows.append(g.to(self._feature_dtype, copy=True))  # not a view of (b, c, k)
                     self.train_examples_processed_ += len(idx)
                     bar.update(len(idx))
-            return torch.cat(rows), {"ggn": ggn.cpu(), "grad": grad.cpu(), "norm": norm.cpu()}
+            features = (
+                torch.cat(rows) if rows else torch.empty(0, k, dtype=self._feature_dtype, device=device)
+            )
+            return features, {"ggn": ggn.cpu(), "grad": grad.cpu(), "norm": norm.cpu()}
 
         return compute
 
@@ -525,32 +588,34 @@ class ProjectedInfluence:
         return self.store_ if self.store_ is not None else self.train_features_
 
     def query_features(self, query: DataLike) -> torch.Tensor:
-        """``P^T grad f_q(theta_hat)`` for every query, shape ``(n_query, k)`` (working dtype, model's device)."""
+        """``P^T grad f_q(theta_hat)`` for every query, shape ``(n_query, k)`` (working dtype, model's device).
+
+        Under torch.distributed each rank computes the rows of its share of the queries and every rank gets all of
+        them (:func:`~datatrace.distributed.distributed_per_example`)."""
         self._check_fitted()
         source = as_data_source(query, "query", self.batch_size)
         source.check_finite()
-        rows = []
-        with tqdm(total=len(source), desc="query features", disable=not self.progress, leave=False) as bar:
-            for idx, raw in source.batches():
-                try:
-                    g = self.projector_.project_vjps(self.fmodel_.prepare(raw), "measurement")[:, 0]
-                except (RuntimeError, IndexError, TypeError) as err:
-                    shapes = [
-                        tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in raw
-                    ]
-                    raise ValueError(
-                        f"running {type(self.task).__name__} on a batch of queries failed: {err}. The batch's elements "
-                        f"have shapes {shapes}. Fix: check that the model, the task and the data agree."
-                    ) from err
-                bad = ~torch.isfinite(g).all(dim=1)
-                if bool(bad.any()):
-                    first = int(idx[bad.nonzero()[0, 0]])
-                    raise FloatingPointError(
-                        f"the projected measurement gradient of query {first} is not finite. Fix: check that query."
-                    )
-                rows.append(g)
-                bar.update(len(idx))
-        return torch.cat(rows)
+
+        def rows(idx: torch.Tensor, raw: tuple) -> torch.Tensor:
+            try:
+                g = self.projector_.project_vjps(self.fmodel_.prepare(raw), "measurement")[:, 0]
+            except (RuntimeError, IndexError, TypeError) as err:
+                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in raw]
+                raise ValueError(
+                    f"running {type(self.task).__name__} on a batch of queries failed: {err}. The batch's elements "
+                    f"have shapes {shapes}. Fix: check that the model, the task and the data agree."
+                ) from err
+            bad = ~torch.isfinite(g).all(dim=1)
+            if bool(bad.any()):
+                first = int(idx[bad.nonzero()[0, 0]])
+                raise FloatingPointError(
+                    f"the projected measurement gradient of query {first} is not finite. Fix: check that query."
+                )
+            return g
+
+        return distributed_per_example(
+            rows, source, with_indices=True, progress=self.progress, desc="query features"
+        )
 
     def _compute_dtype(self) -> torch.dtype:
         return torch.float64 if self.dtype == torch.float64 else torch.float32
@@ -593,14 +658,32 @@ class ProjectedInfluence:
         """``(1/n) phi_i^T (G_P + damping I)^{-1} phi_i`` for every training example, shape ``(n_train,)``: the
         estimated rise of example ``i``'s own loss if it were removed and the model retrained (streamed)."""
         self._check_fitted()
-        dtype = self._compute_dtype()
-        out = []
         source = self.features_
-        blocks = (
-            ((b.start, b.values) for b in source.features())
-            if isinstance(source, GradientStore)
-            else ((s, source[s : s + 65536]) for s in range(0, source.shape[0], 65536))
-        )
+        rank, size, distributed = world()
+        if not (distributed and isinstance(source, GradientStore)):
+            return self._self_influence(source, None)
+        # under torch.distributed: each rank a contiguous range of chunks, gathered in order
+        local: torch.Tensor | None = None
+        error: BaseException | None = None
+        try:
+            lo, hi = shard_bounds(source.n_chunks, size)[rank]
+            local = self._self_influence(source, range(lo, hi))
+        except Exception as err:
+            error = err
+        raise_if_any_failed(error, "self-influence against the GradientStore")
+        out = all_gather_rows(local)
+        assert out is not None
+        return out
+
+    def _self_influence(self, source: FeatureSource, chunks: range | None) -> torch.Tensor:
+        dtype = self._compute_dtype()
+        out = [torch.zeros(0, dtype=dtype)]
+        if isinstance(source, GradientStore):
+            source._require_complete()
+            order = range(source.n_chunks) if chunks is None else chunks
+            blocks = ((b.start, b.values) for b in source.features(order))
+        else:
+            blocks = ((s, source[s : s + 65536]) for s in range(0, source.shape[0], 65536))
         device = self.curvature_matrix_.device
         if self._chol is not None:  # phi^T C^{-1} phi = ||L^{-1} phi||^2
             chol = self._chol.to(dtype)
@@ -612,7 +695,7 @@ class ProjectedInfluence:
             for _, values in blocks:
                 rotated = values.to(device=device, dtype=dtype) @ evecs
                 out.append((rotated * rotated * inv).sum(dim=1) / self.n_train_)
-        return torch.cat(out).cpu()
+        return torch.cat([o.cpu() for o in out])
 
     def _metadata(self) -> dict[str, Any]:
         info = self.info

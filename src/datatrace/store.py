@@ -26,6 +26,24 @@ Scoring against a store never holds more than one block of the ``m x n`` score m
 (the ``k`` largest and the ``k`` most negative scores per query, i.e. proponents and opponents) merged chunk by
 chunk with ``torch.topk``, in ``O(m k + m * chunk_rows)`` memory.
 
+**Under torch.distributed** (a process group initialised by the caller, e.g. with ``torchrun``;
+:mod:`datatrace.distributed`), :meth:`GradientStore.create`, :meth:`GradientStore.fill` and the scoring functions
+are *collective*: every rank calls them with the same arguments (or wraps a rank-0-only call in
+:func:`~datatrace.distributed.local_only`), and the directory must be on a file system that every rank sees.
+``create``: rank 0 creates or checks the store, then the other ranks open it and check it against their own
+arguments. ``fill``: the missing chunks are dealt out round-robin (the ``j``-th missing chunk to rank
+``j % world_size``), in rounds of one chunk per rank; every rank writes only its own chunk files (atomically, as
+above), and after each round rank 0 records the round's chunks and their accumulators in the manifest (the only
+writer of the manifest), adding the sums in chunk order, so the store is the same, file for file, as one written by
+a single process. An interruption loses at most the current round; a rerun (with any number of ranks) computes
+only the missing chunks. If ``compute`` raises on one rank, the chunks the other ranks finished in that round are
+still recorded and then every rank raises (:func:`~datatrace.distributed.raise_if_any_failed`), so none waits
+forever (a ``KeyboardInterrupt`` or a killed process is not caught: the others wait for the process group's
+timeout). Afterwards every rank reads the complete store. Scoring: each rank multiplies the queries with a
+contiguous range of chunks and the columns (dense scores) or the per-rank top-``k`` candidates (merged again with
+``torch.topk``) are gathered, so every rank gets the full result. In-memory feature tensors are scored on every
+rank (replicated).
+
 Example:
     >>> import tempfile, torch
     >>> from datatrace.store import GradientStore, score_against_store
@@ -43,9 +61,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,6 +76,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ._validation import bad_value, check_positive_int
+from .distributed import all_gather_rows, is_main_process, raise_if_any_failed, shard_bounds, world
 from .scores import TopK
 
 logger = logging.getLogger(__name__)
@@ -189,6 +210,22 @@ def _differences(stored: Any, fresh: Any, prefix: str = "") -> list[str]:
     return []
 
 
+def _flatten_accumulators(
+    accumulators: Mapping[str, torch.Tensor] | None,
+) -> tuple[list[tuple[str, tuple[int, ...]]], torch.Tensor]:
+    """Names and shapes (sorted by name) and the float64 values, concatenated, of a chunk's accumulators."""
+    if not accumulators:
+        return [], torch.zeros(0, dtype=torch.float64)
+    values = {k: torch.as_tensor(v).detach().to("cpu", torch.float64) for k, v in accumulators.items()}
+    layout = [(k, tuple(values[k].shape)) for k in sorted(values)]
+    return layout, torch.cat([values[k].reshape(-1) for k, _ in layout])
+
+
+def _layout_code(layout: list[tuple[str, tuple[int, ...]]]) -> int:
+    """A checksum of the accumulators' names and shapes (exact in float64: < 2**32)."""
+    return zlib.crc32(json.dumps([[k, list(shape)] for k, shape in layout]).encode())
+
+
 class GradientStore:
     """Projected per-example training gradients on disk: chunked ``.npy`` files plus a JSON manifest.
 
@@ -244,6 +281,10 @@ class GradientStore:
     ) -> GradientStore:
         """A new store in ``directory``, or the existing one there if it was made for the same thing.
 
+        Under ``torch.distributed`` this is collective: rank 0 creates (or checks) the store first, then the other
+        ranks open the manifest rank 0 wrote and check it against their own arguments; if any rank fails, every
+        rank raises. ``directory`` must therefore be on a file system that every rank sees.
+
         The existing store (complete or interrupted) is reused when its ``n``, ``dim``, ``dtype``, ``chunk_size`` and
         every fingerprint equal the ones given here; otherwise a :class:`StoreMismatchError` names what differs.
 
@@ -256,6 +297,54 @@ class GradientStore:
                 ``{"model": sha256, "data": sha256, "projection": {...}}``.
             metadata: free JSON facts recorded in the manifest (not compared).
         """
+        kwargs = {
+            "n": n,
+            "dim": dim,
+            "dtype": dtype,
+            "chunk_size": chunk_size,
+            "fingerprints": fingerprints,
+            "metadata": metadata,
+        }
+        rank, _, distributed = world()
+        if not distributed:
+            return cls._create_here(directory, **kwargs)
+        what = f"GradientStore.create({str(directory)!r})"
+        store: GradientStore | None = None
+        error: BaseException | None = None
+        if rank == 0:
+            try:
+                store = cls._create_here(directory, **kwargs)
+            except Exception as err:
+                error = err
+        raise_if_any_failed(error, what)
+        if rank != 0:
+            try:
+                if not (Path(directory) / MANIFEST).exists():
+                    raise FileNotFoundError(
+                        f"directory={str(directory)!r}: rank 0 created the GradientStore there, but rank {rank} "
+                        f"finds no {MANIFEST}. Under torch.distributed the store must be on a file system that every "
+                        "rank sees. Fix: pass a directory on a shared file system (or run without a process group)."
+                    )
+                store = cls._create_here(directory, **kwargs)
+            except Exception as err:
+                error = err
+        raise_if_any_failed(error, what)
+        assert store is not None
+        return store
+
+    @classmethod
+    def _create_here(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        n: int,
+        dim: int,
+        dtype: torch.dtype,
+        chunk_size: int | None,
+        fingerprints: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> GradientStore:
+        """:meth:`create` in this process only (no collective)."""
         n = check_positive_int("n", n)
         dim = check_positive_int("dim", dim)
         name = dtype_name(dtype)
@@ -282,7 +371,9 @@ class GradientStore:
             store = cls(path)
             store._check_same(n=n, dim=dim, dtype=name, chunk_size=chunk_size, fingerprints=fingerprints)
             done = len(store._manifest["chunks"])
-            if store.complete:
+            if not is_main_process():
+                pass  # rank 0 already said it
+            elif store.complete:
                 logger.info("GradientStore %s is complete (%d chunks); reusing it.", path, store.n_chunks)
             else:
                 logger.info(
@@ -424,7 +515,9 @@ class GradientStore:
         """Write chunk ``chunk`` (its ``(rows, dim)`` features) and add ``accumulators`` to the running sums.
 
         The chunk file and the new sums are written atomically and then recorded in the manifest in one atomic
-        replace, so an interruption at any point leaves a store whose recorded chunks and sums agree.
+        replace, so an interruption at any point leaves a store whose recorded chunks and sums agree. This process
+        only (no collective): under ``torch.distributed`` use :meth:`fill`, which lets rank 0 alone write the
+        manifest.
         """
         chunk = self._check_chunk_index(chunk)
         if str(chunk) in self._manifest["chunks"]:
@@ -432,6 +525,11 @@ class GradientStore:
                 f"chunk {chunk} of the GradientStore in {str(self.path)!r} is already written; a store is written "
                 "once. Fix: write only missing_chunks(), or use a new directory."
             )
+        entry = self._write_chunk_file(chunk, features)
+        self._record([(chunk, entry, accumulators)])
+
+    def _write_chunk_file(self, chunk: int, features: torch.Tensor) -> dict[str, Any]:
+        """Check ``features`` and write them atomically to the chunk's file; return its manifest entry."""
         start, stop = self.rows(chunk)
         if not isinstance(features, torch.Tensor):
             features = torch.as_tensor(np.asarray(features))
@@ -467,10 +565,22 @@ class GradientStore:
                 np.save(f, contiguous, allow_pickle=False)
 
         digest = _atomic_write(self.path, name, write_npy)
+        return {"file": name, "rows": stop - start, "sha256": digest}
 
+    def _record(
+        self, written: Sequence[tuple[int, dict[str, Any], Mapping[str, torch.Tensor] | None]]
+    ) -> None:
+        """Add written chunks ``(chunk, entry, accumulators)`` to the manifest, in the order given: the sums are
+        added in that order, saved to a new accumulator file, and the manifest is replaced once."""
+        if not written:
+            return
         old_acc_file = None
-        if accumulators:
-            running = self._load_accumulators()
+        running: dict[str, torch.Tensor] | None = None
+        for _chunk, _, accumulators in written:
+            if not accumulators:
+                continue
+            if running is None:
+                running = self._load_accumulators()
             for key, value in accumulators.items():
                 value = torch.as_tensor(value).detach().to("cpu", torch.float64)
                 if key in running and running[key].shape != value.shape:
@@ -481,11 +591,14 @@ class GradientStore:
                         "pass the same shape for every chunk",
                     )
                 running[key] = running[key] + value if key in running else value.clone()
-            acc_name = f"accumulators-{chunk:06d}-{secrets.token_hex(4)}.safetensors"
+        if running is not None:
+            last = written[-1][0]
+            acc_name = f"accumulators-{last:06d}-{secrets.token_hex(4)}.safetensors"
+            sums = running
             acc_digest = _atomic_write(
                 self.path,
                 acc_name,
-                lambda tmp: save_file({k: v.contiguous() for k, v in running.items()}, tmp),
+                lambda tmp: save_file({k: v.contiguous() for k, v in sums.items()}, tmp),
             )
             old = self._manifest.get("accumulators")
             old_acc_file = old["file"] if old else None
@@ -495,7 +608,8 @@ class GradientStore:
                 "names": sorted(running),
             }
             self._accumulators = running
-        self._manifest["chunks"][str(chunk)] = {"file": name, "rows": stop - start, "sha256": digest}
+        for chunk, entry, _ in written:
+            self._manifest["chunks"][str(chunk)] = dict(entry)
         self._manifest["complete"] = len(self._manifest["chunks"]) == self.n_chunks
         self._write_manifest()
         if old_acc_file is not None:
@@ -503,6 +617,12 @@ class GradientStore:
                 os.remove(self.path / old_acc_file)
             except OSError:
                 pass
+
+    def _reload(self) -> None:
+        """Read the manifest again from disk (after another rank wrote it)."""
+        fresh = type(self)(self.path)
+        self._manifest = fresh._manifest
+        self._accumulators = None
 
     def fill(
         self,
@@ -513,7 +633,15 @@ class GradientStore:
         optionally a dict of float64 accumulators to add to the running sums). Returns ``self``, complete.
 
         Completed chunks are never recomputed, so calling ``fill`` again after an interruption resumes.
+
+        Under ``torch.distributed`` this is collective (module docstring): the missing chunks are dealt out
+        round-robin over the ranks, each rank computes and writes only its own, rank 0 records them in the
+        manifest after every round, and every rank returns the complete store. ``compute`` is called only for
+        this rank's chunks.
         """
+        rank, size, distributed = world()
+        if distributed:
+            return self._fill_distributed(compute, progress, rank, size)
         missing = self.missing_chunks()
         if not missing:
             return self
@@ -539,6 +667,118 @@ class GradientStore:
                 self.write_chunk(chunk, features, acc)
                 bar.update(stop - start)
         return self
+
+    # -- writing under torch.distributed ---------------------------------------------------------------------------
+    def _fill_distributed(
+        self, compute: Callable[[int, int], Any], progress: bool, rank: int, size: int
+    ) -> GradientStore:
+        # Rank 0's manifest is the plan: every rank takes its list of missing chunks (one small gather).
+        mask = None
+        if rank == 0:
+            mask = torch.zeros(self.n_chunks, dtype=torch.long)
+            mask[self.missing_chunks()] = 1
+        gathered = all_gather_rows(mask)
+        assert gathered is not None  # rank 0 always contributes
+        missing = gathered.nonzero().flatten().tolist()
+        if not missing:
+            if rank != 0:
+                self._reload()
+            return self
+        done_rows = self.n - sum(self.rows(i)[1] - self.rows(i)[0] for i in missing)
+        layout: list[tuple[str, tuple[int, ...]]] | None = None  # names and shapes of the accumulators
+        with tqdm(
+            total=self.n,
+            initial=done_rows,
+            desc="gradient store",
+            disable=not progress or rank != 0,
+            leave=False,
+        ) as bar:
+            for first in range(0, len(missing), size):
+                round_chunks = missing[first : first + size]
+                mine = round_chunks[rank] if rank < len(round_chunks) else None
+                row: torch.Tensor | None = None
+                error: BaseException | None = None
+                if mine is not None:
+                    try:
+                        start, stop = self.rows(mine)
+                        out = compute(start, stop)
+                        features, acc = out if isinstance(out, tuple) else (out, None)
+                        entry = self._write_chunk_file(mine, features)
+                        acc_layout, flat = _flatten_accumulators(acc)
+                        layout = layout or acc_layout
+                        row = torch.cat(
+                            [
+                                torch.tensor([mine, _layout_code(acc_layout)], dtype=torch.float64),
+                                torch.tensor(list(bytes.fromhex(entry["sha256"])), dtype=torch.float64),
+                                flat,
+                            ]
+                        )[None]
+                    except Exception as err:
+                        logger.error(
+                            "GradientStore %s: rank %d failed in chunk %d: %s", self.path, rank, mine, err
+                        )
+                        error = err
+                # the chunks written this round (a failed rank contributes none); rank 0 records them
+                rows = all_gather_rows(row)
+                if rank == 0 and rows is not None:
+                    try:
+                        layout = layout or self._stored_layout()
+                        self._record(self._decode_round(rows, layout))
+                        bar.update(sum(self._rows_of(int(r[0])) for r in rows))
+                    except Exception as err:
+                        logger.error("GradientStore %s: rank 0 failed to record chunks: %s", self.path, err)
+                        error = error or err
+                try:
+                    raise_if_any_failed(error, f"the chunks {round_chunks} of the GradientStore {self.path}")
+                except BaseException:
+                    if rank == 0:
+                        self._reload()
+                        logger.warning(
+                            "GradientStore %s: stopped in chunks %s; %d of %d chunks are written and will be "
+                            "reused. Call again with the same arguments (any number of ranks) to resume.",
+                            self.path,
+                            round_chunks,
+                            self.n_chunks - len(self.missing_chunks()),
+                            self.n_chunks,
+                        )
+                    raise
+        if rank != 0:
+            self._reload()  # rank 0 wrote the manifest before the last raise_if_any_failed (a barrier)
+        return self
+
+    def _rows_of(self, chunk: int) -> int:
+        start, stop = self.rows(chunk)
+        return stop - start
+
+    def _stored_layout(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        running = self._load_accumulators()
+        return [(k, tuple(running[k].shape)) for k in sorted(running)] or None
+
+    def _decode_round(
+        self, rows: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]] | None
+    ) -> list[tuple[int, dict[str, Any], dict[str, torch.Tensor] | None]]:
+        """The ``(chunk, entry, accumulators)`` of every gathered row, in chunk order."""
+        written = []
+        for row in sorted(rows.to("cpu", torch.float64), key=lambda r: int(r[0])):
+            chunk, code = int(row[0]), int(row[1])
+            sha = bytes(int(b) for b in row[2:34]).hex()
+            entry = {"file": f"chunk-{chunk:06d}.npy", "rows": self._rows_of(chunk), "sha256": sha}
+            flat = row[34:]
+            if code == _layout_code([]):
+                acc = None
+            elif layout is None or code != _layout_code(layout):
+                raise RuntimeError(
+                    f"internal error: rank 0 cannot decode the accumulators of chunk {chunk} (their names and "
+                    "shapes are unknown here or differ). Fix: every rank must run the same compute function."
+                )
+            else:
+                acc, offset = {}, 0
+                for name, shape in layout:
+                    size = math.prod(shape)
+                    acc[name] = flat[offset : offset + size].reshape(shape).clone()
+                    offset += size
+            written.append((chunk, entry, acc))
+        return written
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def _require_complete(self) -> None:
@@ -652,9 +892,13 @@ class GradientStore:
 FeatureSource = GradientStore | torch.Tensor
 
 
-def _blocks(store: FeatureSource, block_rows: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+def _blocks(
+    store: FeatureSource, block_rows: int | None, chunks: Sequence[int] | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, values)`` blocks of features: all of them, or only ``chunks`` of a store."""
     if isinstance(store, GradientStore):
-        for block in store.features():
+        store._require_complete()
+        for block in store.features(range(store.n_chunks) if chunks is None else chunks):
             yield block.start, block.values
     elif isinstance(store, torch.Tensor):
         if store.dim() != 2:
@@ -671,6 +915,15 @@ def _blocks(store: FeatureSource, block_rows: int | None) -> Iterator[tuple[int,
             "expected a GradientStore or an (n, dim) tensor of features",
             "pass a GradientStore",
         )
+
+
+def _my_chunks(store: FeatureSource) -> range | None:
+    """This rank's contiguous range of chunks when a store is scored under torch.distributed, else None."""
+    rank, size, distributed = world()
+    if not distributed or not isinstance(store, GradientStore):
+        return None
+    lo, hi = shard_bounds(store.n_chunks, size)[rank]
+    return range(lo, hi)
 
 
 def _prepare_queries(
@@ -715,16 +968,80 @@ def score_against_store(
 
     Features stored in 16 bits are upcast to float32 (float64 when the transformed queries are float64) for the
     product, so accumulation is never done in 16 bits. The result is on the queries' device.
+
+    Under ``torch.distributed`` with a :class:`GradientStore` this is collective: each rank scores a contiguous
+    range of chunks and the columns are gathered, so every rank returns the whole matrix. An in-memory tensor is
+    scored on every rank.
     """
-    q, n, _ = _prepare_queries(query_features, store, transform)
-    out = torch.empty(q.shape[0], n, dtype=q.dtype, device=q.device)
-    total = store.n_chunks if isinstance(store, GradientStore) else None
-    for start, values in tqdm(
-        _blocks(store, block_rows), total=total, desc="scoring", disable=not progress, leave=False
-    ):
-        block = values.to(device=q.device, dtype=q.dtype)
-        out[:, start : start + block.shape[0]] = q @ block.T
-    return out
+    mine = _my_chunks(store)
+    if mine is None:
+        q, n, _ = _prepare_queries(query_features, store, transform)
+        out = torch.empty(q.shape[0], n, dtype=q.dtype, device=q.device)
+        total = store.n_chunks if isinstance(store, GradientStore) else None
+        for start, values in tqdm(
+            _blocks(store, block_rows), total=total, desc="scoring", disable=not progress, leave=False
+        ):
+            block = values.to(device=q.device, dtype=q.dtype)
+            out[:, start : start + block.shape[0]] = q @ block.T
+        return out
+    local: torch.Tensor | None = None
+    error: BaseException | None = None
+    try:
+        q, _, _ = _prepare_queries(query_features, store, transform)
+        parts = [
+            q @ values.to(device=q.device, dtype=q.dtype).T
+            for _, values in tqdm(
+                _blocks(store, block_rows, mine),
+                total=len(mine),
+                desc="scoring",
+                disable=not progress or not is_main_process(),
+                leave=False,
+            )
+        ]
+        # one row per training example of this rank's chunks: gathered in rank order = column order
+        local = torch.cat(parts, dim=1).T if parts else q.new_zeros(0, q.shape[0])
+    except Exception as err:
+        error = err
+    raise_if_any_failed(error, "scores against the GradientStore")
+    gathered = all_gather_rows(local)
+    assert gathered is not None
+    return gathered.T.contiguous()
+
+
+def _local_top_k(
+    q: torch.Tensor,
+    blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]],
+    k: int,
+    query_block: int,
+    progress: bool,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``((indices, values) of the largest, (indices, values) of the most negative)``, each ``(m, <= k)``, over
+    the blocks that ``blocks()`` yields (called once per block of queries)."""
+    parts_pos, parts_neg = [], []
+    for qs in range(0, q.shape[0], query_block):
+        qb = q[qs : qs + query_block]
+        best_v = torch.empty(qb.shape[0], 0, dtype=q.dtype, device=q.device)
+        best_i = torch.empty(qb.shape[0], 0, dtype=torch.long, device=q.device)
+        worst_v, worst_i = best_v.clone(), best_i.clone()
+        for start, values in tqdm(blocks(), desc="top-k", disable=not progress, leave=False):
+            block = values.to(device=q.device, dtype=q.dtype)
+            scores = qb @ block.T
+            idx = torch.arange(start, start + block.shape[0], device=q.device).expand(qb.shape[0], -1)
+            cand_v = torch.cat([best_v, scores], dim=1)
+            cand_i = torch.cat([best_i, idx], dim=1)
+            top = min(k, cand_v.shape[1])
+            v, pos = torch.topk(cand_v, top, dim=1)
+            best_v, best_i = v, torch.gather(cand_i, 1, pos)
+            cand_v = torch.cat([worst_v, scores], dim=1)
+            cand_i = torch.cat([worst_i, idx], dim=1)
+            v, pos = torch.topk(-cand_v, top, dim=1)
+            worst_v, worst_i = -v, torch.gather(cand_i, 1, pos)
+        parts_pos.append((best_i, best_v))
+        parts_neg.append((worst_i, worst_v))
+    return (
+        (torch.cat([p[0] for p in parts_pos]), torch.cat([p[1] for p in parts_pos])),
+        (torch.cat([p[0] for p in parts_neg]), torch.cat([p[1] for p in parts_neg])),
+    )
 
 
 def top_k_against_store(
@@ -743,44 +1060,56 @@ def top_k_against_store(
     chunks and merges each block of scores into the running ``k`` best with ``torch.topk``. Memory is
     ``O(query_block * (k + chunk_rows))``.
 
+    Under ``torch.distributed`` with a :class:`GradientStore` this is collective: each rank finds the top ``k``
+    of a contiguous range of chunks, the ``(m, k)`` candidates of all ranks are gathered and merged with
+    ``torch.topk``, so every rank returns the same result. An in-memory tensor is scored on every rank.
+
     Returns:
         :class:`StreamingTopK` with ``proponents`` (largest first) and ``opponents`` (most negative first), each
         holding ``(m, min(k, n))`` ``indices`` (int64) and ``values``.
     """
     k = check_positive_int("k", k)
-    q, n, _ = _prepare_queries(query_features, store, transform)
-    k = min(k, n)
+    mine = _my_chunks(store)
+    if mine is None:
+        q, n, _ = _prepare_queries(query_features, store, transform)
+        k = min(k, n)
+        query_block = _query_block(store, block_rows, n, k, query_block)
+        (pi, pv), (ni, nv) = _local_top_k(q, lambda: _blocks(store, block_rows), k, query_block, progress)
+        return StreamingTopK(TopK(pi, pv), TopK(ni, nv))
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    error: BaseException | None = None
+    try:
+        q, n, _ = _prepare_queries(query_features, store, transform)
+        k = min(k, n)
+        query_block = _query_block(store, block_rows, n, k, query_block)
+        (pi, pv), (ni, nv) = _local_top_k(
+            q, lambda: _blocks(store, block_rows, mine), k, query_block, progress and is_main_process()
+        )
+        # candidates as rows (k_rank, m, 2): proponents and opponents side by side, gathered over the ranks
+        values = torch.stack([pv.T, nv.T], dim=2)
+        indices = torch.stack([pi.T, ni.T], dim=2)
+    except Exception as err:
+        error = err
+    raise_if_any_failed(error, "the top-k against the GradientStore")
+    assert values is not None and indices is not None
+    all_values, all_indices = all_gather_rows(values), all_gather_rows(indices)
+    assert all_values is not None and all_indices is not None
+    cand_v, cand_i = all_values.permute(2, 1, 0), all_indices.permute(2, 1, 0)  # (2, m, candidates)
+    v, pos = torch.topk(cand_v[0], k, dim=1)
+    proponents = TopK(torch.gather(cand_i[0], 1, pos), v)
+    v, pos = torch.topk(-cand_v[1], k, dim=1)
+    opponents = TopK(torch.gather(cand_i[1], 1, pos), -v)
+    return StreamingTopK(proponents, opponents)
+
+
+def _query_block(
+    store: FeatureSource, block_rows: int | None, n: int, k: int, query_block: int | None
+) -> int:
     if query_block is None:
         rows = store.chunk_size if isinstance(store, GradientStore) else (block_rows or n)
         query_block = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, rows + k))
-    query_block = check_positive_int("query_block", query_block)
-    parts_pos, parts_neg = [], []
-    for qs in range(0, q.shape[0], query_block):
-        qb = q[qs : qs + query_block]
-        best_v = torch.empty(qb.shape[0], 0, dtype=q.dtype, device=q.device)
-        best_i = torch.empty(qb.shape[0], 0, dtype=torch.long, device=q.device)
-        worst_v, worst_i = best_v.clone(), best_i.clone()
-        for start, values in tqdm(
-            _blocks(store, block_rows), desc="top-k", disable=not progress, leave=False
-        ):
-            block = values.to(device=q.device, dtype=q.dtype)
-            scores = qb @ block.T
-            idx = torch.arange(start, start + block.shape[0], device=q.device).expand(qb.shape[0], -1)
-            cand_v = torch.cat([best_v, scores], dim=1)
-            cand_i = torch.cat([best_i, idx], dim=1)
-            top = min(k, cand_v.shape[1])
-            v, pos = torch.topk(cand_v, top, dim=1)
-            best_v, best_i = v, torch.gather(cand_i, 1, pos)
-            cand_v = torch.cat([worst_v, scores], dim=1)
-            cand_i = torch.cat([worst_i, idx], dim=1)
-            v, pos = torch.topk(-cand_v, top, dim=1)
-            worst_v, worst_i = -v, torch.gather(cand_i, 1, pos)
-        parts_pos.append((best_i, best_v))
-        parts_neg.append((worst_i, worst_v))
-    return StreamingTopK(
-        TopK(torch.cat([p[0] for p in parts_pos]), torch.cat([p[1] for p in parts_pos])),
-        TopK(torch.cat([p[0] for p in parts_neg]), torch.cat([p[1] for p in parts_neg])),
-    )
+    return check_positive_int("query_block", query_block)
 
 
 __all__ = [
