@@ -9,6 +9,7 @@ right-hand side with a fixed seed (measured 1.3-2.0% over seeds 0-3).
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -493,3 +494,43 @@ def test_cg_auto_damping_recovers_from_negative_curvature_the_lanczos_estimate_m
     with pytest.warns(ConvergenceWarning, match="non-positive curvature"):
         fixed.solve(mlp.V)
     assert fixed.damping_ == 0.0 and "damping_raises" not in fixed.info
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(mlp) -> Problem:
+    """The ``mlp`` fixture's network trained to a minimum (a positive definite Hessian)."""
+    model = fit_full_batch(copy.deepcopy(mlp.model), mlp.task, mlp.data, max_iter=2000)
+    return Problem(model, mlp.task, mlp.data)
+
+
+@pytest.mark.parametrize("preconditioner", ["ekfac", "kfac", "diagonal", "ekfac-object"])
+@pytest.mark.parametrize("matrix", ["gauss-newton", "hessian"])
+def test_cg_preconditioners_reach_the_dense_solve_in_fewer_iterations(trained_mlp, matrix, preconditioner):
+    """Preconditioned CG converges to the same solution (A + damping I)^-1 v. On this trained network the layer
+    structure pays: measured mean iterations to rtol 1e-10, Gauss-Newton / Hessian: plain 147 / 134, diagonal
+    141 / 127, K-FAC 106 / 97, EK-FAC 100 / 93 (at the random initialisation EK-FAC does not help: 68 vs 55)."""
+    from datatrace.curvature.kfac import EKFAC
+
+    problem = trained_mlp
+    pre = EKFAC(damping=0.0) if preconditioner == "ekfac-object" else preconditioner
+    dense = (GaussNewton if matrix == "gauss-newton" else ExactHessian)(damping=0.0)
+    dense.fit(problem.fmodel, problem.source, progress=False)
+    expected = dense.solve(problem.V)
+    plain = CG(matrix=matrix, rtol=1e-10, max_iter=1000).fit(problem.fmodel, problem.source, progress=False)
+    cg = CG(matrix=matrix, rtol=1e-10, max_iter=1000, preconditioner=pre)
+    cg.fit(problem.fmodel, problem.source, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        x, x_plain = cg.solve(problem.V), plain.solve(problem.V)
+    assert plain.damping_ == cg.damping_ == 0.0
+    assert row_rel(x, expected) < 1e-7 and row_rel(x_plain, expected) < 1e-7
+    if preconditioner == "diagonal":
+        assert cg.info["iterations_mean"] < plain.info["iterations_mean"]
+    else:
+        assert cg.info["iterations_mean"] < 0.8 * plain.info["iterations_mean"]
+        assert cg.info["preconditioner_info"]["route"] in ("ekfac", "kfac")
+
+
+def test_cg_rejects_an_unknown_preconditioner():
+    with pytest.raises(ValueError, match=r"preconditioner='jacobi'.*'diagonal', 'kfac', 'ekfac'"):
+        CG(preconditioner="jacobi")
