@@ -458,7 +458,9 @@ class TracIn:
             grads.append(self._rows(fmodel, source, "train", c))
         self.train_grads_ = torch.stack(grads)  # (n_checkpoints, n_train, p or k)
         self.step_weights_ = torch.tensor(
-            [rate / b for rate in self.learning_rates], dtype=self.train_grads_.dtype
+            [rate / b for rate in self.learning_rates],
+            dtype=self.train_grads_.dtype,
+            device=self.train_grads_.device,
         )
         self.effective_batch_size_ = b
         self.num_params_ = fmodel.num_params
