@@ -9,18 +9,13 @@ single-process computation made by the same functions (:func:`fit_all`).
 
 from __future__ import annotations
 
-import datetime
-import json
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 
+from _gloo import run_rank
 from datatrace import ClassificationTask
 from datatrace.distributed import all_reduce_sum, barrier, world
 from datatrace.projected import ProjectedInfluence
@@ -167,19 +162,4 @@ def _error(call: Any) -> str | None:
 
 
 def run(rank: int, world_size: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    logging.getLogger("datatrace").setLevel(logging.ERROR)  # not the "not at a minimum" warnings of every fit
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        tensors, facts = fit_all(Path(outdir))
-    finally:
-        dist.destroy_process_group()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(outdir) / f"rank{rank}.safetensors"))
-    (Path(outdir) / f"rank{rank}.json").write_text(json.dumps(facts))
+    run_rank(rank, world_size, port, outdir, lambda: fit_all(Path(outdir)))

@@ -7,16 +7,10 @@ messages). The test compares both ranks with a single-process computation.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 
+from _gloo import run_rank
 from datatrace import ClassificationTask
 from datatrace.data import as_data_source
 from datatrace.distributed import (
@@ -77,21 +71,7 @@ def sums_by_methods(fmodel: FunctionalModel, vectors: torch.Tensor, n: int):
 
 
 def run(rank: int, world_size: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        tensors, facts = _checks(rank, world_size)
-    finally:
-        dist.destroy_process_group()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(outdir) / f"rank{rank}.safetensors"))
-    (Path(outdir) / f"rank{rank}.json").write_text(json.dumps(facts))
+    run_rank(rank, world_size, port, outdir, lambda: _checks(rank, world_size))
 
 
 def _checks(rank: int, world_size: int) -> tuple[dict[str, torch.Tensor], dict]:

@@ -7,16 +7,11 @@ computation to 1e-10 in float64, on both ranks.
 
 from __future__ import annotations
 
-import json
-import socket
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
 from _dist_worker import BATCH, N_TRAIN, curvature_routes, curvature_scores, problem, run, sums_by_methods
+from _gloo import load_ranks, spawn
 from datatrace import ClassificationTask
 from datatrace.data import as_data_source
 from datatrace.distributed import (
@@ -110,33 +105,11 @@ def test_shard_arguments_are_checked():
 # -- two gloo processes on 127.0.0.1 -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _spawn(world_size: int, outdir: str, deadline_s: float = 120.0) -> None:
-    ctx = mp.start_processes(
-        run, args=(world_size, _free_port(), outdir), nprocs=world_size, join=False, start_method="spawn"
-    )
-    stop = time.monotonic() + deadline_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > stop:
-            for process in ctx.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(
-                f"the {world_size} gloo ranks did not finish within {deadline_s:.0f} s (a collective hung)"
-            )
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("dist")
-    _spawn(2, str(outdir))
-    tensors = [load_file(str(outdir / f"rank{r}.safetensors")) for r in range(2)]
-    facts = [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(2)]
+    spawn(run, 2, str(outdir))
+    tensors, facts = load_ranks(outdir, 2)
     return tensors, facts
 
 

@@ -10,13 +10,9 @@ missing chunks are computed).
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
 from _dist_store_worker import (
     CHUNK,
@@ -27,39 +23,18 @@ from _dist_store_worker import (
     plain_features,
     run,
 )
+from _gloo import load_ranks, spawn
 from datatrace.distributed import barrier, raise_if_any_failed
 from datatrace.store import GradientStore
 
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _spawn(world_size: int, outdir: str, deadline_s: float = 120.0) -> None:
-    ctx = mp.start_processes(
-        run, args=(world_size, _free_port(), outdir), nprocs=world_size, join=False, start_method="spawn"
-    )
-    stop = time.monotonic() + deadline_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > stop:
-            for process in ctx.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(
-                f"the {world_size} gloo ranks did not finish within {deadline_s:.0f} s (a collective hung)"
-            )
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("dist_store")
-    _spawn(2, str(outdir))
-    tensors = [load_file(str(outdir / f"rank{r}.safetensors")) for r in range(2)]
-    facts = [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(2)]
+    spawn(run, 2, str(outdir))
+    tensors, facts = load_ranks(outdir, 2)
     return outdir, tensors, facts
 
 

@@ -363,8 +363,9 @@ class KFAC(Curvature):
         damping: added to every eigenvalue on top of the regulariser; ``"auto"`` (module docstring) or a float.
         n_samples: labels sampled per example for ``fisher="sampled"``.
         random_state: seed of those samples (an int; ``None`` draws a fresh seed).
-        input_factor: ``"mean"`` (the classic ``A = E[a a^T]``, K-FAC's default) or ``"weighted"`` (``A`` weighted
-            by the squared norm of each row's output pseudo-gradients, EK-FAC's default; module docstring).
+        input_factor: ``"mean"`` (the classic ``A = E[a a^T]``) or ``"weighted"`` (``A`` weighted by the squared
+            norm of each row's output pseudo-gradients; module docstring); ``None``: the route's default, ``"mean"``
+            for K-FAC and ``"weighted"`` for EK-FAC.
 
     After ``fit``: ``layers_`` (per layer factors and eigendecompositions), ``info`` (per-layer damping,
     factor sizes, eigenvalue ranges).
@@ -372,6 +373,7 @@ class KFAC(Curvature):
 
     name = "kfac"
     _refit_eigenvalues = False
+    _default_input_factor = "mean"
 
     def __init__(
         self,
@@ -379,10 +381,12 @@ class KFAC(Curvature):
         damping: float | str = "auto",
         n_samples: int = 1,
         random_state: int | None = 0,
-        input_factor: str = "mean",
+        input_factor: str | None = None,
     ) -> None:
         super().__init__()
         self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
+        if input_factor is None:
+            input_factor = self._default_input_factor
         self.input_factor = check_choice("input_factor", input_factor, INPUT_FACTORS)
         if damping != "auto":
             damping = check_nonnegative_float("damping", damping)
@@ -856,16 +860,7 @@ class EKFAC(KFAC):
 
     name = "ekfac"
     _refit_eigenvalues = True
-
-    def __init__(
-        self,
-        fisher: str = "ggn",
-        damping: float | str = "auto",
-        n_samples: int = 1,
-        random_state: int | None = 0,
-        input_factor: str = "weighted",
-    ) -> None:
-        super().__init__(fisher, damping, n_samples, random_state, input_factor)
+    _default_input_factor = "weighted"
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
