@@ -65,7 +65,7 @@ from torch import nn
 from ._validation import NotFittedError, bad_value, check_finite, check_positive_int, describe
 from .data import DataLike, DataSource, as_data_source
 from .distributed import distributed_per_example
-from .gradients import FunctionalModel, batch_failure, check_rows_finite, prepare_model
+from .gradients import FunctionalModel, batch_failure, check_model_and_task, check_rows_finite, prepare_model
 from .params import select_parameters
 from .scores import Scores
 from .tasks import Task
@@ -256,17 +256,7 @@ class TracIn:
         batch_size: int | None = None,
         progress: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise bad_value(
-                "model", model, "expected a torch.nn.Module", "pass the network (any checkpoint's)"
-            )
-        if not isinstance(task, Task):
-            raise bad_value(
-                "task",
-                task,
-                "expected a datatrace.Task",
-                "pass ClassificationTask(), RegressionTask() or a subclass",
-            )
+        check_model_and_task(model, task, dtype)
         if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
             raise bad_value(
                 "checkpoints",
@@ -300,8 +290,6 @@ class TracIn:
                 "expected a datatrace projector, an object with project(grads) -> (b, k), or a callable",
                 "pass e.g. a datatrace random projector, or None for full gradients",
             )
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise bad_value("dtype", dtype, "expected a floating torch dtype or None", "pass torch.float64")
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
         self.model = model
