@@ -389,6 +389,12 @@ class _MatrixFree(Curvature):
         self._check_fitted()
         return _as_rows(vectors, self.fmodel_.num_params, self.fmodel_.dtype, self.fmodel_.device)
 
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(A + damping I) v`` for each row, with the fitted operator and damping."""
+        rows, one = self._rows(vectors)
+        out = self.operator_(rows) + self.damping_ * rows
+        return out[0] if one else out
+
     def _spectrum(self, progress: bool) -> SpectrumEstimate:
         fmodel = self.fmodel_
         return estimate_spectrum(
@@ -732,11 +738,6 @@ class CG(_MatrixFree):
                 stacklevel=3,
             )
 
-    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
-        rows, one = self._rows(vectors)
-        out = self.operator_(rows) + self.damping_ * rows
-        return out[0] if one else out
-
     def __repr__(self) -> str:
         return (
             f"CG(matrix={self.matrix!r}, damping={self.damping!r}, max_iter={self.max_iter!r}, "
@@ -940,11 +941,6 @@ class LiSSA(_MatrixFree):
         self.info_["solves"] = int(self.info_.get("solves", 0)) + 1
         result = total / (s * self.repeats * self._averaged())
         return result[0] if one else result
-
-    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
-        rows, one = self._rows(vectors)
-        out = self.operator_(rows) + self.damping_ * rows
-        return out[0] if one else out
 
     def __repr__(self) -> str:
         return (
