@@ -292,7 +292,8 @@ class GradientStore:
             directory: where the store lives (created if needed).
             n: number of rows (training examples). dim: features per row.
             dtype: storage dtype, float32 (default), float16, bfloat16 or float64.
-            chunk_size: rows per chunk file (default: about 64 MiB per file).
+            chunk_size: rows per chunk file (default: about 64 MiB per file, and at most ``ceil(n / world_size)``
+                rows under torch.distributed so that every rank writes a share).
             fingerprints: JSON values identifying what the features are computed from, e.g.
                 ``{"model": sha256, "data": sha256, "projection": {...}}``.
             metadata: free JSON facts recorded in the manifest (not compared).
@@ -360,7 +361,9 @@ class GradientStore:
             ).exists():  # resuming or reusing: keep the chunking the store was written with
                 chunk_size = int(cls(path)._manifest.get("chunk_size", 0)) or None
             if chunk_size is None:
-                chunk_size = max(1, min(n, DEFAULT_CHUNK_BYTES // (dim * itemsize)))
+                # at most 64 MiB per chunk, and at least one chunk per rank so that every rank has work
+                per_rank = -(-n // world()[1])
+                chunk_size = max(1, min(per_rank, DEFAULT_CHUNK_BYTES // (dim * itemsize)))
         chunk_size = check_positive_int("chunk_size", chunk_size)
         if path.exists() and not path.is_dir():
             raise bad_value(
