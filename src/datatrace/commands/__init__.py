@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -206,6 +206,33 @@ def common_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_command(function: Callable[..., Any], args: argparse.Namespace, **flags: Any) -> int:
+    """Call a command's ``run_<name>(args.spec, args.out, **flags, **common_options(args))``; returns exit code 0."""
+    function(args.spec, args.out, **flags, **common_options(args))
+    return 0
+
+
+def add_top_flag(
+    parser: argparse.ArgumentParser, default: int, what: str, *, flag: str = "--top", metavar: str = "N"
+) -> None:
+    """An integer flag (``--top N`` unless ``flag``/``metavar`` say otherwise) for how many examples to list.
+
+    ``default`` is its default value and ``what`` the words of its help text, before ``(default: ...)``.
+    """
+    parser.add_argument(
+        flag, type=int, default=default, metavar=metavar, help=f"{what} (default: {default})."
+    )
+
+
+def check_int(name: str, value: Any, minimum: int, fix: str = "") -> int:
+    """``value`` if it is an integer >= ``minimum``, else a :class:`UsageError` naming flag ``name`` (then ``fix``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(
+            f"{name} {value!r} is not allowed: expected an integer >= {minimum}." + (f" {fix}" if fix else "")
+        )
+    return value
+
+
 def _describe_route(curvature: Any) -> str:
     return curvature if isinstance(curvature, str) else repr(curvature)
 
@@ -229,9 +256,7 @@ def start(
             f"--seed {seed!r} is not allowed: expected an integer >= 0. Fix: pass e.g. --seed 0."
         )
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise UsageError(f"--threads {threads!r} is not allowed: expected an integer >= 1.")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_int("--threads", threads, 1))
     damping = _damping(damping) if isinstance(damping, str) or damping is None else damping
     out = check_out_dir(out_dir)
     t0 = time.perf_counter()
@@ -492,6 +517,115 @@ def show_examples(
     report.add_table(table, columns, caption=caption)
 
 
+def add_ranked_bars(
+    report: Any,
+    rows: Sequence[dict[str, Any]],
+    value_key: str,
+    *,
+    title: str,
+    xlabel: str,
+    caption: str,
+    highlight_key: str | None = None,
+    highlight_label: str | None = None,
+) -> None:
+    """A bar plot of ``row[value_key]`` for ``rows`` of :func:`example_records`, labelled ``#index (label)``.
+
+    ``title``, ``xlabel`` and ``caption`` are the plot's words; ``highlight_key`` names a bool of the rows whose
+    bars get a black edge, explained by ``highlight_label``.
+    """
+    from ..report import plot_bars
+
+    report.add_figure(
+        plot_bars(
+            [row[value_key] for row in rows],
+            [f"#{row['index']} ({row['label']})" for row in rows],
+            title=title,
+            xlabel=xlabel,
+            highlight=None if highlight_key is None else [row.get(highlight_key, False) for row in rows],
+            highlight_label=highlight_label,
+        ),
+        caption,
+    )
+
+
+def add_ranked_section(
+    report: Any,
+    spec: Spec,
+    rows: Sequence[dict[str, Any]],
+    *,
+    value_key: str,
+    title: str,
+    value_format: Callable[[float], str],
+    columns: Sequence[tuple[str, str]],
+    caption: str,
+    max_tabular: int | None = None,
+    xlabel: str | None = None,
+    bar_caption: str = "",
+    examples_title: str | Callable[[int], str] | None = None,
+    query: tuple[str, int, str] | None = None,
+    highlight_key: str | None = None,
+    highlight_label: str | None = None,
+) -> None:
+    """Ranked training examples in ``report``: a bar plot of their values, the examples themselves, then a table.
+
+    Args:
+        rows: records of :func:`example_records` (``index``, ``label``, ...) of ``train()``, in rank order; none:
+            nothing is added.
+        value_key: the key of the value plotted and written under each example.
+        title: the bar plot's title, and the examples' unless ``examples_title``.
+        value_format: the words for a value under an example (after ``#index (label)``), e.g. ``"+0.021 nats"``.
+        columns: ``(key, header)`` of the table's columns after ``train index`` and ``label``; ``caption``: its
+            caption.
+        max_tabular: tabular data show at most this many examples (one column each); None: all.
+        xlabel: the bar plot's axis words; None: no bar plot. ``bar_caption``: the plot's caption.
+        examples_title: the examples' title, or a function of how many are shown that gives it.
+        query: ``(split, index, caption)`` of a query to show beside the examples (see :func:`show_examples`).
+        highlight_key: a bool of the rows to highlight in the plot and the examples, explained by
+            ``highlight_label``.
+    """
+    if not rows:
+        return
+    if xlabel is not None:
+        add_ranked_bars(
+            report,
+            rows,
+            value_key,
+            title=title,
+            xlabel=xlabel,
+            caption=bar_caption,
+            highlight_key=highlight_key,
+            highlight_label=highlight_label,
+        )
+    shown = rows if spec.kind != "tabular" or max_tabular is None else rows[:max_tabular]
+    if examples_title is None:
+        examples_title = title
+    elif callable(examples_title):
+        examples_title = examples_title(len(shown))
+    show_examples(
+        report,
+        spec,
+        "train",
+        [row["index"] for row in shown],
+        [f"#{row['index']} ({row['label']})\n{value_format(row[value_key])}" for row in shown],
+        title=examples_title,
+        query=query,
+        highlight=None if highlight_key is None else [row.get(highlight_key, False) for row in shown],
+        highlight_label=highlight_label,
+    )
+    report.add_table(
+        [[row["index"], row["label"]] + [row[key] for key, _ in columns] for row in rows],
+        ["train index", "label"] + [header for _, header in columns],
+        caption=caption,
+    )
+
+
+def add_timings(report: Any, ctx: Context) -> Any:
+    """The report's closing "Timing" section (seconds of each step of ``ctx``); returns ``report``."""
+    report.add_heading("Timing")
+    report.add_key_values({k.replace("_", " "): v for k, v in ctx.timings.items()}, caption="Seconds")
+    return report
+
+
 def _training_mean(spec: Spec) -> np.ndarray:
     rows = spec.shown("train", range(spec.n("train")))
     try:
@@ -510,11 +644,6 @@ def _cell(value: Any) -> Any:
 
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
-
-
-def score_caption(spec: Spec, split: str, index: int, value: float, units: str, extra: str = "") -> str:
-    """``"#12 label 3\\n+0.0213 nats"`` (plus ``extra``)."""
-    return f"#{index} ({spec.label_text(split, index)}){extra}\n{value:+.3g} {units}"
 
 
 def format_rows(

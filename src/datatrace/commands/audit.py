@@ -25,12 +25,15 @@ import numpy as np
 from ..demo import UsageError
 from . import (
     add_common_arguments,
-    common_options,
+    add_ranked_section,
+    add_timings,
+    add_top_flag,
+    check_int,
     conventions,
     example_records,
     format_rows,
+    run_command,
     setup_table,
-    show_examples,
     start,
     write_csv,
 )
@@ -90,20 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="Z",
         help="memorisation: robust z-score of self-influence above which an example is flagged (default: 3).",
     )
-    parser.add_argument(
-        "--top",
-        type=int,
-        default=10,
-        metavar="N",
-        help="examples listed per table in the report (default: 10).",
-    )
+    add_top_flag(parser, 10, "examples listed per table in the report")
 
 
 def run(args: argparse.Namespace) -> int:
     """``datatrace audit``: run :func:`run_audit` with the parsed flags."""
-    run_audit(
-        args.spec,
-        args.out,
+    return run_command(
+        run_audit,
+        args,
         fairness=args.fairness,
         memorisation=args.memorisation,
         metric=args.metric,
@@ -111,9 +108,7 @@ def run(args: argparse.Namespace) -> int:
         group_names=args.group_names,
         z_threshold=args.z_threshold,
         top=args.top,
-        **common_options(args),
     )
-    return 0
 
 
 def _match_group_names(groups: np.ndarray, names: list[str] | None) -> tuple[Any, Any] | None:
@@ -157,8 +152,7 @@ def run_audit(
         raise UsageError("nothing to audit. Fix: pass --fairness, --memorisation or both.")
     if metric not in METRICS:
         raise UsageError(f"--metric {metric!r} is not allowed: expected one of {list(METRICS)}.")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise UsageError(f"--top {top!r} is not allowed: expected an integer >= 1.")
+    check_int("--top", top, 1)
     if not np.isfinite(z_threshold):
         raise UsageError(f"--z-threshold {z_threshold!r} is not allowed: expected a finite number, e.g. 3.")
     needs = ["audit --fairness"] if fairness else []
@@ -316,28 +310,19 @@ def _report(ctx: Any, r: dict[str, Any], fair: Any, mem: Any) -> Any:
             if not rows:
                 report.add_paragraph(f"No training example {words.replace('one would', 'would')}.")
                 continue
-            report.add_figure(
-                plot_bars(
-                    [row["effect"] for row in rows],
-                    [f"#{row['index']} ({row['label']})" for row in rows],
-                    title=f"{title} ({words})",
-                    xlabel=f"change of the gap {a} - {b} if removed ({eu})",
-                ),
-                f"Top {len(rows)}: estimated change of the gap if each were removed and the model retrained.",
-            )
-            shown = rows if spec.kind != "tabular" else rows[:8]
-            show_examples(
+            add_ranked_section(
                 report,
                 spec,
-                "train",
-                [row["index"] for row in shown],
-                [f"#{row['index']} ({row['label']})\ngap {row['effect']:+.3g}" for row in shown],
+                rows,
+                value_key="effect",
                 title=f"{title} ({words})",
-            )
-            report.add_table(
-                [[row["index"], row["label"], row["effect"]] for row in rows],
-                ["train index", "label", f"change of the gap if removed ({eu})"],
+                xlabel=f"change of the gap {a} - {b} if removed ({eu})",
+                bar_caption=f"Top {len(rows)}: estimated change of the gap if each were removed and the model "
+                "retrained.",
+                value_format=lambda x: f"gap {x:+.3g}",
+                columns=[("effect", f"change of the gap if removed ({eu})")],
                 caption=title,
+                max_tabular=8,
             )
         report.add_table(
             [
@@ -375,37 +360,28 @@ def _report(ctx: Any, r: dict[str, Any], fair: Any, mem: Any) -> Any:
             "Examples right of the dashed line are flagged.",
         )
         rows = m["flagged"]
-        if rows:
-            shown = rows if spec.kind != "tabular" else rows[:8]
-            show_examples(
-                report,
-                spec,
-                "train",
-                [row["index"] for row in shown],
-                [f"#{row['index']} ({row['label']})\nz {row['zscore']:.1f}" for row in shown],
-                title=f"Most memorised training examples (top {len(shown)})",
-                highlight=[row.get("prediction_flip", False) for row in shown],
-                highlight_label="its own prediction would flip if removed",
-            )
-            columns = ["train index", "label", f"self-influence ({units})", "z-score"]
-            if "prediction_flip" in rows[0]:
-                columns += ["own margin", "estimated margin change if removed", "prediction flips"]
-            report.add_table(
-                [
-                    [row["index"], row["label"], row["self_influence"], row["zscore"]]
-                    + (
-                        [row["margin"], row["estimated_own_margin_change"], row["prediction_flip"]]
-                        if "prediction_flip" in row
-                        else []
-                    )
-                    for row in rows
-                ],
-                columns,
-                caption=f"Flagged examples (top {len(rows)} of {m['n_flagged']})",
-            )
-    report.add_heading("Timing")
-    report.add_key_values({k.replace("_", " "): x for k, x in ctx.timings.items()}, caption="Seconds")
-    return report
+        columns = [("self_influence", f"self-influence ({units})"), ("zscore", "z-score")]
+        if rows and "prediction_flip" in rows[0]:
+            columns += [
+                ("margin", "own margin"),
+                ("estimated_own_margin_change", "estimated margin change if removed"),
+                ("prediction_flip", "prediction flips"),
+            ]
+        add_ranked_section(
+            report,
+            spec,
+            rows,
+            value_key="zscore",
+            title="Most memorised training examples",
+            examples_title=lambda shown: f"Most memorised training examples (top {shown})",
+            value_format=lambda x: f"z {x:.1f}",
+            columns=columns,
+            caption=f"Flagged examples (top {len(rows)} of {m['n_flagged']})",
+            max_tabular=8,
+            highlight_key="prediction_flip",
+            highlight_label="its own prediction would flip if removed",
+        )
+    return add_timings(report, ctx)
 
 
 def _summary(ctx: Any, r: dict[str, Any]) -> str:

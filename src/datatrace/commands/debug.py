@@ -27,13 +27,16 @@ from ..demo import UsageError
 from ..spec import SpecError
 from . import (
     add_common_arguments,
-    common_options,
+    add_ranked_section,
+    add_timings,
+    add_top_flag,
+    check_int,
     conventions,
     example_records,
     format_rows,
     read_flagged,
+    run_command,
     setup_table,
-    show_examples,
     start,
     write_csv,
 )
@@ -77,33 +80,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="random removals of K examples to compare the harmful removal with (default: 3).",
     )
-    parser.add_argument(
-        "--top",
-        type=int,
-        default=20,
-        metavar="N",
-        help="examples listed per ranking in the report (default: 20).",
-    )
+    add_top_flag(parser, 20, "examples listed per ranking in the report")
 
 
 def run(args: argparse.Namespace) -> int:
     """``datatrace debug``: run :func:`run_debug` with the parsed flags."""
-    run_debug(
-        args.spec,
-        args.out,
+    return run_command(
+        run_debug,
+        args,
         flagged=args.flagged,
         remove_k=args.remove_k,
         n_random=args.n_random,
         top=args.top,
-        **common_options(args),
     )
-    return 0
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} {value!r} is not allowed: expected an integer >= {minimum}.")
-    return value
 
 
 def run_debug(
@@ -124,10 +113,10 @@ def run_debug(
     """Debug the training data of the spec at ``spec_path``; returns the JSON-ready results."""
     from ..apps.debug import debug_data, detection_summary, removal_check
 
-    top = _check_int("--top", top, 1)
-    n_random = _check_int("--n-random", n_random, 0)
+    top = check_int("--top", top, 1)
+    n_random = check_int("--n-random", n_random, 0)
     if remove_k is not None:
-        _check_int("--remove-k", remove_k, 0)
+        check_int("--remove-k", remove_k, 0)
     ctx = start(
         "debug",
         spec_path,
@@ -267,10 +256,6 @@ def run_debug(
     return ctx.finish(results, report, _summary(ctx, results))
 
 
-def _caption(spec: Any, i: int, value: float, units: str, what: str) -> str:
-    return f"#{i} ({spec.label_text('train', i)})\n{what} {value:.3g} {units}"
-
-
 def _report(
     ctx: Any,
     results: dict[str, Any],
@@ -326,19 +311,19 @@ def _report(
             f"all of them together would change it by about {v['sum_of_negative_values']:.4g} {units} to first "
             "order (the sum; check large sets by retraining, below)."
         )
-        rows = results["harmful"]
-        report.add_figure(
-            plot_bars(
-                [r["validation_influence"] for r in rows],
-                [f"#{r['index']} ({r['label']})" for r in rows],
-                title="Most harmful training examples",
-                xlabel=f"change of the total validation loss if removed ({units})",
-                highlight=[r.get("flagged", False) for r in rows] if mask is not None else None,
-                highlight_label=flag_label,
-            ),
-            "Red bars: removing the example would lower the validation loss.",
+        _show(
+            report,
+            spec,
+            results["harmful"],
+            "validation_influence",
+            units,
+            "validation influence",
+            mask,
+            flag_label,
+            title="Most harmful training examples",
+            xlabel=f"change of the total validation loss if removed ({units})",
+            bar_caption="Red bars: removing the example would lower the validation loss.",
         )
-        _show(report, spec, rows, "validation_influence", units, "validation influence", mask, flag_label)
 
     if results["detection"] is not None:
         det = results["detection"]
@@ -400,9 +385,7 @@ def _report(
                 else f" (random mean change {mean_random - c['metric_before']:+.4g})."
             ),
         )
-    report.add_heading("Timing")
-    report.add_key_values({k.replace("_", " "): v for k, v in ctx.timings.items()}, caption="Seconds")
-    return report
+    return add_timings(report, ctx)
 
 
 def _show(
@@ -414,35 +397,35 @@ def _show(
     what: str,
     mask: np.ndarray | None,
     flag_label: str,
+    *,
+    title: str = "",
+    xlabel: str | None = None,
+    bar_caption: str = "",
 ) -> None:
+    """A ranking: a bar plot of ``key`` (with ``xlabel``), the top examples and their table."""
     if not rows:
         return
-    shown = rows if spec.kind != "tabular" else rows[:10]
-    show_examples(
+    columns = [("self_influence", f"self-influence ({units})"), ("training_loss", f"training loss ({units})")]
+    if "validation_influence" in rows[0]:
+        columns.append(("validation_influence", f"validation influence ({units})"))
+    if mask is not None:
+        columns.append(("flagged", "flagged"))
+    add_ranked_section(
         report,
         spec,
-        "train",
-        [r["index"] for r in shown],
-        [_caption(spec, r["index"], r[key], units, what) for r in shown],
-        title=f"Top {len(shown)} by {what}",
-        highlight=[r.get("flagged", False) for r in shown] if mask is not None else None,
+        rows,
+        value_key=key,
+        title=title,
+        xlabel=xlabel,
+        bar_caption=bar_caption,
+        examples_title=lambda shown: f"Top {shown} by {what}",
+        value_format=lambda x: f"{what} {x:.3g} {units}",
+        columns=columns,
+        caption=f"Top {len(rows)} by {what}",
+        max_tabular=10,
+        highlight_key="flagged",
         highlight_label=flag_label,
     )
-    columns = ["train index", "label", f"self-influence ({units})", f"training loss ({units})"]
-    has_val = "validation_influence" in rows[0]
-    if has_val:
-        columns.append(f"validation influence ({units})")
-    if mask is not None:
-        columns.append("flagged")
-    table = []
-    for r in rows:
-        line = [r["index"], r["label"], r["self_influence"], r["training_loss"]]
-        if has_val:
-            line.append(r["validation_influence"])
-        if mask is not None:
-            line.append(r["flagged"])
-        table.append(line)
-    report.add_table(table, columns, caption=f"Top {len(rows)} by {what}")
 
 
 def _summary(ctx: Any, r: dict[str, Any]) -> str:

@@ -22,13 +22,16 @@ import numpy as np
 from ..demo import UsageError
 from . import (
     add_common_arguments,
-    common_options,
+    add_ranked_bars,
+    add_ranked_section,
+    add_timings,
+    add_top_flag,
+    check_int,
     conventions,
     example_records,
     format_rows,
-    score_caption,
+    run_command,
     setup_table,
-    show_examples,
     start,
     take,
 )
@@ -56,25 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="I",
         help="row(s) of query() to explain (default: the misclassified query with the highest loss).",
     )
-    parser.add_argument(
-        "--k",
-        type=int,
-        default=5,
-        metavar="K",
-        help="proponents and opponents to show per query (default: 5).",
-    )
+    add_top_flag(parser, 5, "proponents and opponents to show per query", flag="--k", metavar="K")
 
 
 def run(args: argparse.Namespace) -> int:
     """``datatrace explain``: run :func:`run_explain` with the parsed flags."""
-    run_explain(
-        args.spec,
-        args.out,
-        query_indices=args.query_index,
-        k=args.k,
-        **common_options(args),
-    )
-    return 0
+    return run_command(run_explain, args, query_indices=args.query_index, k=args.k)
 
 
 def _default_queries(spec: Any, split: str) -> tuple[list[int], str]:
@@ -103,8 +93,7 @@ def run_explain(
     """Explain queries of the spec at ``spec_path``; returns the JSON-ready results (also in results.json)."""
     from ..apps.explain import explain
 
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise UsageError(f"--k {k!r} is not allowed: expected an integer >= 1. Fix: pass e.g. --k 5.")
+    check_int("--k", k, 1, "Fix: pass e.g. --k 5.")
     ctx = start(
         "explain",
         spec_path,
@@ -186,7 +175,7 @@ def _query_caption(q: dict[str, Any]) -> str:
 
 
 def _report(ctx: Any, queries: list[dict[str, Any]]) -> Any:
-    from ..report import Report, plot_bars
+    from ..report import Report
 
     spec, units = ctx.spec, ctx.spec.units
     report = Report(
@@ -217,15 +206,14 @@ def _report(ctx: Any, queries: list[dict[str, Any]]) -> Any:
         pro, opp = q["proponents"], q["opponents"]
         rows = pro + opp
         if rows:
-            report.add_figure(
-                plot_bars(
-                    [r["score"] for r in rows],
-                    [f"#{r['index']} ({r['label']})" for r in rows],
-                    title=f"Top proponents (blue) and opponents (red) of query #{qi}",
-                    xlabel=f"change of the query's loss if removed ({units})",
-                ),
-                "Each bar: the estimated change of the query's loss if that training example were removed and the "
-                "model retrained.",
+            add_ranked_bars(
+                report,
+                rows,
+                "score",
+                title=f"Top proponents (blue) and opponents (red) of query #{qi}",
+                xlabel=f"change of the query's loss if removed ({units})",
+                caption="Each bar: the estimated change of the query's loss if that training example were removed "
+                "and the model retrained.",
             )
         for name, group in (("proponents", pro), ("opponents", opp)):
             if not group:
@@ -233,23 +221,18 @@ def _report(ctx: Any, queries: list[dict[str, Any]]) -> Any:
                     f"No training example has a {'positive' if name == 'proponents' else 'negative'} score."
                 )
                 continue
-            show_examples(
+            add_ranked_section(
                 report,
                 spec,
-                "train",
-                [r["index"] for r in group],
-                [score_caption(spec, "train", r["index"], r["score"], units) for r in group],
+                group,
+                value_key="score",
                 title=f"Top {len(group)} {name} of query #{qi}",
+                value_format=lambda x: f"{x:+.3g} {units}",
+                columns=[("score", f"score ({units})")],
+                caption=f"Top {name}",
                 query=(q["split"], qi, _query_caption(q)),
             )
-            report.add_table(
-                [[r["index"], r["label"], r["score"]] for r in group],
-                ["train index", "label", f"score ({units})"],
-                caption=f"Top {name}",
-            )
-    report.add_heading("Timing")
-    report.add_key_values({k.replace("_", " "): v for k, v in ctx.timings.items()}, caption="Seconds")
-    return report
+    return add_timings(report, ctx)
 
 
 def _summary(ctx: Any, queries: list[dict[str, Any]]) -> str:

@@ -22,11 +22,14 @@ import numpy as np
 from ..demo import UsageError
 from . import (
     add_common_arguments,
-    common_options,
+    add_ranked_section,
+    add_timings,
+    add_top_flag,
+    check_int,
     example_records,
     format_rows,
+    run_command,
     setup_table,
-    show_examples,
     start,
 )
 
@@ -51,25 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="csv",
         help="file format of the values (default: csv; parquet needs pyarrow or fastparquet).",
     )
-    parser.add_argument(
-        "--top",
-        type=int,
-        default=10,
-        metavar="N",
-        help="most valuable and most harmful examples shown (default: 10).",
-    )
+    add_top_flag(parser, 10, "most valuable and most harmful examples shown")
 
 
 def run(args: argparse.Namespace) -> int:
     """``datatrace value``: run :func:`run_value` with the parsed flags."""
-    run_value(
-        args.spec,
-        args.out,
-        format=args.format,
-        top=args.top,
-        **common_options(args),
-    )
-    return 0
+    return run_command(run_value, args, format=args.format, top=args.top)
 
 
 def _parquet_available() -> bool:
@@ -103,8 +93,7 @@ def run_value(
             "--format parquet needs pyarrow (or fastparquet with pandas), and neither is installed. Fix: "
             "pip install pyarrow, or use --format csv."
         )
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise UsageError(f"--top {top!r} is not allowed: expected an integer >= 1.")
+    check_int("--top", top, 1)
     ctx = start(
         "value",
         spec_path,
@@ -172,7 +161,7 @@ def run_value(
 
 
 def _report(ctx: Any, r: dict[str, Any], v: np.ndarray) -> Any:
-    from ..report import Report, plot_bars, plot_histogram
+    from ..report import Report, plot_histogram
 
     spec, units = ctx.spec, ctx.spec.units
     s = r["summary"]
@@ -218,34 +207,21 @@ def _report(ctx: Any, r: dict[str, Any], v: np.ndarray) -> Any:
             caption="Values by training label",
         )
     for key, title in (("most_valuable", "Most valuable"), ("most_harmful", "Most harmful")):
-        rows = r[key]
         report.add_heading(title)
-        report.add_figure(
-            plot_bars(
-                [row["value"] for row in rows],
-                [f"#{row['index']} ({row['label']})" for row in rows],
-                title=f"{title} training examples",
-                xlabel=f"change of the total validation loss if removed ({units})",
-            ),
-            f"{title} examples with their values.",
-        )
-        shown = rows if spec.kind != "tabular" else rows[:10]
-        show_examples(
+        add_ranked_section(
             report,
             spec,
-            "train",
-            [row["index"] for row in shown],
-            [f"#{row['index']} ({row['label']})\n{row['value']:+.3g} {units}" for row in shown],
+            r[key],
+            value_key="value",
             title=f"{title} training examples",
-        )
-        report.add_table(
-            [[row["index"], row["label"], row["value"]] for row in rows],
-            ["train index", "label", f"value ({units})"],
+            xlabel=f"change of the total validation loss if removed ({units})",
+            bar_caption=f"{title} examples with their values.",
+            value_format=lambda x: f"{x:+.3g} {units}",
+            columns=[("value", f"value ({units})")],
             caption=title,
+            max_tabular=10,
         )
-    report.add_heading("Timing")
-    report.add_key_values({k.replace("_", " "): x for k, x in ctx.timings.items()}, caption="Seconds")
-    return report
+    return add_timings(report, ctx)
 
 
 def _summary(ctx: Any, r: dict[str, Any]) -> str:
