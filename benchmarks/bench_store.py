@@ -30,14 +30,28 @@ about 10 minutes on two cores the first time). Methods: unprojected ``InfluenceF
 LDS, Pearson correlation with the unprojected scores, k, seconds. Acceptance: projected influence with a few
 thousand dimensions (Gaussian, k = 2,048) is within 0.05 LDS of unprojected.
 
+**Part 3 - peers** (``--part peers``; ``--skip-peers`` to leave it out, ``--peers`` to choose). TRAK as MadryLab's
+``traker`` ships it (``TRAKer`` on CPU: its ``BasicProjector``, Gaussian; the CUDA projector needs ``fast_jl``),
+dattri's ``TRAKAttributor`` and dattri's ``LoGraAttributor``, each in its own subprocess (``--peer-timeout``, a
+missing library is "not available", a failure is reported with its error). On the scale problem, at
+``--peer-sizes`` and at datatrace's k: fit (featurize + finalize / cache), scoring a query set, scoring a SECOND
+query set on the fitted state (none of the three recomputes training gradients there), peak RSS, the ratio to one
+forward+backward pass, and per-query Pearson r with datatrace's scores. On the digits MLP of part 2 (hidden 32, the
+cached ground truth of ``bench_curvature.py``): LDS of single-model TRAK against ``ProjectedInfluence`` with a
+Gaussian projection of the same k (``--peer-dims``), with TRAK's shipped ridge 0 and with a ridge matched to the
+model's L2. Peers' scores are converted to datatrace's units and sign first (``CONVERSIONS``). Writes
+``benchmarks/results/store_peers.json`` (``store_peers_quick.json`` with ``--quick``).
+
 Units and sign are datatrace's: ``score[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)`` (positive: i helped q).
 
 Usage::
 
-    python benchmarks/bench_store.py                       # both parts (~15 min on 2 quiet cores, less cached)
+    python benchmarks/bench_store.py                       # all parts (~15 min on 2 quiet cores + peers)
     python benchmarks/bench_store.py --quick               # smoke run (small sizes, hidden 32 only)
     python benchmarks/bench_store.py --part scale --sizes 1000,10000,100000 --width 32
     python benchmarks/bench_store.py --part lds --hidden 32
+    python benchmarks/bench_store.py --part peers --peers traker,dattri-trak --peer-sizes 1000,10000
+    python benchmarks/bench_store.py --skip-peers          # parts 1 and 2 only
 
 Writes ``benchmarks/results/store.json`` (``store_quick.json`` with ``--quick``) and prints the tables.
 """
@@ -319,13 +333,606 @@ def run_lds(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ==============================================================================================================
+# Part 3: peers (TRAK as traker ships it, dattri's TRAK and LoGra) on the identical model and data
+# ==============================================================================================================
+#: peer label -> (pip distribution, module to import, what is run)
+PEERS = {
+    "traker": (
+        "traker",
+        "trak",
+        "TRAKer(task='image_classification', device='cpu'): its BasicProjector (Gaussian, blocks of 100 "
+        "columns regenerated per batch), float32 (use_half_precision=False), featurize + finalize_features, "
+        "then start_scoring_checkpoint / score / finalize_scores per query set",
+    ),
+    "dattri-trak": (
+        "dattri",
+        "dattri.algorithm.trak",
+        "dattri TRAKAttributor (single checkpoint) with its CPU 'normal' random_project, cache() then "
+        "attribute(query loader) per query set",
+    ),
+    "dattri-logra": (
+        "dattri",
+        "dattri.algorithm.logra",
+        "dattri LoGraAttributor (per-layer factorised Gaussian projection w x w, eFIM block-diagonal "
+        "curvature, shipped damping), cache() then attribute() per query set",
+    ),
+}
+
+# How each library's raw scores become datatrace's ``score[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)`` (query
+# loss change on removing i, positive = i helped q). p_q = softmax probability of query q's label under the model.
+CONVERSIONS = {
+    "datatrace": "none",
+    "traker": "score[q, i] = (1 - p_q) * raw[i, q]. raw (train-major) = (1 - p_i) * phi_q^T (Phi^T Phi + lambda I)^-1 "
+    "phi_i on margin gradients phi = P^T grad m / sqrt(p), m = log(p/(1-p)) (its 'image_classification' output): "
+    "~ -(change of query q's margin when i is removed), higher = more helpful, so the sign is kept (+1) and the "
+    "chain rule d loss_q / d m_q = -(1 - p_q) turns a margin change into a loss change. The absolute scale is NOT "
+    "datatrace's: BasicScoreComputer divides (Phi^T Phi)^-1 by its mean absolute entry, so only scale-free metrics "
+    "(LDS, Pearson r, sign) are comparable; the least-squares slope on datatrace's scores is reported for reference",
+    "dattri-trak": "score[q, i] = (1 - p_q) * raw[i, q], same derivation as traker (its loss_func is the margin "
+    "log(p/(1-p)), its Q = 1 - p_i); no rescaling of the inverse, and Phi^T Phi is a sum over the n examples, so "
+    "no 1/n: this is datatrace's unit up to the curvature (unweighted margin-gradient Gram matrix instead of the "
+    "Gauss-Newton of the loss + L2)",
+    "dattri-logra": "score[q, i] = raw[i, q] * n_query_batch / n_train (raw = g_q^T (mean eFIM + damping)^-1 g_i "
+    "of loss gradients; its test gradients come from a hard-coded MEAN cross-entropy per query batch, hence the "
+    "batch size; same sign)",
+}
+SIGN = {"datatrace": 1.0, "traker": 1.0, "dattri-trak": 1.0, "dattri-logra": 1.0}
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer cannot run here (library missing); the message says why."""
+
+
+def ridge_for(library: str, n: int, weight_decay: float, k: int) -> float:
+    """The peer's ridge on its k x k Gram matrix that equals the model's L2 term ``weight_decay * I`` (per example)
+    seen through the projection, in the peer's own units: traker projects with N(0, 1) entries and divides by
+    sqrt(p), so P^T P / p ~ I and the ridge is n * wd; dattri's 'normal' projection is scaled by 1/sqrt(k), so
+    P^T P / p ~ I / k and the ridge is n * wd / k."""
+    if library == "traker":
+        return n * weight_decay
+    if library == "dattri-trak":
+        return n * weight_decay / k
+    raise ValueError(library)
+
+
+def correct_probability(model: nn.Module, data: tuple) -> np.ndarray:
+    with torch.no_grad():
+        logits = model(data[0])
+        return torch.softmax(logits.double(), dim=1)[torch.arange(len(data[1])), data[1]].numpy()
+
+
+def to_datatrace_units(
+    library: str, raw: np.ndarray, p_query: np.ndarray, n_train: int, batch: int
+) -> np.ndarray:
+    """A peer's raw (n_train, n_query) scores to datatrace's (n_query, n_train) units and sign (``CONVERSIONS``)."""
+    raw = np.asarray(raw, dtype=np.float64).T
+    if library in ("traker", "dattri-trak"):
+        return SIGN[library] * (1.0 - p_query)[:, None] * raw
+    if library == "dattri-logra":
+        return SIGN[library] * raw * batch / n_train
+    raise ValueError(library)
+
+
+def _loader(data: tuple, batch: int) -> Any:
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=batch, shuffle=False)
+
+
+def _run_peer(
+    library: str,
+    model: nn.Module,
+    train: tuple,
+    queries: list[tuple],
+    k: int,
+    ridge: float | None,
+    batch: int,
+    workdir: Path,
+    width: int,
+) -> dict[str, Any]:
+    """Fit ``library`` on ``train`` and score every query set in turn; returns raw scores and timings."""
+    n = len(train[0])
+    out: dict[str, Any] = {"query_seconds": [], "raw": []}
+    if library == "traker":
+        from trak import TRAKer
+
+        save_dir = workdir / f"trak-{k}-{ridge}"
+        save_dir.mkdir(parents=True, exist_ok=True)  # its MmapSaver does not create it
+        with Measure() as m_fit:
+            traker = TRAKer(
+                model=model,
+                task="image_classification",
+                train_set_size=n,
+                save_dir=str(save_dir),
+                load_from_save_dir=True,  # the default; False breaks scoring (no experiments.json)
+                device="cpu",
+                proj_dim=k,
+                use_half_precision=False,
+                logging_level=logging.ERROR,
+                lambda_reg=float(ridge or 0.0),
+            )
+            traker.load_checkpoint(model.state_dict(), model_id=0)
+            for s in range(0, n, batch):
+                part = (train[0][s : s + batch], train[1][s : s + batch])
+                traker.featurize(batch=part, num_samples=len(part[0]))
+            traker.finalize_features()
+        workaround = None
+        projector = traker.projector
+        if getattr(projector, "num_blocks", 0) == 1 and not getattr(projector, "proj_matrix_available", True):
+            # traker 0.3.2 bug: finalize_features() frees BasicProjector's matrix and a one-block projector
+            # (proj_dim <= 100) never regenerates it ("no attribute 'proj_matrix'" in score); regenerate it
+            projector.generate_sketch_matrix(projector.generator_states[0])
+            workaround = "regenerated the one-block BasicProjector matrix after finalize_features"
+        for j, query in enumerate(queries):
+            start = time.perf_counter()
+            traker.start_scoring_checkpoint(
+                exp_name=f"q{j}", checkpoint=model.state_dict(), model_id=0, num_targets=len(query[0])
+            )
+            for s in range(0, len(query[0]), batch):
+                part = (query[0][s : s + batch], query[1][s : s + batch])
+                traker.score(batch=part, num_samples=len(part[0]))
+            raw = np.array(traker.finalize_scores(exp_name=f"q{j}"))
+            out["query_seconds"].append(time.perf_counter() - start)
+            out["raw"].append(raw)
+        out["settings"] = {
+            "projector": f"{type(traker.projector).__name__} ({traker.projector.proj_type}, "
+            f"block_size {getattr(traker.projector, 'block_size', None)})",
+            "proj_dim": k,
+            "lambda_reg": float(ridge or 0.0),
+            "workaround": workaround,
+            "dtype": "float32",
+            "batch": batch,
+        }
+    elif library == "dattri-trak":
+        import torch.nn.functional as F
+        from dattri.algorithm.trak import TRAKAttributor
+        from dattri.task import AttributionTask
+
+        def margin(params: Any, data: tuple) -> torch.Tensor:  # dattri's TRAK example: log(p / (1 - p))
+            x, y = data
+            logp = -F.cross_entropy(torch.func.functional_call(model, params, x), y)
+            return logp - torch.log(1 - torch.exp(logp))
+
+        def prob(params: Any, data: tuple) -> torch.Tensor:
+            x, y = data
+            logits = torch.func.functional_call(model, params, x.unsqueeze(0))
+            return torch.exp(-F.cross_entropy(logits, y.unsqueeze(0)))
+
+        with Measure() as m_fit:
+            task = AttributionTask(loss_func=margin, model=model, checkpoints=model.state_dict())
+            attributor = TRAKAttributor(
+                task=task,
+                correct_probability_func=prob,
+                device="cpu",
+                projector_kwargs={"proj_dim": k, "proj_type": "normal", "device": "cpu", "proj_seed": 0},
+                regularization=float(ridge or 0.0),
+            )
+            attributor.cache(_loader(train, batch))
+        for query in queries:
+            start = time.perf_counter()
+            with torch.no_grad():
+                raw = attributor.attribute(_loader(query, batch))
+            out["query_seconds"].append(time.perf_counter() - start)
+            out["raw"].append(raw.detach().double().numpy())
+        out["settings"] = {
+            "projector": "dattri random_project normal (CPU)",
+            "proj_dim": k,
+            "regularization": float(ridge or 0.0),
+            "batch": batch,
+        }
+    elif library == "dattri-logra":
+        import torch.nn.functional as F
+        from dattri.algorithm.logra import LoGraAttributor
+        from dattri.task import AttributionTask
+
+        def loss(
+            model_: nn.Module, data: tuple, device: Any
+        ) -> torch.Tensor:  # summed: per-example gradients
+            x, y = data
+            return F.cross_entropy(model_(x.to(device)), y.to(device), reduction="sum")
+
+        with Measure() as m_fit:
+            task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+            attributor = LoGraAttributor(task=task, device="cpu", proj_dim=width * width, offload="cpu")
+            attributor.cache(_loader(train, batch))
+        for query in queries:
+            start = time.perf_counter()
+            raw = attributor.attribute(_loader(train, batch), _loader(query, batch))
+            out["query_seconds"].append(time.perf_counter() - start)
+            out["raw"].append(raw.detach().double().numpy())
+        out["settings"] = {"proj_dim": width * width, "hessian": "eFIM", "damping": "shipped (None)"}
+    else:
+        raise ValueError(library)
+    out.update(seconds_fit=m_fit.seconds, fit_extra_peak_mib=m_fit.extra_peak_mib)
+    return out
+
+
+def _run_datatrace(
+    model: nn.Module,
+    task: datatrace.Task,
+    train: tuple,
+    queries: list[tuple],
+    projector: Any,
+    batch: int,
+    workdir: Path,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"query_seconds": [], "raw": []}
+    with Measure() as m_fit:
+        inf = ProjectedInfluence(
+            model,
+            task,
+            projector=projector,
+            batch_size=batch,
+            store_dir=workdir / "store",
+            dtype=dtype,
+            progress=False,
+        ).fit(train)
+    for query in queries:
+        start = time.perf_counter()
+        values = inf.score(query).values
+        out["query_seconds"].append(time.perf_counter() - start)
+        out["raw"].append(values.double().numpy())
+    out.update(
+        seconds_fit=m_fit.seconds,
+        fit_extra_peak_mib=m_fit.extra_peak_mib,
+        dim=inf.dim_,
+        settings={"projector": repr(projector), "store": "on disk", "dtype": str(dtype)},
+    )
+    return out
+
+
+def _import_peer(library: str) -> None:
+    if library == "datatrace":
+        return
+    module = PEERS[library][1]
+    try:
+        __import__(module)
+    except Exception as error:  # ImportError, or a peer that breaks on import
+        raise PeerUnavailable(
+            f"{PEERS[library][0]} not importable here ({type(error).__name__}: {error})"
+        ) from None
+
+
+def peer_child(args: argparse.Namespace) -> dict[str, Any]:
+    """One library on one problem in this (fresh) process; scores go to ``args.child_workdir`` as .npy files."""
+    import traceback
+
+    logging.getLogger("datatrace").setLevel(logging.ERROR)
+    library, workdir = args.child_peer, Path(args.child_workdir)
+    out: dict[str, Any] = {"library": library, "status": "ok"}
+    try:
+        _import_peer(library)
+        if args.child_problem == "scale":
+            n, nq, batch = args.child_scale, args.n_query, args.batch_size
+            X, y = synthetic(n + nq, seed=0)  # exactly the data of the scale part
+            train, query = (X[:n], y[:n]), (X[n:], y[n:])
+            query2 = synthetic(nq, seed=1)  # a second, fresh query set (timing)
+            model = scale_model(seed=0)
+            task = datatrace.ClassificationTask(weight_decay=1e-4)
+            fb, _ = batched_forward_backward(model, task, train, batch)
+            p_q = correct_probability(model, query)
+            if library == "datatrace":
+                res = _run_datatrace(
+                    model,
+                    task,
+                    train,
+                    [query, query2],
+                    FactorizedProjector(args.width, args.width),
+                    batch,
+                    workdir,
+                )
+            else:
+                ridge = ridge_for(library, n, 1e-4, args.peer_dim) if library != "dattri-logra" else None
+                res = _run_peer(
+                    library, model, train, [query, query2], args.peer_dim, ridge, batch, workdir, args.width
+                )
+            raws = res.pop("raw")
+            scores = (
+                raws[0] if library == "datatrace" else to_datatrace_units(library, raws[0], p_q, n, batch)
+            )
+            np.save(workdir / "scores.npy", scores.astype(np.float32))
+            out.update(
+                n_train=n,
+                n_query=nq,
+                dim=res.get("dim", args.peer_dim),
+                seconds_forward_backward=fb,
+                seconds_fit=res["seconds_fit"],
+                fit_over_forward_backward=res["seconds_fit"] / fb,
+                seconds_query_1=res["query_seconds"][0],
+                seconds_query_2=res["query_seconds"][1],
+                query_2_over_forward_backward=res["query_seconds"][1] / fb,
+                fit_extra_peak_mib=res["fit_extra_peak_mib"],
+                peak_rss_mib=common.peak_rss_bytes() / 2**20,
+                settings=res.get("settings"),
+                finite=bool(np.isfinite(scores).all()),
+            )
+        else:  # lds: the digits MLP, several projection dims, shipped and L2-matched ridge
+            problem = Problem("mlp", retrain_tolerance=1e-9) if not args.quick else QUICK_LDS_PROBLEM
+            train, test = problem.data()
+            model = common.trained_model(problem, train)
+            task = problem.task()
+            p_q = correct_probability(model, test)
+            n = len(train[0])
+            runs = []
+            for k in args.peer_dims:
+                if library == "datatrace":
+                    variants: list[tuple[str, Any]] = [("", None)]
+                elif library == "dattri-logra":
+                    variants = [("", None)]
+                else:
+                    variants = [
+                        ("shipped ridge 0", 0.0),
+                        ("ridge = L2", ridge_for(library, n, problem.weight_decay, k)),
+                    ]
+                for label, ridge in variants:
+                    run: dict[str, Any] = {"k": k, "variant": label, "ridge": ridge}
+                    try:
+                        if library == "datatrace":
+                            res = _run_datatrace(
+                                model,
+                                task,
+                                train,
+                                [test],
+                                RandomProjector(dim=k),
+                                n,
+                                workdir / f"k{k}",
+                                torch.float64,
+                            )
+                            scores = res["raw"][0]
+                        else:
+                            width = round(k**0.5)
+                            res = _run_peer(library, model, train, [test], k, ridge, n, workdir, width)
+                            scores = to_datatrace_units(library, res["raw"][0], p_q, n, n)
+                        name = f"scores-k{k}-{len(runs)}.npy"
+                        np.save(workdir / name, scores)
+                        run.update(
+                            file=name,
+                            seconds_fit=res["seconds_fit"],
+                            seconds_score=res["query_seconds"][0],
+                            settings=res.get("settings"),
+                        )
+                    except Exception as error:
+                        run.update(status="failed", reason=f"{type(error).__name__}: {error}"[:800])
+                    runs.append(run)
+            out["runs"] = runs
+    except PeerUnavailable as error:
+        out = {"library": library, "status": "not available", "reason": str(error)}
+    except Exception as error:  # a peer that fails as shipped is a result too
+        out = {
+            "library": library,
+            "status": "failed",
+            "reason": f"{type(error).__name__}: {error}"[:1500],
+            "traceback": traceback.format_exc(limit=8)[-3000:],
+        }
+    return out
+
+
+QUICK_LDS_PROBLEM = Problem(
+    "mlp", n_train=200, n_test=40, hidden=16, base_max_iter=1000, retrain_max_iter=300
+)
+
+
+def _spawn_peer(
+    args: argparse.Namespace, library: str, problem: str, workdir: str, **extra: Any
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child-peer",
+        library,
+        "--child-problem",
+        problem,
+        "--child-workdir",
+        workdir,
+    ]
+    for flag in ("width", "n_query", "batch_size"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    if args.quick:
+        cmd.append("--quick")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=args.peer_timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {
+            "library": library,
+            "status": "timed out",
+            "reason": f"over --peer-timeout {args.peer_timeout} s",
+        }
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.strip().splitlines()
+        return {
+            "library": library,
+            "status": "failed",
+            "reason": tail[-1] if tail else f"exit {proc.returncode}",
+        }
+    return json.loads(lines[-1])
+
+
+def _agreement(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Per-query Pearson r, pooled Pearson r and least-squares slope on the reference (datatrace) scores."""
+    a, b = scores.astype(np.float64), reference.astype(np.float64)
+    pooled = float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+    return {
+        "corr_datatrace": row_pearson(torch.from_numpy(a), torch.from_numpy(b)),
+        "corr_datatrace_pooled": pooled,
+        "slope_on_datatrace": float(a.ravel() @ b.ravel() / (b.ravel() @ b.ravel())),
+    }
+
+
+def _factorized_dim(width: int) -> int:
+    """k of ``FactorizedProjector(width, width)`` on the scale model: min(w, out) x min(w, in) per Linear."""
+    return sum(
+        min(width, m.out_features) * min(width, m.in_features)
+        for m in scale_model(0)
+        if isinstance(m, nn.Linear)
+    )
+
+
+def run_peers(args: argparse.Namespace) -> dict[str, Any]:
+    libraries = ["datatrace", *args.peers]
+    scale_rows: list[dict[str, Any]] = []
+    for n in args.peer_sizes:
+        reference, dim = None, None
+        for library in libraries:
+            with tempfile.TemporaryDirectory(dir=args.store_root, prefix="bench-store-peer-") as workdir:
+                extra: dict[str, Any] = {"child_scale": n}
+                if (
+                    library != "datatrace"
+                ):  # datatrace's k (FactorizedProjector on this model), else its formula
+                    extra["peer_dim"] = dim or _factorized_dim(args.width)
+                print(f"[peers] {library} n={n:,} ...", flush=True)
+                row = _spawn_peer(args, library, "scale", workdir, **extra)
+                row.setdefault("n_train", n)
+                scores_path = Path(workdir) / "scores.npy"
+                if row.get("status") == "ok" and scores_path.exists():
+                    scores = np.load(scores_path)
+                    if library == "datatrace":
+                        reference, dim = scores, row["dim"]
+                    elif reference is not None and row.get("finite"):
+                        row.update(_agreement(scores, reference))
+            scale_rows.append(row)
+            print("        " + _peer_line(row), flush=True)
+    lds_rows: list[dict[str, Any]] = []
+    problem = QUICK_LDS_PROBLEM if args.quick else Problem("mlp", retrain_tolerance=1e-9)
+    n_subsets, n_seeds = (12, 1) if args.quick else (60, 2)
+    print(f"[peers] LDS on {problem.describe()} ...", flush=True)
+    truth = common.subset_truth(problem, n_subsets, n_seeds, n_jobs=args.jobs, progress=False)
+    references: dict[int, np.ndarray] = {}
+    for library in libraries:
+        with tempfile.TemporaryDirectory(prefix="bench-store-peer-") as workdir:
+            dims = ",".join(str(d) for d in args.peer_dims)
+            out = _spawn_peer(args, library, "lds", workdir, peer_dims=dims)
+            if out.get("status") != "ok":
+                lds_rows.append({"library": library, **out})
+                print(f"      {library}: {out.get('status')}: {out.get('reason')}", flush=True)
+                continue
+            for run in out["runs"]:
+                row = {"library": library, **{k: v for k, v in run.items() if k != "file"}}
+                if run.get("file"):
+                    scores = np.load(Path(workdir) / run["file"])
+                    if not np.isfinite(scores).all():
+                        row.update(status="non-finite")
+                    else:
+                        res = metrics.lds(scores, truth.masks, truth.outputs)
+                        row.update(status="ok", lds=float(res.mean))
+                        if library == "datatrace":
+                            references[run["k"]] = scores
+                        elif run["k"] in references:
+                            row.update(_agreement(scores, references[run["k"]]))
+                lds_rows.append(row)
+                print(
+                    f"      {library} k={run['k']} {run.get('variant', '')}: LDS {common.fmt(row.get('lds'))}, "
+                    f"corr datatrace {common.fmt(row.get('corr_datatrace'))}",
+                    flush=True,
+                )
+    return {
+        "scale": scale_rows,
+        "lds": lds_rows,
+        "lds_problem": problem.describe(),
+        "lds_ground_truth": f"{n_subsets} random half subsets x {n_seeds} seed(s), cached (bench_curvature.py)",
+    }
+
+
+SCALE_PEER_COLUMNS = [
+    ("library", "library"),
+    ("n_train", "n"),
+    ("dim", "k"),
+    ("seconds_fit", "fit s"),
+    ("fit_over_forward_backward", "fit/fb"),
+    ("seconds_query_1", "query s"),
+    ("seconds_query_2", "2nd query s"),
+    ("peak_rss_mib", "peak MiB"),
+    ("fit_extra_peak_mib", "fit extra MiB"),
+    ("corr_datatrace", "r datatrace"),
+    ("status", "status"),
+]
+LDS_PEER_COLUMNS = [
+    ("library", "library"),
+    ("variant", "ridge"),
+    ("k", "k"),
+    ("lds", "LDS"),
+    ("corr_datatrace", "r datatrace"),
+    ("slope_on_datatrace", "slope"),
+    ("seconds_fit", "fit s"),
+    ("seconds_score", "score s"),
+    ("status", "status"),
+]
+
+
+def write_peers(args: argparse.Namespace, peers: dict[str, Any]) -> None:
+    """``store_peers.json`` (``store_peers_quick.json`` with ``--quick``) and, for a full run, a Markdown table."""
+    result = {
+        "benchmark": "projected-gradient store / projected influence against TRAK (traker, dattri) and dattri LoGra",
+        "meaning": datatrace.scores.MEANING,
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": 1,
+            "load_average_at_start": os.getloadavg(),
+            "versions": common.versions(["traker", "dattri", "kronfluence"]),
+        },
+        "settings": {
+            "peers": args.peers,
+            "peer_sizes": args.peer_sizes,
+            "peer_dims": args.peer_dims,
+            "peer_timeout": args.peer_timeout,
+            "width": args.width,
+            "n_query": args.n_query,
+            "batch_size": args.batch_size,
+        },
+        "peers": {name: {"package": pkg, "run": what} for name, (pkg, _, what) in PEERS.items()},
+        "conversions": CONVERSIONS,
+        "notes": [
+            "scale: the synthetic problem of part 1 (untrained MLP, p = 22,026), datatrace = ProjectedInfluence "
+            "with FactorizedProjector(width, width) and the exact projected Gauss-Newton, store on disk; peers at "
+            "datatrace's k with a Gaussian projection; each library and n in a fresh process (1 torch thread)",
+            "scale: the TRAK ridge is matched to the model's L2 (ridge_for): with the shipped ridge 0, "
+            "Phi^T Phi is singular whenever n < k",
+            "scale: 'r datatrace' = per-query Pearson r with datatrace's scores of the same n (no ground truth on "
+            "synthetic data); '2nd query s' = a second query set of the same size on the fitted state",
+            "lds: digits MLP of bench_curvature.py (p = 2,410), datatrace = ProjectedInfluence(RandomProjector(dim=k)) "
+            "float64; 'r datatrace' against datatrace at the same k",
+        ],
+        **peers,
+    }
+    name = "store_peers_quick" if args.quick else "store_peers"
+    common.write_json(RESULTS / f"{name}.json", result)
+    print()
+    print("Peers - scale (synthetic MLP)")
+    print(common.table(peers["scale"], SCALE_PEER_COLUMNS))
+    print()
+    print(f"Peers - LDS ({peers['lds_problem']})")
+    print(common.table(peers["lds"], LDS_PEER_COLUMNS))
+    print(f"wrote {RESULTS / f'{name}.json'}")
+
+
+def _peer_line(row: dict[str, Any]) -> str:
+    if row.get("status") != "ok":
+        return f"{row.get('status')}: {row.get('reason')}"
+    return (
+        f"fit {row['seconds_fit']:.1f} s ({row['fit_over_forward_backward']:.0f}x fwd+bwd), query "
+        f"{row['seconds_query_1']:.2f} s, 2nd query {row['seconds_query_2']:.2f} s, peak {row['peak_rss_mib']:.0f} MiB"
+        + (f", corr datatrace {row['corr_datatrace']:.3f}" if "corr_datatrace" in row else "")
+    )
+
+
+# ==============================================================================================================
 # Main
 # ==============================================================================================================
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", default="scale,lds", help="scale, lds or both (comma-separated)")
+    parser.add_argument(
+        "--part",
+        default="scale,lds,peers",
+        help="scale, lds and/or peers (comma-separated; peers: see --peers)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, a tiny LDS problem")
     parser.add_argument("--sizes", default="1000,3000,10000,30000,100000", help="training set sizes (scale)")
     parser.add_argument("--width", type=int, default=24, help="FactorizedProjector side width (scale)")
@@ -344,17 +951,43 @@ def main() -> None:
     parser.add_argument(
         "--max-dense-p", type=int, default=4000, help="also run InfluenceFunction(gauss-newton) up to this p"
     )
+    parser.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help=f"peer libraries of the peers part, comma-separated (of {', '.join(PEERS)}); missing ones are "
+        "reported as not available",
+    )
+    parser.add_argument("--skip-peers", action="store_true", help="do not run the peers part")
+    parser.add_argument("--peer-sizes", default="1000,10000,100000", help="training set sizes (peers, scale)")
+    parser.add_argument("--peer-dims", default="128,256,512,1024,2048", help="projection dims (peers, LDS)")
+    parser.add_argument("--peer-timeout", type=int, default=300, help="seconds allowed per peer run")
     parser.add_argument("--child-scale", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-peer", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-problem", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-dim", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_peer is not None:
+        torch.set_num_threads(1)
+        args.peer_dims = [int(d) for d in args.peer_dims.split(",")]
+        print(json.dumps(common.to_jsonable(peer_child(args))))
+        return
     if args.child_scale is not None:
         print(json.dumps(common.to_jsonable(scale_child(args))))
         return
+    args.peers = [name for name in args.peers.split(",") if name]
+    unknown = [name for name in args.peers if name not in PEERS]
+    if unknown:
+        parser.error(f"unknown peers {unknown}; known: {list(PEERS)}")
+    args.peer_sizes = [int(s) for s in args.peer_sizes.split(",")]
+    args.peer_dims = [int(d) for d in args.peer_dims.split(",")]
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.hidden = [int(h) for h in args.hidden.split(",")]
     args.dims = [int(d) for d in args.dims.split(",")]
     args.widths = [int(w) for w in args.widths.split(",")]
     if args.quick:
         args.sizes, args.hidden, args.dims, args.widths = [500, 2000], [32], [64, 128], [4, 8]
+        args.peer_sizes, args.peer_dims = [500], [64]
     parts = set(args.part.split(","))
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
@@ -368,7 +1001,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "load_average_at_start": os.getloadavg(),
         },
-        "settings": {k: v for k, v in vars(args).items() if k != "child_scale"},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("child_") and k != "peer_dim"},
         "note": "wall times from a shared 2-core machine (see load_average_at_start); ratios are measured in one "
         "process against a forward+backward pass taken minutes apart, so they carry that noise",
     }
@@ -443,6 +1076,10 @@ def main() -> None:
             print(
                 f"{'PASS' if c['pass'] else 'FAIL'}: h={c['hidden']} {c['check']} (LDS difference {c['gap']:+.4f})"
             )
+    if "peers" in parts and not args.skip_peers:
+        write_peers(args, run_peers(args))
+        if not parts & {"scale", "lds"}:
+            return
     result["seconds_total"] = time.perf_counter() - started
     name = "store_quick.json" if args.quick else "store.json"
     previous = RESULTS / name
