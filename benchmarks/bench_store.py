@@ -864,7 +864,7 @@ LDS_PEER_COLUMNS = [
 
 
 def write_peers(args: argparse.Namespace, peers: dict[str, Any]) -> None:
-    """``store_peers.json`` (``store_peers_quick.json`` with ``--quick``) and, for a full run, a Markdown table."""
+    """Write ``store_peers.json`` (``store_peers_quick.json`` with ``--quick``) and print the two peer tables."""
     result = {
         "benchmark": "projected-gradient store / projected influence against TRAK (traker, dattri) and dattri LoGra",
         "meaning": datatrace.scores.MEANING,
