@@ -525,9 +525,10 @@ class CG(_MatrixFree):
             once in ``fit`` for the price of ``k`` per-example gradient passes (``k`` outputs per example); it
             pays on badly scaled parameters, on well-scaled ones it changes little. ``"ekfac"`` or ``"kfac"``:
             apply :class:`~datatrace.curvature.kfac.EKFAC` / ``KFAC`` (fitted in ``fit`` with CG's damping, two
-            passes over the data) to the residuals, which captures the layer structure of the curvature (measured on
-            digits, 200 right-hand sides to rtol 1e-6: mean iterations 49 -> 32 on logistic regression and
-            375 -> 189 on the 64-32-10 MLP's Hessian, where the small eigenvalues EK-FAC misses dominate). Or any unfitted
+            passes over the data) to the residuals, which captures the layer structure of the curvature. It is not
+            always a win (digits, 200 right-hand sides to rtol 1e-6, ``bench_curvature.py``: mean iterations
+            49 -> 32 on logistic regression and 375 -> 189 on a 64-32-10 MLP's Hessian, but 81 -> 108 on the
+            same MLP's Gauss-Newton matrix), so it is an option, not the default. Or any unfitted
             :class:`~datatrace.curvature.Curvature` whose ``solve`` is symmetric positive definite; ``fit``
             fits it on the same model and data.
         block_size: rows solved together (bounds memory: five ``(block_size, p)`` work arrays); ``None``: all.
