@@ -199,12 +199,15 @@ def test_two_ranks_curvature_routes_match_single_process(two_ranks, reference, r
     assert expected.abs().max() > 0
     for rank in range(2):
         torch.testing.assert_close(tensors[rank][f"scores_{route}"], expected, **TOL)
+        for what in ("self", "params", "removal", "train_grads"):
+            torch.testing.assert_close(tensors[rank][f"{what}_{route}"], reference[f"{what}_{route}"], **TOL)
+        # each rank keeps only its shard of the n x p training gradients
+        shard = len(shard_indices(N_TRAIN, rank=rank, world_size=2))
+        assert tensors[rank][f"local_rows_{route}"].item() == shard
         if f"examples_{route}" in reference:  # K-FAC passes: all n examples seen, each by one rank only
             assert reference[f"examples_{route}"].tolist() == [N_TRAIN, N_TRAIN]
-            assert tensors[rank][f"examples_{route}"].tolist() == [
-                N_TRAIN,
-                len(shard_indices(N_TRAIN, rank=rank, world_size=2)),
-            ]
+            assert tensors[rank][f"examples_{route}"].tolist() == [N_TRAIN, shard]
+    assert reference[f"local_rows_{route}"].item() == N_TRAIN
 
 
 @pytest.mark.slow

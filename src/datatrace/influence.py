@@ -17,6 +17,16 @@ With the training objective ``L(theta) = (1/n) sum_i l(z_i, theta) + sum_b lambd
   rise if it were left out (large for atypical, mislabelled or memorised examples).
 
 Removing a set ``S`` is, to first order, the sum of the individual scores.
+
+**Under torch.distributed** (a process group the caller initialised, e.g. with ``torchrun``; every rank makes the
+same calls) each rank computes and keeps only the training gradients of its own contiguous shard
+(:func:`datatrace.distributed.shard_indices`): memory per rank is ``n / world_size`` rows. ``score`` multiplies the
+(replicated) solved query gradients with the local rows and gathers the ``n_query x n`` scores, never the
+``n x p`` gradients; ``self_influence`` solves the local rows when the curvature's ``solve`` is local (dense, K-FAC,
+EK-FAC, diagonal, Arnoldi) and the gathered rows when it makes passes over the data itself (CG, LiSSA:
+``Curvature.collective_solve``), because then every rank must solve the same rows; ``params_change`` and
+``removal_params`` assemble the few rows they need with one all-reduce. ``train_grads_`` gathers all rows on
+first use (a collective).
 """
 
 from __future__ import annotations
@@ -32,7 +42,14 @@ from torch import nn
 from ._validation import NotFittedError, bad_value, check_finite, check_indices
 from .curvature import Curvature, make_curvature
 from .data import DataLike, DataSource, as_data_source
-from .distributed import distributed_per_example
+from .distributed import (
+    all_gather_rows,
+    all_reduce_sum,
+    distributed_per_example,
+    raise_if_any_failed,
+    shard_indices,
+    world,
+)
 from .gradients import FunctionalModel, batch_failure, check_model_and_task, check_rows_finite, prepare_model
 from .scores import Scores
 from .tasks import Task
@@ -109,47 +126,83 @@ class InfluenceFunction:
         source.check_finite()
         fmodel = FunctionalModel(prepare_model(self.model, self.dtype), self.task, self.params)
         check_finite(fmodel.theta, "the model's parameters", "Fix: pass a model whose weights are finite.")
-        grads = self._gradients(fmodel, source, "train", fmodel.per_example_grads, "training gradients")
-        self._check_stationary(fmodel, grads)
+        local_indices, local_grads = self._local_training_gradients(fmodel, source)
+        self._check_stationary(fmodel, local_grads, len(source))
         curvature = make_curvature(self.curvature, self.damping)
         curvature.fit(fmodel, source, progress=self.progress)
         self.fmodel_ = fmodel
         self.train_ = source
-        self.train_grads_ = grads
+        self.local_indices_ = local_indices
+        self.local_grads_ = local_grads
+        self._all_grads: torch.Tensor | None = None if world()[2] else local_grads
         self.curvature_ = curvature
         self.n_train_ = len(source)
         self._train_ihvp: torch.Tensor | None = None
         logger.info(
-            "fitted %s on %d examples, %d parameters: %s",
+            "fitted %s on %d examples (%d on this rank), %d parameters: %s",
             curvature.name,
             len(source),
-            grads.shape[1],
+            len(local_indices),
+            fmodel.num_params,
             curvature.info,
         )
         return self
+
+    def _local_training_gradients(
+        self, fmodel: FunctionalModel, source: DataSource
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of the training indices and their gradients (all of them in a single process); a
+        failure on one rank raises on every rank."""
+        indices = shard_indices(len(source))
+        rows, error = [], None
+        try:
+            for idx, batch in source.batches(indices=indices):
+                rows.append(self._rows(fmodel.per_example_grads, "train", idx, batch))
+        except Exception as err:
+            if not world()[2]:
+                raise
+            error = err
+        raise_if_any_failed(error, "training gradients")
+        grads = torch.cat(rows) if rows else torch.zeros(0, fmodel.num_params, dtype=fmodel.dtype)
+        return indices, grads.to(fmodel.device)
+
+    @property
+    def train_grads_(self) -> torch.Tensor:
+        """All ``n x p`` training gradients in index order (under torch.distributed: gathered from the ranks on
+        first use, a collective every rank must make)."""
+        self._check_fitted()
+        if self._all_grads is None:
+            self._all_grads = all_gather_rows(self.local_grads_)
+        return self._all_grads
+
+    def _rows(self, fn: Any, name: str, idx: torch.Tensor, batch: tuple) -> torch.Tensor:
+        try:
+            g = fn(batch)
+        except (RuntimeError, IndexError, TypeError) as err:
+            raise batch_failure(self.task, name, batch, err) from err
+        check_rows_finite(
+            g,
+            idx,
+            lambda i: f"gradient of {name} example {i}",
+            "check that example's inputs and label, and the model's outputs on it.",
+        )
+        return g
 
     def _gradients(
         self, fmodel: FunctionalModel, source: DataSource, name: str, fn: Any, desc: str
     ) -> torch.Tensor:
         def rows(idx: torch.Tensor, batch: tuple) -> torch.Tensor:
-            try:
-                g = fn(batch)
-            except (RuntimeError, IndexError, TypeError) as err:
-                raise batch_failure(self.task, name, batch, err) from err
-            check_rows_finite(
-                g,
-                idx,
-                lambda i: f"gradient of {name} example {i}",
-                "check that example's inputs and label, and the model's outputs on it.",
-            )
-            return g
+            return self._rows(fn, name, idx, batch)
 
         # each rank computes its shard's rows; all ranks get all rows in index order (datatrace.distributed)
         return distributed_per_example(rows, source, with_indices=True, progress=self.progress, desc=desc)
 
-    def _check_stationary(self, fmodel: FunctionalModel, grads: torch.Tensor) -> None:
-        full = grads.mean(dim=0) + fmodel.regularizer * fmodel.theta
-        scale = float(grads.norm(dim=1).mean()) or 1.0
+    def _check_stationary(self, fmodel: FunctionalModel, local_grads: torch.Tensor, n: int) -> None:
+        sums = all_reduce_sum(
+            torch.cat([local_grads.sum(dim=0), local_grads.norm(dim=1).sum().reshape(1)]).to(torch.float64)
+        )
+        full = (sums[:-1] / n).to(fmodel.dtype) + fmodel.regularizer * fmodel.theta
+        scale = float(sums[-1]) / n or 1.0
         relative = float(full.norm()) / scale
         self.gradient_norm_ = float(full.norm())
         if relative > STATIONARITY_TOLERANCE:
@@ -197,7 +250,8 @@ class InfluenceFunction:
         q_grads = self.query_gradients(query, measurement)
         solved = self.curvature_.solve(q_grads)
         check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
-        values = (solved @ self.train_grads_.T) / self.n_train_
+        # local columns, gathered (n_query x n, never the n x p gradients)
+        values = all_gather_rows((self.local_grads_ @ solved.T) / self.n_train_).T
         what = (
             self.task.describe_measurement()
             if measurement is None
@@ -218,16 +272,38 @@ class InfluenceFunction:
             "task": repr(self.task),
         }
 
+    def _solve_everywhere(self) -> bool:
+        """Whether every rank must solve the same rows: the route's solve passes over the data (collectives)."""
+        return world()[2] and bool(getattr(self.curvature_, "collective_solve", False))
+
     def _train_solved(self) -> torch.Tensor:
+        """``H^{-1} g_i`` for the training rows this rank scores (its shard, or all rows if the solve is
+        collective)."""
         if self._train_ihvp is None:
-            self._train_ihvp = self.curvature_.solve(self.train_grads_)
+            grads = self.train_grads_ if self._solve_everywhere() else self.local_grads_
+            self._train_ihvp = self.curvature_.solve(grads)
         return self._train_ihvp
 
     def self_influence(self) -> torch.Tensor:
         """``(1/n) g_i^T H^{-1} g_i`` for every training example, shape ``(n_train,)``: the estimated rise of
         example ``i``'s own loss if it were removed and the model retrained."""
         self._check_fitted()
-        return (self._train_solved() * self.train_grads_).sum(dim=1) / self.n_train_
+        if self._solve_everywhere():
+            return (self._train_solved() * self.train_grads_).sum(dim=1) / self.n_train_
+        local = (self._train_solved() * self.local_grads_).sum(dim=1) / self.n_train_
+        return all_gather_rows(local)
+
+    def _selected_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The training gradients of ``idx`` (any order, repeats allowed), the same on every rank: each rank fills
+        the rows it holds and one all-reduce assembles them."""
+        if not world()[2]:
+            return self.local_grads_[idx]
+        start = int(self.local_indices_[0]) if len(self.local_indices_) else 0
+        mine = (idx >= start) & (idx < start + len(self.local_indices_))
+        rows = torch.zeros(len(idx), self.fmodel_.num_params, dtype=self.local_grads_.dtype)
+        rows = rows.to(self.local_grads_.device)
+        rows[mine] = self.local_grads_[idx[mine] - start]
+        return all_reduce_sum(rows)
 
     def params_change(self, indices: Any) -> dict[str, torch.Tensor]:
         """Estimated ``theta_{-i} - theta_hat = (1/n) H^{-1} g_i`` for each index ``i``.
@@ -236,7 +312,7 @@ class InfluenceFunction:
         """
         self._check_fitted()
         idx = check_indices("indices", indices, self.n_train_)
-        delta = self.curvature_.solve(self.train_grads_[idx]) / self.n_train_
+        delta = self.curvature_.solve(self._selected_rows(idx)) / self.n_train_
         return self.fmodel_.space.unflatten(delta)
 
     def removal_params(self, indices: Any) -> dict[str, torch.Tensor]:
@@ -244,5 +320,5 @@ class InfluenceFunction:
         sum of the individual changes). Returns a dict parameter name -> tensor of the parameter's shape."""
         self._check_fitted()
         idx = check_indices("indices", indices, self.n_train_)
-        delta = self.curvature_.solve(self.train_grads_[idx].sum(dim=0, keepdim=True)) / self.n_train_
+        delta = self.curvature_.solve(self._selected_rows(idx).sum(dim=0, keepdim=True)) / self.n_train_
         return {k: v[0] for k, v in self.fmodel_.space.unflatten(delta).items()}

@@ -80,6 +80,12 @@ class AutoCurvature(Curvature):
         self.info_ = {**route.info, "auto_choice": route.name, "auto_reason": reason}
         return self
 
+    @property
+    def collective_solve(self) -> bool:  # type: ignore[override]
+        """The chosen route's (False before ``fit``)."""
+        route = getattr(self, "route_", None)
+        return bool(getattr(route, "collective_solve", False))
+
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.route_.solve(vectors)
 

@@ -25,6 +25,9 @@ class Curvature(ABC):
 
     #: registry name, e.g. ``"exact"``
     name: str = ""
+    #: True when ``solve`` itself passes over the training data (CG, LiSSA): under torch.distributed those passes
+    #: are collectives, so every rank must then solve the same rows in the same order
+    collective_solve: bool = False
 
     def __init__(self) -> None:
         self.info_: dict[str, Any] = {}

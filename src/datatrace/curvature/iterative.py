@@ -540,6 +540,7 @@ class CG(_MatrixFree):
     """
 
     name = "cg"
+    collective_solve = True
 
     def __init__(
         self,
@@ -808,6 +809,7 @@ class LiSSA(_MatrixFree):
     """
 
     name = "lissa"
+    collective_solve = True
 
     def __init__(
         self,
