@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ._validation import NotFittedError, bad_value, check_finite, check_indices
 from .curvature import Curvature, make_curvature
@@ -155,9 +156,12 @@ class InfluenceFunction:
         failure on one rank raises on every rank."""
         indices = shard_indices(len(source))
         rows, error = [], None
+        show = self.progress and world()[0] == 0
         try:
-            for idx, batch in source.batches(indices=indices):
-                rows.append(self._rows(fmodel.per_example_grads, "train", idx, batch))
+            with tqdm(total=len(indices), desc="training gradients", disable=not show, leave=False) as bar:
+                for idx, batch in source.batches(indices=indices):
+                    rows.append(self._rows(fmodel.per_example_grads, "train", idx, batch))
+                    bar.update(len(idx))
         except Exception as err:
             if not world()[2]:
                 raise
