@@ -147,7 +147,30 @@ def _checks(rank: int, world_size: int) -> tuple[dict[str, torch.Tensor], dict]:
     # -- curvature routes shard their passes over the data (K-FAC factors, EK-FAC eigenvalues, GGN products,
     # diagonals); the influence scores then equal the single process's
     out.update(curvature_scores(model, task, data))
+    out.update(tiny_influence(model, task, data))
+
+    # an InfluenceFunction fitted sharded refuses to be used by one rank alone (it holds a shard)
+    from datatrace import InfluenceFunction
+
+    inf = InfluenceFunction(model, task, curvature="identity", progress=False).fit(data)
+    with local_only():
+        try:
+            inf.self_influence()
+            facts["local_only_error"] = None
+        except RuntimeError as err:
+            facts["local_only_error"] = str(err)
+    out["after_local_only"] = inf.self_influence()  # still usable by all ranks together
     return out, facts
+
+
+def tiny_influence(model: nn.Module, task: ClassificationTask, data: tuple) -> dict[str, torch.Tensor]:
+    """Fewer training examples than ranks: rank 1 holds no training gradient (EK-FAC solves zero rows there)."""
+    from datatrace import InfluenceFunction
+    from datatrace.curvature.kfac import EKFAC
+
+    two = (data[0][:1], data[1][:1])
+    inf = InfluenceFunction(model, task, curvature=EKFAC(), progress=False).fit(two)
+    return {"tiny_self": inf.self_influence(), "tiny_scores": inf.score((data[0][:3], data[1][:3])).values}
 
 
 def curvature_routes() -> dict:

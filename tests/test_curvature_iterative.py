@@ -534,3 +534,18 @@ def test_cg_preconditioners_reach_the_dense_solve_in_fewer_iterations(trained_ml
 def test_cg_rejects_an_unknown_preconditioner():
     with pytest.raises(ValueError, match=r"preconditioner='jacobi'.*'diagonal', 'kfac', 'ekfac'"):
         CG(preconditioner="jacobi")
+
+
+def test_cg_with_a_structured_preconditioner_survives_negative_curvature(mlp):
+    """One right-hand side meeting d^T H d <= 0 leaves CG with no active row in that iteration: the EK-FAC
+    preconditioner must not be called on an empty block (truncated CG with damping=0; the raise with "auto")."""
+    v = mlp.V[:1]
+    fixed = CG(damping=0.0, preconditioner="ekfac").fit(mlp.fmodel, mlp.source, progress=False)
+    with pytest.warns(ConvergenceWarning, match="non-positive curvature"):
+        x = fixed.solve(v)
+    assert torch.isfinite(x).all() and fixed.info["num_negative_curvature"] == 1
+    auto = CG(rtol=1e-10, preconditioner="ekfac").fit(mlp.fmodel, mlp.source, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        x = auto.solve(v)
+    assert row_rel(x, dense_solve(mlp.hessian, auto.damping_, v)) < 1e-6

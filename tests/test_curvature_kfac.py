@@ -600,3 +600,17 @@ def test_unpenalised_bias_without_damping_is_a_pseudo_inverse(route, classificat
     assert torch.isfinite(solved).all()
     assert rel(solved, V @ torch.linalg.pinv(dense_of(curv, fm.num_params), hermitian=True)) < 1e-8
     assert curv.info["num_zero_dropped"] == 1
+
+
+@pytest.mark.parametrize("route", [KFAC, EKFAC])
+def test_zero_rows_solve_and_empty_index_lists(route, mlp_classification):
+    """A rank with an empty shard, or CG's last block of rows, hands the route zero rows: nothing to solve."""
+    model, task, data = mlp_classification
+    fm = fmodel_of(model, task)
+    curv = route().fit(fm, as_data_source(data), progress=False)
+    empty = torch.zeros(0, fm.num_params, dtype=DT)
+    assert curv.solve(empty).shape == (0, fm.num_params)
+    assert curv.matvec(empty).shape == (0, fm.num_params)
+    inf = InfluenceFunction(model, task, curvature=route(), progress=False).fit(data)
+    assert all(v.shape[0] == 0 for v in inf.params_change([]).values())
+    assert all(float(v.abs().sum()) == 0.0 for v in inf.removal_params([]).values())

@@ -10,9 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _dist_worker import BATCH, N_TRAIN, curvature_routes, curvature_scores, problem, run, sums_by_methods
+from _dist_worker import (
+    BATCH,
+    N_TRAIN,
+    curvature_routes,
+    curvature_scores,
+    problem,
+    run,
+    sums_by_methods,
+    tiny_influence,
+)
 from _gloo import load_ranks, spawn
-from datatrace import ClassificationTask
+from datatrace import ClassificationTask, InfluenceFunction
 from datatrace.data import as_data_source
 from datatrace.distributed import (
     all_gather_rows,
@@ -137,6 +146,7 @@ def reference():
         },
         "tiny_rows": fmodel.per_example_grads(one.get([0])),
         "tiny_sum": grad_part(one.get([0])),
+        **tiny_influence(model, task, data),
         "tracin": tracin.fit(data).score((data[0][:5], data[1][:5])).values,
         **curvature_scores(model, task, data),
     }
@@ -183,6 +193,8 @@ def test_two_ranks_match_single_process_functional_model(two_ranks, reference):
         assert t["index_sum"].item() == sum(range(N_TRAIN))
         torch.testing.assert_close(t["tiny_rows"], reference["tiny_rows"], **TOL)
         torch.testing.assert_close(t["tiny_sum"], reference["tiny_sum"], **TOL)
+        for key in ("tiny_self", "tiny_scores"):  # n = 1 < 2 ranks: rank 1 has an empty shard
+            torch.testing.assert_close(t[key], reference[key], **TOL)
         torch.testing.assert_close(t["tracin"], reference["tracin"], **TOL)
     torch.testing.assert_close(
         tensors[0]["hvp"], tensors[1]["hvp"], rtol=0, atol=0
@@ -208,6 +220,19 @@ def test_two_ranks_curvature_routes_match_single_process(two_ranks, reference, r
             assert reference[f"examples_{route}"].tolist() == [N_TRAIN, N_TRAIN]
             assert tensors[rank][f"examples_{route}"].tolist() == [N_TRAIN, shard]
     assert reference[f"local_rows_{route}"].item() == N_TRAIN
+
+
+@pytest.mark.slow
+def test_two_ranks_sharded_influence_refuses_local_only_use(two_ranks, reference):
+    tensors, facts = two_ranks
+    model, task, data, _ = problem()
+    expected = InfluenceFunction(model, task, curvature="identity", progress=False).fit(data).self_influence()
+    for rank in range(2):
+        message = facts[rank]["local_only_error"]
+        assert (
+            message is not None and "fitted sharded over 2 process(es)" in message and "local_only" in message
+        )
+        torch.testing.assert_close(tensors[rank]["after_local_only"], expected, **TOL)
 
 
 @pytest.mark.slow

@@ -241,8 +241,14 @@ class FunctionalModel:
         return (0.5 * (ggn + ggn.T)).detach()
 
 
-def check_model_and_task(model: Any, task: Any, dtype: Any = None) -> None:
-    """The checks every attributor's constructor makes: a Module, a datatrace Task, a floating dtype or None."""
+def check_model_and_task(
+    model: Any,
+    task: Any,
+    dtype: Any = None,
+    model_fix: str = "for scikit-learn estimators use datatrace.from_sklearn",
+) -> None:
+    """The checks every attributor's constructor makes: a Module, a datatrace Task, a floating dtype or None;
+    ``model_fix`` is the hint given for a model that is not a Module."""
     if not isinstance(task, Task):
         raise bad_value(
             "task",
@@ -255,7 +261,7 @@ def check_model_and_task(model: Any, task: Any, dtype: Any = None) -> None:
             "model",
             model,
             "expected a torch.nn.Module",
-            "for scikit-learn estimators use datatrace.from_sklearn",
+            model_fix,
         )
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise bad_value("dtype", dtype, "expected a floating torch dtype or None", "pass torch.float64")

@@ -135,6 +135,7 @@ class InfluenceFunction:
         self.train_ = source
         self.local_indices_ = local_indices
         self.local_grads_ = local_grads
+        self.world_size_ = world()[1]
         self._all_grads: torch.Tensor | None = None if world()[2] else local_grads
         self.curvature_ = curvature
         self.n_train_ = len(source)
@@ -223,6 +224,14 @@ class InfluenceFunction:
             raise NotFittedError(
                 "this InfluenceFunction is not fitted yet. Fix: call .fit(train) with the training data first."
             )
+        size = world()[1]
+        if size != self.world_size_:
+            raise RuntimeError(
+                f"this InfluenceFunction was fitted sharded over {self.world_size_} process(es), each holding only "
+                f"its share of the training gradients, but it is now used by {size} (e.g. inside "
+                "datatrace.distributed.local_only()). Fix: call it on every rank, outside local_only(), or fit it "
+                "inside local_only() so that one process holds everything."
+            )
 
     # -- queries -----------------------------------------------------------------------------------------------
     def query_gradients(self, query: DataLike, measurement: Measurement | None = None) -> torch.Tensor:
@@ -284,8 +293,18 @@ class InfluenceFunction:
         """``H^{-1} g_i`` for the training rows this rank scores (its shard, or all rows if the solve is
         collective)."""
         if self._train_ihvp is None:
-            grads = self.train_grads_ if self._solve_everywhere() else self.local_grads_
-            self._train_ihvp = self.curvature_.solve(grads)
+            if self._solve_everywhere():
+                self._train_ihvp = self.curvature_.solve(self.train_grads_)
+            else:  # a local solve can fail on one rank only (e.g. memory): tell every rank
+                solved, error = None, None
+                try:
+                    solved = self.curvature_.solve(self.local_grads_)
+                except Exception as err:
+                    if not world()[2]:
+                        raise
+                    error = err
+                raise_if_any_failed(error, "H^{-1} g of the training gradients")
+                self._train_ihvp = solved
         return self._train_ihvp
 
     def self_influence(self) -> torch.Tensor:

@@ -348,6 +348,7 @@ class ProjectedInfluence:
                 dim=k,
                 dtype=self._feature_dtype,
                 chunk_size=self.chunk_size,
+                chunk_multiple=source.batch_size,  # chunks start where a single process's batches start
                 fingerprints=fingerprints,
                 metadata={
                     "estimator": "ProjectedInfluence",

@@ -278,6 +278,7 @@ class GradientStore:
         chunk_size: int | None = None,
         fingerprints: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        chunk_multiple: int = 1,
     ) -> GradientStore:
         """A new store in ``directory``, or the existing one there if it was made for the same thing.
 
@@ -293,16 +294,21 @@ class GradientStore:
             n: number of rows (training examples). dim: features per row.
             dtype: storage dtype, float32 (default), float16, bfloat16 or float64.
             chunk_size: rows per chunk file (default: about 64 MiB per file, and at most ``ceil(n / world_size)``
-                rows under torch.distributed so that every rank writes a share).
+                rows under torch.distributed so that every rank writes a share, rounded up to a multiple of
+                ``chunk_multiple``).
             fingerprints: JSON values identifying what the features are computed from, e.g.
                 ``{"model": sha256, "data": sha256, "projection": {...}}``.
             metadata: free JSON facts recorded in the manifest (not compared).
+            chunk_multiple: the default ``chunk_size`` is a multiple of it (e.g. the batch size, so that chunks
+                start where a single process's batches start); ignored when ``chunk_size`` is given or the store
+                exists.
         """
         kwargs = {
             "n": n,
             "dim": dim,
             "dtype": dtype,
             "chunk_size": chunk_size,
+            "chunk_multiple": check_positive_int("chunk_multiple", chunk_multiple),
             "fingerprints": fingerprints,
             "metadata": metadata,
         }
@@ -344,6 +350,7 @@ class GradientStore:
         chunk_size: int | None,
         fingerprints: Mapping[str, Any] | None,
         metadata: Mapping[str, Any] | None,
+        chunk_multiple: int = 1,
     ) -> GradientStore:
         """:meth:`create` in this process only (no collective)."""
         n = check_positive_int("n", n)
@@ -364,6 +371,7 @@ class GradientStore:
                 # at most 64 MiB per chunk, and at least one chunk per rank so that every rank has work
                 per_rank = -(-n // world()[1])
                 chunk_size = max(1, min(per_rank, DEFAULT_CHUNK_BYTES // (dim * itemsize)))
+                chunk_size = min(n, -(-chunk_size // chunk_multiple) * chunk_multiple)
         chunk_size = check_positive_int("chunk_size", chunk_size)
         if path.exists() and not path.is_dir():
             raise bad_value(

@@ -256,7 +256,7 @@ class TracIn:
         batch_size: int | None = None,
         progress: bool = True,
     ) -> None:
-        check_model_and_task(model, task, dtype)
+        check_model_and_task(model, task, dtype, model_fix="pass the network (any checkpoint's)")
         if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
             raise bad_value(
                 "checkpoints",

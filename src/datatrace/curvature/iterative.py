@@ -481,6 +481,9 @@ def conjugate_gradient(
                 negative[stopped.cpu()] = True
                 active[stopped] = False
                 idx, d, ad, curvature = idx[ok], d[ok], ad[ok], curvature[ok]
+                if idx.numel() == 0:  # every active row stopped on curvature <= 0 in this iteration
+                    bar.update(1)
+                    continue
             alpha = rz[idx] / curvature
             x.index_add_(0, idx, alpha[:, None] * d)
             r_new = r[idx] - alpha[:, None] * ad

@@ -207,7 +207,7 @@ class _Layer:
             if self.kind == "conv1d":  # weight (in, out), y = x @ W + b
                 parts.append(w.transpose(-1, -2))
             else:  # Linear (out, in); Conv2d (out, in, kh, kw) row-major -> (out, in*kh*kw)
-                parts.append(w.reshape(*lead_shape, self.out_dim, -1))
+                parts.append(w.reshape(*lead_shape, self.out_dim, self.in_dim))
         if self.bias is not None:
             parts.append(blocks[self.bias].unsqueeze(-1))
         return torch.cat(parts, dim=-1)
@@ -822,6 +822,8 @@ class KFAC(Curvature):
                 f"expected shape (m, {space.numel}) in the flat parameter space",
                 "pass one row per vector",
             )
+        if vectors.shape[0] == 0:  # nothing to solve (e.g. a rank with an empty shard)
+            return vectors.clone()
         v = vectors.to(torch.float64)
         blocks = space.unflatten(v)
         shapes = dict(zip(space.names, space.shapes))
