@@ -32,15 +32,21 @@ thousand dimensions (Gaussian, k = 2,048) is within 0.05 LDS of unprojected.
 
 **Part 3 - peers** (``--part peers``; ``--skip-peers`` to leave it out, ``--peers`` to choose). TRAK as MadryLab's
 ``traker`` ships it (``TRAKer`` on CPU: its ``BasicProjector``, Gaussian; the CUDA projector needs ``fast_jl``),
-dattri's ``TRAKAttributor`` and dattri's ``LoGraAttributor``, each in its own subprocess (``--peer-timeout``, a
-missing library is "not available", a failure is reported with its error). On the scale problem, at
-``--peer-sizes`` and at datatrace's k: fit (featurize + finalize / cache), scoring a query set, scoring a SECOND
-query set on the fitted state (none of the three recomputes training gradients there), peak RSS, the ratio to one
-forward+backward pass, and per-query Pearson r with datatrace's scores. On the digits MLP of part 2 (hidden 32, the
-cached ground truth of ``bench_curvature.py``): LDS of single-model TRAK against ``ProjectedInfluence`` with a
-Gaussian projection of the same k (``--peer-dims``), with TRAK's shipped ridge 0 and with a ridge matched to the
-model's L2. Peers' scores are converted to datatrace's units and sign first (``CONVERSIONS``). Writes
-``benchmarks/results/store_peers.json`` (``store_peers_quick.json`` with ``--quick``).
+dattri's ``TRAKAttributor``, dattri's ``LoGraAttributor`` and kronfluence's EK-FAC (``Analyzer``:
+``fit_all_factors`` then ``compute_pairwise_scores``, unprojected, damping = the weight decay), each in its own
+subprocess (``--peer-timeout``, a missing library is "not available", a failure is reported with its error). On
+the scale problem, at ``--peer-sizes`` and at datatrace's k (kronfluence: k = p): fit (featurize + finalize /
+cache / factors), scoring a query set, scoring a SECOND query set on the fitted state (the TRAK and LoGra peers do
+not recompute training gradients there; kronfluence's pairwise scores recompute all n of them for every new query
+set, its issue #40), peak RSS, the ratio to one forward+backward pass, and per-query Pearson r with datatrace's
+scores. On the digits MLP of part 2 (hidden 32, the cached ground truth of ``bench_curvature.py``): LDS of
+single-model TRAK against ``ProjectedInfluence`` with a Gaussian projection of the same k (``--peer-dims``), with
+TRAK's shipped ridge 0 and with a ridge matched to the model's L2 (peers in ``LDS_PEERS``; kronfluence's LDS is in
+``bench_curvature.py``; with no such peer chosen the LDS table is not run). Peers' scores are converted to
+datatrace's units and sign first (``CONVERSIONS``). Writes ``benchmarks/results/store_peers.json``
+(``store_peers_quick.json`` with ``--quick``), MERGING into the file's rows: a run replaces the rows of the
+libraries and n it ran and keeps all others, so ``--peers kronfluence`` adds kronfluence's rows (and refreshes
+datatrace's) without losing the traker / dattri rows.
 
 Units and sign are datatrace's: ``score[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)`` (positive: i helped q).
 
@@ -51,6 +57,7 @@ Usage::
     python benchmarks/bench_store.py --part scale --sizes 1000,10000,100000 --width 32
     python benchmarks/bench_store.py --part lds --hidden 32
     python benchmarks/bench_store.py --part peers --peers traker,dattri-trak --peer-sizes 1000,10000
+    python benchmarks/bench_store.py --part peers --peers kronfluence --peer-sizes 1000,10000,100000
     python benchmarks/bench_store.py --skip-peers          # parts 1 and 2 only
 
 Writes ``benchmarks/results/store.json`` (``store_quick.json`` with ``--quick``) and prints the tables.
@@ -356,7 +363,17 @@ PEERS = {
         "dattri LoGraAttributor (per-layer factorised Gaussian projection w x w, eFIM block-diagonal "
         "curvature, shipped damping), cache() then attribute() per query set",
     ),
+    "kronfluence": (
+        "kronfluence",
+        "kronfluence.analyzer",
+        "kronfluence Analyzer (cpu=True), unprojected: fit_all_factors(FactorArguments(strategy='ekfac'), shipped "
+        "float32 dtypes, true Fisher) once, then compute_pairwise_scores(ScoreArguments(damping_factor = weight "
+        "decay 1e-4)) + load_pairwise_scores per query set, which recomputes every training gradient for each new "
+        "query set (its issue #40); scale part only (its LDS is in bench_curvature.py)",
+    ),
 }
+#: peers that also take part in the LDS table of the peers part (kronfluence's LDS is in bench_curvature.py)
+LDS_PEERS = ("traker", "dattri-trak", "dattri-logra")
 
 # How each library's raw scores become datatrace's ``score[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)`` (query
 # loss change on removing i, positive = i helped q). p_q = softmax probability of query q's label under the model.
@@ -375,8 +392,11 @@ CONVERSIONS = {
     "dattri-logra": "score[q, i] = raw[i, q] * n_query_batch / n_train (raw = g_q^T (mean eFIM + damping)^-1 g_i "
     "of loss gradients; its test gradients come from a hard-coded MEAN cross-entropy per query batch, hence the "
     "batch size; same sign)",
+    "kronfluence": "score[q, i] = raw[q, i] / n_train (raw = grad f_q^T (EK-FAC of the mean true Fisher + damping)^-1 "
+    "grad l_i with summed losses, query-major; no 1/n, same sign), as in bench_curvature.py. A different estimator "
+    "from datatrace's (unprojected EK-FAC against the projected exact Gauss-Newton), so r is not expected near 1",
 }
-SIGN = {"datatrace": 1.0, "traker": 1.0, "dattri-trak": 1.0, "dattri-logra": 1.0}
+SIGN = {"datatrace": 1.0, "traker": 1.0, "dattri-trak": 1.0, "dattri-logra": 1.0, "kronfluence": 1.0}
 
 
 class PeerUnavailable(RuntimeError):
@@ -410,6 +430,8 @@ def to_datatrace_units(
         return SIGN[library] * (1.0 - p_query)[:, None] * raw
     if library == "dattri-logra":
         return SIGN[library] * raw * batch / n_train
+    if library == "kronfluence":  # _run_peer hands its query-major scores over train-major, as the others
+        return SIGN[library] * raw / n_train
     raise ValueError(library)
 
 
@@ -539,6 +561,82 @@ def _run_peer(
             out["query_seconds"].append(time.perf_counter() - start)
             out["raw"].append(raw.detach().double().numpy())
         out["settings"] = {"proj_dim": width * width, "hessian": "eFIM", "damping": "shipped (None)"}
+    elif library == "kronfluence":
+        import copy
+
+        import torch.nn.functional as F
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments, ScoreArguments
+        from kronfluence.task import Task as KronfluenceTask
+
+        class ScaleTask(KronfluenceTask):
+            """As kronfluence's docs: summed training loss; ``sample=True`` draws labels from the model (the true
+            Fisher, its default); the measurement is the query's own loss, as datatrace measures."""
+
+            def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+                x, y = batch
+                logits = model(x)
+                if sample:
+                    with torch.no_grad():
+                        y = torch.distributions.Categorical(logits=logits.detach()).sample()
+                return F.cross_entropy(logits, y, reduction="sum")
+
+            def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+                x, y = batch
+                return F.cross_entropy(model(x), y, reduction="sum")
+
+        damping = (
+            1e-4  # the model's weight decay (datatrace's L2 term), as bench_curvature.py's kronfluence-ekfac
+        )
+        torch.manual_seed(0)  # the sampled labels of the true Fisher
+        with Measure() as m_fit:
+            kf_task = ScaleTask()
+            kf_model = prepare_model(
+                copy.deepcopy(model), kf_task
+            )  # wraps each Linear in place: work on a copy
+            analyzer = Analyzer(
+                analysis_name="bench",
+                model=kf_model,
+                task=kf_task,
+                cpu=True,
+                disable_tqdm=True,
+                log_level=logging.ERROR,
+                output_dir=str(workdir / "kronfluence"),
+            )
+            analyzer.fit_all_factors(
+                factors_name="ekfac",
+                dataset=torch.utils.data.TensorDataset(*train),
+                per_device_batch_size=batch,
+                factor_args=FactorArguments(strategy="ekfac"),
+                overwrite_output_dir=True,
+            )
+        score_args = ScoreArguments(damping_factor=damping)
+        for j, query in enumerate(queries):
+            start = time.perf_counter()
+            analyzer.compute_pairwise_scores(
+                scores_name=f"q{j}",
+                factors_name="ekfac",
+                query_dataset=torch.utils.data.TensorDataset(*query),
+                train_dataset=torch.utils.data.TensorDataset(*train),
+                per_device_query_batch_size=len(query[0]),  # one query batch: one pass over the training set
+                per_device_train_batch_size=batch,
+                score_args=score_args,
+                overwrite_output_dir=True,
+            )
+            raw = analyzer.load_pairwise_scores(scores_name=f"q{j}")["all_modules"]
+            out["query_seconds"].append(time.perf_counter() - start)
+            out["raw"].append(raw.detach().double().numpy().T)  # train-major, as the other peers
+        out["dim"] = sum(param.numel() for param in model.parameters())  # unprojected
+        out["settings"] = {
+            "strategy": "ekfac",
+            "damping_factor": damping,
+            "damping": "= weight decay 1e-4 (kronfluence's shipped default is 1e-8)",
+            "fisher": "true Fisher (labels sampled from the model; kronfluence default)",
+            "dtypes": "kronfluence's shipped FactorArguments / ScoreArguments dtypes (float32 covariances, "
+            "lambdas, gradients and scores; float64 eigendecomposition)",
+            "query_batch": len(queries[0][0]),
+            "train_batch": batch,
+        }
     else:
         raise ValueError(library)
     out.update(seconds_fit=m_fit.seconds, fit_extra_peak_mib=m_fit.extra_peak_mib)
@@ -621,7 +719,11 @@ def peer_child(args: argparse.Namespace) -> dict[str, Any]:
                     workdir,
                 )
             else:
-                ridge = ridge_for(library, n, 1e-4, args.peer_dim) if library != "dattri-logra" else None
+                ridge = (
+                    ridge_for(library, n, 1e-4, args.peer_dim)
+                    if library in ("traker", "dattri-trak")
+                    else None
+                )
                 res = _run_peer(
                     library, model, train, [query, query2], args.peer_dim, ridge, batch, workdir, args.width
                 )
@@ -799,10 +901,20 @@ def run_peers(args: argparse.Namespace) -> dict[str, Any]:
     lds_rows: list[dict[str, Any]] = []
     problem = QUICK_LDS_PROBLEM if args.quick else Problem("mlp", retrain_tolerance=1e-9)
     n_subsets, n_seeds = (12, 1) if args.quick else (60, 2)
+    lds_libraries = ["datatrace", *(name for name in args.peers if name in LDS_PEERS)]
+    result = {
+        "scale": scale_rows,
+        "lds": lds_rows,
+        "lds_problem": problem.describe(),
+        "lds_ground_truth": f"{n_subsets} random half subsets x {n_seeds} seed(s), cached (bench_curvature.py)",
+    }
+    if len(lds_libraries) == 1:  # no chosen peer takes part in the LDS table: keep the file's LDS rows
+        print("[peers] LDS: none of the chosen peers is in LDS_PEERS; LDS rows left as they are", flush=True)
+        return result
     print(f"[peers] LDS on {problem.describe()} ...", flush=True)
     truth = common.subset_truth(problem, n_subsets, n_seeds, n_jobs=args.jobs, progress=False)
     references: dict[int, np.ndarray] = {}
-    for library in libraries:
+    for library in lds_libraries:
         with tempfile.TemporaryDirectory(prefix="bench-store-peer-") as workdir:
             dims = ",".join(str(d) for d in args.peer_dims)
             out = _spawn_peer(args, library, "lds", workdir, peer_dims=dims)
@@ -829,12 +941,7 @@ def run_peers(args: argparse.Namespace) -> dict[str, Any]:
                     f"corr datatrace {common.fmt(row.get('corr_datatrace'))}",
                     flush=True,
                 )
-    return {
-        "scale": scale_rows,
-        "lds": lds_rows,
-        "lds_problem": problem.describe(),
-        "lds_ground_truth": f"{n_subsets} random half subsets x {n_seeds} seed(s), cached (bench_curvature.py)",
-    }
+    return result
 
 
 SCALE_PEER_COLUMNS = [
@@ -845,6 +952,7 @@ SCALE_PEER_COLUMNS = [
     ("fit_over_forward_backward", "fit/fb"),
     ("seconds_query_1", "query s"),
     ("seconds_query_2", "2nd query s"),
+    ("query_2_over_forward_backward", "2nd q/fb"),
     ("peak_rss_mib", "peak MiB"),
     ("fit_extra_peak_mib", "fit extra MiB"),
     ("corr_datatrace", "r datatrace"),
@@ -863,28 +971,76 @@ LDS_PEER_COLUMNS = [
 ]
 
 
+def _order(row: dict[str, Any]) -> tuple:
+    names = ["datatrace", *PEERS]
+    library = row.get("library")
+    return (names.index(library) if library in names else len(names), str(library))
+
+
+def merge_peer_rows(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The file's previous peer results ``old`` updated with this run's ``new`` ones: a scale row replaces the old
+    row of the same library and n (the others are kept); LDS rows are replaced per library (all of a library's
+    rows when it ran here, none when the LDS table was not run). Returns the merged dict and what was kept."""
+    merged = dict(new)
+    kept: list[str] = []
+    fresh = {(r.get("library"), r.get("n_train")) for r in new["scale"]}
+    old_scale = [r for r in old.get("scale", []) if (r.get("library"), r.get("n_train")) not in fresh]
+    kept += [f"scale {r.get('library')} n={r.get('n_train')}" for r in old_scale]
+    merged["scale"] = sorted(old_scale + new["scale"], key=lambda r: (r.get("n_train") or 0, *_order(r)))
+    ran = {r.get("library") for r in new["lds"]}
+    old_lds = [r for r in old.get("lds", []) if r.get("library") not in ran]
+    kept += sorted({f"lds {r.get('library')}" for r in old_lds})
+    merged["lds"] = sorted(old_lds + new["lds"], key=_order)  # stable: a library's rows keep their order
+    if not new["lds"]:
+        for key in ("lds_problem", "lds_ground_truth"):
+            if key in old:
+                merged[key] = old[key]
+    return merged, kept
+
+
 def write_peers(args: argparse.Namespace, peers: dict[str, Any]) -> None:
-    """Write ``store_peers.json`` (``store_peers_quick.json`` with ``--quick``) and print the two peer tables."""
+    """Write ``store_peers.json`` (``store_peers_quick.json`` with ``--quick``) and print the two peer tables.
+
+    Rows are MERGED into the file's existing ones (``merge_peer_rows``): a run of some peers or sizes replaces the
+    rows of the same library and n and keeps every other row; ``settings`` is this run's, ``runs`` lists each run's
+    settings and environment."""
+    name = "store_peers_quick" if args.quick else "store_peers"
+    path = RESULTS / f"{name}.json"
+    old: dict[str, Any] = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+    peers, kept = merge_peer_rows(old, peers)
+    environment = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": 1,
+        "load_average_at_start": os.getloadavg(),
+        "versions": common.versions(["traker", "dattri", "kronfluence"]),
+    }
+    settings = {
+        "peers": args.peers,
+        "peer_sizes": args.peer_sizes,
+        "peer_dims": args.peer_dims,
+        "peer_timeout": args.peer_timeout,
+        "width": args.width,
+        "n_query": args.n_query,
+        "batch_size": args.batch_size,
+    }
+    runs = old.get("runs") or (
+        [{"settings": old["settings"], "environment": old.get("environment")}] if "settings" in old else []
+    )
+    runs = [*runs, {"settings": settings, "environment": environment, "kept_from_earlier_runs": kept}]
     result = {
-        "benchmark": "projected-gradient store / projected influence against TRAK (traker, dattri) and dattri LoGra",
+        "benchmark": "projected-gradient store / projected influence against TRAK (traker, dattri), dattri LoGra "
+        "and kronfluence EK-FAC",
         "meaning": datatrace.scores.MEANING,
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": 1,
-            "load_average_at_start": os.getloadavg(),
-            "versions": common.versions(["traker", "dattri", "kronfluence"]),
-        },
-        "settings": {
-            "peers": args.peers,
-            "peer_sizes": args.peer_sizes,
-            "peer_dims": args.peer_dims,
-            "peer_timeout": args.peer_timeout,
-            "width": args.width,
-            "n_query": args.n_query,
-            "batch_size": args.batch_size,
-        },
+        "environment": environment,
+        "settings": settings,
+        "runs": runs,
         "peers": {name: {"package": pkg, "run": what} for name, (pkg, _, what) in PEERS.items()},
         "conversions": CONVERSIONS,
         "notes": [
@@ -895,13 +1051,18 @@ def write_peers(args: argparse.Namespace, peers: dict[str, Any]) -> None:
             "Phi^T Phi is singular whenever n < k",
             "scale: 'r datatrace' = per-query Pearson r with datatrace's scores of the same n (no ground truth on "
             "synthetic data); '2nd query s' = a second query set of the same size on the fitted state",
+            "scale: kronfluence is unprojected (k = p) EK-FAC: its 'fit s' is fit_all_factors, each 'query s' one "
+            "compute_pairwise_scores + load_pairwise_scores, which recomputes all n training gradients for every new "
+            "query set (kronfluence issue #40); '2nd q/fb' = 2nd query s over one forward+backward pass",
             "lds: digits MLP of bench_curvature.py (p = 2,410), datatrace = ProjectedInfluence(RandomProjector(dim=k)) "
             "float64; 'r datatrace' against datatrace at the same k",
+            "rows are merged across runs: each run replaces the rows of the libraries and n it ran (scale) or of "
+            "the libraries it ran (LDS) and keeps the rest; datatrace's scores are deterministic (seeded data, model "
+            "and projection), so a kept peer row's 'r datatrace' stays valid against a re-run datatrace row",
         ],
         **peers,
     }
-    name = "store_peers_quick" if args.quick else "store_peers"
-    common.write_json(RESULTS / f"{name}.json", result)
+    common.write_json(path, result)
     print()
     print("Peers - scale (synthetic MLP)")
     print(common.table(peers["scale"], SCALE_PEER_COLUMNS))
