@@ -388,13 +388,13 @@ class ProjectedInfluence:
             logger.error("rank %d failed while computing training features %d:%d: %s", rank, start, stop, err)
             error = err
         raise_if_any_failed(error, "the projected training features")
-        if not (features is not None):  # pragma: no cover - an invariant of the code above
-            raise RuntimeError("internal error: expected features is not None")
+        if features is None:  # pragma: no cover - an invariant of the code above
+            raise RuntimeError("internal error: features is missing")
         # 16-bit rows travel as float32 (exact both ways), whatever the backend supports
         wire = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
         gathered = all_gather_rows(wire)
-        if not (gathered is not None):  # pragma: no cover - an invariant of the code above
-            raise RuntimeError("internal error: expected gathered is not None")
+        if gathered is None:  # pragma: no cover - an invariant of the code above
+            raise RuntimeError("internal error: gathered is missing")
         k = acc["grad"].shape[0]
         packed = all_reduce_sum(torch.cat([acc["ggn"].reshape(-1), acc["grad"], acc["norm"]]))
         sums = {"ggn": packed[: k * k].reshape(k, k), "grad": packed[k * k : k * k + k], "norm": packed[-1:]}
@@ -675,8 +675,8 @@ class ProjectedInfluence:
             error = err
         raise_if_any_failed(error, "self-influence against the GradientStore")
         out = all_gather_rows(local)
-        if not (out is not None):  # pragma: no cover - an invariant of the code above
-            raise RuntimeError("internal error: expected out is not None")
+        if out is None:  # pragma: no cover - an invariant of the code above
+            raise RuntimeError("internal error: out is missing")
         return out
 
     def _self_influence(self, source: FeatureSource, chunks: range | None) -> torch.Tensor:

@@ -336,8 +336,8 @@ class GradientStore:
             except Exception as err:
                 error = err
         raise_if_any_failed(error, what)
-        if not (store is not None):  # pragma: no cover - an invariant of the code above
-            raise RuntimeError("internal error: expected store is not None")
+        if store is None:  # pragma: no cover - an invariant of the code above
+            raise RuntimeError("internal error: store is missing")
         return store
 
     @classmethod
@@ -690,8 +690,8 @@ class GradientStore:
             mask = torch.zeros(self.n_chunks, dtype=torch.long)
             mask[self.missing_chunks()] = 1
         gathered = all_gather_rows(mask)
-        if not (gathered is not None):  # pragma: no cover - rank 0 always contributes
-            raise RuntimeError("internal error: expected gathered is not None")
+        if gathered is None:  # pragma: no cover - rank 0 always contributes
+            raise RuntimeError("internal error: gathered is missing")
         missing = gathered.nonzero().flatten().tolist()
         if not missing:
             if rank != 0:
@@ -1017,8 +1017,8 @@ def score_against_store(
         error = err
     raise_if_any_failed(error, "scores against the GradientStore")
     gathered = all_gather_rows(local)
-    if not (gathered is not None):  # pragma: no cover - an invariant of the code above
-        raise RuntimeError("internal error: expected gathered is not None")
+    if gathered is None:  # pragma: no cover - an invariant of the code above
+        raise RuntimeError("internal error: gathered is missing")
     return gathered.T.contiguous()
 
 
@@ -1106,13 +1106,13 @@ def top_k_against_store(
     except Exception as err:
         error = err
     raise_if_any_failed(error, "the top-k against the GradientStore")
-    if not (values is not None and indices is not None):  # pragma: no cover - an invariant of the code above
-        raise RuntimeError("internal error: expected values is not None and indices is not None")
+    if values is None or indices is None:  # pragma: no cover - an invariant of the code above
+        raise RuntimeError("internal error: values or indices is missing")
     all_values, all_indices = all_gather_rows(values), all_gather_rows(indices)
     if not (
         all_values is not None and all_indices is not None
     ):  # pragma: no cover - an invariant of the code above
-        raise RuntimeError("internal error: expected all_values is not None and all_indices is not None")
+        raise RuntimeError("internal error: all_values or all_indices is missing")
     cand_v, cand_i = all_values.permute(2, 1, 0), all_indices.permute(2, 1, 0)  # (2, m, candidates)
     v, pos = torch.topk(cand_v[0], k, dim=1)
     proponents = TopK(torch.gather(cand_i[0], 1, pos), v)
