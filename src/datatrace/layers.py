@@ -136,3 +136,20 @@ def output_rows(kind: str, out_dim: int, g: torch.Tensor) -> torch.Tensor:
     if kind == "conv2d":
         return g.reshape(g.shape[0], out_dim, -1).transpose(1, 2)
     return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def weight_decay_per_tensor(fmodel: FunctionalModel, names: list[str], who: str) -> dict[str, float]:
+    """The L2 strength of each named parameter tensor (one value per tensor, which the Kronecker-structured
+    routes need); ``who`` names the route in the error raised for a tensor with several strengths."""
+    reg = fmodel.regularizer.to(torch.float64)
+    slices = fmodel.space.slices()
+    strengths = {}
+    for name in names:
+        values = reg[slices[name]]
+        if values.numel() and not bool((values == values[0]).all()):
+            raise ValueError(
+                f"{who} needs one L2 strength per parameter tensor, but {name!r} has several. Fix: give the task "
+                "one weight_decay per parameter name."
+            )
+        strengths[name] = float(values[0]) if values.numel() else 0.0
+    return strengths

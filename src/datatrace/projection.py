@@ -76,7 +76,7 @@ from torch.func import hessian, vjp, vmap
 
 from ._validation import bad_value, check_choice, check_positive_int
 from .gradients import FunctionalModel, _Bound
-from .layers import SUPPORTED_LAYERS, input_rows, output_rows, scan_layers
+from .layers import SUPPORTED_LAYERS, input_rows, output_rows, scan_layers, weight_decay_per_tensor
 from .tasks import ClassificationTask, RegressionTask, Task
 
 logger = logging.getLogger(__name__)
@@ -852,19 +852,9 @@ class FactorizedProjector(Projector):
     def regularizer_matrix(self, rescaled: bool = False) -> torch.Tensor:
         self._check_fitted()
         fmodel = self.fmodel_
-        reg = fmodel.regularizer.to(torch.float64)
-        slices = fmodel.space.slices()
         out = torch.zeros(self.dim_, self.dim_, dtype=torch.float64, device=fmodel.device)
         for layer in self.layers_:
-            lam = {}
-            for n in layer.params:
-                values = reg[slices[n]]
-                if values.numel() and not bool((values == values[0]).all()):
-                    raise ValueError(
-                        f"FactorizedProjector needs one L2 strength per parameter tensor, but {n!r} has several. "
-                        "Fix: give the task one weight_decay per parameter name."
-                    )
-                lam[n] = float(values[0]) if values.numel() else 0.0
+            lam = weight_decay_per_tensor(fmodel, layer.params, "FactorizedProjector")
             diag_in = torch.cat(
                 ([torch.full((layer.d_in,), lam[layer.weight], dtype=torch.float64)] if layer.weight else [])
                 + ([torch.full((1,), lam[layer.bias], dtype=torch.float64)] if layer.bias else [])

@@ -140,7 +140,7 @@ from .._validation import bad_value, check_choice, check_nonnegative_float, chec
 from ..data import DataSource
 from ..distributed import all_reduce_sum, distributed_sum, world
 from ..gradients import FunctionalModel
-from ..layers import SUPPORTED_LAYERS, input_rows, output_rows, scan_layers
+from ..layers import SUPPORTED_LAYERS, input_rows, output_rows, scan_layers, weight_decay_per_tensor
 from ..tasks import ClassificationTask, RegressionTask
 from .base import Curvature
 
@@ -720,20 +720,10 @@ class KFAC(Curvature):
 
     def _set_inverse(self, fmodel: FunctionalModel, layers: list[_Layer]) -> None:
         """Per layer: regulariser, damping and the (pseudo-)inverse eigenvalues, plus the Woodbury bias term."""
-        reg = fmodel.regularizer.to(torch.float64)
-        slices = fmodel.space.slices()
         dampings = []
         summary: dict[str, Any] = {}
         for layer in layers:
-            lam = {}
-            for n in layer.params:
-                values = reg[slices[n]]
-                if values.numel() and not bool((values == values[0]).all()):
-                    raise ValueError(
-                        f"K-FAC needs one L2 strength per parameter tensor, but {n!r} has several. Fix: give the "
-                        "task one weight_decay per parameter name."
-                    )
-                lam[n] = float(values[0]) if values.numel() else 0.0
+            lam = weight_decay_per_tensor(fmodel, layer.params, "K-FAC")
             lam_w = lam[layer.weight] if layer.weight is not None else lam[layer.bias]
             lam_b = lam[layer.bias] if layer.bias is not None else lam_w
             layer.lam, layer.lam_bias = lam_w, lam_b
