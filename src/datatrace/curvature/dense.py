@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +50,55 @@ def _format_bytes(size: float) -> str:
             return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def spectral_inverse(
+    evals: torch.Tensor, damping: float | str, negative: str, rtol: float | None, name: str
+) -> tuple[torch.Tensor, float, dict[str, Any]]:
+    """The dense routes' eigenvalue policy (module docstring) applied to eigenvalues ``evals``: returns
+    ``phi(e)`` (0 where an eigenvalue is dropped), the damping used and the facts for ``info``. Arnoldi applies
+    the same policy to its Ritz values."""
+    scale = float(evals.abs().max()) if evals.numel() else 0.0
+    rtol = rtol if rtol is not None else max(evals.numel(), 10) * torch.finfo(evals.dtype).eps * 10
+    tol = rtol * scale
+    zero = evals.abs() <= tol
+    is_negative = (evals < -tol) & ~zero
+    if damping == "auto":
+        used = 0.0 if not bool(is_negative.any()) else 0.01 * float(evals.abs().mean())
+    else:
+        used = float(damping)
+    if negative == "clip":
+        effective = evals.clamp(min=0.0)
+    elif negative == "abs":
+        effective = evals.abs()
+    else:
+        effective = evals
+    denom = effective + used
+    dropped = zero | (denom.abs() <= tol)
+    inv = torch.where(
+        dropped, torch.zeros_like(denom), 1.0 / torch.where(dropped, torch.ones_like(denom), denom)
+    )
+    info = {
+        "route": name,
+        "num_params": int(evals.numel()),
+        "damping": used,
+        "negative_policy": negative,
+        "eigenvalue_max": float(evals.max()),
+        "eigenvalue_min": float(evals.min()),
+        "num_negative": int(is_negative.sum()),
+        "num_zero_dropped": int(dropped.sum()),
+        "zero_tolerance": tol,
+    }
+    if int(is_negative.sum()):
+        logger.info(
+            "%s curvature has %d negative eigenvalue(s) (min %.3g); policy %r with damping %.3g.",
+            name,
+            int(is_negative.sum()),
+            float(evals.min()),
+            negative,
+            used,
+        )
+    return inv, used, info
 
 
 class DenseCurvature(Curvature):
@@ -103,50 +153,10 @@ class DenseCurvature(Curvature):
         return self
 
     def _set_spectrum(self, evals: torch.Tensor, evecs: torch.Tensor, fmodel: FunctionalModel) -> None:
-        scale = float(evals.abs().max()) if evals.numel() else 0.0
-        rtol = (
-            self.rtol if self.rtol is not None else max(evals.numel(), 10) * torch.finfo(evals.dtype).eps * 10
-        )
-        tol = rtol * scale
-        zero = evals.abs() <= tol
-        negative = (evals < -tol) & ~zero
-        if self.damping == "auto":
-            damping = 0.0 if not bool(negative.any()) else 0.01 * float(evals.abs().mean())
-        else:
-            damping = float(self.damping)
-        if self.negative == "clip":
-            effective = evals.clamp(min=0.0)
-        elif self.negative == "abs":
-            effective = evals.abs()
-        else:
-            effective = evals
-        denom = effective + damping
-        dropped = zero | (denom.abs() <= tol)
-        inv = torch.where(
-            dropped, torch.zeros_like(denom), 1.0 / torch.where(dropped, torch.ones_like(denom), denom)
-        )
+        inv, damping, info = spectral_inverse(evals, self.damping, self.negative, self.rtol, self.name)
         self.evals_, self.evecs_, self.inv_evals_ = evals, evecs, inv
         self.damping_ = damping
-        self.info_ = {
-            "route": self.name,
-            "num_params": int(evals.numel()),
-            "damping": damping,
-            "negative_policy": self.negative,
-            "eigenvalue_max": float(evals.max()),
-            "eigenvalue_min": float(evals.min()),
-            "num_negative": int(negative.sum()),
-            "num_zero_dropped": int(dropped.sum()),
-            "zero_tolerance": tol,
-        }
-        if int(negative.sum()):
-            logger.info(
-                "%s curvature has %d negative eigenvalue(s) (min %.3g); policy %r with damping %.3g.",
-                self.name,
-                int(negative.sum()),
-                float(evals.min()),
-                self.negative,
-                damping,
-            )
+        self.info_ = info
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         v = vectors.to(self.evecs_.dtype)

@@ -63,7 +63,7 @@ from ..data import DataLike, DataSource, as_data_source
 from ..distributed import distributed_sum
 from ..gradients import FunctionalModel, _Bound
 from .base import Curvature
-from .dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES, DenseCurvature
+from .dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES, spectral_inverse
 
 logger = logging.getLogger(__name__)
 
@@ -331,22 +331,6 @@ def positive_definite_damping(spectrum: SpectrumEstimate) -> float:
     if not spectrum.has_negative:
         return 0.0
     return -spectrum.lambda_min * SHIFT_SAFETY + LM_FRACTION * spectrum.mean_abs
-
-
-class _SpectralInverse(DenseCurvature):
-    """The dense routes' eigenvalue policy (zeros, ``negative=``, ``damping``) applied to a spectrum computed
-    elsewhere: :meth:`DenseCurvature._set_spectrum` is reused as is, never copied."""
-
-    def __init__(self, name: str, damping: float | str, negative: str, rtol: float | None = None) -> None:
-        super().__init__(damping=damping, negative=negative, rtol=rtol)
-        self.name = name
-
-    def _matrix(self, fmodel: FunctionalModel, data: DataSource, progress: bool) -> torch.Tensor:
-        raise NotImplementedError("_SpectralInverse holds a spectrum; it does not form a matrix")
-
-    def set(self, evals: torch.Tensor, evecs: torch.Tensor, fmodel: FunctionalModel) -> _SpectralInverse:
-        self._set_spectrum(evals, evecs, fmodel)
-        return self
 
 
 def _check_damping(damping: Any) -> float | str:
@@ -1055,16 +1039,16 @@ class Arnoldi(_MatrixFree):
         keep = torch.argsort(ritz.abs(), descending=True)[:rank]
         evals = ritz[keep]
         evecs = krylov.basis.T @ vectors[:, keep]  # (p, rank), float64
-        spectral = _SpectralInverse(self.name, self.damping, self.negative).set(evals, evecs, fmodel)
-        if self.damping == "auto" and spectral.info_["num_negative"] and not (krylov.complete and rank == p):
+        inv, damping, spectral_info = spectral_inverse(evals, self.damping, self.negative, None, self.name)
+        if self.damping == "auto" and spectral_info["num_negative"] and not (krylov.complete and rank == p):
             # the dense rule's mean |e| runs over all p eigenvalues, not only the kept ones
-            spectral = _SpectralInverse(self.name, LM_FRACTION * mean_abs, self.negative).set(
-                evals, evecs, fmodel
+            inv, damping, spectral_info = spectral_inverse(
+                evals, LM_FRACTION * mean_abs, self.negative, None, self.name
             )
         self.evals_ = evals.to(fmodel.dtype)
         self.evecs_ = evecs.to(fmodel.dtype)
-        self.inv_evals_ = spectral.inv_evals_.to(fmodel.dtype)
-        self.damping_ = spectral.damping_
+        self.inv_evals_ = inv.to(fmodel.dtype)
+        self.damping_ = damping
         self.complement_value_ = 0.0
         self.complement_inv_ = 0.0
         if self.complement == "mean" and not (krylov.complete and rank == p) and rank < p:
@@ -1074,7 +1058,7 @@ class Arnoldi(_MatrixFree):
             if value + self.damping_ > 0:
                 self.complement_value_ = value
                 self.complement_inv_ = 1.0 / (value + self.damping_)
-        info = dict(spectral.info_)
+        info = dict(spectral_info)
         info.update(
             {
                 "matrix": self.matrix,

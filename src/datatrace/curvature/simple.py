@@ -42,13 +42,12 @@ from ..distributed import distributed_sum
 from ..gradients import FunctionalModel, _Bound
 from ..params import ParamSpace
 from .base import Curvature
-from .dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES
+from .dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES, spectral_inverse
 from .iterative import (
     _as_rows,
     _check_damping,
     _check_random_state,
     _require_outputs,
-    _SpectralInverse,
     curvature_operator,
 )
 
@@ -250,14 +249,11 @@ class Diagonal(_Simple):
         check_finite(
             diag, f"the {self.matrix} diagonal", "Fix: check the model's outputs and loss for NaN/inf."
         )
-        spectral = _SpectralInverse(self.name, self.damping, self.negative).set(
-            diag, diag.new_empty(0), fmodel
-        )
+        inv, damping, info = spectral_inverse(diag, self.damping, self.negative, None, self.name)
         self._remember(fmodel)
         self.diagonal_ = diag
-        self.inv_diagonal_ = spectral.inv_evals_
-        self.damping_ = spectral.damping_
-        info = dict(spectral.info_)
+        self.inv_diagonal_ = inv
+        self.damping_ = damping
         info.update({"matrix": self.matrix})
         if self.matrix == "hessian":
             info["n_probes"] = self.n_probes
@@ -365,16 +361,16 @@ class BlockDiagonal(_Simple):
                 e, u = torch.linalg.eigh(block)
                 evals.append(e)
                 evecs.append(u)
-        spectral = _SpectralInverse(self.name, self.damping, self.negative, self.rtol)
-        spectral.set(torch.cat(evals), torch.cat(evals).new_empty(0), fmodel)
-        inverse = torch.split(spectral.inv_evals_, [len(e) for e in evals])
+        inv, damping, info = spectral_inverse(
+            torch.cat(evals), self.damping, self.negative, self.rtol, self.name
+        )
+        inverse = torch.split(inv, [len(e) for e in evals])
         self._remember(fmodel)
         self.blocks_ = [(label, idx.to(fmodel.device)) for label, idx in groups]
         self.evals_ = evals
         self.evecs_ = evecs
         self.inv_evals_ = list(inverse)
-        self.damping_ = spectral.damping_
-        info = dict(spectral.info_)
+        self.damping_ = damping
         info.update(
             {
                 "base": self.base,
