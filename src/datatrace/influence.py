@@ -263,8 +263,10 @@ class InfluenceFunction:
         q_grads = self.query_gradients(query, measurement)
         solved = self.curvature_.solve(q_grads)
         check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
-        # local columns, gathered (n_query x n, never the n x p gradients)
-        values = all_gather_rows((self.local_grads_ @ solved.T) / self.n_train_).T
+        if world()[2]:  # local columns, gathered (n_query x n, never the n x p gradients)
+            values = all_gather_rows(self.local_grads_ @ solved.T).T.contiguous() / self.n_train_
+        else:  # one process: the (n_query, n) product directly, row-major, no gather and no copy
+            values = (solved @ self.local_grads_.T) / self.n_train_
         what = (
             self.task.describe_measurement()
             if measurement is None

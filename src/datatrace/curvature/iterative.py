@@ -427,7 +427,10 @@ def conjugate_gradient(
     a tensor of shape ``(p,)`` is the inverse of a positive diagonal, a callable maps rows ``(m, p)`` to rows.
     """
     if preconditioner is None:
-        apply = torch.Tensor.clone
+
+        def apply(rows: torch.Tensor) -> torch.Tensor:
+            return rows  # M = I: no copy (r is never modified in place after z is taken from it)
+
     elif isinstance(preconditioner, torch.Tensor):
         diagonal = preconditioner
 
