@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import datatrace
 from common import Measure, Problem
-from datatrace import metrics
+from datatrace.verification import metrics
 
 
 # ==============================================================================================================

@@ -3,9 +3,9 @@
 The acceptance benchmark of the data-debugging application. Three parts, every number measured in this run:
 
 (a) **Flipped labels on digits, with a network that fits them.** scikit-learn's 8x8 digits (X / 16), a
-    stratified split of 1,000 training / 300 validation / 300 test images (``datatrace.demo.load_digits_data``),
+    stratified split of 1,000 training / 300 validation / 300 test images (``datatrace.cli.demo.load_digits_data``),
     10% of the *training* labels changed to another random class. A 64-128-10 tanh MLP (9,610 parameters, float64,
-    weight decay 1e-4) is trained by full-batch L-BFGS (``datatrace.training.fit_full_batch``) until it fits
+    weight decay 1e-4) is trained by full-batch L-BFGS (``datatrace.verification.training.fit_full_batch``) until it fits
     every training label, flipped ones included (checked and reported). Training examples are ranked by
     self-influence (the estimated rise of an example's own loss if it were removed and the model retrained) with
     several curvature routes, and compared with ranking by training loss and with random inspection: the
@@ -50,8 +50,8 @@ from torch import nn
 
 import datatrace
 from datatrace.apps import debug_data, detection_summary, removal_check
-from datatrace.demo import load_digits_data
-from datatrace.training import fit_full_batch
+from datatrace.cli.demo import load_digits_data
+from datatrace.verification.training import fit_full_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS / "cache"
@@ -124,7 +124,7 @@ def accuracy(model: nn.Module, data: tuple) -> float:
 
 
 def grad_max(model: nn.Module, task: datatrace.Task, data: tuple) -> float:
-    from datatrace.training import objective
+    from datatrace.verification.training import objective
 
     params = [p for p in model.parameters()]
     value = objective(model, task, [data], len(data[1]))
@@ -436,7 +436,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("datatrace.training").setLevel(logging.ERROR)  # convergence is measured and reported
+    logging.getLogger("datatrace.verification.training").setLevel(
+        logging.ERROR
+    )  # convergence is measured and reported
     start = time.perf_counter()
     data = digits()
     print(

@@ -42,8 +42,8 @@ from datatrace.curvature.iterative import ggn_vp
 from datatrace.curvature.kfac import EKFAC
 from datatrace.data import as_data_source
 from datatrace.distributed import all_reduce_sum, is_main_process, world
-from datatrace.gradients import FunctionalModel, prepare_model
-from datatrace.projection import RandomProjector
+from datatrace.gradients.functional import FunctionalModel, prepare_model
+from datatrace.projection.projectors import RandomProjector
 
 COLUMNS = [
     ("world_size", "processes"),

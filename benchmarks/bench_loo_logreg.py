@@ -24,8 +24,8 @@ import torch
 from sklearn.datasets import load_digits
 
 import datatrace
-from datatrace import metrics, retrain
-from datatrace.training import fit_full_batch
+from datatrace.verification import metrics, retrain
+from datatrace.verification.training import fit_full_batch
 
 RESULTS = Path(__file__).parent / "results"
 

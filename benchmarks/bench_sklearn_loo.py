@@ -1,4 +1,4 @@
-"""Leave-one-out check of ``datatrace.sklearn.from_sklearn`` on multinomial logistic regression (digits).
+"""Leave-one-out check of ``datatrace.attributors.sklearn.from_sklearn`` on multinomial logistic regression (digits).
 
 What it measures: a scikit-learn ``LogisticRegression`` (multinomial, L2, tight tolerance) is fitted on 1000
 digits (pixels scaled to [0, 1]); ``from_sklearn`` with the exact Hessian estimates, for every test point q and
@@ -37,7 +37,7 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 import datatrace
-from datatrace.sklearn import from_sklearn
+from datatrace.attributors.sklearn import from_sklearn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sklearn_loo.json"
 

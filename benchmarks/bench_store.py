@@ -3,7 +3,7 @@
 **Part 1 - scale** (``--part scale``). Synthetic 10-class data (32 features, labels from a random teacher), a
 float32 MLP ``32 -> 128 -> ReLU -> 128 -> ReLU -> 10`` (p = 22,026), ``ProjectedInfluence`` with the factorised
 LoGra projection (``FactorizedProjector(width, width)``, default width 24: k = 1,392) and the exact projected
-Gauss-Newton curvature, features written to a :class:`~datatrace.store.GradientStore` on disk. For each training
+Gauss-Newton curvature, features written to a :class:`~datatrace.projection.store.GradientStore` on disk. For each training
 set size n (default 1k, 3k, 10k, 30k, 100k), in a fresh subprocess:
 
 * ``fit``: projected training gradients + curvature into the store (one pass, 1 + 10 backward columns per batch);
@@ -85,9 +85,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import datatrace
 from common import Measure, Problem
-from datatrace import metrics
-from datatrace.projected import ProjectedInfluence
-from datatrace.projection import FactorizedProjector, RandomProjector
+from datatrace.attributors.projected import ProjectedInfluence
+from datatrace.projection.projectors import FactorizedProjector, RandomProjector
+from datatrace.verification import metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 import datatrace
-from datatrace import retrain
-from datatrace.training import fit_full_batch
+from datatrace.verification import retrain
+from datatrace.verification.training import fit_full_batch
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -68,7 +68,7 @@ class Problem:
 
     ``kind`` is ``"logreg"`` (``nn.Linear(64, 10)``: multinomial logistic regression, convex) or ``"mlp"``
     (``Linear(64, hidden) -> tanh -> Linear(hidden, 10)``, non-convex). Every model is float64 and trained by
-    :func:`datatrace.training.fit_full_batch` (full-batch L-BFGS) on the mean cross-entropy plus
+    :func:`datatrace.verification.training.fit_full_batch` (full-batch L-BFGS) on the mean cross-entropy plus
     ``weight_decay / 2 * ||theta||^2`` (every parameter, biases included).
     """
 
@@ -228,7 +228,7 @@ def subset_truth(
 
     Each run initialises the model from its own seed (``retrain.subsets`` draws one per subset and seed index), so
     with ``n_seeds >= 2`` the spread between runs of one subset measures the training noise, and
-    :func:`datatrace.metrics.lds` reports the resulting noise ceiling.
+    :func:`datatrace.verification.metrics.lds` reports the resulting noise ceiling.
     """
     train, test = problem.data()
     name = f"subsets-{n_subsets}x{n_seeds}-rs{random_state}"

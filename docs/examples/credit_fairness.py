@@ -24,7 +24,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 import datatrace
-from datatrace.training import fit_full_batch
+from datatrace.verification.training import fit_full_batch
 
 kind = "tabular"
 curvature = "exact"

@@ -24,7 +24,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import datatrace
-from datatrace.training import fit_full_batch
+from datatrace.verification.training import fit_full_batch
 
 kind = "image"
 image_shape = (8, 8)

@@ -29,8 +29,8 @@ from torch import nn
 import datatrace
 from datatrace.curvature.kfac import EKFAC
 from datatrace.distributed import all_gather_rows, is_main_process, world
-from datatrace.projection import RandomProjector
-from datatrace.training import fit_full_batch
+from datatrace.projection.projectors import RandomProjector
+from datatrace.verification.training import fit_full_batch
 
 
 def main(argv: list[str] | None = None) -> None:

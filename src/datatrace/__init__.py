@@ -4,17 +4,17 @@
 default its loss) if training example i were removed and the model retrained, in the measurement's units.
 """
 
-from . import metrics, retrain
-from ._validation import NotFittedError
-from .diagnostics import RegressionDiagnostics, linear_regression_diagnostics
-from .influence import InfluenceFunction
-from .projected import TRAK, ProjectedInfluence
-from .projection import FactorizedProjector, RandomProjector
-from .scores import Scores, TopK
-from .sklearn import SklearnInfluence, from_sklearn
-from .store import GradientStore
-from .tasks import ClassificationTask, RegressionTask, Task
-from .tracin import TracIn
+from datatrace.attributors.influence import InfluenceFunction
+from datatrace.attributors.projected import TRAK, ProjectedInfluence
+from datatrace.attributors.sklearn import SklearnInfluence, from_sklearn
+from datatrace.attributors.tracin import TracIn
+from datatrace.errors import NotFittedError
+from datatrace.projection.projectors import FactorizedProjector, RandomProjector
+from datatrace.projection.store import GradientStore
+from datatrace.scores import Scores, TopK
+from datatrace.tasks import ClassificationTask, RegressionTask, Task
+from datatrace.verification import metrics, retrain, training
+from datatrace.verification.diagnostics import RegressionDiagnostics, linear_regression_diagnostics
 
 __version__ = "0.1.0"
 
@@ -39,4 +39,5 @@ __all__ = [
     "linear_regression_diagnostics",
     "metrics",
     "retrain",
+    "training",
 ]

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torch.utils.data.dataloader import default_collate
 
-from ._validation import bad_value, check_finite, check_indices
+from datatrace.errors import bad_value, check_finite, check_indices
 
 DEFAULT_BATCH_SIZE = 256
 

@@ -48,8 +48,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ._validation import bad_value, check_positive_int
-from .data import DataLike, as_data_source
+from datatrace.data import DataLike, as_data_source
+from datatrace.errors import bad_value, check_positive_int
 
 __all__ = [
     "all_gather_rows",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._validation import bad_value
+from datatrace.errors import bad_value
 
 
 def _matches(name: str, pattern: str) -> bool:

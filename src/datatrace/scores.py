@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from ._validation import bad_value, check_positive_int
+from datatrace.errors import bad_value, check_positive_int
 
 MEANING = (
     "score[q, i] estimates f_q(theta_without_i) - f_q(theta_hat): the change of query q's measurement when "

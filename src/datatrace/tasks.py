@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import bad_value
+from datatrace.errors import bad_value
 
 
 class Task:

@@ -18,12 +18,12 @@ on a loss: ``i`` helped the query (a proponent); negative: ``i`` hurt it (an opp
 =========================  ===================================================================================
 """
 
-from .attack import AttackResult, attack, perturbation_direction
-from .audit import FairnessAudit, MemorisationAudit, fairness_audit, memorisation_audit
-from .debug import DebugResult, RemovalCheck, debug_data, detection_summary, removal_check
-from .explain import Explanation, explain
-from .pbrf import pbrf_response
-from .value import DataValues, value_data
+from datatrace.apps.attack import AttackResult, attack, perturbation_direction
+from datatrace.apps.audit import FairnessAudit, MemorisationAudit, fairness_audit, memorisation_audit
+from datatrace.apps.debug import DebugResult, RemovalCheck, debug_data, detection_summary, removal_check
+from datatrace.apps.explain import Explanation, explain
+from datatrace.apps.pbrf import pbrf_response
+from datatrace.apps.value import DataValues, value_data
 
 __all__ = [
     "AttackResult",

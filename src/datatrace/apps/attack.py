@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch.func import grad
 
-from .._validation import bad_value, check_positive_int
-from ..data import DataLike, as_data_source
-from .debug import as_numpy, per_example, prepare_query
+from datatrace.apps.debug import as_numpy, per_example, prepare_query
+from datatrace.data import DataLike, as_data_source
+from datatrace.errors import bad_value, check_positive_int
 
 logger = logging.getLogger(__name__)
 

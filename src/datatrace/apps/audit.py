@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import bad_value
-from ..data import DataLike, as_data_source
-from ..tasks import Task
-from .debug import as_numpy, model_and_task, per_example, prepare_query, training_source
+from datatrace.apps.debug import as_numpy, model_and_task, per_example, prepare_query, training_source
+from datatrace.data import DataLike, as_data_source
+from datatrace.errors import bad_value
+from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 

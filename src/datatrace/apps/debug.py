@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import bad_value, check_positive_int
-from ..data import DataLike, DataSource, as_data_source, cast_batch
-from ..metrics import detection_curve
-from ..tasks import Task
+from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
+from datatrace.errors import bad_value, check_positive_int
+from datatrace.tasks import Task
+from datatrace.verification.metrics import detection_curve
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def detection_summary(
 
     Rankings compared: ``"self_influence"`` (high first), ``"training_loss"`` (high first),
     ``"validation_harm"`` (most negative validation influence first; only with validation data) and
-    ``"random"`` (the expectation of a uniformly random order). Uses :func:`datatrace.metrics.detection_curve`.
+    ``"random"`` (the expectation of a uniformly random order). Uses :func:`datatrace.verification.metrics.detection_curve`.
 
     Returns:
         ``{"n": n, "n_flagged": m, "fractions": [...], "rankings": {name: {"auc": float, "found_at": {str(f):

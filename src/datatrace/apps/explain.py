@@ -15,7 +15,7 @@ Example:
     >>> X, y = torch.randn(30, 2, dtype=torch.float64), torch.arange(30) % 2
     >>> model = torch.nn.Linear(2, 2).double()
     >>> task = datatrace.ClassificationTask(weight_decay=0.1)
-    >>> from datatrace.training import fit_full_batch
+    >>> from datatrace.verification.training import fit_full_batch
     >>> model = fit_full_batch(model, task, (X, y))
     >>> inf = datatrace.InfluenceFunction(model, task, progress=False).fit((X, y))
     >>> [e.query_index for e in explain(inf, (X[:2], y[:2]), k=3)]
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import bad_value, check_indices, check_positive_int
-from ..scores import MEANING, Scores, TopK
+from datatrace.errors import bad_value, check_indices, check_positive_int
+from datatrace.scores import MEANING, Scores, TopK
 
 logger = logging.getLogger(__name__)
 

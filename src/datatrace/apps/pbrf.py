@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import bad_value, check_positive_int
-from ..data import DataLike, as_data_source, cast_batch
-from ..params import select_parameters
-from ..tasks import Task
-from .debug import per_example
+from datatrace.apps.debug import per_example
+from datatrace.data import DataLike, as_data_source, cast_batch
+from datatrace.errors import bad_value, check_positive_int
+from datatrace.params import select_parameters
+from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import bad_value, check_positive_int
-from ..data import DataLike
-from .debug import as_numpy
+from datatrace.apps.debug import as_numpy
+from datatrace.data import DataLike
+from datatrace.errors import bad_value, check_positive_int
 
 logger = logging.getLogger(__name__)
 

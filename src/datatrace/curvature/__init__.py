@@ -22,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._validation import bad_value
-from .auto import AutoCurvature
-from .base import Curvature
-from .dense import DenseCurvature, ExactHessian, GaussNewton
-from .iterative import CG, Arnoldi, ConvergenceWarning, LiSSA, ggn_vp
-from .kfac import EKFAC, KFAC
-from .simple import BlockDiagonal, Diagonal, Identity
+from datatrace.curvature.auto import AutoCurvature
+from datatrace.curvature.base import Curvature
+from datatrace.curvature.dense import DenseCurvature, ExactHessian, GaussNewton
+from datatrace.curvature.iterative import CG, Arnoldi, ConvergenceWarning, LiSSA, ggn_vp
+from datatrace.curvature.kfac import EKFAC, KFAC
+from datatrace.curvature.simple import BlockDiagonal, Diagonal, Identity
+from datatrace.errors import bad_value
 
 #: name -> factory(damping=..., **options); matrix-free routes register with ``matrix_free=True``
 _REGISTRY: dict[str, tuple[Callable[..., Curvature], bool]] = {}

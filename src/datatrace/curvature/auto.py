@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from .._validation import check_nonnegative_float
-from ..data import DataSource
-from ..gradients import FunctionalModel
-from .base import Curvature
-from .dense import DEFAULT_MAX_DENSE_BYTES, ExactHessian
+from datatrace.curvature.base import Curvature
+from datatrace.curvature.dense import DEFAULT_MAX_DENSE_BYTES, ExactHessian
+from datatrace.data import DataSource
+from datatrace.errors import check_nonnegative_float
+from datatrace.gradients.functional import FunctionalModel
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ class AutoCurvature(Curvature):
         if need <= self.max_bytes:
             reason = f"{p:,} parameters: the dense Hessian needs {need / 1024**3:.2f} GiB <= {self.max_bytes / 1024**3:.1f} GiB"
             return ExactHessian(damping=self.damping, max_bytes=self.max_bytes), reason
-        from .iterative import CG
-        from .kfac import EKFAC, find_layers
+        from datatrace.curvature.iterative import CG
+        from datatrace.curvature.kfac import EKFAC, find_layers
 
         try:
             if not fmodel.task.has_outputs:

@@ -5,7 +5,7 @@ A :class:`Curvature` is fitted once on the training data (``fit``) and then answ
 approximation of ``(C + damping * I)^{-1} v``, where ``C`` is the curvature of the training objective of
 :mod:`datatrace.tasks` (the Hessian, or an approximation of it that includes the regulariser ``diag(lambda)``).
 
-Routes never know about attributors or scores: they see a :class:`~datatrace.gradients.FunctionalModel` (a model,
+Routes never know about attributors or scores: they see a :class:`~datatrace.gradients.functional.FunctionalModel` (a model,
 a task, the parameters in scope) and a :class:`~datatrace.data.DataSource`.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..data import DataSource
-from ..gradients import FunctionalModel
+from datatrace.data import DataSource
+from datatrace.gradients.functional import FunctionalModel
 
 
 class Curvature(ABC):

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._validation import bad_value, check_choice, check_finite, check_nonnegative_float
-from ..data import DataSource
-from ..gradients import FunctionalModel
-from .base import Curvature
+from datatrace.curvature.base import Curvature
+from datatrace.data import DataSource
+from datatrace.errors import bad_value, check_choice, check_finite, check_nonnegative_float
+from datatrace.gradients.functional import FunctionalModel
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class DenseCurvature(Curvature):
         itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
         need = 3 * p * p * itemsize  # matrix, eigenvectors, workspace
         if need > self.max_bytes:
-            from . import matrix_free_names  # late import: the registry imports this module
+            from datatrace.curvature import matrix_free_names  # late import: the registry imports this module
 
             alternatives = ", ".join(repr(n) for n in matrix_free_names()) or "none registered yet"
             raise MemoryError(

@@ -58,12 +58,18 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-from .._validation import NotFittedError, bad_value, check_choice, check_nonnegative_float, check_positive_int
-from ..data import DataLike, DataSource, as_data_source
-from ..distributed import distributed_sum
-from ..gradients import FunctionalModel, _Bound
-from .base import Curvature
-from .dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES, spectral_inverse
+from datatrace.curvature.base import Curvature
+from datatrace.curvature.dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES, spectral_inverse
+from datatrace.data import DataLike, DataSource, as_data_source
+from datatrace.distributed import distributed_sum
+from datatrace.errors import (
+    NotFittedError,
+    bad_value,
+    check_choice,
+    check_nonnegative_float,
+    check_positive_int,
+)
+from datatrace.gradients.functional import FunctionalModel, _Bound
 
 logger = logging.getLogger(__name__)
 
@@ -585,7 +591,9 @@ class CG(_MatrixFree):
         self.max_iter_ = self.max_iter if self.max_iter is not None else min(2 * p, 1000)
         self.preconditioner_: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None
         if self.preconditioner == "diagonal":
-            from .simple import preconditioner_diagonal  # late import: simple builds on this module
+            from datatrace.curvature.simple import (
+                preconditioner_diagonal,  # late import: simple builds on this module
+            )
 
             diag = preconditioner_diagonal(fmodel, source, progress) + damping
             floor = float(diag[diag > 0].mean()) if bool((diag > 0).any()) else 1.0
@@ -593,7 +601,7 @@ class CG(_MatrixFree):
         elif self.preconditioner is not None:
             route = self.preconditioner
             if isinstance(route, str):
-                from .kfac import EKFAC, KFAC  # late import: kfac builds on the registry
+                from datatrace.curvature.kfac import EKFAC, KFAC  # late import: kfac builds on the registry
 
                 route = (EKFAC if route == "ekfac" else KFAC)(damping=damping)
             route.fit(fmodel, source, progress)

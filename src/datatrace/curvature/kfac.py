@@ -136,13 +136,19 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
-from .._validation import bad_value, check_choice, check_nonnegative_float, check_positive_int
-from ..data import DataSource
-from ..distributed import all_reduce_sum, distributed_sum, world
-from ..gradients import FunctionalModel
-from ..layers import SUPPORTED_LAYERS, input_rows, output_rows, scan_layers, weight_decay_per_tensor
-from ..tasks import ClassificationTask, RegressionTask
-from .base import Curvature
+from datatrace.capture.kinds import (
+    SUPPORTED_LAYERS,
+    input_rows,
+    output_rows,
+    scan_layers,
+    weight_decay_per_tensor,
+)
+from datatrace.curvature.base import Curvature
+from datatrace.data import DataSource
+from datatrace.distributed import all_reduce_sum, distributed_sum, world
+from datatrace.errors import bad_value, check_choice, check_nonnegative_float, check_positive_int
+from datatrace.gradients.functional import FunctionalModel
+from datatrace.tasks import ClassificationTask, RegressionTask
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +244,7 @@ class _Layer:
 
 
 def _other_routes() -> str:
-    from . import matrix_free_names  # late import: the registry imports this module
+    from datatrace.curvature import matrix_free_names  # late import: the registry imports this module
 
     names = [n for n in matrix_free_names() if "kfac" not in n]
     if names:

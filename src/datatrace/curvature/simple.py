@@ -36,20 +36,20 @@ import torch
 from torch.func import jacrev, vmap
 from tqdm.auto import tqdm
 
-from .._validation import NotFittedError, check_choice, check_finite, check_positive_int
-from ..data import DataSource, as_data_source
-from ..distributed import distributed_sum
-from ..gradients import FunctionalModel, _Bound
-from ..params import ParamSpace
-from .base import Curvature
-from .dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES, spectral_inverse
-from .iterative import (
+from datatrace.curvature.base import Curvature
+from datatrace.curvature.dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES, spectral_inverse
+from datatrace.curvature.iterative import (
     _as_rows,
     _check_damping,
     _check_random_state,
     _require_outputs,
     curvature_operator,
 )
+from datatrace.data import DataSource, as_data_source
+from datatrace.distributed import distributed_sum
+from datatrace.errors import NotFittedError, check_choice, check_finite, check_positive_int
+from datatrace.gradients.functional import FunctionalModel, _Bound
+from datatrace.params import ParamSpace
 
 logger = logging.getLogger(__name__)
 

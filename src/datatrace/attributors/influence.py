@@ -1,0 +1,355 @@
+"""Influence functions (Koh & Liang 2017) on any PyTorch model.
+
+With the training objective ``L(theta) = (1/n) sum_i l(z_i, theta) + sum_b lambda_b/2 ||theta_b||^2`` of
+:mod:`datatrace.tasks`, its minimiser ``theta_hat`` and (an approximation of) its Hessian ``H``:
+
+* upweighting example ``i`` by ``eps`` moves the minimiser by ``d theta / d eps = -(1/n) H^{-1} g_i`` with
+  ``g_i = grad l(z_i, theta_hat)``; removal is ``eps = -1``, so
+
+      theta_{-i} - theta_hat  ~  (1/n) H^{-1} g_i                               (params_change)
+
+* by the chain rule, a query measurement ``f_q`` changes by
+
+      f_q(theta_{-i}) - f_q(theta_hat)  ~  (1/n) grad f_q^T H^{-1} g_i          (score)
+
+  positive on a loss means removing ``i`` raises the query's loss: ``i`` is a proponent;
+* self-influence is the score of an example on its own loss, ``(1/n) g_i^T H^{-1} g_i``: how much its loss would
+  rise if it were left out (large for atypical, mislabelled or memorised examples).
+
+Removing a set ``S`` is, to first order, the sum of the individual scores.
+
+**Under torch.distributed** (a process group the caller initialised, e.g. with ``torchrun``; every rank makes the
+same calls) each rank computes and keeps only the training gradients of its own contiguous shard
+(:func:`datatrace.distributed.shard_indices`): memory per rank is ``n / world_size`` rows. ``score`` multiplies the
+(replicated) solved query gradients with the local rows and gathers the ``n_query x n`` scores, never the
+``n x p`` gradients; ``self_influence`` solves the local rows when the curvature's ``solve`` is local (dense, K-FAC,
+EK-FAC, diagonal, Arnoldi) and the gathered rows when it makes passes over the data itself (CG, LiSSA:
+``Curvature.collective_solve``), because then every rank must solve the same rows; ``params_change`` and
+``removal_params`` assemble the few rows they need with one all-reduce. ``train_grads_`` gathers all rows on
+first use (a collective).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from datatrace.curvature import Curvature, make_curvature
+from datatrace.data import DataLike, DataSource, as_data_source
+from datatrace.distributed import (
+    all_gather_rows,
+    all_reduce_sum,
+    distributed_per_example,
+    raise_if_any_failed,
+    shard_indices,
+    world,
+)
+from datatrace.errors import NotFittedError, bad_value, check_finite, check_indices
+from datatrace.gradients.functional import (
+    FunctionalModel,
+    batch_failure,
+    check_model_and_task,
+    check_rows_finite,
+    prepare_model,
+)
+from datatrace.scores import Scores
+from datatrace.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+#: a query measurement: ``(model, batch) -> tensor of shape (batch_size,)``
+Measurement = Callable[[nn.Module, tuple], torch.Tensor]
+
+#: relative gradient norm ||grad L|| / mean_i ||g_i|| above which the model is reported as not at a minimum
+STATIONARITY_TOLERANCE = 1e-3
+
+
+class InfluenceFunction:
+    """Leave-one-out influence of training examples on queries, without retraining.
+
+    Args:
+        model: the trained ``nn.Module`` (never modified: datatrace works on a private copy).
+        task: a :class:`~datatrace.Task` with the per-example loss, the query measurement and the weight decay
+            the model was trained with.
+        curvature: a route name (``"auto"``: exact when the dense matrix fits, else EK-FAC, else CG;
+            ``"exact"``, ``"gauss-newton"``, ``"cg"``, ``"ekfac"``..., see :mod:`datatrace.curvature`) or a
+            :class:`~datatrace.curvature.Curvature` instance.
+        damping: added to the curvature's eigenvalues, or ``"auto"`` (the route's principled default).
+        params: module or parameter name patterns in scope (``None``: every trainable parameter).
+        dtype: working precision (float64 by default: influence differences are small numbers).
+        batch_size: examples per batch for gradient computations (default: the data's own, or 256).
+        progress: show tqdm progress bars.
+
+    Example:
+        >>> import torch, datatrace
+        >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 1, dtype=torch.float64)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> w = torch.linalg.lstsq(torch.cat([X, torch.ones(50, 1, dtype=X.dtype)], 1), y).solution
+        >>> with torch.no_grad(): model.weight.copy_(w[:3].T); model.bias.copy_(w[3])
+        >>> inf = datatrace.InfluenceFunction(model, datatrace.RegressionTask(), progress=False).fit((X, y))
+        >>> inf.score((X[:2], y[:2])).values.shape
+        torch.Size([2, 50])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        curvature: str | Curvature = "auto",
+        damping: float | str = "auto",
+        params: str | list[str] | None = None,
+        dtype: torch.dtype | None = torch.float64,
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        check_model_and_task(model, task, dtype)
+        self.model = model
+        self.task = task
+        self.curvature = curvature
+        self.damping = damping
+        self.params = params
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.progress = progress
+        if isinstance(curvature, Curvature) and damping != "auto":
+            raise bad_value(
+                "damping",
+                damping,
+                f"a Curvature instance ({curvature!r}) carries its own damping, so this one would be ignored",
+                "set it on the instance, e.g. curvature=ExactHessian(damping=...), and leave damping='auto'",
+            )
+        make_curvature(curvature, damping)  # validate the name and damping now, not after minutes of work
+
+    # -- fitting -----------------------------------------------------------------------------------------------
+    def fit(self, train: DataLike) -> InfluenceFunction:
+        """Compute training gradients and the curvature on ``train`` (the data the model was trained on)."""
+        source = as_data_source(train, "train", self.batch_size)
+        source.check_finite()
+        fmodel = FunctionalModel(prepare_model(self.model, self.dtype), self.task, self.params)
+        check_finite(fmodel.theta, "the model's parameters", "Fix: pass a model whose weights are finite.")
+        local_indices, local_grads = self._local_training_gradients(fmodel, source)
+        self._check_stationary(fmodel, local_grads, len(source))
+        curvature = make_curvature(self.curvature, self.damping)
+        curvature.fit(fmodel, source, progress=self.progress)
+        self.fmodel_ = fmodel
+        self.train_ = source
+        self.local_indices_ = local_indices
+        self.local_grads_ = local_grads
+        self.world_size_ = world()[1]
+        self._all_grads: torch.Tensor | None = None if world()[2] else local_grads
+        self.curvature_ = curvature
+        self.n_train_ = len(source)
+        self._train_ihvp: torch.Tensor | None = None
+        logger.info(
+            "fitted %s on %d examples (%d on this rank), %d parameters: %s",
+            curvature.name,
+            len(source),
+            len(local_indices),
+            fmodel.num_params,
+            curvature.info,
+        )
+        return self
+
+    def _local_training_gradients(
+        self, fmodel: FunctionalModel, source: DataSource
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of the training indices and their gradients (all of them in a single process); a
+        failure on one rank raises on every rank."""
+        indices = shard_indices(len(source))
+        rows, error = [], None
+        show = self.progress and world()[0] == 0
+        try:
+            with tqdm(total=len(indices), desc="training gradients", disable=not show, leave=False) as bar:
+                for idx, batch in source.batches(indices=indices):
+                    rows.append(self._rows(fmodel.per_example_grads, "train", idx, batch))
+                    bar.update(len(idx))
+        except Exception as err:
+            if not world()[2]:
+                raise
+            error = err
+        raise_if_any_failed(error, "training gradients")
+        grads = torch.cat(rows) if rows else torch.zeros(0, fmodel.num_params, dtype=fmodel.dtype)
+        return indices, grads.to(fmodel.device)
+
+    @property
+    def train_grads_(self) -> torch.Tensor:
+        """All ``n x p`` training gradients in index order (under torch.distributed: gathered from the ranks on
+        first use, a collective every rank must make)."""
+        self._check_fitted()
+        if self._all_grads is None:
+            self._all_grads = all_gather_rows(self.local_grads_)
+        return self._all_grads
+
+    def _rows(self, fn: Any, name: str, idx: torch.Tensor, batch: tuple) -> torch.Tensor:
+        try:
+            g = fn(batch)
+        except (RuntimeError, IndexError, TypeError) as err:
+            raise batch_failure(self.task, name, batch, err) from err
+        check_rows_finite(
+            g,
+            idx,
+            lambda i: f"gradient of {name} example {i}",
+            "check that example's inputs and label, and the model's outputs on it.",
+        )
+        return g
+
+    def _gradients(
+        self, fmodel: FunctionalModel, source: DataSource, name: str, fn: Any, desc: str
+    ) -> torch.Tensor:
+        def rows(idx: torch.Tensor, batch: tuple) -> torch.Tensor:
+            return self._rows(fn, name, idx, batch)
+
+        # each rank computes its shard's rows; all ranks get all rows in index order (datatrace.distributed)
+        return distributed_per_example(rows, source, with_indices=True, progress=self.progress, desc=desc)
+
+    def _check_stationary(self, fmodel: FunctionalModel, local_grads: torch.Tensor, n: int) -> None:
+        sums = all_reduce_sum(
+            torch.cat([local_grads.sum(dim=0), local_grads.norm(dim=1).sum().reshape(1)]).to(torch.float64)
+        )
+        full = (sums[:-1] / n).to(fmodel.dtype) + fmodel.regularizer * fmodel.theta
+        scale = float(sums[-1]) / n or 1.0
+        relative = float(full.norm()) / scale
+        self.gradient_norm_ = float(full.norm())
+        if relative > STATIONARITY_TOLERANCE:
+            logger.warning(
+                "the model is not at a minimum of the training objective: ||grad L|| = %.3g (%.3g of a typical "
+                "per-example gradient norm). Influence functions assume a minimum; estimates continue but may be "
+                "off. Fix: train to convergence, or check that the task's weight_decay matches training.",
+                float(full.norm()),
+                relative,
+            )
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "curvature_"):
+            raise NotFittedError(
+                "this InfluenceFunction is not fitted yet. Fix: call .fit(train) with the training data first."
+            )
+        size = world()[1]
+        if size != self.world_size_:
+            raise RuntimeError(
+                f"this InfluenceFunction was fitted sharded over {self.world_size_} process(es), each holding only "
+                f"its share of the training gradients, but it is now used by {size} (e.g. inside "
+                "datatrace.distributed.local_only()). Fix: call it on every rank, outside local_only(), or fit it "
+                "inside local_only() so that one process holds everything."
+            )
+
+    # -- queries -----------------------------------------------------------------------------------------------
+    def query_gradients(self, query: DataLike, measurement: Measurement | None = None) -> torch.Tensor:
+        """``grad f_q(theta_hat)`` for every query, shape ``(n_query, p)``."""
+        self._check_fitted()
+        if measurement is not None and not callable(measurement):
+            raise bad_value(
+                "measurement",
+                measurement,
+                "expected a callable (model, batch) -> (batch_size,)",
+                "pass a function",
+            )
+        source = as_data_source(query, "query", self.batch_size)
+        source.check_finite()
+
+        def rows(batch: tuple) -> torch.Tensor:
+            return self.fmodel_.per_example_measurement_grads(batch, measurement)
+
+        return self._gradients(self.fmodel_, source, "query", rows, "query gradients")
+
+    def score(self, query: DataLike, measurement: Measurement | None = None) -> Scores:
+        """Leave-one-out influence of every training example on every query's measurement.
+
+        Returns :class:`~datatrace.Scores` with ``values[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)
+        = (1/n) grad f_q^T H^{-1} g_i``. ``measurement(model, batch) -> (batch_size,)`` replaces the task's
+        measurement for this call (e.g. a predicted probability, a margin, one term of a group metric); the
+        training side (gradients, curvature) is reused as fitted.
+        """
+        q_grads = self.query_gradients(query, measurement)
+        solved = self.curvature_.solve(q_grads)
+        check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
+        if world()[2]:  # local columns, gathered (n_query x n, never the n x p gradients)
+            values = all_gather_rows(self.local_grads_ @ solved.T).T.contiguous() / self.n_train_
+        else:  # one process: the (n_query, n) product directly, row-major, no gather and no copy
+            values = (solved @ self.local_grads_.T) / self.n_train_
+        what = (
+            self.task.describe_measurement()
+            if measurement is None
+            else getattr(measurement, "__name__", "a custom measurement")
+        )
+        return Scores(values, what, self._metadata())
+
+    def _metadata(self) -> dict[str, Any]:
+        info = {k: v for k, v in self.curvature_.info.items() if isinstance(v, (int, float, str, bool))}
+        info = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in info.items()}
+        return {
+            "estimator": "InfluenceFunction",
+            "curvature": info,
+            "n_train": self.n_train_,
+            "num_params": self.fmodel_.num_params,
+            "dtype": str(self.fmodel_.dtype),
+            "gradient_norm": self.gradient_norm_,
+            "task": repr(self.task),
+        }
+
+    def _solve_everywhere(self) -> bool:
+        """Whether every rank must solve the same rows: the route's solve passes over the data (collectives)."""
+        return world()[2] and bool(getattr(self.curvature_, "collective_solve", False))
+
+    def _train_solved(self) -> torch.Tensor:
+        """``H^{-1} g_i`` for the training rows this rank scores (its shard, or all rows if the solve is
+        collective)."""
+        if self._train_ihvp is None:
+            if self._solve_everywhere():
+                self._train_ihvp = self.curvature_.solve(self.train_grads_)
+            else:  # a local solve can fail on one rank only (e.g. memory): tell every rank
+                solved, error = None, None
+                try:
+                    solved = self.curvature_.solve(self.local_grads_)
+                except Exception as err:
+                    if not world()[2]:
+                        raise
+                    error = err
+                raise_if_any_failed(error, "H^{-1} g of the training gradients")
+                self._train_ihvp = solved
+        return self._train_ihvp
+
+    def self_influence(self) -> torch.Tensor:
+        """``(1/n) g_i^T H^{-1} g_i`` for every training example, shape ``(n_train,)``: the estimated rise of
+        example ``i``'s own loss if it were removed and the model retrained."""
+        self._check_fitted()
+        if self._solve_everywhere():
+            return (self._train_solved() * self.train_grads_).sum(dim=1) / self.n_train_
+        local = (self._train_solved() * self.local_grads_).sum(dim=1) / self.n_train_
+        return all_gather_rows(local)
+
+    def _selected_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The training gradients of ``idx`` (any order, repeats allowed), the same on every rank: each rank fills
+        the rows it holds and one all-reduce assembles them."""
+        if not world()[2]:
+            return self.local_grads_[idx]
+        start = int(self.local_indices_[0]) if len(self.local_indices_) else 0
+        mine = (idx >= start) & (idx < start + len(self.local_indices_))
+        rows = torch.zeros(len(idx), self.fmodel_.num_params, dtype=self.local_grads_.dtype)
+        rows = rows.to(self.local_grads_.device)
+        rows[mine] = self.local_grads_[idx[mine] - start]
+        return all_reduce_sum(rows)
+
+    def params_change(self, indices: Any) -> dict[str, torch.Tensor]:
+        """Estimated ``theta_{-i} - theta_hat = (1/n) H^{-1} g_i`` for each index ``i``.
+
+        Returns a dict parameter name -> tensor of shape ``(len(indices), *param.shape)``.
+        """
+        self._check_fitted()
+        idx = check_indices("indices", indices, self.n_train_)
+        delta = self.curvature_.solve(self._selected_rows(idx)) / self.n_train_
+        return self.fmodel_.space.unflatten(delta)
+
+    def removal_params(self, indices: Any) -> dict[str, torch.Tensor]:
+        """Estimated change of the parameters when the *set* ``indices`` is removed together (first order: the
+        sum of the individual changes). Returns a dict parameter name -> tensor of the parameter's shape."""
+        self._check_fitted()
+        idx = check_indices("indices", indices, self.n_train_)
+        delta = self.curvature_.solve(self._selected_rows(idx).sum(dim=0, keepdim=True)) / self.n_train_
+        return {k: v[0] for k, v in self.fmodel_.space.unflatten(delta).items()}

@@ -1,0 +1,816 @@
+"""Influence functions in a projected gradient space (TRAK / LoGra style), with an on-disk feature store.
+
+A projector ``P`` (``p x k``, :mod:`datatrace.projection.projectors`) restricts the model to the affine subspace
+``theta = theta_hat + P w``. The training objective of :mod:`datatrace.tasks` restricted to that subspace has, at
+``w = 0``, the gradient ``P^T g_i`` per example and the Gauss-Newton matrix
+
+    G_P = P^T G P = (1/n) sum_i sum_c psi_ic psi_ic^T + R,      psi_ic = P^T J_i^T L_ic,   R = P^T diag(lambda) P
+
+where ``J_i`` is the Jacobian of example ``i``'s outputs, ``H_out,i = L_i L_i^T`` the Hessian of its loss in the
+outputs (factored exactly per example, ``k_out`` columns) and ``lambda`` the task's weight decay (``R`` is rescaled
+by default, see below). So the projected influence
+
+    score[q, i] = (1/n) (P^T grad f_q)^T (G_P + damping I)^{-1} (P^T g_i)  ~  f_q(theta_{-i}) - f_q(theta_hat)
+
+is an influence function of the projected model, in the same natural units and with the same sign as
+:class:`~datatrace.InfluenceFunction` (positive on a loss: removing ``i`` raises the query's loss, a proponent),
+not only a gradient dot product. When ``P`` is invertible on the parameter space (``k >= p``), it equals
+``InfluenceFunction(curvature="gauss-newton")`` exactly.
+
+The training features ``phi_i = P^T g_i`` and the sums ``sum_i sum_c psi_ic psi_ic^T`` are computed in *one* pass
+over the training data (``1 + k_out`` backward passes per batch with the exact GGN, ``1 + ggn_samples`` with an
+unbiased Rademacher sketch of the output Hessian, 1 with ``fisher="empirical"``), written to a
+:class:`~datatrace.projection.store.GradientStore` when ``store_dir`` is given (resumable; refused if it belongs to another
+model, data set or projection) or kept in memory. Queries then cost one backward pass per query batch and a
+matrix product per store chunk: a second query set, or a new ``ProjectedInfluence`` pointed at the same
+``store_dir``, runs no training-set forward or backward pass at all.
+
+**The regulariser** (``regularizer=``). ``"projected"`` uses ``P^T diag(lambda) P``: literally the Gauss-Newton
+matrix of the projected model. For ``k < p`` that matrix is ``~ mean(lambda) (p/k) I``: the projected model sees
+only a ``k/p`` share of the data curvature along the gradients (``E[P P^T] = I`` spreads it over all ``p``
+directions) but the full weight decay, so as an estimate of the *unprojected* influence it acts like a weight decay
+``p/k`` times too strong. The default ``"rescaled"`` multiplies it by ``min(1, k/p)`` (per layer and side for
+the factorised projection), which makes it ``~ mean(lambda) I``, the weight decay the projected gradients see in
+the full space (the projection preserves their inner products, Johnson-Lindenstrauss). When nothing is projected
+away (``k >= p``) both are the same, exact matrix. Measured on the digits MLPs of ``benchmarks/bench_store.py``
+(correlation with unprojected Gauss-Newton scores, and LDS against retraining): with 128 hidden units
+(p = 9,610), k = 512: correlation 0.71 -> 0.91 and LDS 0.635 -> 0.742; k = 2,048: 0.91 -> 0.98 and LDS
+0.782 -> 0.798 (unprojected: 0.804); with 32 hidden units (p = 2,410) the correlation rose at every k tried
+(k = 512: 0.84 -> 0.90).
+
+**Damping** (``damping="auto"``): 0 when the task's weight decay is positive for every parameter in scope, because
+then ``P^T diag(lambda) P`` already bounds every eigenvalue of ``G_P`` away from zero and the undamped solve is the
+influence function of the projected model; otherwise ``AUTO_DAMPING_FRACTION`` (1e-3) times the mean eigenvalue of
+``G_P``, a Levenberg-Marquardt style floor against the noise of tiny eigenvalues. Zero eigenvalues (``k > p``)
+are dropped, a pseudo-inverse. A float is used as given. The value is reported in ``info`` and in
+``Scores.metadata``.
+
+**Solver.** ``G_P + damping I`` is factored by Cholesky when the regulariser or the damping bounds it away from
+zero and ``k <= p``; otherwise (``k > p``, or neither weight decay nor damping) by an eigendecomposition with a
+pseudo-inverse of the zero eigenvalues, as the dense routes do. ``info["solver"]`` says which.
+
+**Cost.** The exact GGN backpropagates ``1 + k_out`` output-space columns per batch in one vmapped backward pass.
+With :class:`~datatrace.projection.projectors.FactorizedProjector` every column is projected layer by layer from the hooks'
+activations and output gradients; with :class:`~datatrace.projection.projectors.RandomProjector` each column is a full
+per-example vector of length ``p`` multiplied by the ``p x k`` matrix, so for large models or many outputs prefer
+the factorised projection, ``ggn_samples=1`` or ``fisher="empirical"``.
+
+**Under torch.distributed** (a process group initialised by the caller, e.g. with ``torchrun``; datatrace never
+starts one and never wraps the model in ``DistributedDataParallel``), :meth:`ProjectedInfluence.fit` shards the
+training pass over the ranks and every rank ends with the same fitted state as a single process (up to the order of
+floating-point additions). In memory, each rank computes the features and the curvature sums of a contiguous range
+of whole batches (:func:`~datatrace.distributed.shard_bounds` over the batches, so every batch, and with
+``ggn_samples`` its random signs, is the same as in one process); the rows are gathered in index order and the sums
+added over the ranks. With ``store_dir`` the store's chunks are dealt out over the ranks and rank 0 alone writes
+the manifest (:mod:`datatrace.projection.store`); ``store_dir`` must be on a file system that every rank sees. Query features
+are sharded by query (:func:`~datatrace.distributed.distributed_per_example`), and scoring, top-k and
+self-influence against a store by chunk; scoring against in-memory features is replicated (every rank does all of
+it). So ``fit``, ``score``, ``top_k``, ``query_features`` and ``self_influence`` are collective: call them on every
+rank, or wrap a call made on one rank only in :func:`~datatrace.distributed.local_only`. If one rank fails, every
+rank raises instead of waiting. ``info["train_examples_processed"]`` counts the examples *this rank* processed.
+
+References: Park et al. 2023 (TRAK); Choe et al. 2024 (LoGra, "What is your data worth to GPT?"); Koh & Liang
+2017; Martens 2020 (Gauss-Newton).
+
+Example:
+    >>> import torch, datatrace
+    >>> from datatrace.attributors.projected import ProjectedInfluence
+    >>> from datatrace.projection.projectors import RandomProjector
+    >>> X, y = torch.randn(80, 5), torch.arange(80) % 3
+    >>> model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> task = datatrace.ClassificationTask(weight_decay=1e-2)
+    >>> inf = ProjectedInfluence(model, task, projector=RandomProjector(dim=32), progress=False).fit((X, y))
+    >>> inf.score((X[:4], y[:4])).values.shape
+    torch.Size([4, 80])
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from datatrace.data import DataLike, DataSource, as_data_source
+from datatrace.distributed import (
+    all_gather_rows,
+    all_reduce_sum,
+    distributed_per_example,
+    is_main_process,
+    raise_if_any_failed,
+    shard_bounds,
+    world,
+)
+from datatrace.errors import (
+    NotFittedError,
+    bad_value,
+    check_choice,
+    check_finite,
+    check_nonnegative_float,
+    check_positive_int,
+)
+from datatrace.gradients.functional import (
+    FunctionalModel,
+    batch_failure,
+    check_model_and_task,
+    check_rows_finite,
+    prepare_model,
+)
+from datatrace.projection.projectors import (
+    FactorizedProjector,
+    Projector,
+    RandomProjector,
+    derive_seed,
+    output_gradient,
+    output_hessian_factors,
+    supports_factorized,
+)
+from datatrace.projection.store import (
+    FeatureSource,
+    GradientStore,
+    StreamingTopK,
+    dtype_name,
+    score_against_store,
+    top_k_against_store,
+)
+from datatrace.scores import Scores, TopK
+from datatrace.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+FISHER_TYPES = ("ggn", "empirical")
+REGULARIZERS = ("rescaled", "projected")
+#: damping="auto" without weight decay on every parameter: this fraction of the mean eigenvalue
+AUTO_DAMPING_FRACTION = 1e-3
+#: relative projected gradient norm above which the model is reported as not at a minimum
+STATIONARITY_TOLERANCE = 1e-3
+#: data sets up to this many bytes are fingerprinted by hashing all their tensors
+_HASH_ALL_BYTES = 2**30
+
+
+# -- fingerprints --------------------------------------------------------------------------------------------------
+
+
+def _hash_tensor(digest: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    digest.update(t.numpy().tobytes() if t.numel() else b"")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the names, shapes, dtypes and bytes of every parameter and buffer of ``model``."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=False).items():
+        if isinstance(t, torch.Tensor):
+            _hash_tensor(digest, name, t)
+    return digest.hexdigest()
+
+
+def data_fingerprint(source: DataSource) -> dict[str, Any]:
+    """Identity of a data set: sha256 of all its tensors when they are in memory and at most 1 GiB; otherwise of its
+    first and last batches plus its length."""
+    digest = hashlib.sha256()
+    n = len(source)
+    if (
+        source.tensors is not None
+        and sum(t.numel() * t.element_size() for t in source.tensors) <= _HASH_ALL_BYTES
+    ):
+        for i, t in enumerate(source.tensors):
+            _hash_tensor(digest, str(i), t)
+        return {"n": n, "sha256": digest.hexdigest(), "hashed": "all"}
+    bs = min(n, 256)
+    for label, idx in (("first", torch.arange(bs)), ("last", torch.arange(n - bs, n))):
+        for i, t in enumerate(source.get(idx)):
+            if isinstance(t, torch.Tensor):
+                _hash_tensor(digest, f"{label}{i}", t)
+    return {"n": n, "sha256": digest.hexdigest(), "hashed": f"first and last {bs} examples"}
+
+
+# -- the attributor ------------------------------------------------------------------------------------------------
+
+
+class ProjectedInfluence:
+    """Influence functions in a random projection of the gradient space, with a reusable feature store.
+
+    Args:
+        model: the trained ``nn.Module`` (never modified: a private copy in ``dtype`` is used, in eval mode).
+        task: a :class:`~datatrace.Task` (loss, measurement, weight decay); ``fisher="ggn"`` needs its
+            ``outputs``/``loss_from_outputs`` split.
+        projector: a :class:`~datatrace.projection.projectors.RandomProjector` or
+            :class:`~datatrace.projection.projectors.FactorizedProjector` (copied, then fitted), or ``"auto"``: the factorised
+            LoGra projection when every parameter in scope belongs to a supported layer (no full per-example
+            gradient is ever formed), else a Gaussian ``RandomProjector``; both with ``"auto"`` dimensions.
+        damping: ``"auto"`` (module docstring) or a float added to every eigenvalue of the projected curvature.
+        params: parameter name patterns in scope (``None``: all trainable parameters).
+        store_dir: directory of the :class:`~datatrace.projection.store.GradientStore` for the training features (written
+            once, resumable, reused by later fits with the same model, data and projection); ``None`` keeps them
+            in memory.
+        dtype: working precision of the model copy and the gradients (float32 by default; float64 for oracles).
+        feature_dtype: storage precision of the training features (float32, float16 or bfloat16; ``None``: the
+            working ``dtype``); products always accumulate in float32 or better, the curvature in float64.
+        fisher: ``"ggn"`` (default: the Gauss-Newton matrix of the projected model, exact in the output space) or
+            ``"empirical"`` (``(1/n) sum_i phi_i phi_i^T`` + regulariser, one backward pass per batch, as TRAK).
+        ggn_samples: ``None`` (all ``k_out`` columns of each output-Hessian factor) or an int ``m``: ``m``
+            Rademacher combinations of them per example, an unbiased estimate with ``m`` backward passes.
+        regularizer: how the weight decay enters the projected curvature (module docstring): ``"rescaled"``
+            (default, ``min(1, k/p) P^T diag(lambda) P``) or ``"projected"`` (``P^T diag(lambda) P``, the
+            projected model's own Gauss-Newton matrix). Both are exact when ``k >= p``.
+        batch_size: examples per batch (default: the data's own, or 256).
+        chunk_size: training examples per store chunk (default: about 64 MiB of features per chunk).
+        random_state: seed of ``ggn_samples``.
+        progress: tqdm progress bars (on rank 0 only under torch.distributed).
+
+    After :meth:`fit`: ``projector_``, ``n_train_``, ``dim_``, ``store_`` (or ``None``), ``train_features_``
+    (in-memory mode), ``curvature_matrix_`` (the projected curvature ``G_P``, float64, without damping),
+    ``damping_``, ``info`` (including the solver: Cholesky, or an eigendecomposition with a pseudo-inverse when
+    ``G_P`` can be singular, i.e. ``k > p`` or no regulariser and no damping).
+
+    Under ``torch.distributed`` the training pass is sharded over the ranks and every rank ends with the same
+    fitted state (module docstring); the query-side methods are collective.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        projector: Projector | str = "auto",
+        damping: float | str = "auto",
+        params: str | list[str] | None = None,
+        store_dir: str | os.PathLike | None = None,
+        dtype: torch.dtype = torch.float32,
+        feature_dtype: torch.dtype | None = None,
+        fisher: str = "ggn",
+        ggn_samples: int | None = None,
+        regularizer: str = "rescaled",
+        batch_size: int | None = None,
+        chunk_size: int | None = None,
+        random_state: int = 0,
+        progress: bool = True,
+    ) -> None:
+        check_model_and_task(model, task)
+        if not (projector == "auto" or isinstance(projector, Projector)):
+            raise bad_value(
+                "projector",
+                projector,
+                "expected 'auto', a RandomProjector or a FactorizedProjector",
+                "pass e.g. RandomProjector(dim=2048)",
+            )
+        if damping != "auto":
+            damping = check_nonnegative_float("damping", damping)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise bad_value(
+                "dtype", dtype, "expected a floating torch dtype", "pass torch.float32 or torch.float64"
+            )
+        if feature_dtype is not None:
+            dtype_name(feature_dtype)  # validates
+        if ggn_samples is not None:
+            check_positive_int("ggn_samples", ggn_samples)
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
+        self.model = model
+        self.task = task
+        self.projector = projector
+        self.damping = damping
+        self.params = params
+        self.store_dir = store_dir
+        self.dtype = dtype
+        self.feature_dtype = feature_dtype
+        self._feature_dtype = feature_dtype if feature_dtype is not None else dtype
+        self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
+        self.ggn_samples = ggn_samples
+        self.regularizer = check_choice("regularizer", regularizer, REGULARIZERS)
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.random_state = random_state
+        self.progress = progress
+        if self.fisher == "ggn" and not task.has_outputs:
+            raise bad_value(
+                "fisher",
+                "ggn",
+                f"{type(task).__name__} does not split its loss into outputs(model, batch) and "
+                "loss_from_outputs(outputs, batch), which the Gauss-Newton matrix needs",
+                "define both methods on the task, or pass fisher='empirical'",
+            )
+
+    # -- fitting ---------------------------------------------------------------------------------------------------
+    def _make_projector(self, fmodel: FunctionalModel) -> Projector:
+        if isinstance(self.projector, Projector):
+            return copy.deepcopy(self.projector)
+        if supports_factorized(fmodel):
+            logger.info(
+                "projector='auto': every parameter in scope is in a supported layer -> FactorizedProjector."
+            )
+            return FactorizedProjector()
+        logger.info("projector='auto': some parameters are outside supported layers -> RandomProjector.")
+        return RandomProjector()
+
+    def fit(self, train: DataLike) -> ProjectedInfluence:
+        """Project the training gradients once (into the store, or memory) and fit the projected curvature."""
+        source = as_data_source(train, "train", self.batch_size)
+        source.check_finite()
+        fmodel = FunctionalModel(prepare_model(self.model, self.dtype), self.task, self.params)
+        check_finite(fmodel.theta, "the model's parameters", "Fix: pass a model whose weights are finite.")
+        n = len(source)
+        projector = self._make_projector(fmodel).fit(fmodel, n)
+        k = projector.dim_
+        self.fmodel_ = fmodel
+        self.projector_ = projector
+        self.n_train_ = n
+        self.dim_ = k
+        self.train_examples_processed_ = 0
+        compute = self._chunk_computer(source)
+
+        if self.store_dir is not None:
+            fingerprints = {
+                "model": model_fingerprint(self.model),
+                "data": data_fingerprint(source),
+                "projection": projector.fingerprint(),
+                "task": f"{type(self.task).__module__}.{type(self.task).__qualname__}: {self.task!r}",
+                "config": {
+                    "params": self.params
+                    if self.params is None or isinstance(self.params, str)
+                    else list(self.params),
+                    "dtype": str(self.dtype),
+                    "fisher": self.fisher,
+                    "ggn_samples": self.ggn_samples,
+                    "random_state": self.random_state if self.ggn_samples else None,
+                    "batch_size": source.batch_size if self.ggn_samples else None,
+                },
+            }
+            store = GradientStore.create(
+                self.store_dir,
+                n=n,
+                dim=k,
+                dtype=self._feature_dtype,
+                chunk_size=self.chunk_size,
+                chunk_multiple=source.batch_size,  # chunks start where a single process's batches start
+                fingerprints=fingerprints,
+                metadata={
+                    "estimator": "ProjectedInfluence",
+                    "meaning": "rows: P^T grad l(z_i) per training example",
+                },
+            )
+            store.fill(compute, progress=self.progress)
+            acc = {name: store.accumulator(name) for name in ("ggn", "grad", "norm")}
+            self.store_ = store
+            self.train_features_ = None
+        else:
+            features, acc = self._compute_in_memory(compute, source)
+            self.store_ = None
+            self.train_features_ = features
+        self._fit_curvature(acc)
+        logger.info("fitted ProjectedInfluence on %d examples, dim %d: %s", n, k, self.info)
+        return self
+
+    def _compute_in_memory(
+        self, compute: Any, source: DataSource
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """All training features and curvature sums; under torch.distributed each rank computes a contiguous range
+        of whole batches, then the rows are gathered in index order and the sums added."""
+        n = len(source)
+        rank, size, distributed = world()
+        if not distributed:
+            return compute(0, n)
+        bs = source.batch_size
+        lo, hi = shard_bounds(-(-n // bs), size)[rank]
+        start, stop = min(n, lo * bs), min(n, hi * bs)
+        features: torch.Tensor | None = None
+        acc: dict[str, torch.Tensor] = {}
+        error: BaseException | None = None
+        try:
+            features, acc = compute(start, stop)
+        except Exception as err:
+            logger.error("rank %d failed while computing training features %d:%d: %s", rank, start, stop, err)
+            error = err
+        raise_if_any_failed(error, "the projected training features")
+        if features is None:  # pragma: no cover - an invariant of the code above
+            raise RuntimeError("internal error: features is missing")
+        # 16-bit rows travel as float32 (exact both ways), whatever the backend supports
+        wire = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+        gathered = all_gather_rows(wire)
+        if gathered is None:  # pragma: no cover - an invariant of the code above
+            raise RuntimeError("internal error: gathered is missing")
+        k = acc["grad"].shape[0]
+        packed = all_reduce_sum(torch.cat([acc["ggn"].reshape(-1), acc["grad"], acc["norm"]]))
+        sums = {"ggn": packed[: k * k].reshape(k, k), "grad": packed[k * k : k * k + k], "norm": packed[-1:]}
+        return gathered.to(features.dtype), sums
+
+    def _chunk_computer(self, source: DataSource) -> Any:
+        def compute(start: int, stop: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            k = self.projector_.dim_
+            device = self.fmodel_.device
+            ggn = torch.zeros(k, k, dtype=torch.float64, device=device)
+            grad = torch.zeros(k, dtype=torch.float64, device=device)
+            norm = torch.zeros(1, dtype=torch.float64, device=device)
+            rows = []
+            indices = torch.arange(start, stop)
+            with tqdm(
+                total=stop - start,
+                desc="training features",
+                disable=not self.progress or not is_main_process(),
+                leave=False,
+            ) as bar:
+                for idx, batch in source.batches(indices=indices):
+                    g, pseudo = self._train_batch(idx, batch)
+                    flat = pseudo.reshape(-1, k)
+                    ggn += (flat.T @ flat).to(torch.float64)
+                    grad += g.sum(dim=0, dtype=torch.float64)
+                    norm += g.to(torch.float64).norm(dim=1).sum()
+                    rows.append(g.to(self._feature_dtype, copy=True))  # not a view of (b, c, k)
+                    self.train_examples_processed_ += len(idx)
+                    bar.update(len(idx))
+            features = (
+                torch.cat(rows) if rows else torch.empty(0, k, dtype=self._feature_dtype, device=device)
+            )
+            return features, {"ggn": ggn.cpu(), "grad": grad.cpu(), "norm": norm.cpu()}
+
+        return compute
+
+    def _train_batch(self, idx: torch.Tensor, raw: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected gradients ``(b, k)`` and curvature pseudo-gradients ``(b, c, k)`` of one training batch."""
+        fmodel, projector, task = self.fmodel_, self.projector_, self.task
+        batch = fmodel.prepare(raw)
+        try:
+            if self.fisher == "empirical":
+                g = projector.project_vjps(batch, "loss")[:, 0]
+                pseudo = g[:, None]
+            else:
+                # loss = loss_from_outputs(outputs): one pass gives the gradient and the pseudo-gradients
+                composed = type(task).loss is Task.loss
+                generator = None
+                if self.ggn_samples:
+                    generator = torch.Generator(device=fmodel.device)
+                    generator.manual_seed(derive_seed(self.random_state, "ggn", int(idx[0])))
+
+                def cotangents(outputs: torch.Tensor) -> torch.Tensor:
+                    L = output_hessian_factors(task, outputs, batch)  # (b, K, K), columns = pseudo-gradients
+                    if self.ggn_samples:
+                        m = self.ggn_samples
+                        signs = torch.randint(
+                            0, 2, (L.shape[0], L.shape[2], m), generator=generator, device=L.device
+                        )
+                        L = L @ ((signs.to(L.dtype) * 2 - 1) / math.sqrt(m))
+                    cols = L.transpose(1, 2)
+                    cols = cols[:, cols.abs().amax(dim=(0, 2)) > 0]
+                    if composed:
+                        cols = torch.cat(
+                            [output_gradient(task, outputs, batch)[:, None].to(cols.dtype), cols], 1
+                        )
+                    return cols
+
+                out = projector.project_vjps(batch, "outputs", cotangents)
+                if composed:
+                    g, pseudo = out[:, 0], out[:, 1:]
+                else:
+                    g, pseudo = projector.project_vjps(batch, "loss")[:, 0], out
+        except (RuntimeError, IndexError, TypeError) as err:
+            raise batch_failure(task, "training data", raw, err) from err
+        check_rows_finite(
+            g,
+            idx,
+            lambda i: f"projected gradient of training example {i}",
+            "check that example's inputs and label, and the model's outputs on it.",
+        )
+        return g, pseudo
+
+    def _fit_curvature(self, acc: dict[str, torch.Tensor]) -> None:
+        n, fmodel, projector = self.n_train_, self.fmodel_, self.projector_
+        device = fmodel.device
+        reg = projector.regularizer_matrix(rescaled=self.regularizer == "rescaled").to(device)
+        matrix = acc["ggn"].to(device=device, dtype=torch.float64, copy=True)
+        matrix /= n
+        matrix += reg
+        matrix += matrix.T.clone()
+        matrix *= 0.5
+        check_finite(
+            matrix,
+            "the projected Gauss-Newton matrix",
+            "Fix: check the model's outputs and loss for NaN/inf on the training data, or fit in float64.",
+        )
+        lam = fmodel.regularizer
+        k = self.dim_
+        if self.damping == "auto":
+            all_penalised = bool((lam > 0).all())
+            mean_eigenvalue = float(torch.diagonal(matrix).sum()) / k  # trace / k, no decomposition needed
+            damping = 0.0 if all_penalised else AUTO_DAMPING_FRACTION * mean_eigenvalue
+        else:
+            damping = float(self.damping)
+        self.curvature_matrix_ = matrix
+        self.damping_ = damping
+        self._chol: torch.Tensor | None = None
+        self.evals_ = self.evecs_ = self.inv_evals_ = None
+        # Cholesky (fast, also on GPUs) when the regulariser or the damping bounds the spectrum away from zero and
+        # nothing can be exactly singular (k <= p); otherwise an eigendecomposition with a pseudo-inverse.
+        bounded = damping > 0 or bool((lam > 0).all())
+        solver = "eigh"
+        if bounded and k <= fmodel.num_params:
+            eye = torch.eye(k, dtype=matrix.dtype, device=device)
+            chol, failed = torch.linalg.cholesky_ex(matrix + damping * eye)
+            if int(failed) == 0:
+                self._chol, solver = chol, "cholesky"
+            else:
+                logger.info(
+                    "the projected curvature is not numerically positive definite; using eigh instead."
+                )
+        extra: dict[str, Any] = {"solver": solver, "trace": float(torch.diagonal(matrix).sum())}
+        if solver == "eigh":
+            evals, evecs = torch.linalg.eigh(matrix)
+            top = float(evals.abs().max()) if evals.numel() else 0.0
+            tol = max(evals.numel(), 10) * torch.finfo(torch.float64).eps * 10 * top
+            effective = evals.clamp(min=0.0) + damping
+            dropped = effective <= tol
+            inv = torch.where(
+                dropped, torch.zeros_like(effective), 1.0 / torch.where(dropped, 1.0, effective)
+            )
+            self.evals_, self.evecs_, self.inv_evals_ = evals, evecs, inv
+            extra |= {
+                "eigenvalue_max": float(evals.max()),
+                "eigenvalue_min": float(evals.min()),
+                "num_zero_dropped": int(dropped.sum()),
+            }
+        else:
+            extra |= {"num_zero_dropped": 0}
+
+        # stationarity in the projected space: P^T grad L = mean phi_i + P^T (lambda * theta)
+        reg_grad = projector.project((lam * fmodel.theta)[None])[0].to(torch.float64).to(device)
+        full = acc["grad"].to(device) / n + reg_grad
+        scale = float(acc["norm"]) / n or 1.0
+        self.gradient_norm_ = float(full.norm())
+        relative = self.gradient_norm_ / scale
+        if relative > STATIONARITY_TOLERANCE:
+            logger.warning(
+                "the model is not at a minimum of the training objective: the projected ||P^T grad L|| = %.3g (%.3g of "
+                "a typical projected per-example gradient norm). Influence functions assume a minimum; estimates "
+                "continue but may be off. Fix: train to convergence, or check that the task's weight_decay matches "
+                "training.",
+                self.gradient_norm_,
+                relative,
+            )
+        self.info_ = {
+            "estimator": "ProjectedInfluence",
+            "projector": projector.fingerprint(),
+            "dim": self.dim_,
+            "num_params": fmodel.num_params,
+            "n_train": n,
+            "fisher": self.fisher,
+            "ggn_samples": self.ggn_samples,
+            "damping": damping,
+            "damping_policy": self.damping if self.damping != "auto" else "auto",
+            "regularizer": self.regularizer,
+            "regularizer_trace": float(torch.diagonal(reg).sum()),
+            **extra,
+            "dtype": str(self.dtype),
+            "feature_dtype": str(self._feature_dtype),
+            "store": str(self.store_.path) if self.store_ is not None else None,
+            "projected_gradient_norm": self.gradient_norm_,
+            "train_examples_processed": self.train_examples_processed_,
+        }
+
+    # -- queries ---------------------------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "curvature_matrix_"):
+            raise NotFittedError(
+                "this ProjectedInfluence is not fitted yet. Fix: call .fit(train) with the training data first."
+            )
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What was done: projection, dimension, damping, eigenvalue range, store, examples processed."""
+        self._check_fitted()
+        return dict(self.info_, train_examples_processed=self.train_examples_processed_)
+
+    @property
+    def features_(self) -> FeatureSource:
+        """The training features: the :class:`~datatrace.projection.store.GradientStore`, or the in-memory ``(n, k)`` tensor."""
+        self._check_fitted()
+        return self.store_ if self.store_ is not None else self.train_features_
+
+    def query_features(self, query: DataLike) -> torch.Tensor:
+        """``P^T grad f_q(theta_hat)`` for every query, shape ``(n_query, k)`` (working dtype, model's device).
+
+        Under torch.distributed each rank computes the rows of its share of the queries and every rank gets all of
+        them (:func:`~datatrace.distributed.distributed_per_example`)."""
+        self._check_fitted()
+        source = as_data_source(query, "query", self.batch_size)
+        source.check_finite()
+
+        def rows(idx: torch.Tensor, raw: tuple) -> torch.Tensor:
+            try:
+                g = self.projector_.project_vjps(self.fmodel_.prepare(raw), "measurement")[:, 0]
+            except (RuntimeError, IndexError, TypeError) as err:
+                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in raw]
+                raise ValueError(
+                    f"running {type(self.task).__name__} on a batch of queries failed: {err}. The batch's elements "
+                    f"have shapes {shapes}. Fix: check that the model, the task and the data agree."
+                ) from err
+            bad = ~torch.isfinite(g).all(dim=1)
+            if bool(bad.any()):
+                first = int(idx[bad.nonzero()[0, 0]])
+                raise FloatingPointError(
+                    f"the projected measurement gradient of query {first} is not finite. Fix: check that query."
+                )
+            return g
+
+        return distributed_per_example(
+            rows, source, with_indices=True, progress=self.progress, desc="query features"
+        )
+
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(G_P + damping I)^{+} v`` for each row of ``vectors`` (shape ``(m, k)``), in float64."""
+        self._check_fitted()
+        v = vectors.to(device=self.curvature_matrix_.device, dtype=torch.float64)
+        if self._chol is not None:
+            return torch.cholesky_solve(v.T, self._chol).T
+        return ((v @ self.evecs_) * self.inv_evals_) @ self.evecs_.T
+
+    def _transform(self, query_features: torch.Tensor) -> torch.Tensor:
+        return (self.solve(query_features) / self.n_train_).to(self._compute_dtype())
+
+    def score(self, query: DataLike) -> Scores:
+        """Leave-one-out influence of every training example on every query's measurement, ``(n_query, n_train)``:
+        ``values[q, i] = (1/n) (P^T grad f_q)^T (G_P + damping I)^{-1} (P^T g_i) ~ f_q(theta_{-i}) - f_q(theta_hat)``.
+        """
+        return self.score_features(self.query_features(query))
+
+    def score_features(self, query_features: torch.Tensor) -> Scores:
+        """:meth:`score` for query features already computed by :meth:`query_features` (shape ``(n_query, k)``)."""
+        self._check_fitted()
+        values = score_against_store(query_features, self.features_, self._transform, progress=self.progress)
+        return Scores(values.cpu(), self.task.describe_measurement(), self._metadata())
+
+    def top_k(self, query: DataLike, k: int) -> StreamingTopK:
+        """Per query, the ``k`` largest scores (proponents) and the ``k`` most negative (opponents), streamed over
+        the store without forming the ``(n_query, n_train)`` matrix."""
+        check_positive_int("k", k)
+        return self.top_k_features(self.query_features(query), k)
+
+    def top_k_features(self, query_features: torch.Tensor, k: int) -> StreamingTopK:
+        """:meth:`top_k` for query features already computed by :meth:`query_features`."""
+        self._check_fitted()
+        return top_k_against_store(query_features, self.features_, k, self._transform, progress=self.progress)
+
+    def self_influence(self) -> torch.Tensor:
+        """``(1/n) phi_i^T (G_P + damping I)^{-1} phi_i`` for every training example, shape ``(n_train,)``: the
+        estimated rise of example ``i``'s own loss if it were removed and the model retrained (streamed)."""
+        self._check_fitted()
+        source = self.features_
+        rank, size, distributed = world()
+        if not (distributed and isinstance(source, GradientStore)):
+            return self._self_influence(source, None)
+        # under torch.distributed: each rank a contiguous range of chunks, gathered in order
+        local: torch.Tensor | None = None
+        error: BaseException | None = None
+        try:
+            lo, hi = shard_bounds(source.n_chunks, size)[rank]
+            local = self._self_influence(source, range(lo, hi))
+        except Exception as err:
+            error = err
+        raise_if_any_failed(error, "self-influence against the GradientStore")
+        out = all_gather_rows(local)
+        if out is None:  # pragma: no cover - an invariant of the code above
+            raise RuntimeError("internal error: out is missing")
+        return out
+
+    def _self_influence(self, source: FeatureSource, chunks: range | None) -> torch.Tensor:
+        dtype = self._compute_dtype()
+        out = [torch.zeros(0, dtype=dtype)]
+        if isinstance(source, GradientStore):
+            source._require_complete()
+            order = range(source.n_chunks) if chunks is None else chunks
+            blocks = ((b.start, b.values) for b in source.features(order))
+        else:
+            blocks = ((s, source[s : s + 65536]) for s in range(0, source.shape[0], 65536))
+        device = self.curvature_matrix_.device
+        if self._chol is not None:  # phi^T C^{-1} phi = ||L^{-1} phi||^2
+            chol = self._chol.to(dtype)
+            for _, values in blocks:
+                z = torch.linalg.solve_triangular(chol, values.to(device=device, dtype=dtype).T, upper=False)
+                out.append((z * z).sum(dim=0) / self.n_train_)
+        else:
+            evecs, inv = self.evecs_.to(dtype), self.inv_evals_.to(dtype)
+            for _, values in blocks:
+                rotated = values.to(device=device, dtype=dtype) @ evecs
+                out.append((rotated * rotated * inv).sum(dim=1) / self.n_train_)
+        return torch.cat([o.cpu() for o in out])
+
+    def _metadata(self) -> dict[str, Any]:
+        info = self.info
+        flat = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        flat = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in flat.items()}
+        flat["projector"] = info["projector"]
+        return flat
+
+
+# -- TRAK-style ensembles ------------------------------------------------------------------------------------------
+
+
+class TRAK:
+    """An ensemble of :class:`ProjectedInfluence` over independently trained models: scores are averaged.
+
+    TRAK (Park et al. 2023) shows that averaging projected attributions over models trained with different seeds
+    (or on different subsets) removes much of the noise of a single network's linearisation. Here every model gets
+    its own projected Gauss-Newton influence with the same projector settings (and its own store,
+    ``store_dir/model-<j>``); ``score`` returns the mean of their scores, in the same units and sign.
+
+    Args:
+        models: the independently trained models (same architecture, same task).
+        task: the task; every other keyword argument is passed to each :class:`ProjectedInfluence`.
+    """
+
+    def __init__(
+        self,
+        models: list[nn.Module],
+        task: Task,
+        projector: Projector | str = "auto",
+        store_dir: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if (
+            not isinstance(models, (list, tuple))
+            or not models
+            or not all(isinstance(m, nn.Module) for m in models)
+        ):
+            raise bad_value(
+                "models", models, "expected a non-empty list of nn.Module", "pass [model_1, model_2, ...]"
+            )
+        self.models = list(models)
+        self.task = task
+        self.projector = projector
+        self.store_dir = store_dir
+        self.kwargs = kwargs
+        self.members = [
+            ProjectedInfluence(
+                m,
+                task,
+                projector=projector,
+                store_dir=None if store_dir is None else Path(store_dir) / f"model-{j}",
+                **kwargs,
+            )
+            for j, m in enumerate(self.models)
+        ]
+
+    def fit(self, train: DataLike) -> TRAK:
+        for member in self.members:
+            member.fit(train)
+        self.n_train_ = self.members[0].n_train_
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "n_train_"):
+            raise NotFittedError("this TRAK ensemble is not fitted yet. Fix: call .fit(train) first.")
+
+    def score(self, query: DataLike) -> Scores:
+        """The mean over models of the projected influence scores, ``(n_query, n_train)``."""
+        self._check_fitted()
+        total = None
+        for member in self.members:
+            values = member.score(query).values
+            total = values if total is None else total + values
+        meta = {
+            "estimator": "TRAK",
+            "n_models": len(self.members),
+            "members": [m._metadata() for m in self.members],
+        }
+        return Scores(total / len(self.members), self.task.describe_measurement(), meta)
+
+    def top_k(self, query: DataLike, k: int, query_block: int = 256) -> StreamingTopK:
+        """Proponents and opponents of the averaged scores, computed for ``query_block`` queries at a time."""
+        self._check_fitted()
+        k = min(check_positive_int("k", k), self.n_train_)
+        feats = [m.query_features(query) for m in self.members]
+        pos_i, pos_v, neg_i, neg_v = [], [], [], []
+        for s in range(0, feats[0].shape[0], query_block):
+            block = sum(
+                score_against_store(f[s : s + query_block], m.features_, m._transform)
+                for f, m in zip(feats, self.members)
+            ) / len(self.members)
+            v, i = torch.topk(block, k, dim=1)
+            pos_v.append(v)
+            pos_i.append(i)
+            v, i = torch.topk(-block, k, dim=1)
+            neg_v.append(-v)
+            neg_i.append(i)
+        return StreamingTopK(
+            TopK(torch.cat(pos_i), torch.cat(pos_v)), TopK(torch.cat(neg_i), torch.cat(neg_v))
+        )
+
+    def self_influence(self) -> torch.Tensor:
+        self._check_fitted()
+        return torch.stack([m.self_influence() for m in self.members]).mean(dim=0)
+
+
+__all__ = ["FISHER_TYPES", "TRAK", "ProjectedInfluence", "data_fingerprint", "model_fingerprint"]

@@ -1,0 +1,1141 @@
+"""An on-disk store of projected training gradients, written once, read memory-mapped, scored in blocks.
+
+Projected-gradient attributors (TRAK, LoGra, :class:`~datatrace.attributors.projected.ProjectedInfluence`) compute one feature
+vector ``phi_i`` (a projected per-example gradient, ``k`` numbers) per training example *once*, and then answer
+every query set with a matrix product. A :class:`GradientStore` holds those ``n x k`` features:
+
+* **layout**: a directory with ``chunk-000000.npy``, ``chunk-000001.npy``, ... (``chunk_size`` rows each, the last
+  one shorter) and ``manifest.json`` (shapes, dtype, the sha256 of every chunk file, and *fingerprints* of what the
+  features were computed from: the model's parameter bytes, the data, the projection, the task...). Optional
+  float64 *accumulators* (sums over examples computed in the same pass, e.g. the projected Gauss-Newton matrix)
+  are kept beside them in a safetensors file, checksummed too.
+* **written once, resumably**: every chunk file is written to a temporary name, fsynced and renamed
+  (``os.replace``), and only then recorded in the manifest (itself replaced atomically). An interrupted write
+  therefore leaves only completed chunks that look complete; a rerun with the same fingerprints
+  (:meth:`GradientStore.create` on the same directory) reuses them and computes only the missing ones. A store
+  whose fingerprints differ is refused with an error that names the fingerprint that differs.
+* **precision**: features can be stored as float32, float16 or bfloat16 (bfloat16 as raw 16-bit words, since
+  numpy has no bfloat16); every product upcasts them to float32 (float64 when the query side is float64), so
+  accumulation is never done in 16 bits.
+* **one writer**: a store is filled by one process at a time (readers may be many once it is complete).
+* **reading**: chunks are memory-mapped (``np.load(mmap_mode="c")``, never pickle), so a store larger than memory
+  is read block by block. :meth:`GradientStore.verify` re-hashes every file.
+
+Scoring against a store never holds more than one block of the ``m x n`` score matrix besides what it returns:
+:func:`score_against_store` returns the dense ``(m, n)`` matrix, :func:`top_k_against_store` a streaming top-k
+(the ``k`` largest and the ``k`` most negative scores per query, i.e. proponents and opponents) merged chunk by
+chunk with ``torch.topk``, in ``O(m k + m * chunk_rows)`` memory.
+
+**Under torch.distributed** (a process group initialised by the caller, e.g. with ``torchrun``;
+:mod:`datatrace.distributed`), :meth:`GradientStore.create`, :meth:`GradientStore.fill` and the scoring functions
+are *collective*: every rank calls them with the same arguments (or wraps a rank-0-only call in
+:func:`~datatrace.distributed.local_only`), and the directory must be on a file system that every rank sees.
+``create``: rank 0 creates or checks the store, then the other ranks open it and check it against their own
+arguments. ``fill``: the missing chunks are dealt out round-robin (the ``j``-th missing chunk to rank
+``j % world_size``), in rounds of one chunk per rank; every rank writes only its own chunk files (atomically, as
+above), and after each round rank 0 records the round's chunks and their accumulators in the manifest (the only
+writer of the manifest), adding the sums in chunk order, so the store is the same, file for file, as one written by
+a single process. An interruption loses at most the current round; a rerun (with any number of ranks) computes
+only the missing chunks. If ``compute`` raises on one rank, the chunks the other ranks finished in that round are
+still recorded and then every rank raises (:func:`~datatrace.distributed.raise_if_any_failed`), so none waits
+forever (a ``KeyboardInterrupt`` or a killed process is not caught: the others wait for the process group's
+timeout). Afterwards every rank reads the complete store. Scoring: each rank multiplies the queries with a
+contiguous range of chunks and the columns (dense scores) or the per-rank top-``k`` candidates (merged again with
+``torch.topk``) are gathered, so every rank gets the full result. In-memory feature tensors are scored on every
+rank (replicated).
+
+Example:
+    >>> import tempfile, torch
+    >>> from datatrace.projection.store import GradientStore, score_against_store
+    >>> features = torch.randn(10, 4)
+    >>> store = GradientStore.create(tempfile.mkdtemp(), n=10, dim=4, chunk_size=4, fingerprints={"model": "m1"})
+    >>> store = store.fill(lambda start, stop: features[start:stop], progress=False)
+    >>> store.complete, store.n_chunks
+    (True, 3)
+    >>> torch.allclose(score_against_store(features[:2], store), features[:2] @ features.T)
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from datatrace.distributed import all_gather_rows, is_main_process, raise_if_any_failed, shard_bounds, world
+from datatrace.errors import bad_value, check_positive_int
+from datatrace.scores import TopK
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "datatrace.GradientStore"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+#: default chunk: about this many bytes of features per file
+DEFAULT_CHUNK_BYTES = 64 * 1024**2
+#: rows of the score matrix computed at once by the scoring functions: queries x store rows <= this
+DEFAULT_BLOCK_ELEMENTS = 2**24
+
+#: dtype name -> (torch dtype, numpy dtype it is stored as)
+_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "float32": (torch.float32, np.dtype(np.float32)),
+    "float64": (torch.float64, np.dtype(np.float64)),
+    "float16": (torch.float16, np.dtype(np.float16)),
+    "bfloat16": (torch.bfloat16, np.dtype(np.uint16)),  # raw bits; numpy has no bfloat16
+}
+_FINGERPRINT_WORDS = {
+    "model": "a different model (its parameter values differ)",
+    "data": "different training data",
+    "projection": "a different projection (kind, dimension or seed)",
+    "task": "a different task (loss or weight decay)",
+    "config": "different settings",
+}
+
+
+class StoreMismatchError(ValueError):
+    """The directory holds a store computed from something else (a different model, data set or projection)."""
+
+
+class StoreCorruptedError(RuntimeError):
+    """A file of the store is missing, truncated or does not match its recorded checksum."""
+
+
+class FeatureBlock(NamedTuple):
+    """One chunk of a store: rows ``start:start + len(values)`` of the ``(n, dim)`` feature matrix."""
+
+    chunk: int
+    start: int
+    values: torch.Tensor
+
+
+class StreamingTopK(NamedTuple):
+    """Per query, the ``k`` training examples with the largest scores (``proponents``, largest first) and the ``k``
+    with the most negative scores (``opponents``, most negative first); each a :class:`~datatrace.TopK` of
+    ``(n_query, k)`` tensors. When fewer than ``k`` scores of a query are positive (negative), the list is completed
+    with the next ones in order, whatever their sign."""
+
+    proponents: TopK
+    opponents: TopK
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, (torch_dtype, _) in _DTYPES.items():
+        if torch_dtype == dtype:
+            return name
+    raise bad_value(
+        "dtype",
+        dtype,
+        f"a store holds one of {list(_DTYPES)}",
+        "pass torch.float32, torch.float16 or torch.bfloat16",
+    )
+
+
+def sha256_file(path: str | os.PathLike, block: int = 2**22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(directory: Path, name: str, write: Callable[[str], Any]) -> str:
+    """Write ``directory/name`` through a temporary file (fsynced, then renamed); return the file's sha256."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable (POSIX); not available everywhere
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return digest
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+    return digest
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trip through JSON so that stored and fresh fingerprints compare equal (tuples become lists...)."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True))
+    except TypeError as err:
+        raise bad_value(
+            "fingerprints",
+            value,
+            f"fingerprints must be JSON values ({err})",
+            "pass strings, numbers, lists, dicts",
+        ) from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return text[:12] + "..."  # a sha256
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _differences(stored: Any, fresh: Any, prefix: str = "") -> list[str]:
+    """Human-readable leaf differences between two JSON values."""
+    if isinstance(stored, dict) and isinstance(fresh, dict):
+        out = []
+        for key in sorted(set(stored) | set(fresh), key=str):
+            out += _differences(stored.get(key, "<missing>"), fresh.get(key, "<missing>"), f"{prefix}{key}.")
+        return out
+    if stored != fresh:
+        return [f"{prefix.rstrip('.') or 'value'}: stored {_short(stored)} vs now {_short(fresh)}"]
+    return []
+
+
+def _flatten_accumulators(
+    accumulators: Mapping[str, torch.Tensor] | None,
+) -> tuple[list[tuple[str, tuple[int, ...]]], torch.Tensor]:
+    """Names and shapes (sorted by name) and the float64 values, concatenated, of a chunk's accumulators."""
+    if not accumulators:
+        return [], torch.zeros(0, dtype=torch.float64)
+    values = {k: torch.as_tensor(v).detach().to("cpu", torch.float64) for k, v in accumulators.items()}
+    layout = [(k, tuple(values[k].shape)) for k in sorted(values)]
+    return layout, torch.cat([values[k].reshape(-1) for k, _ in layout])
+
+
+def _layout_code(layout: list[tuple[str, tuple[int, ...]]]) -> int:
+    """A checksum of the accumulators' names and shapes (exact in float64: < 2**32)."""
+    return zlib.crc32(json.dumps([[k, list(shape)] for k, shape in layout]).encode())
+
+
+class GradientStore:
+    """Projected per-example training gradients on disk: chunked ``.npy`` files plus a JSON manifest.
+
+    Open an existing store with ``GradientStore(directory)``; create one (or resume an interrupted one) with
+    :meth:`create`, then :meth:`fill` it (or :meth:`write_chunk` chunk by chunk).
+
+    Attributes (from the manifest): ``n`` (rows), ``dim`` (features per row), ``dtype`` (storage dtype),
+    ``chunk_size``, ``n_chunks``, ``fingerprints``, ``complete``.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        try:
+            self.path = Path(directory)
+        except TypeError:
+            raise bad_value("directory", directory, "expected a path", "pass a directory path") from None
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists():
+            raise FileNotFoundError(
+                f"directory={str(self.path)!r} holds no {MANIFEST}, so it is not a GradientStore. Fix: pass the "
+                "directory a store was written to, or create one with GradientStore.create(...)."
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreCorruptedError(
+                f"{manifest_path} cannot be read ({err}). Fix: delete the directory and compute the store again."
+            ) from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError(
+                f"{manifest_path} is not a datatrace GradientStore manifest (format="
+                f"{manifest.get('format') if isinstance(manifest, dict) else None!r}). Fix: use another directory."
+            )
+        if manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{manifest_path} was written by store format version {manifest.get('version')!r}; this datatrace "
+                f"reads version {FORMAT_VERSION}. Fix: compute the store again with this version."
+            )
+        self._manifest = manifest
+        self._accumulators: dict[str, torch.Tensor] | None = None
+
+    # -- creation --------------------------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        n: int,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+        chunk_size: int | None = None,
+        fingerprints: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        chunk_multiple: int = 1,
+    ) -> GradientStore:
+        """A new store in ``directory``, or the existing one there if it was made for the same thing.
+
+        Under ``torch.distributed`` this is collective: rank 0 creates (or checks) the store first, then the other
+        ranks open the manifest rank 0 wrote and check it against their own arguments; if any rank fails, every
+        rank raises. ``directory`` must therefore be on a file system that every rank sees.
+
+        The existing store (complete or interrupted) is reused when its ``n``, ``dim``, ``dtype``, ``chunk_size`` and
+        every fingerprint equal the ones given here; otherwise a :class:`StoreMismatchError` names what differs.
+
+        Args:
+            directory: where the store lives (created if needed).
+            n: number of rows (training examples). dim: features per row.
+            dtype: storage dtype, float32 (default), float16, bfloat16 or float64.
+            chunk_size: rows per chunk file (default: about 64 MiB per file, and at most ``ceil(n / world_size)``
+                rows under torch.distributed so that every rank writes a share, rounded up to a multiple of
+                ``chunk_multiple``).
+            fingerprints: JSON values identifying what the features are computed from, e.g.
+                ``{"model": sha256, "data": sha256, "projection": {...}}``.
+            metadata: free JSON facts recorded in the manifest (not compared).
+            chunk_multiple: the default ``chunk_size`` is a multiple of it (e.g. the batch size, so that chunks
+                start where a single process's batches start); ignored when ``chunk_size`` is given or the store
+                exists.
+        """
+        kwargs = {
+            "n": n,
+            "dim": dim,
+            "dtype": dtype,
+            "chunk_size": chunk_size,
+            "chunk_multiple": check_positive_int("chunk_multiple", chunk_multiple),
+            "fingerprints": fingerprints,
+            "metadata": metadata,
+        }
+        rank, _, distributed = world()
+        if not distributed:
+            return cls._create_here(directory, **kwargs)
+        what = f"GradientStore.create({str(directory)!r})"
+        store: GradientStore | None = None
+        error: BaseException | None = None
+        if rank == 0:
+            try:
+                store = cls._create_here(directory, **kwargs)
+            except Exception as err:
+                error = err
+        raise_if_any_failed(error, what)
+        if rank != 0:
+            try:
+                if not (Path(directory) / MANIFEST).exists():
+                    raise FileNotFoundError(
+                        f"directory={str(directory)!r}: rank 0 created the GradientStore there, but rank {rank} "
+                        f"finds no {MANIFEST}. Under torch.distributed the store must be on a file system that every "
+                        "rank sees. Fix: pass a directory on a shared file system (or run without a process group)."
+                    )
+                store = cls._create_here(directory, **kwargs)
+            except Exception as err:
+                error = err
+        raise_if_any_failed(error, what)
+        if store is None:  # pragma: no cover - an invariant of the code above
+            raise RuntimeError("internal error: store is missing")
+        return store
+
+    @classmethod
+    def _create_here(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        n: int,
+        dim: int,
+        dtype: torch.dtype,
+        chunk_size: int | None,
+        fingerprints: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        chunk_multiple: int = 1,
+    ) -> GradientStore:
+        """:meth:`create` in this process only (no collective)."""
+        n = check_positive_int("n", n)
+        dim = check_positive_int("dim", dim)
+        name = dtype_name(dtype)
+        itemsize = _DTYPES[name][1].itemsize
+        fingerprints = _jsonable(dict(fingerprints or {}))
+        try:
+            path = Path(directory)
+        except TypeError:
+            raise bad_value("directory", directory, "expected a path", "pass a directory path") from None
+        if chunk_size is None:
+            if (
+                path / MANIFEST
+            ).exists():  # resuming or reusing: keep the chunking the store was written with
+                chunk_size = int(cls(path)._manifest.get("chunk_size", 0)) or None
+            if chunk_size is None:
+                # at most 64 MiB per chunk, and at least one chunk per rank so that every rank has work
+                per_rank = -(-n // world()[1])
+                chunk_size = max(1, min(per_rank, DEFAULT_CHUNK_BYTES // (dim * itemsize)))
+                chunk_size = min(n, -(-chunk_size // chunk_multiple) * chunk_multiple)
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+        if path.exists() and not path.is_dir():
+            raise bad_value(
+                "directory", str(path), "the path exists and is not a directory", "pass a directory"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / MANIFEST).exists():
+            store = cls(path)
+            store._check_same(n=n, dim=dim, dtype=name, chunk_size=chunk_size, fingerprints=fingerprints)
+            done = len(store._manifest["chunks"])
+            if not is_main_process():
+                pass  # rank 0 already said it
+            elif store.complete:
+                logger.info("GradientStore %s is complete (%d chunks); reusing it.", path, store.n_chunks)
+            else:
+                logger.info(
+                    "GradientStore %s: resuming an interrupted write, %d of %d chunks already done.",
+                    path,
+                    done,
+                    store.n_chunks,
+                )
+            return store
+        leftovers = sorted(p.name for p in path.iterdir() if p.name.startswith("chunk-"))
+        if leftovers:
+            raise ValueError(
+                f"directory={str(path)!r} holds chunk files ({', '.join(leftovers[:3])}, ...) but no {MANIFEST}, "
+                "so it is unknown what they were computed from. Fix: use a new directory or empty this one."
+            )
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "n": n,
+            "dim": dim,
+            "dtype": name,
+            "chunk_size": chunk_size,
+            "n_chunks": -(-n // chunk_size),
+            "fingerprints": fingerprints,
+            "metadata": _jsonable(dict(metadata or {})),
+            "chunks": {},
+            "accumulators": None,
+            "complete": False,
+        }
+        store = cls.__new__(cls)
+        store.path = path
+        store._manifest = manifest
+        store._accumulators = None
+        store._write_manifest()
+        return store
+
+    def _check_same(self, *, n: int, dim: int, dtype: str, chunk_size: int, fingerprints: dict) -> None:
+        m = self._manifest
+        for key, fresh in (("n", n), ("dim", dim), ("dtype", dtype), ("chunk_size", chunk_size)):
+            if m.get(key) != fresh:
+                raise StoreMismatchError(
+                    f"the GradientStore in {str(self.path)!r} was written with {key}={m.get(key)!r} but this call "
+                    f"has {key}={fresh!r}. Fix: use a new directory for these settings (or delete this one), or "
+                    f"call with {key}={m.get(key)!r} to reuse it."
+                )
+        stored = m.get("fingerprints", {})
+        for key in sorted(set(stored) | set(fingerprints)):
+            old, new = stored.get(key, "<missing>"), fingerprints.get(key, "<missing>")
+            if old != new:
+                words = _FINGERPRINT_WORDS.get(key, f"a different {key!r}")
+                details = "; ".join(_differences(old, new)[:4])
+                raise StoreMismatchError(
+                    f"the GradientStore in {str(self.path)!r} was computed from {words}: its {key!r} fingerprint "
+                    f"differs ({details}); features of different origins must never be mixed. Fix: use a new "
+                    "directory (store_dir=...) for this one, or delete the old store, or pass the original "
+                    f"{key} to reuse it."
+                )
+
+    # -- properties ------------------------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self._manifest["n"])
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def dim(self) -> int:
+        return int(self._manifest["dim"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self._manifest["dtype"]][0]
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self._manifest["chunk_size"])
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self._manifest["n_chunks"])
+
+    @property
+    def fingerprints(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._manifest["fingerprints"]))
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._manifest.get("metadata", {})))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._manifest["complete"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of features on disk (without the .npy headers and accumulators)."""
+        return self.n * self.dim * _DTYPES[self._manifest["dtype"]][1].itemsize
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        """``(start, stop)`` rows of chunk ``chunk``."""
+        self._check_chunk_index(chunk)
+        start = chunk * self.chunk_size
+        return start, min(self.n, start + self.chunk_size)
+
+    def missing_chunks(self) -> list[int]:
+        """Indices of the chunks not written yet."""
+        done = self._manifest["chunks"]
+        return [i for i in range(self.n_chunks) if str(i) not in done]
+
+    def __repr__(self) -> str:
+        state = (
+            "complete"
+            if self.complete
+            else f"{self.n_chunks - len(self.missing_chunks())}/{self.n_chunks} chunks"
+        )
+        return f"GradientStore({str(self.path)!r}, n={self.n}, dim={self.dim}, dtype={self._manifest['dtype']}, {state})"
+
+    def _check_chunk_index(self, chunk: Any) -> int:
+        if (
+            isinstance(chunk, bool)
+            or not isinstance(chunk, (int, np.integer))
+            or not 0 <= chunk < self.n_chunks
+        ):
+            raise IndexError(
+                f"chunk={chunk!r} is out of range: this store has {self.n_chunks} chunks, allowed is "
+                f"0 <= chunk < {self.n_chunks}. Fix: pass a chunk index in that range."
+            )
+        return int(chunk)
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def _write_manifest(self) -> None:
+        text = json.dumps(self._manifest, indent=1, sort_keys=True)
+        _atomic_write(self.path, MANIFEST, lambda tmp: Path(tmp).write_text(text))
+
+    def write_chunk(
+        self, chunk: int, features: torch.Tensor, accumulators: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write chunk ``chunk`` (its ``(rows, dim)`` features) and add ``accumulators`` to the running sums.
+
+        The chunk file and the new sums are written atomically and then recorded in the manifest in one atomic
+        replace, so an interruption at any point leaves a store whose recorded chunks and sums agree. This process
+        only (no collective): under ``torch.distributed`` use :meth:`fill`, which lets rank 0 alone write the
+        manifest.
+        """
+        chunk = self._check_chunk_index(chunk)
+        if str(chunk) in self._manifest["chunks"]:
+            raise ValueError(
+                f"chunk {chunk} of the GradientStore in {str(self.path)!r} is already written; a store is written "
+                "once. Fix: write only missing_chunks(), or use a new directory."
+            )
+        entry = self._write_chunk_file(chunk, features)
+        self._record([(chunk, entry, accumulators)])
+
+    def _write_chunk_file(self, chunk: int, features: torch.Tensor) -> dict[str, Any]:
+        """Check ``features`` and write them atomically to the chunk's file; return its manifest entry."""
+        start, stop = self.rows(chunk)
+        if not isinstance(features, torch.Tensor):
+            features = torch.as_tensor(np.asarray(features))
+        if features.shape != (stop - start, self.dim):
+            raise bad_value(
+                "features",
+                features,
+                f"chunk {chunk} holds rows {start}:{stop}, so it needs shape ({stop - start}, {self.dim})",
+                "return one row of dim features per example of the chunk",
+            )
+        if not bool(torch.isfinite(features).all()):
+            bad = int((~torch.isfinite(features).all(dim=1)).nonzero()[0, 0]) + start
+            raise FloatingPointError(
+                f"the features of row {bad} (chunk {chunk}) are not finite. Fix: check that training example, the "
+                "model's outputs on it, and use float32 features if float16 overflowed (|x| > 65504)."
+            )
+        torch_dtype, np_dtype = _DTYPES[self._manifest["dtype"]]
+        stored = features.detach().to("cpu", torch_dtype).contiguous()
+        if torch_dtype == torch.bfloat16:
+            array = stored.view(torch.int16).numpy().view(np.uint16)
+        else:
+            array = stored.numpy()
+        if torch_dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(stored).all()):
+            raise FloatingPointError(
+                f"chunk {chunk} overflows {self._manifest['dtype']} (largest feature {float(features.abs().max()):.3g})."
+                " Fix: store features as float32 (feature_dtype=torch.float32)."
+            )
+        name = f"chunk-{chunk:06d}.npy"
+        contiguous = np.ascontiguousarray(array, np_dtype)
+
+        def write_npy(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+                np.save(f, contiguous, allow_pickle=False)
+
+        digest = _atomic_write(self.path, name, write_npy)
+        return {"file": name, "rows": stop - start, "sha256": digest}
+
+    def _record(
+        self, written: Sequence[tuple[int, dict[str, Any], Mapping[str, torch.Tensor] | None]]
+    ) -> None:
+        """Add written chunks ``(chunk, entry, accumulators)`` to the manifest, in the order given: the sums are
+        added in that order, saved to a new accumulator file, and the manifest is replaced once."""
+        if not written:
+            return
+        old_acc_file = None
+        running: dict[str, torch.Tensor] | None = None
+        for _chunk, _, accumulators in written:
+            if not accumulators:
+                continue
+            if running is None:
+                running = self._load_accumulators()
+            for key, value in accumulators.items():
+                value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+                if key in running and running[key].shape != value.shape:
+                    raise bad_value(
+                        f"accumulators[{key!r}]",
+                        value,
+                        f"the running sum has shape {tuple(running[key].shape)}",
+                        "pass the same shape for every chunk",
+                    )
+                running[key] = running[key] + value if key in running else value.clone()
+        if running is not None:
+            last = written[-1][0]
+            acc_name = f"accumulators-{last:06d}-{secrets.token_hex(4)}.safetensors"
+            sums = running
+            acc_digest = _atomic_write(
+                self.path,
+                acc_name,
+                lambda tmp: save_file({k: v.contiguous() for k, v in sums.items()}, tmp),
+            )
+            old = self._manifest.get("accumulators")
+            old_acc_file = old["file"] if old else None
+            self._manifest["accumulators"] = {
+                "file": acc_name,
+                "sha256": acc_digest,
+                "names": sorted(running),
+            }
+            self._accumulators = running
+        for chunk, entry, _ in written:
+            self._manifest["chunks"][str(chunk)] = dict(entry)
+        self._manifest["complete"] = len(self._manifest["chunks"]) == self.n_chunks
+        self._write_manifest()
+        if old_acc_file is not None:
+            try:
+                os.remove(self.path / old_acc_file)
+            except OSError:
+                pass
+
+    def _reload(self) -> None:
+        """Read the manifest again from disk (after another rank wrote it)."""
+        fresh = type(self)(self.path)
+        self._manifest = fresh._manifest
+        self._accumulators = None
+
+    def fill(
+        self,
+        compute: Callable[[int, int], torch.Tensor | tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+        progress: bool = True,
+    ) -> GradientStore:
+        """Compute and write every missing chunk: ``compute(start, stop)`` returns the rows ``start:stop`` (and
+        optionally a dict of float64 accumulators to add to the running sums). Returns ``self``, complete.
+
+        Completed chunks are never recomputed, so calling ``fill`` again after an interruption resumes.
+
+        Under ``torch.distributed`` this is collective (module docstring): the missing chunks are dealt out
+        round-robin over the ranks, each rank computes and writes only its own, rank 0 records them in the
+        manifest after every round, and every rank returns the complete store. ``compute`` is called only for
+        this rank's chunks.
+        """
+        rank, size, distributed = world()
+        if distributed:
+            return self._fill_distributed(compute, progress, rank, size)
+        missing = self.missing_chunks()
+        if not missing:
+            return self
+        done_rows = self.n - sum(self.rows(i)[1] - self.rows(i)[0] for i in missing)
+        with tqdm(
+            total=self.n, initial=done_rows, desc="gradient store", disable=not progress, leave=False
+        ) as bar:
+            for chunk in missing:
+                start, stop = self.rows(chunk)
+                try:
+                    out = compute(start, stop)
+                except BaseException:
+                    logger.warning(
+                        "GradientStore %s: stopped in chunk %d; %d of %d chunks are written and will be reused. "
+                        "Call again with the same arguments to resume.",
+                        self.path,
+                        chunk,
+                        self.n_chunks - len(self.missing_chunks()),
+                        self.n_chunks,
+                    )
+                    raise
+                features, acc = out if isinstance(out, tuple) else (out, None)
+                self.write_chunk(chunk, features, acc)
+                bar.update(stop - start)
+        return self
+
+    # -- writing under torch.distributed ---------------------------------------------------------------------------
+    def _fill_distributed(
+        self, compute: Callable[[int, int], Any], progress: bool, rank: int, size: int
+    ) -> GradientStore:
+        # Rank 0's manifest is the plan: every rank takes its list of missing chunks (one small gather).
+        mask = None
+        if rank == 0:
+            mask = torch.zeros(self.n_chunks, dtype=torch.long)
+            mask[self.missing_chunks()] = 1
+        gathered = all_gather_rows(mask)
+        if gathered is None:  # pragma: no cover - rank 0 always contributes
+            raise RuntimeError("internal error: gathered is missing")
+        missing = gathered.nonzero().flatten().tolist()
+        if not missing:
+            if rank != 0:
+                self._reload()
+            return self
+        done_rows = self.n - sum(self.rows(i)[1] - self.rows(i)[0] for i in missing)
+        layout: list[tuple[str, tuple[int, ...]]] | None = None  # names and shapes of the accumulators
+        with tqdm(
+            total=self.n,
+            initial=done_rows,
+            desc="gradient store",
+            disable=not progress or rank != 0,
+            leave=False,
+        ) as bar:
+            for first in range(0, len(missing), size):
+                round_chunks = missing[first : first + size]
+                mine = round_chunks[rank] if rank < len(round_chunks) else None
+                row: torch.Tensor | None = None
+                error: BaseException | None = None
+                if mine is not None:
+                    try:
+                        start, stop = self.rows(mine)
+                        out = compute(start, stop)
+                        features, acc = out if isinstance(out, tuple) else (out, None)
+                        entry = self._write_chunk_file(mine, features)
+                        acc_layout, flat = _flatten_accumulators(acc)
+                        layout = layout or acc_layout
+                        row = torch.cat(
+                            [
+                                torch.tensor([mine, _layout_code(acc_layout)], dtype=torch.float64),
+                                torch.tensor(list(bytes.fromhex(entry["sha256"])), dtype=torch.float64),
+                                flat,
+                            ]
+                        )[None]
+                    except Exception as err:
+                        logger.error(
+                            "GradientStore %s: rank %d failed in chunk %d: %s", self.path, rank, mine, err
+                        )
+                        error = err
+                # the chunks written this round (a failed rank contributes none); rank 0 records them
+                rows = all_gather_rows(row)
+                if rank == 0 and rows is not None:
+                    try:
+                        layout = layout or self._stored_layout()
+                        self._record(self._decode_round(rows, layout))
+                        bar.update(sum(self._rows_of(int(r[0])) for r in rows))
+                    except Exception as err:
+                        logger.error("GradientStore %s: rank 0 failed to record chunks: %s", self.path, err)
+                        error = error or err
+                try:
+                    raise_if_any_failed(error, f"the chunks {round_chunks} of the GradientStore {self.path}")
+                except BaseException:
+                    if rank == 0:
+                        self._reload()
+                        logger.warning(
+                            "GradientStore %s: stopped in chunks %s; %d of %d chunks are written and will be "
+                            "reused. Call again with the same arguments (any number of ranks) to resume.",
+                            self.path,
+                            round_chunks,
+                            self.n_chunks - len(self.missing_chunks()),
+                            self.n_chunks,
+                        )
+                    raise
+        if rank != 0:
+            self._reload()  # rank 0 wrote the manifest before the last raise_if_any_failed (a barrier)
+        return self
+
+    def _rows_of(self, chunk: int) -> int:
+        start, stop = self.rows(chunk)
+        return stop - start
+
+    def _stored_layout(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        running = self._load_accumulators()
+        return [(k, tuple(running[k].shape)) for k in sorted(running)] or None
+
+    def _decode_round(
+        self, rows: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]] | None
+    ) -> list[tuple[int, dict[str, Any], dict[str, torch.Tensor] | None]]:
+        """The ``(chunk, entry, accumulators)`` of every gathered row, in chunk order."""
+        written = []
+        for row in sorted(rows.to("cpu", torch.float64), key=lambda r: int(r[0])):
+            chunk, code = int(row[0]), int(row[1])
+            sha = bytes(int(b) for b in row[2:34]).hex()
+            entry = {"file": f"chunk-{chunk:06d}.npy", "rows": self._rows_of(chunk), "sha256": sha}
+            flat = row[34:]
+            if code == _layout_code([]):
+                acc = None
+            elif layout is None or code != _layout_code(layout):
+                raise RuntimeError(
+                    f"internal error: rank 0 cannot decode the accumulators of chunk {chunk} (their names and "
+                    "shapes are unknown here or differ). Fix: every rank must run the same compute function."
+                )
+            else:
+                acc, offset = {}, 0
+                for name, shape in layout:
+                    size = math.prod(shape)
+                    acc[name] = flat[offset : offset + size].reshape(shape).clone()
+                    offset += size
+            written.append((chunk, entry, acc))
+        return written
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def _require_complete(self) -> None:
+        if not self.complete:
+            missing = self.missing_chunks()
+            raise RuntimeError(
+                f"the GradientStore in {str(self.path)!r} is incomplete: {len(missing)} of {self.n_chunks} chunks are "
+                f"missing (first: {missing[:5]}), because its write was interrupted. Fix: run the same computation "
+                "again (e.g. fit with the same store_dir) to resume it."
+            )
+
+    def chunk(self, chunk: int) -> torch.Tensor:
+        """The features of chunk ``chunk`` as a tensor backed by a copy-on-write memory map (stored dtype)."""
+        chunk = self._check_chunk_index(chunk)
+        entry = self._manifest["chunks"].get(str(chunk))
+        if entry is None:
+            raise RuntimeError(
+                f"chunk {chunk} of the GradientStore in {str(self.path)!r} is not written yet. Fix: fill the store."
+            )
+        path = self.path / entry["file"]
+        try:
+            array = np.load(path, mmap_mode="c", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise StoreCorruptedError(
+                f"chunk file {path} cannot be read ({err}). Fix: store.verify() lists every damaged file; delete "
+                "the store and compute it again."
+            ) from None
+        torch_dtype, np_dtype = _DTYPES[self._manifest["dtype"]]
+        if array.shape != (entry["rows"], self.dim) or array.dtype != np_dtype:
+            raise StoreCorruptedError(
+                f"chunk file {path} holds {array.dtype} {array.shape} but the manifest says {np_dtype} "
+                f"({entry['rows']}, {self.dim}). Fix: delete the store and compute it again."
+            )
+        if torch_dtype == torch.bfloat16:
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+
+    def features(self, chunks: int | Sequence[int] | None = None) -> Iterator[FeatureBlock]:
+        """Iterate over :class:`FeatureBlock` s (``chunk``, ``start``, ``values``) of the given chunks (default all)."""
+        if chunks is None:
+            self._require_complete()
+            order: Sequence[int] = range(self.n_chunks)
+        elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+            order = [int(chunks)]
+        else:
+            order = list(chunks)
+        for i in order:
+            start, _ = self.rows(self._check_chunk_index(i))
+            yield FeatureBlock(int(i), start, self.chunk(int(i)))
+
+    def to_tensor(self) -> torch.Tensor:
+        """All ``(n, dim)`` features in memory (stored dtype). For small stores and tests."""
+        return torch.cat([block.values for block in self.features()])
+
+    def _load_accumulators(self) -> dict[str, torch.Tensor]:
+        if self._accumulators is None:
+            entry = self._manifest.get("accumulators")
+            if not entry:
+                self._accumulators = {}
+            else:
+                path = self.path / entry["file"]
+                try:
+                    self._accumulators = dict(load_file(str(path)))
+                except Exception as err:  # safetensors raises its own error types
+                    raise StoreCorruptedError(
+                        f"accumulator file {path} cannot be read ({err}). Fix: delete the store and compute it again."
+                    ) from None
+        return {k: v.clone() for k, v in self._accumulators.items()}
+
+    def accumulator(self, name: str) -> torch.Tensor:
+        """The float64 sum ``name`` accumulated over every chunk (needs a complete store)."""
+        self._require_complete()
+        acc = self._load_accumulators()
+        if name not in acc:
+            raise bad_value(
+                "name", name, f"this store holds accumulators {sorted(acc)}", "pass one of those names"
+            )
+        return acc[name]
+
+    def verify(self) -> GradientStore:
+        """Re-hash every chunk file and the accumulators against the manifest; raise :class:`StoreCorruptedError`
+        naming every file that is missing or altered. Returns ``self`` when all is well."""
+        problems = []
+        entries = [
+            (f"chunk {k}", v) for k, v in sorted(self._manifest["chunks"].items(), key=lambda kv: int(kv[0]))
+        ]
+        if self._manifest.get("accumulators"):
+            entries.append(("accumulators", self._manifest["accumulators"]))
+        for what, entry in entries:
+            path = self.path / entry["file"]
+            if not path.exists():
+                problems.append(f"{what}: {entry['file']} is missing")
+                continue
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                problems.append(
+                    f"{what}: {entry['file']} has sha256 {digest[:12]}... but the manifest says {entry['sha256'][:12]}..."
+                )
+        if problems:
+            raise StoreCorruptedError(
+                f"the GradientStore in {str(self.path)!r} is damaged: {len(problems)} file(s) do not match the "
+                f"manifest: {'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}. Fix: delete the store and "
+                "compute it again (or restore the files from a copy)."
+            )
+        return self
+
+
+# -- scoring against a store ---------------------------------------------------------------------------------------
+
+
+FeatureSource = GradientStore | torch.Tensor
+
+
+def _blocks(
+    store: FeatureSource, block_rows: int | None, chunks: Sequence[int] | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, values)`` blocks of features: all of them, or only ``chunks`` of a store."""
+    if isinstance(store, GradientStore):
+        store._require_complete()
+        for block in store.features(range(store.n_chunks) if chunks is None else chunks):
+            yield block.start, block.values
+    elif isinstance(store, torch.Tensor):
+        if store.dim() != 2:
+            raise bad_value(
+                "store", store, "in-memory features must be a 2-D tensor (n, dim)", "reshape them"
+            )
+        rows = block_rows or max(1, DEFAULT_BLOCK_ELEMENTS // max(1, store.shape[1]))
+        for start in range(0, store.shape[0], rows):
+            yield start, store[start : start + rows]
+    else:
+        raise bad_value(
+            "store",
+            store,
+            "expected a GradientStore or an (n, dim) tensor of features",
+            "pass a GradientStore",
+        )
+
+
+def _my_chunks(store: FeatureSource) -> range | None:
+    """This rank's contiguous range of chunks when a store is scored under torch.distributed, else None."""
+    rank, size, distributed = world()
+    if not distributed or not isinstance(store, GradientStore):
+        return None
+    lo, hi = shard_bounds(store.n_chunks, size)[rank]
+    return range(lo, hi)
+
+
+def _prepare_queries(
+    query_features: torch.Tensor, store: FeatureSource, transform: Callable | None
+) -> tuple[torch.Tensor, int, int]:
+    if not isinstance(query_features, torch.Tensor) or query_features.dim() != 2:
+        raise bad_value(
+            "query_features", query_features, "expected a 2-D tensor (n_query, dim)", "pass one row per query"
+        )
+    n = len(store) if isinstance(store, GradientStore) else int(store.shape[0])
+    dim = store.dim if isinstance(store, GradientStore) else int(store.shape[1])
+    q = transform(query_features) if transform is not None else query_features
+    if not isinstance(q, torch.Tensor) or q.shape != (query_features.shape[0], dim):
+        raise bad_value(
+            "query_features" if transform is None else "transform",
+            q if transform is not None else query_features,
+            f"the store holds {dim} features per row, so queries need shape ({query_features.shape[0]}, {dim})"
+            + (" after transform" if transform is not None else ""),
+            "project the queries with the projection the store was built with",
+        )
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.to(compute), n, dim
+
+
+def score_against_store(
+    query_features: torch.Tensor,
+    store: FeatureSource,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    block_rows: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Dense scores ``transform(Q) @ F^T``, shape ``(n_query, n)``, computed chunk by chunk.
+
+    Args:
+        query_features: ``(m, dim)`` projected query gradients.
+        store: a complete :class:`GradientStore` or an in-memory ``(n, dim)`` tensor.
+        transform: applied once to the queries before the products (e.g. the inverse projected curvature divided
+            by ``n``); default none.
+        block_rows: rows per block for an in-memory tensor (a store uses its chunks).
+        progress: tqdm over blocks.
+
+    Features stored in 16 bits are upcast to float32 (float64 when the transformed queries are float64) for the
+    product, so accumulation is never done in 16 bits. The result is on the queries' device.
+
+    Under ``torch.distributed`` with a :class:`GradientStore` this is collective: each rank scores a contiguous
+    range of chunks and the columns are gathered, so every rank returns the whole matrix. An in-memory tensor is
+    scored on every rank.
+    """
+    mine = _my_chunks(store)
+    if mine is None:
+        q, n, _ = _prepare_queries(query_features, store, transform)
+        out = torch.empty(q.shape[0], n, dtype=q.dtype, device=q.device)
+        total = store.n_chunks if isinstance(store, GradientStore) else None
+        for start, values in tqdm(
+            _blocks(store, block_rows), total=total, desc="scoring", disable=not progress, leave=False
+        ):
+            block = values.to(device=q.device, dtype=q.dtype)
+            out[:, start : start + block.shape[0]] = q @ block.T
+        return out
+    local: torch.Tensor | None = None
+    error: BaseException | None = None
+    try:
+        q, _, _ = _prepare_queries(query_features, store, transform)
+        parts = [
+            q @ values.to(device=q.device, dtype=q.dtype).T
+            for _, values in tqdm(
+                _blocks(store, block_rows, mine),
+                total=len(mine),
+                desc="scoring",
+                disable=not progress or not is_main_process(),
+                leave=False,
+            )
+        ]
+        # one row per training example of this rank's chunks: gathered in rank order = column order
+        local = torch.cat(parts, dim=1).T if parts else q.new_zeros(0, q.shape[0])
+    except Exception as err:
+        error = err
+    raise_if_any_failed(error, "scores against the GradientStore")
+    gathered = all_gather_rows(local)
+    if gathered is None:  # pragma: no cover - an invariant of the code above
+        raise RuntimeError("internal error: gathered is missing")
+    return gathered.T.contiguous()
+
+
+def _local_top_k(
+    q: torch.Tensor,
+    blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]],
+    k: int,
+    query_block: int,
+    progress: bool,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``((indices, values) of the largest, (indices, values) of the most negative)``, each ``(m, <= k)``, over
+    the blocks that ``blocks()`` yields (called once per block of queries)."""
+    parts_pos, parts_neg = [], []
+    for qs in range(0, q.shape[0], query_block):
+        qb = q[qs : qs + query_block]
+        best_v = torch.empty(qb.shape[0], 0, dtype=q.dtype, device=q.device)
+        best_i = torch.empty(qb.shape[0], 0, dtype=torch.long, device=q.device)
+        worst_v, worst_i = best_v.clone(), best_i.clone()
+        for start, values in tqdm(blocks(), desc="top-k", disable=not progress, leave=False):
+            block = values.to(device=q.device, dtype=q.dtype)
+            scores = qb @ block.T
+            idx = torch.arange(start, start + block.shape[0], device=q.device).expand(qb.shape[0], -1)
+            cand_v = torch.cat([best_v, scores], dim=1)
+            cand_i = torch.cat([best_i, idx], dim=1)
+            top = min(k, cand_v.shape[1])
+            v, pos = torch.topk(cand_v, top, dim=1)
+            best_v, best_i = v, torch.gather(cand_i, 1, pos)
+            cand_v = torch.cat([worst_v, scores], dim=1)
+            cand_i = torch.cat([worst_i, idx], dim=1)
+            v, pos = torch.topk(-cand_v, top, dim=1)
+            worst_v, worst_i = -v, torch.gather(cand_i, 1, pos)
+        parts_pos.append((best_i, best_v))
+        parts_neg.append((worst_i, worst_v))
+    return (
+        (torch.cat([p[0] for p in parts_pos]), torch.cat([p[1] for p in parts_pos])),
+        (torch.cat([p[0] for p in parts_neg]), torch.cat([p[1] for p in parts_neg])),
+    )
+
+
+def top_k_against_store(
+    query_features: torch.Tensor,
+    store: FeatureSource,
+    k: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    block_rows: int | None = None,
+    query_block: int | None = None,
+    progress: bool = False,
+) -> StreamingTopK:
+    """Streaming top-k of ``transform(Q) @ F^T`` per query: the ``k`` largest scores and the ``k`` most negative.
+
+    Never holds the ``(m, n)`` matrix: for each block of at most ``query_block`` queries it walks the store's
+    chunks and merges each block of scores into the running ``k`` best with ``torch.topk``. Memory is
+    ``O(query_block * (k + chunk_rows))``.
+
+    Under ``torch.distributed`` with a :class:`GradientStore` this is collective: each rank finds the top ``k``
+    of a contiguous range of chunks, the ``(m, k)`` candidates of all ranks are gathered and merged with
+    ``torch.topk``, so every rank returns the same result. An in-memory tensor is scored on every rank.
+
+    Returns:
+        :class:`StreamingTopK` with ``proponents`` (largest first) and ``opponents`` (most negative first), each
+        holding ``(m, min(k, n))`` ``indices`` (int64) and ``values``.
+    """
+    k = check_positive_int("k", k)
+    mine = _my_chunks(store)
+    if mine is None:
+        q, n, _ = _prepare_queries(query_features, store, transform)
+        k = min(k, n)
+        query_block = _query_block(store, block_rows, n, k, query_block)
+        (pi, pv), (ni, nv) = _local_top_k(q, lambda: _blocks(store, block_rows), k, query_block, progress)
+        return StreamingTopK(TopK(pi, pv), TopK(ni, nv))
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    error: BaseException | None = None
+    try:
+        q, n, _ = _prepare_queries(query_features, store, transform)
+        k = min(k, n)
+        query_block = _query_block(store, block_rows, n, k, query_block)
+        (pi, pv), (ni, nv) = _local_top_k(
+            q, lambda: _blocks(store, block_rows, mine), k, query_block, progress and is_main_process()
+        )
+        # candidates as rows (k_rank, m, 2): proponents and opponents side by side, gathered over the ranks
+        values = torch.stack([pv.T, nv.T], dim=2)
+        indices = torch.stack([pi.T, ni.T], dim=2)
+    except Exception as err:
+        error = err
+    raise_if_any_failed(error, "the top-k against the GradientStore")
+    if values is None or indices is None:  # pragma: no cover - an invariant of the code above
+        raise RuntimeError("internal error: values or indices is missing")
+    all_values, all_indices = all_gather_rows(values), all_gather_rows(indices)
+    if not (
+        all_values is not None and all_indices is not None
+    ):  # pragma: no cover - an invariant of the code above
+        raise RuntimeError("internal error: all_values or all_indices is missing")
+    cand_v, cand_i = all_values.permute(2, 1, 0), all_indices.permute(2, 1, 0)  # (2, m, candidates)
+    v, pos = torch.topk(cand_v[0], k, dim=1)
+    proponents = TopK(torch.gather(cand_i[0], 1, pos), v)
+    v, pos = torch.topk(-cand_v[1], k, dim=1)
+    opponents = TopK(torch.gather(cand_i[1], 1, pos), -v)
+    return StreamingTopK(proponents, opponents)
+
+
+def _query_block(
+    store: FeatureSource, block_rows: int | None, n: int, k: int, query_block: int | None
+) -> int:
+    if query_block is None:
+        rows = store.chunk_size if isinstance(store, GradientStore) else (block_rows or n)
+        query_block = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, rows + k))
+    return check_positive_int("query_block", query_block)
+
+
+__all__ = [
+    "FeatureBlock",
+    "GradientStore",
+    "StoreCorruptedError",
+    "StoreMismatchError",
+    "StreamingTopK",
+    "score_against_store",
+    "top_k_against_store",
+]
