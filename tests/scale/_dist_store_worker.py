@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _gloo import run_rank
 from torch import nn
 
-from _gloo import run_rank
 from datatrace import ClassificationTask
 from datatrace.attributors.projected import ProjectedInfluence
 from datatrace.distributed import all_reduce_sum, barrier, world

@@ -8,9 +8,9 @@ messages). The test compares both ranks with a single-process computation.
 from __future__ import annotations
 
 import torch
+from _gloo import run_rank
 from torch import nn
 
-from _gloo import run_rank
 from datatrace import ClassificationTask
 from datatrace.attributors.tracin import TracIn
 from datatrace.data import as_data_source

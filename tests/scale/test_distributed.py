@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _dist_worker import (
     BATCH,
     N_TRAIN,
@@ -21,6 +20,7 @@ from _dist_worker import (
     tiny_influence,
 )
 from _gloo import load_ranks, spawn
+
 from datatrace import ClassificationTask, InfluenceFunction
 from datatrace.attributors.tracin import TracIn
 from datatrace.data import as_data_source

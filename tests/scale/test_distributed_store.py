@@ -13,7 +13,6 @@ import json
 
 import pytest
 import torch
-
 from _dist_store_worker import (
     CHUNK,
     N_TRAIN,
@@ -24,6 +23,7 @@ from _dist_store_worker import (
     run,
 )
 from _gloo import load_ranks, spawn
+
 from datatrace.distributed import barrier, raise_if_any_failed
 from datatrace.projection.store import GradientStore
 
