@@ -1,4 +1,4 @@
-"""Input validation shared by every module.
+"""The project's exceptions, and input validation shared by every module.
 
 Every error raised for bad user input names the argument, the value received, what is allowed and how to fix it.
 """
@@ -11,8 +11,40 @@ from typing import Any
 import torch
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The project's exception and warning classes (every one of them lives here)
+# --------------------------------------------------------------------------------------------------------------
 class NotFittedError(RuntimeError):
     """Raised when a method that needs ``fit`` is called on an attributor that was not fitted."""
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An iterative solve stopped before its tolerance, or met curvature it could not handle."""
+
+
+class StoreMismatchError(ValueError):
+    """The directory holds a store computed from something else (a different model, data set or projection)."""
+
+
+class StoreCorruptedError(RuntimeError):
+    """A file of the store is missing, truncated or does not match its recorded checksum."""
+
+
+class UsageError(ValueError):
+    """A bad command-line value (reported by the CLI with exit code 2)."""
+
+
+class SpecError(UsageError):
+    """A spec file that does not define what a command needs, or defines it wrongly (exit code 2)."""
+
+
+class SpecRuntimeError(RuntimeError):
+    """The user's own code in a spec file raised an exception (the original is chained as ``__cause__``)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Messages for bad user input
+# --------------------------------------------------------------------------------------------------------------
 
 
 def describe(value: Any, limit: int = 80) -> str:

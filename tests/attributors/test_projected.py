@@ -14,8 +14,8 @@ from torch import nn
 import datatrace
 from datatrace import NotFittedError
 from datatrace.attributors.projected import TRAK, ProjectedInfluence
+from datatrace.errors import StoreMismatchError
 from datatrace.projection.projectors import FactorizedProjector, RandomProjector
-from datatrace.projection.store import StoreMismatchError
 from datatrace.verification.training import fit_full_batch
 
 

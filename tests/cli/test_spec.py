@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from datatrace.cli.spec import NEEDS, Spec, SpecError, SpecRuntimeError, load_spec
+from datatrace.cli.spec import NEEDS, Spec, load_spec
+from datatrace.errors import SpecError, SpecRuntimeError
 
 torch.set_num_threads(1)
 

@@ -21,7 +21,6 @@ from datatrace.curvature import ExactHessian, GaussNewton
 from datatrace.curvature.iterative import (
     CG,
     Arnoldi,
-    ConvergenceWarning,
     LiSSA,
     conjugate_gradient,
     estimate_spectrum,
@@ -30,7 +29,7 @@ from datatrace.curvature.iterative import (
 )
 from datatrace.curvature.simple import BlockDiagonal, Diagonal, Identity
 from datatrace.data import as_data_source
-from datatrace.errors import NotFittedError
+from datatrace.errors import ConvergenceWarning, NotFittedError
 from datatrace.gradients.functional import FunctionalModel
 from datatrace.verification.training import fit_full_batch
 

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from datatrace.projection.store import (
-    GradientStore,
-    StoreCorruptedError,
-    StoreMismatchError,
-    score_against_store,
-    top_k_against_store,
-)
+from datatrace.errors import StoreCorruptedError, StoreMismatchError
+from datatrace.projection.store import GradientStore, score_against_store, top_k_against_store
 
 FINGERPRINTS = {
     "model": "m" * 64,

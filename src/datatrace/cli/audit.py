@@ -36,7 +36,7 @@ from datatrace.cli.common import (
     start,
     write_csv,
 )
-from datatrace.cli.demo import UsageError
+from datatrace.errors import UsageError
 
 logger = logging.getLogger("datatrace.cli.audit")
 

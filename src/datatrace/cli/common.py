@@ -30,8 +30,9 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from datatrace.cli.demo import UsageError, _finite, _write_json, check_out_dir
+from datatrace.cli.demo import _finite, _write_json, check_out_dir
 from datatrace.cli.spec import Spec, load_spec
+from datatrace.errors import UsageError
 
 __all__ = [
     "Context",

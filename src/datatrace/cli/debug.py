@@ -38,8 +38,7 @@ from datatrace.cli.common import (
     start,
     write_csv,
 )
-from datatrace.cli.demo import UsageError
-from datatrace.cli.spec import SpecError
+from datatrace.errors import SpecError, UsageError
 
 logger = logging.getLogger("datatrace.cli.debug")
 

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from datatrace.attributors.influence import InfluenceFunction
-from datatrace.errors import bad_value, check_positive_int
+from datatrace.errors import UsageError, bad_value, check_positive_int
 from datatrace.scores import MEANING
 from datatrace.tasks import ClassificationTask
 from datatrace.verification.training import fit_full_batch, objective
@@ -96,10 +96,6 @@ SCHEDULES = {
 DEFAULT_N_JOBS = 1
 UNITS = "nats"
 CACHE_VERSION = 1
-
-
-class UsageError(ValueError):
-    """A bad command-line value (reported by the CLI with exit code 2)."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from datatrace.cli.common import (
     start,
     take,
 )
-from datatrace.cli.demo import UsageError
+from datatrace.errors import UsageError
 
 logger = logging.getLogger("datatrace.cli.explain")
 

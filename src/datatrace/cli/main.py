@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``datatrace`` command line; returns the exit code (the console script exits with it)."""
-    from datatrace.cli.demo import UsageError
+    from datatrace.errors import UsageError
 
     parser = build_parser()
     try:

@@ -97,8 +97,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from datatrace.cli.demo import UsageError
 from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
+from datatrace.errors import SpecError, SpecRuntimeError
 from datatrace.tasks import ClassificationTask, RegressionTask, Task
 
 __all__ = [
@@ -132,14 +132,6 @@ _REQUIREMENTS_TEXT = (
     "audit --fairness needs groups() and query() (or validation()); debug uses validation() when defined and "
     "needs train_fn(subset) with validation() for its retraining check."
 )
-
-
-class SpecError(UsageError):
-    """A spec file that does not define what a command needs, or defines it wrongly (exit code 2)."""
-
-
-class SpecRuntimeError(RuntimeError):
-    """The user's own code in a spec file raised an exception (the original is chained as ``__cause__``)."""
 
 
 @dataclass(frozen=True)

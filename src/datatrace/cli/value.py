@@ -31,7 +31,7 @@ from datatrace.cli.common import (
     setup_table,
     start,
 )
-from datatrace.cli.demo import UsageError
+from datatrace.errors import UsageError
 
 logger = logging.getLogger("datatrace.cli.value")
 

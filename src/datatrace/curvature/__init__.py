@@ -25,10 +25,10 @@ from typing import Any
 from datatrace.curvature.auto import AutoCurvature
 from datatrace.curvature.base import Curvature
 from datatrace.curvature.dense import DenseCurvature, ExactHessian, GaussNewton
-from datatrace.curvature.iterative import CG, Arnoldi, ConvergenceWarning, LiSSA, ggn_vp
+from datatrace.curvature.iterative import CG, Arnoldi, LiSSA, ggn_vp
 from datatrace.curvature.kfac import EKFAC, KFAC
 from datatrace.curvature.simple import BlockDiagonal, Diagonal, Identity
-from datatrace.errors import bad_value
+from datatrace.errors import ConvergenceWarning, bad_value
 
 #: name -> factory(damping=..., **options); matrix-free routes register with ``matrix_free=True``
 _REGISTRY: dict[str, tuple[Callable[..., Curvature], bool]] = {}

@@ -63,6 +63,7 @@ from datatrace.curvature.dense import DEFAULT_MAX_DENSE_BYTES, NEGATIVE_POLICIES
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import distributed_sum
 from datatrace.errors import (
+    ConvergenceWarning,
     NotFittedError,
     bad_value,
     check_choice,
@@ -91,10 +92,6 @@ MAX_DAMPING_RAISES = 6
 BREAKDOWN_RTOL = 1e-10
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
-
-
-class ConvergenceWarning(RuntimeWarning):
-    """An iterative solve stopped before its tolerance, or met non-positive curvature."""
 
 
 # -- products --------------------------------------------------------------------------------------------------

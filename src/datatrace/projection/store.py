@@ -76,7 +76,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from datatrace.distributed import all_gather_rows, is_main_process, raise_if_any_failed, shard_bounds, world
-from datatrace.errors import bad_value, check_positive_int
+from datatrace.errors import StoreCorruptedError, StoreMismatchError, bad_value, check_positive_int
 from datatrace.scores import TopK
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,6 @@ _FINGERPRINT_WORDS = {
     "task": "a different task (loss or weight decay)",
     "config": "different settings",
 }
-
-
-class StoreMismatchError(ValueError):
-    """The directory holds a store computed from something else (a different model, data set or projection)."""
-
-
-class StoreCorruptedError(RuntimeError):
-    """A file of the store is missing, truncated or does not match its recorded checksum."""
 
 
 class FeatureBlock(NamedTuple):
