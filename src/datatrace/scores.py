@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from datatrace.errors import bad_value, check_positive_int
+from datatrace.fileio import atomic_write
 
 MEANING = (
     "score[q, i] estimates f_q(theta_without_i) - f_q(theta_hat): the change of query q's measurement when "
@@ -127,8 +127,8 @@ class Scores:
                 f"Scores.metadata must be JSON-serialisable: {err}. Fix: store plain values."
             ) from err
         json_path = path.with_name(path.name + ".json")
-        _atomic_write(path, lambda tmp: save_file({"values": self.values.contiguous()}, tmp))
-        _atomic_write(json_path, lambda tmp: Path(tmp).write_text(meta_text))
+        atomic_write(path, lambda tmp: save_file({"values": self.values.contiguous()}, tmp))
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(meta_text))
         return path
 
     @classmethod
@@ -149,18 +149,3 @@ class Scores:
                 "pair was not written together. Fix: save the scores again."
             )
         return cls(values, meta.get("measurement", ""), meta.get("metadata", {}))
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

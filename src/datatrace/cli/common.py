@@ -30,9 +30,10 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from datatrace.cli.demo import _finite, _write_json, check_out_dir
+from datatrace.cli.demo import check_out_dir
 from datatrace.cli.spec import Spec, load_spec
 from datatrace.errors import UsageError
+from datatrace.fileio import jsonable, write_json
 
 __all__ = [
     "Context",
@@ -181,7 +182,7 @@ class Context:
         self.timings["report_seconds"] = time.perf_counter() - t0
         self.timings["total_seconds"] = time.perf_counter() - self.start
         results["timings"] = dict(self.timings)
-        _write_json(json_path, results)
+        write_json(json_path, results)
         lines = [
             summary.rstrip("\n"),
             "",
@@ -192,7 +193,7 @@ class Context:
         ]
         self.stream.write("\n".join(lines))
         self.stream.flush()
-        return _finite(results)
+        return jsonable(results)
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:

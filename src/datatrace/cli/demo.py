@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from torch import nn
 
 from datatrace.attributors.influence import InfluenceFunction
 from datatrace.errors import UsageError, bad_value, check_positive_int
+from datatrace.fileio import jsonable, write_json
 from datatrace.scores import MEANING
 from datatrace.tasks import ClassificationTask
 from datatrace.verification.training import fit_full_batch, objective
@@ -290,38 +290,6 @@ def _check_fraction(flip_fraction: Any) -> float:
 def _cache_key(config: dict[str, Any]) -> str:
     text = json.dumps(config, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN/inf to None, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _finite(value.tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        x = float(value)
-        return x if math.isfinite(x) else None
-    return value
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(_finite(data), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -670,10 +638,10 @@ def _run_demo(
     )
     timings["report_seconds"] = time.perf_counter() - t0
     timings["total_seconds"] = time.perf_counter() - start
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     stream.write(format_summary(results))
     stream.flush()
-    return _finite(results)
+    return jsonable(results)
 
 
 # --------------------------------------------------------------------------------------------------------------

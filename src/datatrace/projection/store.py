@@ -58,13 +58,11 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import secrets
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -77,6 +75,7 @@ from tqdm.auto import tqdm
 
 from datatrace.distributed import all_gather_rows, is_main_process, raise_if_any_failed, shard_bounds, world
 from datatrace.errors import StoreCorruptedError, StoreMismatchError, bad_value, check_positive_int
+from datatrace.fileio import atomic_write, sha256_file
 from datatrace.scores import TopK
 
 logger = logging.getLogger(__name__)
@@ -133,41 +132,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         f"a store holds one of {list(_DTYPES)}",
         "pass torch.float32, torch.float16 or torch.bfloat16",
     )
-
-
-def sha256_file(path: str | os.PathLike, block: int = 2**22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write(directory: Path, name: str, write: Callable[[str], Any]) -> str:
-    """Write ``directory/name`` through a temporary file (fsynced, then renamed); return the file's sha256."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable (POSIX); not available everywhere
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return digest
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return digest
 
 
 def _jsonable(value: Any) -> Any:
@@ -511,7 +475,7 @@ class GradientStore:
     # -- writing ---------------------------------------------------------------------------------------------------
     def _write_manifest(self) -> None:
         text = json.dumps(self._manifest, indent=1, sort_keys=True)
-        _atomic_write(self.path, MANIFEST, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 
     def write_chunk(
         self, chunk: int, features: torch.Tensor, accumulators: Mapping[str, torch.Tensor] | None = None
@@ -568,7 +532,7 @@ class GradientStore:
             with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
                 np.save(f, contiguous, allow_pickle=False)
 
-        digest = _atomic_write(self.path, name, write_npy)
+        digest = atomic_write(self.path / name, write_npy, checksum=True)
         return {"file": name, "rows": stop - start, "sha256": digest}
 
     def _record(
@@ -599,10 +563,10 @@ class GradientStore:
             last = written[-1][0]
             acc_name = f"accumulators-{last:06d}-{secrets.token_hex(4)}.safetensors"
             sums = running
-            acc_digest = _atomic_write(
-                self.path,
-                acc_name,
+            acc_digest = atomic_write(
+                self.path / acc_name,
                 lambda tmp: save_file({k: v.contiguous() for k, v in sums.items()}, tmp),
+                checksum=True,
             )
             old = self._manifest.get("accumulators")
             old_acc_file = old["file"] if old else None

@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from tqdm.auto import tqdm
 
 from datatrace.data import DEFAULT_BATCH_SIZE, DataLike, DataSource, as_data_source, cast_batch
 from datatrace.errors import bad_value, check_indices, check_positive_int, describe
+from datatrace.fileio import atomic_write
 
 __all__ = ["LOOResult", "SubsetResult", "evaluator", "leave_one_out", "subsets"]
 
@@ -675,7 +675,9 @@ class _Cache:
             self._write_manifest()
 
     def _write_manifest(self) -> None:
-        _atomic_write(self.path, _MANIFEST, lambda f: f.write(json.dumps(self.manifest, indent=2).encode()))
+        atomic_write(
+            self.path / _MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(self.manifest, indent=2))
+        )
 
     def set_n_query(self, n_query: int) -> None:
         self.n_query = int(n_query)
@@ -695,27 +697,7 @@ class _Cache:
 
     def save(self, key: str, outputs: np.ndarray) -> None:
         array = np.ascontiguousarray(outputs, dtype=np.float64)
-        _atomic_write(self.path, f"{key}.npy", lambda f: np.save(f, array, allow_pickle=False))
-
-
-def _atomic_write(directory: Path, name: str, write: Callable[[Any], Any]) -> None:
-    """Write ``directory/name`` via a temporary file in the same directory and ``os.replace``.
-
-    The temporary file is named ``.<name>.<random>.tmp``, so an interrupted write never looks like a finished one.
-    """
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        atomic_write(self.path / f"{key}.npy", lambda tmp: _save_npy(tmp, array))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -790,3 +772,8 @@ def _accepts_seed(train_fn: Callable) -> bool:
 
 def _sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a path
+        np.save(f, array, allow_pickle=False)
