@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import catalogue
+
 
 @pytest.fixture
 def regression_data():
@@ -48,3 +50,32 @@ def make_linear():
         return nn.Linear(d, k, bias=bias).double()
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shared catalogue (tests/catalogue.py): trained once per session, reused by every test that asks
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def logreg_problem():
+    return catalogue.logistic_regression()
+
+
+@pytest.fixture(scope="session")
+def mlp_problem():
+    return catalogue.mlp()
+
+
+@pytest.fixture(scope="session")
+def cnn_problem():
+    return catalogue.cnn()
+
+
+@pytest.fixture(scope="session")
+def regression_problem():
+    return catalogue.regression()
+
+
+@pytest.fixture(scope="session", params=sorted(catalogue.BUILDERS))
+def problem(request):
+    """Every problem of the catalogue in turn."""
+    return catalogue.BUILDERS[request.param]()
