@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -51,13 +52,8 @@ def describe(value: Any, limit: int = 80) -> str:
     """A short, safe rendering of a user value for an error message."""
     if isinstance(value, torch.Tensor):
         return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
-    try:
-        import numpy as np
-
-        if isinstance(value, np.ndarray):
-            return f"ndarray(shape={value.shape}, dtype={value.dtype})"
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    if isinstance(value, np.ndarray):
+        return f"ndarray(shape={value.shape}, dtype={value.dtype})"
     text = " ".join(repr(value).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -1,8 +1,7 @@
 """Metrics that check influence scores against retraining, and measure how useful a ranking is.
 
-Sign convention (the library's): ``scores[q, i]`` estimates ``f_q(theta_{-i}) - f_q(theta_hat)``, the change of
-query ``q``'s measurement (e.g. its loss) when training example ``i`` is removed and the model retrained. A
-positive score means removing ``i`` raises the query's loss: ``i`` is a helpful proponent.
+Scores follow the library's sign convention (:data:`datatrace.scores.MEANING`): a leave-one-out difference,
+comparable number for number with the changes retraining measures.
 
 Functions
 ---------

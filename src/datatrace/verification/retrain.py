@@ -3,15 +3,9 @@
 Influence methods *estimate* what would happen to a measurement if a training example were removed. This module
 *computes* it, by training the model again without that example, so that estimates can be checked.
 
-Sign convention (shared by every attributor in datatrace): for a query ``q`` with measurement ``f_q`` (e.g. its
-loss) and a training example ``i``,
-
-.. math::
-
-    \\text{score}[q, i] \\approx f_q(\\theta_{-i}) - f_q(\\hat\\theta),
-
-where :math:`\\hat\\theta` is trained on all ``n`` examples and :math:`\\theta_{-i}` on all but example ``i``. A
-positive score means that removing ``i`` *raises* the query's measurement (for a loss: ``i`` was helpful).
+What it computes is what every attributor's score estimates (:data:`datatrace.scores.MEANING`):
+``f_q(theta_{-i}) - f_q(theta_hat)``, with ``theta_hat`` trained on all ``n`` examples and ``theta_{-i}`` on all
+but example ``i``.
 
 * :func:`leave_one_out` retrains once per left-out example and returns exactly these differences.
 * :func:`subsets` retrains on random subsets of the data; its outputs are the ground truth of the linear
