@@ -2,7 +2,8 @@
 
 datatrace accepts a tuple of tensors or numpy arrays, a ``torch.utils.data.Dataset`` or a ``DataLoader``. All of
 them become a :class:`DataSource`: a fixed, indexed sequence of ``n`` examples that can be walked in batches *in
-index order* (scores are indexed by training example, so a shuffling loader is re-read sequentially) and cut into
+index order* (scores are indexed by training example, so a shuffling loader is re-read sequentially; a loader whose
+sampler serves a subset gives that subset, and one whose sampler does not define a fixed set is refused) and cut into
 subsets of the same kind (for retraining).
 
 A batch is always a tuple; the :class:`~datatrace.Task` decides what its elements mean (by default ``(x, y)``).
@@ -11,18 +12,30 @@ A batch is always a tuple; the :class:`~datatrace.Task` decides what its element
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+)
 from torch.utils.data.dataloader import default_collate
 
 from datatrace.errors import bad_value, check_finite, check_indices
 
 DEFAULT_BATCH_SIZE = 256
+
+logger = logging.getLogger(__name__)
 
 DataLike = Any  # tuple of tensors/arrays | Dataset | DataLoader | DataSource
 
@@ -113,6 +126,58 @@ class DataSource:
             )
 
 
+def _loader_examples(loader: DataLoader, name: str) -> Dataset:
+    """The examples a DataLoader actually serves, as a map-style Dataset read in index order.
+
+    A loader over its whole dataset (sequential, or shuffled without replacement) serves every example once: its
+    dataset is used as is. A ``SubsetRandomSampler`` serves ``sampler.indices`` only: those examples, in that
+    order, become the data (score column ``j`` is ``loader.dataset[sampler.indices[j]]``). Any other sampler or
+    batch sampler (weighted, with replacement, distributed shards, custom) does not define a fixed set of
+    examples, so it is refused rather than read as the whole dataset.
+    """
+    dataset = loader.dataset
+    sampler = loader.sampler
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        raise bad_value(
+            f"{name}.batch_sampler",
+            batch_sampler,
+            "a custom batch sampler does not say which examples form the training set",
+            "pass the dataset itself (or torch.utils.data.Subset(dataset, indices) of the examples trained on)",
+        )
+    n = len(dataset)  # type: ignore[arg-type]
+    if type(sampler) is SequentialSampler:
+        return dataset
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n:
+        return dataset  # every example once; datatrace reads them in index order
+    if type(sampler) is SubsetRandomSampler:
+        indices = [int(i) for i in sampler.indices]
+        if len(set(indices)) != len(indices):
+            raise bad_value(
+                f"{name}.sampler.indices",
+                indices,
+                "each training example may appear once",
+                "drop the repeated indices",
+            )
+        logger.info(
+            "%s: the DataLoader's SubsetRandomSampler serves %d of %d examples; those are the data, in the order "
+            "of sampler.indices (score column j is dataset[sampler.indices[j]]).",
+            name,
+            len(indices),
+            n,
+        )
+        return Subset(dataset, indices)
+    raise bad_value(
+        f"{name}.sampler",
+        sampler,
+        "only a sequential, a shuffling (without replacement, every example once) or a SubsetRandomSampler "
+        "defines a fixed set of training examples; weighted, with-replacement, distributed and custom samplers "
+        "do not",
+        "pass the examples the model was trained on as a Dataset, e.g. torch.utils.data.Subset(dataset, indices) "
+        "(under torchrun pass the whole dataset on every rank: datatrace shards it itself)",
+    )
+
+
 def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = None) -> DataSource:
     """Turn a tuple of tensors/arrays, a Dataset or a DataLoader into a :class:`DataSource`.
 
@@ -134,7 +199,7 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
         source = DataSource(
             kind="dataset",
             tensors=None,
-            dataset=data.dataset,
+            dataset=_loader_examples(data, name),
             batch_size=batch_size or data.batch_size or DEFAULT_BATCH_SIZE,
             collate_fn=(
                 data.collate_fn or default_collate

@@ -5,7 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
+from torch.utils.data.distributed import DistributedSampler
 
 from datatrace.data import DataSource, as_data_source, cast_batch
 
@@ -203,3 +215,46 @@ def test_cast_batch_casts_floats_and_keeps_labels(arrays):
     x32, yy = cast_batch((X.float(), y), torch.float64, "cpu")
     assert x32.dtype == torch.float64 and yy.dtype == torch.int64
     assert torch.equal(x32, X)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DataLoaders are read as the examples they serve, never as their whole dataset behind a sampler
+# ---------------------------------------------------------------------------------------------------------------
+def _tensor_dataset(n: int = 20):
+
+    return TensorDataset(torch.arange(n, dtype=torch.float64).reshape(n, 1), torch.arange(n) % 2)
+
+
+def test_subset_random_sampler_gives_the_subset_in_sampler_order():
+
+    indices = [7, 3, 12, 19, 0]
+    source = as_data_source(DataLoader(_tensor_dataset(), batch_size=2, sampler=SubsetRandomSampler(indices)))
+    assert len(source) == len(indices)
+    X, _ = source.get(range(len(indices)))
+    assert X[:, 0].tolist() == [float(i) for i in indices]
+
+
+def test_shuffling_loader_is_the_whole_dataset_in_index_order():
+
+    source = as_data_source(DataLoader(_tensor_dataset(), batch_size=4, shuffle=True))
+    X = torch.cat([b[0] for _, b in source.batches()])
+    assert X[:, 0].tolist() == [float(i) for i in range(20)]
+
+
+@pytest.mark.parametrize(
+    "kind", ["weighted", "replacement", "fewer", "distributed", "batch_sampler", "repeated"]
+)
+def test_samplers_without_a_fixed_example_set_are_refused(kind):
+    ds = _tensor_dataset()
+    loaders = {
+        "weighted": lambda: DataLoader(ds, sampler=WeightedRandomSampler([1.0] * 20, 20)),
+        "replacement": lambda: DataLoader(ds, sampler=RandomSampler(ds, replacement=True)),
+        "fewer": lambda: DataLoader(ds, sampler=RandomSampler(ds, num_samples=10)),
+        "distributed": lambda: DataLoader(ds, sampler=DistributedSampler(ds, num_replicas=2, rank=0)),
+        "batch_sampler": lambda: DataLoader(
+            ds, batch_sampler=type("MyBatches", (BatchSampler,), {})(SequentialSampler(ds), 4, False)
+        ),
+        "repeated": lambda: DataLoader(ds, sampler=SubsetRandomSampler([1, 1, 2])),
+    }
+    with pytest.raises(ValueError, match=r"train\.(sampler|batch_sampler).*Fix: "):
+        as_data_source(loaders[kind](), "train")
