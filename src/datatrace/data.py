@@ -12,6 +12,7 @@ A batch is always a tuple; the :class:`~datatrace.Task` decides what its element
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,29 @@ class DataSource:
         if self.kind == "tensors":
             return tuple(t[idx] for t in self.tensors)  # type: ignore[union-attr]
         return Subset(self.dataset, idx.tolist())  # type: ignore[arg-type]
+
+    def content_sha256(self) -> str:
+        """A sha256 of every example's content (dtype, trailing shape and bytes of each element), read in order.
+
+        Equal for the same examples in the same order whatever the batch size or the form they came in; it
+        changes when any example changes. Reads the data once.
+        """
+        parts: dict[int, tuple[str, Any]] = {}  # position -> (signature, running sha256 of its bytes)
+        for _, batch in self.batches():
+            for position, value in enumerate(batch):
+                if isinstance(value, torch.Tensor):
+                    flat = value.detach().cpu().contiguous()
+                    signature = f"{flat.dtype}:{tuple(flat.shape[1:])}"
+                    data = flat.reshape(-1).view(torch.uint8).numpy().tobytes()
+                else:
+                    signature, data = type(value).__name__, repr(value).encode()
+                if position not in parts:
+                    parts[position] = (signature, hashlib.sha256())
+                elif parts[position][0] != signature:
+                    parts[position] = (f"{parts[position][0]}|{signature}", parts[position][1])
+                parts[position][1].update(data)
+        summary = [f"n={len(self)}"] + [f"{k}:{sig}:{h.hexdigest()}" for k, (sig, h) in sorted(parts.items())]
+        return hashlib.sha256("\n".join(summary).encode()).hexdigest()
 
     def check_finite(self) -> None:
         """Raise if a floating-point element of the data has NaN or inf (say which element and where)."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Subset, TensorDataset
 
+from datatrace.data import as_data_source
 from datatrace.verification.retrain import LOOResult, SubsetResult, evaluator, leave_one_out, subsets
 
 N, D, N_QUERY, RIDGE = 12, 3, 4, 0.5
@@ -261,6 +262,39 @@ def test_cache_subsets_second_call_trains_nothing(data, tmp_path):
     assert (tmp_path / "subset-00003-seed-0.npy").exists()
     np.testing.assert_array_equal(r1.outputs, r2.outputs)
     np.testing.assert_array_equal(r1.masks, r2.masks)
+
+
+@pytest.mark.parametrize("kind", ["leave_one_out", "subsets"])
+def test_cache_refuses_other_training_data_of_the_same_size(data, tmp_path, kind):
+    X, y, X_query = data
+    run = leave_one_out if kind == "leave_one_out" else subsets
+    kwargs = {} if kind == "leave_one_out" else dict(n_subsets=3, random_state=0)
+    run(ridge_train_fn, (X, y), Predict(X_query), cache_dir=tmp_path, progress=False, **kwargs)
+    changed = y.copy()
+    changed[N // 2] += 1.0  # one example in the middle, same n
+    with pytest.raises(ValueError, match=r"training data differ.*train_sha256.*Fix: use a new cache_dir"):
+        run(ridge_train_fn, (X, changed), Predict(X_query), cache_dir=tmp_path, progress=False, **kwargs)
+    # the same data in another form (tensors instead of arrays) is the same data
+    second = Counting()
+    run(
+        second,
+        (torch.from_numpy(X), torch.from_numpy(y)),
+        Predict(X_query),
+        cache_dir=tmp_path,
+        progress=False,
+        **kwargs,
+    )
+    assert second.calls == 0
+
+
+def test_content_fingerprint_covers_every_example_and_ignores_batching(data):
+    X, y, _ = data
+    base = as_data_source((X, y)).content_sha256()
+    assert as_data_source((X, y), batch_size=5).content_sha256() == base
+    for i in range(N):
+        changed = X.copy()
+        changed[i, 0] = np.nextafter(changed[i, 0], np.inf)
+        assert as_data_source((changed, y)).content_sha256() != base
 
 
 def test_interrupted_run_resumes(data, tmp_path):

@@ -24,8 +24,9 @@ Parallelism goes through joblib, so any joblib backend works, including clusters
 config. ``backend=None`` (the default) uses the backend of the active ``parallel_config``.
 
 Long runs can be made resumable with ``cache_dir``: each finished retrain is saved as its own small ``.npy`` file
-(written atomically), and a rerun with the same ``cache_dir`` only trains what is missing. The cache cannot tell
-whether ``train_fn`` or ``evaluate`` changed between runs: use a new ``cache_dir`` when they do.
+(written atomically), and a rerun with the same ``cache_dir`` only trains what is missing. The cache records a
+sha256 of the training data's content and refuses other data; it cannot tell whether ``train_fn`` or ``evaluate``
+changed between runs: use a new ``cache_dir`` when they do.
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ def leave_one_out(
     config = {
         "kind": "leave_one_out",
         "n_train": n,
+        "train_sha256": source.content_sha256() if cache_dir is not None else None,
         "n_indices": int(idx.size),
         "indices_sha256": _sha256(idx.astype("<i8")),
         "seed": seed,
@@ -344,6 +346,7 @@ def subsets(
     config = {
         "kind": "subsets",
         "n_train": n,
+        "train_sha256": source.content_sha256() if cache_dir is not None else None,
         "n_subsets": n_subsets,
         "fraction": fraction,
         "random_state": random_state,
@@ -607,6 +610,7 @@ class _OutputChecker:
 # Cache
 # ---------------------------------------------------------------------------------------------------------------
 _FIELD_MEANINGS = {
+    "train_sha256": " (the training data differ: a cache never serves results of other data)",
     "indices_sha256": " (the left-out indices differ)",
     "masks_sha256": " (the subsets differ)",
     "seeds_sha256": " (the per-run seeds differ)",
