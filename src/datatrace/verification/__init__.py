@@ -3,5 +3,6 @@
 
 from datatrace.verification import diagnostics, metrics, retrain, training
 from datatrace.verification.training import fit_full_batch
+from datatrace.verification.verify import Verification, verify
 
-__all__ = ["diagnostics", "fit_full_batch", "metrics", "retrain", "training"]
+__all__ = ["Verification", "diagnostics", "fit_full_batch", "metrics", "retrain", "training", "verify"]
