@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from datatrace.errors import StoreCorruptedError, StoreMismatchError
-from datatrace.projection.store import GradientStore, score_against_store, top_k_against_store
+from datatrace.projection.scoring import score_against_store, top_k_against_store
+from datatrace.projection.store import GradientStore
 
 FINGERPRINTS = {
     "model": "m" * 64,
