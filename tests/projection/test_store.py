@@ -292,9 +292,11 @@ def test_memory_and_disk_are_one_feature_source(tmp_path):
     )  # under torch.distributed only a store is split over the ranks
     default = as_feature_source(feats)
     assert isinstance(default, InMemoryFeatures) and default.chunk_rows == 23 and default.n_chunks == 1
-    with pytest.raises(ValueError, match="2-D tensor"):
+    with pytest.raises(ValueError, match=r"store=.*2-D \(n, dim\) tensor"):
         as_feature_source(feats[0])
-    with pytest.raises(ValueError, match="expected a GradientStore or an"):
+    with pytest.raises(ValueError, match=r"features=.*must be a 2-D tensor"):
+        InMemoryFeatures(feats[0])
+    with pytest.raises(ValueError, match="expected a GradientStore"):
         score_against_store(feats[:2], feats.numpy())
 
 

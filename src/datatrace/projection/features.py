@@ -102,7 +102,7 @@ class InMemoryFeatures(FeatureSource):
     def __init__(self, features: torch.Tensor, block_rows: int | None = None) -> None:
         if not isinstance(features, torch.Tensor) or features.dim() != 2:
             raise bad_value(
-                "store", features, "in-memory features must be a 2-D tensor (n, dim)", "reshape them"
+                "features", features, "in-memory features must be a 2-D tensor (n, dim)", "reshape them"
             )
         self.features = features
         if block_rows is None:
@@ -141,13 +141,13 @@ def as_feature_source(features: FeatureSource | torch.Tensor, block_rows: int | 
     with ``block_rows`` rows per chunk (``block_rows`` is ignored for a source, which has its own chunks)."""
     if isinstance(features, FeatureSource):
         return features
-    if isinstance(features, torch.Tensor):
+    if isinstance(features, torch.Tensor) and features.dim() == 2:
         return InMemoryFeatures(features, block_rows)
     raise bad_value(
         "store",
         features,
-        "expected a GradientStore or an (n, dim) tensor of features",
-        "pass a GradientStore",
+        "expected a GradientStore (a FeatureSource) or a 2-D (n, dim) tensor of features",
+        "pass a GradientStore, or reshape in-memory features to one row per training example",
     )
 
 
