@@ -1,4 +1,5 @@
-"""GradientStore: round trip, checksums, resumable writes, fingerprint refusal, blocked and streaming scoring."""
+"""GradientStore: round trip, checksums, resumable writes, fingerprint refusal, blocked and streaming scoring; the
+feature-source interface (memory and disk) and the model and data fingerprints."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from datatrace.data import as_data_source
 from datatrace.errors import StoreCorruptedError, StoreMismatchError
-from datatrace.projection.store import GradientStore, score_against_store, top_k_against_store
+from datatrace.projection.features import FeatureSource, InMemoryFeatures, as_feature_source
+from datatrace.projection.fingerprint import data_fingerprint, model_fingerprint
+from datatrace.projection.scoring import score_against_store, top_k_against_store
+from datatrace.projection.store import GradientStore
 
 FINGERPRINTS = {
     "model": "m" * 64,
@@ -265,3 +270,45 @@ def test_half_precision_store_scores_accumulate_in_float32(tmp_path):
     assert torch.allclose(got, exact, rtol=1e-5, atol=1e-4)
     corr = np.corrcoef(got.flatten().numpy(), (Q @ feats.T).flatten().numpy())[0, 1]
     assert corr > 0.999
+
+
+# -- one feature-source interface for memory and disk -------------------------------------------------------------
+
+
+def test_memory_and_disk_are_one_feature_source(tmp_path):
+    feats = features()
+    store = make_store(tmp_path, feats)
+    memory = InMemoryFeatures(feats, block_rows=4)
+    for source in (store, memory):
+        assert isinstance(source, FeatureSource) and as_feature_source(source) is source
+        assert (len(source), source.dim, source.chunk_rows, source.n_chunks) == (23, 5, 4, 6)
+        blocks = list(source.blocks())
+        assert [(b.chunk, b.start) for b in blocks] == [(c, 4 * c) for c in range(6)]
+        assert torch.equal(torch.cat([b.values for b in blocks]), feats)
+        assert [b.start for b in source.blocks([2, 5])] == [8, 20]
+        assert [list(source.chunks_for_rank(r, 4)) for r in range(4)] == [[0, 1], [2, 3], [4], [5]]
+    assert (
+        store.sharded and not memory.sharded
+    )  # under torch.distributed only a store is split over the ranks
+    default = as_feature_source(feats)
+    assert isinstance(default, InMemoryFeatures) and default.chunk_rows == 23 and default.n_chunks == 1
+    with pytest.raises(ValueError, match=r"store=.*2-D \(n, dim\) tensor"):
+        as_feature_source(feats[0])
+    with pytest.raises(ValueError, match=r"features=.*must be a 2-D tensor"):
+        InMemoryFeatures(feats[0])
+    with pytest.raises(ValueError, match="expected a GradientStore"):
+        score_against_store(feats[:2], feats.numpy())
+
+
+def test_fingerprints_change_with_the_model_and_the_data():
+    model = torch.nn.Linear(3, 2)
+    before = model_fingerprint(model)
+    assert before == model_fingerprint(model) and len(before) == 64
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-6
+    assert model_fingerprint(model) != before
+    X, y = features(10, 3), torch.arange(10) % 2
+    fp = data_fingerprint(as_data_source((X, y), "train", 4))
+    assert fp["n"] == 10 and fp["hashed"] == "all"
+    assert fp == data_fingerprint(as_data_source((X.clone(), y.clone()), "train", 4))
+    assert fp != data_fingerprint(as_data_source((X, 1 - y), "train", 4))

@@ -20,7 +20,8 @@ from datatrace import ClassificationTask
 from datatrace.attributors.projected import ProjectedInfluence
 from datatrace.distributed import all_reduce_sum, barrier, world
 from datatrace.projection.projectors import FactorizedProjector, RandomProjector
-from datatrace.projection.store import GradientStore, score_against_store, top_k_against_store
+from datatrace.projection.scoring import score_against_store, top_k_against_store
+from datatrace.projection.store import GradientStore
 
 N_TRAIN = 41  # odd: in-memory shards of whole batches hold 24 and 17 examples
 BATCH = 8

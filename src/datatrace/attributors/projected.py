@@ -87,7 +87,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -123,6 +122,9 @@ from datatrace.gradients.functional import (
     check_rows_finite,
     prepare_model,
 )
+from datatrace.projection.chunks import dtype_name
+from datatrace.projection.features import FeatureSource, as_feature_source, my_chunks
+from datatrace.projection.fingerprint import data_fingerprint, model_fingerprint
 from datatrace.projection.projectors import (
     FactorizedProjector,
     Projector,
@@ -132,14 +134,8 @@ from datatrace.projection.projectors import (
     output_hessian_factors,
     supports_factorized,
 )
-from datatrace.projection.store import (
-    FeatureSource,
-    GradientStore,
-    StreamingTopK,
-    dtype_name,
-    score_against_store,
-    top_k_against_store,
-)
+from datatrace.projection.scoring import StreamingTopK, score_against_store, top_k_against_store
+from datatrace.projection.store import GradientStore
 from datatrace.scores import Scores, TopK
 from datatrace.tasks import Task
 
@@ -151,48 +147,8 @@ REGULARIZERS = ("rescaled", "projected")
 AUTO_DAMPING_FRACTION = 1e-3
 #: relative projected gradient norm above which the model is reported as not at a minimum
 STATIONARITY_TOLERANCE = 1e-3
-#: data sets up to this many bytes are fingerprinted by hashing all their tensors
-_HASH_ALL_BYTES = 2**30
-
-
-# -- fingerprints --------------------------------------------------------------------------------------------------
-
-
-def _hash_tensor(digest: Any, name: str, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    digest.update(t.numpy().tobytes() if t.numel() else b"")
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of the names, shapes, dtypes and bytes of every parameter and buffer of ``model``."""
-    digest = hashlib.sha256()
-    for name, t in model.state_dict(keep_vars=False).items():
-        if isinstance(t, torch.Tensor):
-            _hash_tensor(digest, name, t)
-    return digest.hexdigest()
-
-
-def data_fingerprint(source: DataSource) -> dict[str, Any]:
-    """Identity of a data set: sha256 of all its tensors when they are in memory and at most 1 GiB; otherwise of its
-    first and last batches plus its length."""
-    digest = hashlib.sha256()
-    n = len(source)
-    if (
-        source.tensors is not None
-        and sum(t.numel() * t.element_size() for t in source.tensors) <= _HASH_ALL_BYTES
-    ):
-        for i, t in enumerate(source.tensors):
-            _hash_tensor(digest, str(i), t)
-        return {"n": n, "sha256": digest.hexdigest(), "hashed": "all"}
-    bs = min(n, 256)
-    for label, idx in (("first", torch.arange(bs)), ("last", torch.arange(n - bs, n))):
-        for i, t in enumerate(source.get(idx)):
-            if isinstance(t, torch.Tensor):
-                _hash_tensor(digest, f"{label}{i}", t)
-    return {"n": n, "sha256": digest.hexdigest(), "hashed": f"first and last {bs} examples"}
+#: rows of in-memory features per block of self-influence
+SELF_INFLUENCE_BLOCK_ROWS = 65536
 
 
 # -- the attributor ------------------------------------------------------------------------------------------------
@@ -591,7 +547,7 @@ class ProjectedInfluence:
         return dict(self.info_, train_examples_processed=self.train_examples_processed_)
 
     @property
-    def features_(self) -> FeatureSource:
+    def features_(self) -> GradientStore | torch.Tensor:
         """The training features: the :class:`~datatrace.projection.store.GradientStore`, or the in-memory ``(n, k)`` tensor."""
         self._check_fitted()
         return self.store_ if self.store_ is not None else self.train_features_
@@ -667,16 +623,15 @@ class ProjectedInfluence:
         """``(1/n) phi_i^T (G_P + damping I)^{-1} phi_i`` for every training example, shape ``(n_train,)``: the
         estimated rise of example ``i``'s own loss if it were removed and the model retrained (streamed)."""
         self._check_fitted()
-        source = self.features_
-        rank, size, distributed = world()
-        if not (distributed and isinstance(source, GradientStore)):
+        source = as_feature_source(self.features_, SELF_INFLUENCE_BLOCK_ROWS)
+        mine = my_chunks(source)
+        if mine is None:
             return self._self_influence(source, None)
         # under torch.distributed: each rank a contiguous range of chunks, gathered in order
         local: torch.Tensor | None = None
         error: BaseException | None = None
         try:
-            lo, hi = shard_bounds(source.n_chunks, size)[rank]
-            local = self._self_influence(source, range(lo, hi))
+            local = self._self_influence(source, mine)
         except Exception as err:
             error = err
         raise_if_any_failed(error, "self-influence against the GradientStore")
@@ -688,12 +643,7 @@ class ProjectedInfluence:
     def _self_influence(self, source: FeatureSource, chunks: range | None) -> torch.Tensor:
         dtype = self._compute_dtype()
         out = [torch.zeros(0, dtype=dtype)]
-        if isinstance(source, GradientStore):
-            source._require_complete()
-            order = range(source.n_chunks) if chunks is None else chunks
-            blocks = ((b.start, b.values) for b in source.features(order))
-        else:
-            blocks = ((s, source[s : s + 65536]) for s in range(0, source.shape[0], 65536))
+        blocks = ((b.start, b.values) for b in source.blocks(chunks))
         device = self.curvature_matrix_.device
         if self._chol is not None:  # phi^T C^{-1} phi = ||L^{-1} phi||^2
             chol = self._chol.to(dtype)
@@ -813,4 +763,4 @@ class TRAK:
         return torch.stack([m.self_influence() for m in self.members]).mean(dim=0)
 
 
-__all__ = ["FISHER_TYPES", "TRAK", "ProjectedInfluence", "data_fingerprint", "model_fingerprint"]
+__all__ = ["FISHER_TYPES", "TRAK", "ProjectedInfluence"]

@@ -1,58 +1,51 @@
-"""An on-disk store of projected training gradients, written once, read memory-mapped, scored in blocks.
+"""An on-disk store of projected training gradients: written once and resumably, checksummed, read memory-mapped.
 
-Projected-gradient attributors (TRAK, LoGra, :class:`~datatrace.attributors.projected.ProjectedInfluence`) compute one feature
-vector ``phi_i`` (a projected per-example gradient, ``k`` numbers) per training example *once*, and then answer
-every query set with a matrix product. A :class:`GradientStore` holds those ``n x k`` features:
+Projected-gradient attributors (TRAK, LoGra, :class:`~datatrace.attributors.projected.ProjectedInfluence`) compute
+one feature vector ``phi_i = P^T grad l(z_i)`` (``k`` numbers) per training example *once*, and then answer every
+query set with a matrix product (Park et al. 2023; Choe et al. 2024). A :class:`GradientStore` holds those
+``n x k`` features on disk; it is a :class:`~datatrace.projection.features.FeatureSource`, scored by
+:mod:`datatrace.projection.scoring`.
 
 * **layout**: a directory with ``chunk-000000.npy``, ``chunk-000001.npy``, ... (``chunk_size`` rows each, the last
   one shorter) and ``manifest.json`` (shapes, dtype, the sha256 of every chunk file, and *fingerprints* of what the
-  features were computed from: the model's parameter bytes, the data, the projection, the task...). Optional
-  float64 *accumulators* (sums over examples computed in the same pass, e.g. the projected Gauss-Newton matrix)
-  are kept beside them in a safetensors file, checksummed too.
+  features were computed from, :mod:`datatrace.projection.fingerprint`). Optional float64 *accumulators* (sums
+  over examples computed in the same pass, e.g. the projected Gauss-Newton matrix) are kept beside them in a
+  safetensors file, checksummed too.
 * **written once, resumably**: every chunk file is written to a temporary name, fsynced and renamed
   (``os.replace``), and only then recorded in the manifest (itself replaced atomically). An interrupted write
   therefore leaves only completed chunks that look complete; a rerun with the same fingerprints
   (:meth:`GradientStore.create` on the same directory) reuses them and computes only the missing ones. A store
   whose fingerprints differ is refused with an error that names the fingerprint that differs.
 * **precision**: features can be stored as float32, float16 or bfloat16 (bfloat16 as raw 16-bit words, since
-  numpy has no bfloat16); every product upcasts them to float32 (float64 when the query side is float64), so
-  accumulation is never done in 16 bits.
+  numpy has no bfloat16); the scoring functions upcast them before every product.
 * **one writer**: a store is filled by one process at a time (readers may be many once it is complete).
 * **reading**: chunks are memory-mapped (``np.load(mmap_mode="c")``, never pickle), so a store larger than memory
   is read block by block. :meth:`GradientStore.verify` re-hashes every file.
 
-Scoring against a store never holds more than one block of the ``m x n`` score matrix besides what it returns:
-:func:`score_against_store` returns the dense ``(m, n)`` matrix, :func:`top_k_against_store` a streaming top-k
-(the ``k`` largest and the ``k`` most negative scores per query, i.e. proponents and opponents) merged chunk by
-chunk with ``torch.topk``, in ``O(m k + m * chunk_rows)`` memory.
-
 **Under torch.distributed** (a process group initialised by the caller, e.g. with ``torchrun``;
-:mod:`datatrace.distributed`), :meth:`GradientStore.create`, :meth:`GradientStore.fill` and the scoring functions
-are *collective*: every rank calls them with the same arguments (or wraps a rank-0-only call in
-:func:`~datatrace.distributed.local_only`), and the directory must be on a file system that every rank sees.
-``create``: rank 0 creates or checks the store, then the other ranks open it and check it against their own
-arguments. ``fill``: the missing chunks are dealt out round-robin (the ``j``-th missing chunk to rank
-``j % world_size``), in rounds of one chunk per rank; every rank writes only its own chunk files (atomically, as
-above), and after each round rank 0 records the round's chunks and their accumulators in the manifest (the only
-writer of the manifest), adding the sums in chunk order, so the store is the same, file for file, as one written by
-a single process. An interruption loses at most the current round; a rerun (with any number of ranks) computes
-only the missing chunks. If ``compute`` raises on one rank, the chunks the other ranks finished in that round are
-still recorded and then every rank raises (:func:`~datatrace.distributed.raise_if_any_failed`), so none waits
-forever (a ``KeyboardInterrupt`` or a killed process is not caught: the others wait for the process group's
-timeout). Afterwards every rank reads the complete store. Scoring: each rank multiplies the queries with a
-contiguous range of chunks and the columns (dense scores) or the per-rank top-``k`` candidates (merged again with
-``torch.topk``) are gathered, so every rank gets the full result. In-memory feature tensors are scored on every
-rank (replicated).
+:mod:`datatrace.distributed`), :meth:`GradientStore.create` and :meth:`GradientStore.fill` are *collective*: every
+rank calls them with the same arguments (or wraps a rank-0-only call in :func:`~datatrace.distributed.local_only`),
+and the directory must be on a file system that every rank sees. ``create``: rank 0 creates or checks the store,
+then the other ranks open it and check it against their own arguments. ``fill``: the missing chunks are dealt out
+round-robin (the ``j``-th missing chunk to rank ``j % world_size``), in rounds of one chunk per rank; every rank
+writes only its own chunk files (atomically, as above), and after each round rank 0 records the round's chunks and
+their accumulators in the manifest (the only writer of the manifest), adding the sums in chunk order, so the store
+is the same, file for file, as one written by a single process. An interruption loses at most the current round; a
+rerun (with any number of ranks) computes only the missing chunks. If ``compute`` raises on one rank, the chunks
+the other ranks finished in that round are still recorded and then every rank raises
+(:func:`~datatrace.distributed.raise_if_any_failed`), so none waits forever (a ``KeyboardInterrupt`` or a killed
+process is not caught: the others wait for the process group's timeout). Afterwards every rank reads the complete
+store; as a sharded feature source, each rank scores its own contiguous range of chunks.
 
 Example:
     >>> import tempfile, torch
-    >>> from datatrace.projection.store import GradientStore, score_against_store
+    >>> from datatrace.projection.store import GradientStore
     >>> features = torch.randn(10, 4)
     >>> store = GradientStore.create(tempfile.mkdtemp(), n=10, dim=4, chunk_size=4, fingerprints={"model": "m1"})
     >>> store = store.fill(lambda start, stop: features[start:stop], progress=False)
     >>> store.complete, store.n_chunks
     (True, 3)
-    >>> torch.allclose(score_against_store(features[:2], store), features[:2] @ features.T)
+    >>> torch.equal(store.to_tensor(), features)
     True
 """
 
@@ -60,23 +53,33 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from datatrace.distributed import all_gather_rows, is_main_process, raise_if_any_failed, shard_bounds, world
+from datatrace.distributed import all_gather_rows, is_main_process, raise_if_any_failed, world
 from datatrace.errors import StoreCorruptedError, StoreMismatchError, bad_value, check_positive_int
 from datatrace.fileio import atomic_write, sha256_file
-from datatrace.scores import TopK
+from datatrace.projection.chunks import (
+    STORAGE_DTYPES,
+    Layout,
+    accumulator_layout,
+    chunk_file_name,
+    decode_reports,
+    dtype_name,
+    encode_report,
+    read_chunk_file,
+    write_chunk_file,
+)
+from datatrace.projection.features import FeatureBlock, FeatureSource
+from datatrace.projection.fingerprint import canonical_json, fingerprint_difference
 
 logger = logging.getLogger(__name__)
 
@@ -85,104 +88,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 #: default chunk: about this many bytes of features per file
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
-#: rows of the score matrix computed at once by the scoring functions: queries x store rows <= this
-DEFAULT_BLOCK_ELEMENTS = 2**24
-
-#: dtype name -> (torch dtype, numpy dtype it is stored as)
-_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
-    "float32": (torch.float32, np.dtype(np.float32)),
-    "float64": (torch.float64, np.dtype(np.float64)),
-    "float16": (torch.float16, np.dtype(np.float16)),
-    "bfloat16": (torch.bfloat16, np.dtype(np.uint16)),  # raw bits; numpy has no bfloat16
-}
-_FINGERPRINT_WORDS = {
-    "model": "a different model (its parameter values differ)",
-    "data": "different training data",
-    "projection": "a different projection (kind, dimension or seed)",
-    "task": "a different task (loss or weight decay)",
-    "config": "different settings",
-}
 
 
-class FeatureBlock(NamedTuple):
-    """One chunk of a store: rows ``start:start + len(values)`` of the ``(n, dim)`` feature matrix."""
-
-    chunk: int
-    start: int
-    values: torch.Tensor
-
-
-class StreamingTopK(NamedTuple):
-    """Per query, the ``k`` training examples with the largest scores (``proponents``, largest first) and the ``k``
-    with the most negative scores (``opponents``, most negative first); each a :class:`~datatrace.TopK` of
-    ``(n_query, k)`` tensors. When fewer than ``k`` scores of a query are positive (negative), the list is completed
-    with the next ones in order, whatever their sign."""
-
-    proponents: TopK
-    opponents: TopK
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, (torch_dtype, _) in _DTYPES.items():
-        if torch_dtype == dtype:
-            return name
-    raise bad_value(
-        "dtype",
-        dtype,
-        f"a store holds one of {list(_DTYPES)}",
-        "pass torch.float32, torch.float16 or torch.bfloat16",
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    """Round-trip through JSON so that stored and fresh fingerprints compare equal (tuples become lists...)."""
-    try:
-        return json.loads(json.dumps(value, sort_keys=True))
-    except TypeError as err:
-        raise bad_value(
-            "fingerprints",
-            value,
-            f"fingerprints must be JSON values ({err})",
-            "pass strings, numbers, lists, dicts",
-        ) from None
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
-    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
-        return text[:12] + "..."  # a sha256
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _differences(stored: Any, fresh: Any, prefix: str = "") -> list[str]:
-    """Human-readable leaf differences between two JSON values."""
-    if isinstance(stored, dict) and isinstance(fresh, dict):
-        out = []
-        for key in sorted(set(stored) | set(fresh), key=str):
-            out += _differences(stored.get(key, "<missing>"), fresh.get(key, "<missing>"), f"{prefix}{key}.")
-        return out
-    if stored != fresh:
-        return [f"{prefix.rstrip('.') or 'value'}: stored {_short(stored)} vs now {_short(fresh)}"]
-    return []
-
-
-def _flatten_accumulators(
-    accumulators: Mapping[str, torch.Tensor] | None,
-) -> tuple[list[tuple[str, tuple[int, ...]]], torch.Tensor]:
-    """Names and shapes (sorted by name) and the float64 values, concatenated, of a chunk's accumulators."""
-    if not accumulators:
-        return [], torch.zeros(0, dtype=torch.float64)
-    values = {k: torch.as_tensor(v).detach().to("cpu", torch.float64) for k, v in accumulators.items()}
-    layout = [(k, tuple(values[k].shape)) for k in sorted(values)]
-    return layout, torch.cat([values[k].reshape(-1) for k, _ in layout])
-
-
-def _layout_code(layout: list[tuple[str, tuple[int, ...]]]) -> int:
-    """A checksum of the accumulators' names and shapes (exact in float64: < 2**32)."""
-    return zlib.crc32(json.dumps([[k, list(shape)] for k, shape in layout]).encode())
-
-
-class GradientStore:
+class GradientStore(FeatureSource):
     """Projected per-example training gradients on disk: chunked ``.npy`` files plus a JSON manifest.
 
     Open an existing store with ``GradientStore(directory)``; create one (or resume an interrupted one) with
@@ -190,7 +98,12 @@ class GradientStore:
 
     Attributes (from the manifest): ``n`` (rows), ``dim`` (features per row), ``dtype`` (storage dtype),
     ``chunk_size``, ``n_chunks``, ``fingerprints``, ``complete``.
+
+    As a :class:`~datatrace.projection.features.FeatureSource` (``chunk_rows`` = ``chunk_size``, :meth:`blocks`) it
+    needs to be complete, and it is sharded: under torch.distributed each rank reads its own range of chunks.
     """
+
+    sharded = True
 
     def __init__(self, directory: str | os.PathLike) -> None:
         try:
@@ -313,8 +226,8 @@ class GradientStore:
         n = check_positive_int("n", n)
         dim = check_positive_int("dim", dim)
         name = dtype_name(dtype)
-        itemsize = _DTYPES[name][1].itemsize
-        fingerprints = _jsonable(dict(fingerprints or {}))
+        itemsize = STORAGE_DTYPES[name][1].itemsize
+        fingerprints = canonical_json(dict(fingerprints or {}))
         try:
             path = Path(directory)
         except TypeError:
@@ -366,7 +279,7 @@ class GradientStore:
             "chunk_size": chunk_size,
             "n_chunks": -(-n // chunk_size),
             "fingerprints": fingerprints,
-            "metadata": _jsonable(dict(metadata or {})),
+            "metadata": canonical_json(dict(metadata or {})),
             "chunks": {},
             "accumulators": None,
             "complete": False,
@@ -387,18 +300,14 @@ class GradientStore:
                     f"has {key}={fresh!r}. Fix: use a new directory for these settings (or delete this one), or "
                     f"call with {key}={m.get(key)!r} to reuse it."
                 )
-        stored = m.get("fingerprints", {})
-        for key in sorted(set(stored) | set(fingerprints)):
-            old, new = stored.get(key, "<missing>"), fingerprints.get(key, "<missing>")
-            if old != new:
-                words = _FINGERPRINT_WORDS.get(key, f"a different {key!r}")
-                details = "; ".join(_differences(old, new)[:4])
-                raise StoreMismatchError(
-                    f"the GradientStore in {str(self.path)!r} was computed from {words}: its {key!r} fingerprint "
-                    f"differs ({details}); features of different origins must never be mixed. Fix: use a new "
-                    "directory (store_dir=...) for this one, or delete the old store, or pass the original "
-                    f"{key} to reuse it."
-                )
+        difference = fingerprint_difference(m.get("fingerprints", {}), fingerprints)
+        if difference is not None:
+            key, text = difference
+            raise StoreMismatchError(
+                f"the GradientStore in {str(self.path)!r} was {text}; features of different origins must never be "
+                "mixed. Fix: use a new directory (store_dir=...) for this one, or delete the old store, or pass the "
+                f"original {key} to reuse it."
+            )
 
     # -- properties ------------------------------------------------------------------------------------------------
     @property
@@ -414,11 +323,15 @@ class GradientStore:
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPES[self._manifest["dtype"]][0]
+        return STORAGE_DTYPES[self._manifest["dtype"]][0]
 
     @property
     def chunk_size(self) -> int:
         return int(self._manifest["chunk_size"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.chunk_size
 
     @property
     def n_chunks(self) -> int:
@@ -439,7 +352,7 @@ class GradientStore:
     @property
     def nbytes(self) -> int:
         """Bytes of features on disk (without the .npy headers and accumulators)."""
-        return self.n * self.dim * _DTYPES[self._manifest["dtype"]][1].itemsize
+        return self.n * self.dim * STORAGE_DTYPES[self._manifest["dtype"]][1].itemsize
 
     def rows(self, chunk: int) -> tuple[int, int]:
         """``(start, stop)`` rows of chunk ``chunk``."""
@@ -514,25 +427,8 @@ class GradientStore:
                 f"the features of row {bad} (chunk {chunk}) are not finite. Fix: check that training example, the "
                 "model's outputs on it, and use float32 features if float16 overflowed (|x| > 65504)."
             )
-        torch_dtype, np_dtype = _DTYPES[self._manifest["dtype"]]
-        stored = features.detach().to("cpu", torch_dtype).contiguous()
-        if torch_dtype == torch.bfloat16:
-            array = stored.view(torch.int16).numpy().view(np.uint16)
-        else:
-            array = stored.numpy()
-        if torch_dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(stored).all()):
-            raise FloatingPointError(
-                f"chunk {chunk} overflows {self._manifest['dtype']} (largest feature {float(features.abs().max()):.3g})."
-                " Fix: store features as float32 (feature_dtype=torch.float32)."
-            )
-        name = f"chunk-{chunk:06d}.npy"
-        contiguous = np.ascontiguousarray(array, np_dtype)
-
-        def write_npy(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
-                np.save(f, contiguous, allow_pickle=False)
-
-        digest = atomic_write(self.path / name, write_npy, checksum=True)
+        name = chunk_file_name(chunk)
+        digest = write_chunk_file(self.path / name, chunk, features, self._manifest["dtype"])
         return {"file": name, "rows": stop - start, "sha256": digest}
 
     def _record(
@@ -613,7 +509,7 @@ class GradientStore:
         missing = self.missing_chunks()
         if not missing:
             return self
-        done_rows = self.n - sum(self.rows(i)[1] - self.rows(i)[0] for i in missing)
+        done_rows = self.n - sum(self._rows_of(i) for i in missing)
         with tqdm(
             total=self.n, initial=done_rows, desc="gradient store", disable=not progress, leave=False
         ) as bar:
@@ -653,8 +549,8 @@ class GradientStore:
             if rank != 0:
                 self._reload()
             return self
-        done_rows = self.n - sum(self.rows(i)[1] - self.rows(i)[0] for i in missing)
-        layout: list[tuple[str, tuple[int, ...]]] | None = None  # names and shapes of the accumulators
+        done_rows = self.n - sum(self._rows_of(i) for i in missing)
+        layout: Layout | None = None  # names and shapes of the accumulators
         with tqdm(
             total=self.n,
             initial=done_rows,
@@ -673,15 +569,8 @@ class GradientStore:
                         out = compute(start, stop)
                         features, acc = out if isinstance(out, tuple) else (out, None)
                         entry = self._write_chunk_file(mine, features)
-                        acc_layout, flat = _flatten_accumulators(acc)
+                        acc_layout, row = encode_report(mine, entry["sha256"], acc)
                         layout = layout or acc_layout
-                        row = torch.cat(
-                            [
-                                torch.tensor([mine, _layout_code(acc_layout)], dtype=torch.float64),
-                                torch.tensor(list(bytes.fromhex(entry["sha256"])), dtype=torch.float64),
-                                flat,
-                            ]
-                        )[None]
                     except Exception as err:
                         logger.error(
                             "GradientStore %s: rank %d failed in chunk %d: %s", self.path, rank, mine, err
@@ -691,7 +580,7 @@ class GradientStore:
                 rows = all_gather_rows(row)
                 if rank == 0 and rows is not None:
                     try:
-                        layout = layout or self._stored_layout()
+                        layout = layout or accumulator_layout(self._load_accumulators())
                         self._record(self._decode_round(rows, layout))
                         bar.update(sum(self._rows_of(int(r[0])) for r in rows))
                     except Exception as err:
@@ -719,35 +608,14 @@ class GradientStore:
         start, stop = self.rows(chunk)
         return stop - start
 
-    def _stored_layout(self) -> list[tuple[str, tuple[int, ...]]] | None:
-        running = self._load_accumulators()
-        return [(k, tuple(running[k].shape)) for k in sorted(running)] or None
-
     def _decode_round(
-        self, rows: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]] | None
+        self, rows: torch.Tensor, layout: Layout | None
     ) -> list[tuple[int, dict[str, Any], dict[str, torch.Tensor] | None]]:
         """The ``(chunk, entry, accumulators)`` of every gathered row, in chunk order."""
-        written = []
-        for row in sorted(rows.to("cpu", torch.float64), key=lambda r: int(r[0])):
-            chunk, code = int(row[0]), int(row[1])
-            sha = bytes(int(b) for b in row[2:34]).hex()
-            entry = {"file": f"chunk-{chunk:06d}.npy", "rows": self._rows_of(chunk), "sha256": sha}
-            flat = row[34:]
-            if code == _layout_code([]):
-                acc = None
-            elif layout is None or code != _layout_code(layout):
-                raise RuntimeError(
-                    f"internal error: rank 0 cannot decode the accumulators of chunk {chunk} (their names and "
-                    "shapes are unknown here or differ). Fix: every rank must run the same compute function."
-                )
-            else:
-                acc, offset = {}, 0
-                for name, shape in layout:
-                    size = math.prod(shape)
-                    acc[name] = flat[offset : offset + size].reshape(shape).clone()
-                    offset += size
-            written.append((chunk, entry, acc))
-        return written
+        return [
+            (chunk, {"file": chunk_file_name(chunk), "rows": self._rows_of(chunk), "sha256": sha}, acc)
+            for chunk, sha, acc in decode_reports(rows, layout)
+        ]
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def _require_complete(self) -> None:
@@ -767,23 +635,7 @@ class GradientStore:
             raise RuntimeError(
                 f"chunk {chunk} of the GradientStore in {str(self.path)!r} is not written yet. Fix: fill the store."
             )
-        path = self.path / entry["file"]
-        try:
-            array = np.load(path, mmap_mode="c", allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise StoreCorruptedError(
-                f"chunk file {path} cannot be read ({err}). Fix: store.verify() lists every damaged file; delete "
-                "the store and compute it again."
-            ) from None
-        torch_dtype, np_dtype = _DTYPES[self._manifest["dtype"]]
-        if array.shape != (entry["rows"], self.dim) or array.dtype != np_dtype:
-            raise StoreCorruptedError(
-                f"chunk file {path} holds {array.dtype} {array.shape} but the manifest says {np_dtype} "
-                f"({entry['rows']}, {self.dim}). Fix: delete the store and compute it again."
-            )
-        if torch_dtype == torch.bfloat16:
-            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(array)
+        return read_chunk_file(self.path / entry["file"], entry["rows"], self.dim, self._manifest["dtype"])
 
     def features(self, chunks: int | Sequence[int] | None = None) -> Iterator[FeatureBlock]:
         """Iterate over :class:`FeatureBlock` s (``chunk``, ``start``, ``values``) of the given chunks (default all)."""
@@ -797,6 +649,11 @@ class GradientStore:
         for i in order:
             start, _ = self.rows(self._check_chunk_index(i))
             yield FeatureBlock(int(i), start, self.chunk(int(i)))
+
+    def blocks(self, chunks: Sequence[int] | None = None) -> Iterator[FeatureBlock]:
+        """The :class:`FeatureBlock` s of ``chunks`` (default all) of a complete store."""
+        self._require_complete()
+        yield from self.features(range(self.n_chunks) if chunks is None else chunks)
 
     def to_tensor(self) -> torch.Tensor:
         """All ``(n, dim)`` features in memory (stored dtype). For small stores and tests."""
@@ -855,243 +712,4 @@ class GradientStore:
         return self
 
 
-# -- scoring against a store ---------------------------------------------------------------------------------------
-
-
-FeatureSource = GradientStore | torch.Tensor
-
-
-def _blocks(
-    store: FeatureSource, block_rows: int | None, chunks: Sequence[int] | None = None
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, values)`` blocks of features: all of them, or only ``chunks`` of a store."""
-    if isinstance(store, GradientStore):
-        store._require_complete()
-        for block in store.features(range(store.n_chunks) if chunks is None else chunks):
-            yield block.start, block.values
-    elif isinstance(store, torch.Tensor):
-        if store.dim() != 2:
-            raise bad_value(
-                "store", store, "in-memory features must be a 2-D tensor (n, dim)", "reshape them"
-            )
-        rows = block_rows or max(1, DEFAULT_BLOCK_ELEMENTS // max(1, store.shape[1]))
-        for start in range(0, store.shape[0], rows):
-            yield start, store[start : start + rows]
-    else:
-        raise bad_value(
-            "store",
-            store,
-            "expected a GradientStore or an (n, dim) tensor of features",
-            "pass a GradientStore",
-        )
-
-
-def _my_chunks(store: FeatureSource) -> range | None:
-    """This rank's contiguous range of chunks when a store is scored under torch.distributed, else None."""
-    rank, size, distributed = world()
-    if not distributed or not isinstance(store, GradientStore):
-        return None
-    lo, hi = shard_bounds(store.n_chunks, size)[rank]
-    return range(lo, hi)
-
-
-def _prepare_queries(
-    query_features: torch.Tensor, store: FeatureSource, transform: Callable | None
-) -> tuple[torch.Tensor, int, int]:
-    if not isinstance(query_features, torch.Tensor) or query_features.dim() != 2:
-        raise bad_value(
-            "query_features", query_features, "expected a 2-D tensor (n_query, dim)", "pass one row per query"
-        )
-    n = len(store) if isinstance(store, GradientStore) else int(store.shape[0])
-    dim = store.dim if isinstance(store, GradientStore) else int(store.shape[1])
-    q = transform(query_features) if transform is not None else query_features
-    if not isinstance(q, torch.Tensor) or q.shape != (query_features.shape[0], dim):
-        raise bad_value(
-            "query_features" if transform is None else "transform",
-            q if transform is not None else query_features,
-            f"the store holds {dim} features per row, so queries need shape ({query_features.shape[0]}, {dim})"
-            + (" after transform" if transform is not None else ""),
-            "project the queries with the projection the store was built with",
-        )
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.to(compute), n, dim
-
-
-def score_against_store(
-    query_features: torch.Tensor,
-    store: FeatureSource,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    *,
-    block_rows: int | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Dense scores ``transform(Q) @ F^T``, shape ``(n_query, n)``, computed chunk by chunk.
-
-    Args:
-        query_features: ``(m, dim)`` projected query gradients.
-        store: a complete :class:`GradientStore` or an in-memory ``(n, dim)`` tensor.
-        transform: applied once to the queries before the products (e.g. the inverse projected curvature divided
-            by ``n``); default none.
-        block_rows: rows per block for an in-memory tensor (a store uses its chunks).
-        progress: tqdm over blocks.
-
-    Features stored in 16 bits are upcast to float32 (float64 when the transformed queries are float64) for the
-    product, so accumulation is never done in 16 bits. The result is on the queries' device.
-
-    Under ``torch.distributed`` with a :class:`GradientStore` this is collective: each rank scores a contiguous
-    range of chunks and the columns are gathered, so every rank returns the whole matrix. An in-memory tensor is
-    scored on every rank.
-    """
-    mine = _my_chunks(store)
-    if mine is None:
-        q, n, _ = _prepare_queries(query_features, store, transform)
-        out = torch.empty(q.shape[0], n, dtype=q.dtype, device=q.device)
-        total = store.n_chunks if isinstance(store, GradientStore) else None
-        for start, values in tqdm(
-            _blocks(store, block_rows), total=total, desc="scoring", disable=not progress, leave=False
-        ):
-            block = values.to(device=q.device, dtype=q.dtype)
-            out[:, start : start + block.shape[0]] = q @ block.T
-        return out
-    local: torch.Tensor | None = None
-    error: BaseException | None = None
-    try:
-        q, _, _ = _prepare_queries(query_features, store, transform)
-        parts = [
-            q @ values.to(device=q.device, dtype=q.dtype).T
-            for _, values in tqdm(
-                _blocks(store, block_rows, mine),
-                total=len(mine),
-                desc="scoring",
-                disable=not progress or not is_main_process(),
-                leave=False,
-            )
-        ]
-        # one row per training example of this rank's chunks: gathered in rank order = column order
-        local = torch.cat(parts, dim=1).T if parts else q.new_zeros(0, q.shape[0])
-    except Exception as err:
-        error = err
-    raise_if_any_failed(error, "scores against the GradientStore")
-    gathered = all_gather_rows(local)
-    if gathered is None:  # pragma: no cover - an invariant of the code above
-        raise RuntimeError("internal error: gathered is missing")
-    return gathered.T.contiguous()
-
-
-def _local_top_k(
-    q: torch.Tensor,
-    blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]],
-    k: int,
-    query_block: int,
-    progress: bool,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """``((indices, values) of the largest, (indices, values) of the most negative)``, each ``(m, <= k)``, over
-    the blocks that ``blocks()`` yields (called once per block of queries)."""
-    parts_pos, parts_neg = [], []
-    for qs in range(0, q.shape[0], query_block):
-        qb = q[qs : qs + query_block]
-        best_v = torch.empty(qb.shape[0], 0, dtype=q.dtype, device=q.device)
-        best_i = torch.empty(qb.shape[0], 0, dtype=torch.long, device=q.device)
-        worst_v, worst_i = best_v.clone(), best_i.clone()
-        for start, values in tqdm(blocks(), desc="top-k", disable=not progress, leave=False):
-            block = values.to(device=q.device, dtype=q.dtype)
-            scores = qb @ block.T
-            idx = torch.arange(start, start + block.shape[0], device=q.device).expand(qb.shape[0], -1)
-            cand_v = torch.cat([best_v, scores], dim=1)
-            cand_i = torch.cat([best_i, idx], dim=1)
-            top = min(k, cand_v.shape[1])
-            v, pos = torch.topk(cand_v, top, dim=1)
-            best_v, best_i = v, torch.gather(cand_i, 1, pos)
-            cand_v = torch.cat([worst_v, scores], dim=1)
-            cand_i = torch.cat([worst_i, idx], dim=1)
-            v, pos = torch.topk(-cand_v, top, dim=1)
-            worst_v, worst_i = -v, torch.gather(cand_i, 1, pos)
-        parts_pos.append((best_i, best_v))
-        parts_neg.append((worst_i, worst_v))
-    return (
-        (torch.cat([p[0] for p in parts_pos]), torch.cat([p[1] for p in parts_pos])),
-        (torch.cat([p[0] for p in parts_neg]), torch.cat([p[1] for p in parts_neg])),
-    )
-
-
-def top_k_against_store(
-    query_features: torch.Tensor,
-    store: FeatureSource,
-    k: int,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    *,
-    block_rows: int | None = None,
-    query_block: int | None = None,
-    progress: bool = False,
-) -> StreamingTopK:
-    """Streaming top-k of ``transform(Q) @ F^T`` per query: the ``k`` largest scores and the ``k`` most negative.
-
-    Never holds the ``(m, n)`` matrix: for each block of at most ``query_block`` queries it walks the store's
-    chunks and merges each block of scores into the running ``k`` best with ``torch.topk``. Memory is
-    ``O(query_block * (k + chunk_rows))``.
-
-    Under ``torch.distributed`` with a :class:`GradientStore` this is collective: each rank finds the top ``k``
-    of a contiguous range of chunks, the ``(m, k)`` candidates of all ranks are gathered and merged with
-    ``torch.topk``, so every rank returns the same result. An in-memory tensor is scored on every rank.
-
-    Returns:
-        :class:`StreamingTopK` with ``proponents`` (largest first) and ``opponents`` (most negative first), each
-        holding ``(m, min(k, n))`` ``indices`` (int64) and ``values``.
-    """
-    k = check_positive_int("k", k)
-    mine = _my_chunks(store)
-    if mine is None:
-        q, n, _ = _prepare_queries(query_features, store, transform)
-        k = min(k, n)
-        query_block = _query_block(store, block_rows, n, k, query_block)
-        (pi, pv), (ni, nv) = _local_top_k(q, lambda: _blocks(store, block_rows), k, query_block, progress)
-        return StreamingTopK(TopK(pi, pv), TopK(ni, nv))
-    values: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
-    error: BaseException | None = None
-    try:
-        q, n, _ = _prepare_queries(query_features, store, transform)
-        k = min(k, n)
-        query_block = _query_block(store, block_rows, n, k, query_block)
-        (pi, pv), (ni, nv) = _local_top_k(
-            q, lambda: _blocks(store, block_rows, mine), k, query_block, progress and is_main_process()
-        )
-        # candidates as rows (k_rank, m, 2): proponents and opponents side by side, gathered over the ranks
-        values = torch.stack([pv.T, nv.T], dim=2)
-        indices = torch.stack([pi.T, ni.T], dim=2)
-    except Exception as err:
-        error = err
-    raise_if_any_failed(error, "the top-k against the GradientStore")
-    if values is None or indices is None:  # pragma: no cover - an invariant of the code above
-        raise RuntimeError("internal error: values or indices is missing")
-    all_values, all_indices = all_gather_rows(values), all_gather_rows(indices)
-    if not (
-        all_values is not None and all_indices is not None
-    ):  # pragma: no cover - an invariant of the code above
-        raise RuntimeError("internal error: all_values or all_indices is missing")
-    cand_v, cand_i = all_values.permute(2, 1, 0), all_indices.permute(2, 1, 0)  # (2, m, candidates)
-    v, pos = torch.topk(cand_v[0], k, dim=1)
-    proponents = TopK(torch.gather(cand_i[0], 1, pos), v)
-    v, pos = torch.topk(-cand_v[1], k, dim=1)
-    opponents = TopK(torch.gather(cand_i[1], 1, pos), -v)
-    return StreamingTopK(proponents, opponents)
-
-
-def _query_block(
-    store: FeatureSource, block_rows: int | None, n: int, k: int, query_block: int | None
-) -> int:
-    if query_block is None:
-        rows = store.chunk_size if isinstance(store, GradientStore) else (block_rows or n)
-        query_block = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, rows + k))
-    return check_positive_int("query_block", query_block)
-
-
-__all__ = [
-    "FeatureBlock",
-    "GradientStore",
-    "StoreCorruptedError",
-    "StoreMismatchError",
-    "StreamingTopK",
-    "score_against_store",
-    "top_k_against_store",
-]
+__all__ = ["GradientStore", "StoreCorruptedError", "StoreMismatchError", "dtype_name"]
