@@ -36,6 +36,7 @@ __all__ = [
     "N_DIGIT_CLASSES",
     "SCHEDULES",
     "DigitsData",
+    "QueryLosses",
     "Schedule",
     "WarmStartTrainer",
     "build_model",
@@ -220,3 +221,18 @@ class WarmStartTrainer:
             max_iter=s.retrain_iter,
             rounds=s.retrain_rounds,
         )
+
+
+class QueryLosses:
+    """``evaluate(model)`` for leave-one-out retraining: the loss of every query example, followed by the model's
+    ``max |grad L|`` (set by :func:`train_to_tolerance`) so that convergence of every retrain can be reported."""
+
+    def __init__(self, task: ClassificationTask, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.task = task
+        self.X = X
+        self.y = y
+
+    def __call__(self, model: nn.Module) -> np.ndarray:
+        with torch.no_grad():
+            losses = self.task.loss(model.eval(), (self.X, self.y)).to(torch.float64).numpy()
+        return np.concatenate([losses, [float(getattr(model, "grad_max", 0.0))]])

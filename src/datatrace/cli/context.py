@@ -18,12 +18,13 @@ The sign convention of every score is :data:`datatrace.scores.MEANING`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -52,6 +53,7 @@ __all__ = [
     "common_options",
     "run_command",
     "start",
+    "using_torch_threads",
 ]
 
 logger = logging.getLogger("datatrace.cli.context")
@@ -178,6 +180,19 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"--out {str(path)!r} is not writable. Fix: pass a directory you can write.")
     return path
+
+
+@contextlib.contextmanager
+def using_torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, restoring the setting afterwards (None: leave it)."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(previous)
 
 
 def _damping(value: str | None) -> Any:

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,7 +35,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any, TextIO
 
 import numpy as np
@@ -44,13 +42,14 @@ import torch
 from torch import nn
 
 from datatrace import __version__
-from datatrace.cli.context import Run, check_out_dir, check_seed
+from datatrace.cli.context import Run, check_out_dir, check_seed, using_torch_threads
 from datatrace.cli.demo_report import build_report, format_summary
 from datatrace.datasets import (
     MODEL_NAMES,
     MODELS,
     SCHEDULES,
     DigitsData,
+    QueryLosses,
     WarmStartTrainer,
     build_model,
     flipped_digits,
@@ -83,21 +82,6 @@ N_TRAIN = 1000
 DEFAULT_N_JOBS = 1
 UNITS = "nats"
 CACHE_VERSION = 1
-
-
-class DemoEvaluate:
-    """``evaluate(model)``: the loss of every query (test images, then the left-out training images), followed by
-    the retrain's ``max |grad L|`` so that convergence of every retrain can be reported."""
-
-    def __init__(self, task: ClassificationTask, X: torch.Tensor, y: torch.Tensor) -> None:
-        self.task = task
-        self.X = X
-        self.y = y
-
-    def __call__(self, model: nn.Module) -> np.ndarray:
-        with torch.no_grad():
-            losses = self.task.loss(model.eval(), (self.X, self.y)).to(torch.float64).numpy()
-        return np.concatenate([losses, [float(getattr(model, "grad_max", 0.0))]])
 
 
 def run_demo(
@@ -135,8 +119,7 @@ def run_demo(
         )
     try:
         n_loo = check_positive_int("n_loo", DEFAULT_N_LOO[model] if n_loo is None else n_loo, minimum=2)
-        if torch_threads is not None:
-            torch_threads = check_positive_int("torch_threads", torch_threads)
+        n_threads = None if torch_threads is None else check_positive_int("torch_threads", torch_threads)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if n_loo > N_TRAIN:
@@ -166,20 +149,8 @@ def run_demo(
         stream=sys.stdout if stream is None else stream,
         seed=seed,
     )
-    with _torch_threads(torch_threads):
+    with using_torch_threads(n_threads):
         return _run_demo(run, model, n_loo, flip_fraction, n_jobs)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n is not None:
-            torch.set_num_threads(previous)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -311,7 +282,7 @@ def _leave_one_out_check(
     n_test = len(data.y_test)
     rng = np.random.default_rng([seed, 2])
     loo_idx = np.sort(rng.choice(N_TRAIN, size=n_loo, replace=False)).astype(np.int64)
-    evaluate = DemoEvaluate(
+    evaluate = QueryLosses(
         task, torch.cat([test[0], train[0][loo_idx]]), torch.cat([test[1], train[1][loo_idx]])
     )
     cache_config = {
