@@ -36,7 +36,7 @@ from torch import nn
 from datatrace import __version__
 from datatrace.cli.spec import load_spec
 from datatrace.cli.spec_model import Spec, curvature_arguments, fit_influence
-from datatrace.data import DataLike, as_data_source
+from datatrace.data import DataLike
 from datatrace.errors import UsageError
 from datatrace.fileio import jsonable, write_json
 from datatrace.tasks import Task
@@ -230,15 +230,13 @@ class Run:
     influence: Any = None
 
     def fit_influence(
-        self, model: nn.Module, task: Task, train: DataLike, curvature: Any, damping: Any
+        self, model: nn.Module, task: Task, train: DataLike, n_train: int, curvature: Any, damping: Any
     ) -> Any:
-        """Fit the influence function on ``train`` (timed as ``influence_seconds``, logged); returns it.
-
-        A ValueError about ``curvature`` or ``damping`` becomes a :class:`UsageError` (exit code 2).
+        """Fit the influence function on ``train`` (``n_train`` examples; timed as ``influence_seconds``, logged);
+        returns it. A ValueError about ``curvature`` or ``damping`` becomes a :class:`UsageError` (exit code 2).
         """
-        n = len(as_data_source(train, "train()"))
         params = sum(p.numel() for p in model.parameters())
-        logger.info("fitting influence functions on %d training examples, %d parameters", n, params)
+        logger.info("fitting influence functions on %d training examples, %d parameters", n_train, params)
         t0 = time.perf_counter()
         torch.manual_seed(self.seed)
         try:
@@ -314,6 +312,7 @@ class Context(Run):
             spec.model,
             spec.task,
             spec.encoded("train"),
+            spec.n("train"),
             spec.curvature if self.curvature is None else self.curvature,
             spec.damping if self.damping is None else self.damping,
         )

@@ -193,7 +193,7 @@ def _run_demo(run: Run, model: str, n_loo: int, flip_fraction: float, n_jobs: in
         test_loss = task.loss(trained, test).numpy()
     test_pred = test_logits.argmax(1).numpy()
 
-    influence = run.fit_influence(trained, task, train, "exact", "auto")
+    influence = run.fit_influence(trained, task, train, N_TRAIN, "exact", "auto")
     t0 = time.perf_counter()
     scores = influence.score(test)
     self_influence = influence.self_influence().numpy()
