@@ -3,7 +3,7 @@
 The acceptance benchmark of the data-debugging application. Three parts, every number measured in this run:
 
 (a) **Flipped labels on digits, with a network that fits them.** scikit-learn's 8x8 digits (X / 16), a
-    stratified split of 1,000 training / 300 validation / 300 test images (``datatrace.cli.demo.load_digits_data``),
+    stratified split of 1,000 training / 300 validation / 300 test images (``datatrace.datasets.flipped_digits``),
     10% of the *training* labels changed to another random class. A 64-128-10 tanh MLP (9,610 parameters, float64,
     weight decay 1e-4) is trained by full-batch L-BFGS (``datatrace.verification.training.fit_full_batch``) until it fits
     every training label, flipped ones included (checked and reported). Training examples are ranked by
@@ -50,7 +50,7 @@ from torch import nn
 
 import datatrace
 from datatrace.apps import debug_data, detection_summary, removal_check
-from datatrace.cli.demo import load_digits_data
+from datatrace.datasets import flipped_digits
 from datatrace.verification.training import fit_full_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,7 +65,7 @@ FLIP = 0.1
 # --------------------------------------------------------------------------------------------------------------
 def digits() -> dict[str, Any]:
     """1,000 train (10% flipped) / 300 validation / 300 test, stratified, seeded."""
-    d = load_digits_data(seed=SEED, flip_fraction=FLIP, n_train=1000, n_test=600)
+    d = flipped_digits(seed=SEED, flip_fraction=FLIP, n_train=1000, n_test=600)
     rng = np.random.default_rng([SEED, 2])
     order = rng.permutation(600)
     val, test = order[:300], order[300:]

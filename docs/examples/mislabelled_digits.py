@@ -6,9 +6,9 @@ by actual retraining that removing the most harmful ones helps:
     datatrace debug docs/examples/mislabelled_digits.py \
         --flagged docs/examples/mislabelled_digits_flagged.txt --out out/digits
 
-The data are scikit-learn's bundled 8x8 digits: 1,000 training and 300 validation images (a seeded, stratified
-split); 50 training labels are changed to another, random class, and their indices are listed in
-``mislabelled_digits_flagged.txt`` (one per line; ``python docs/examples/mislabelled_digits.py`` rewrites it).
+The data are scikit-learn's bundled 8x8 digits (``datatrace.datasets.flipped_digits``): 1,000 training and 300
+validation images (a seeded, stratified split); 50 training labels are changed to another, random class, and their
+indices are listed in ``mislabelled_digits_flagged.txt`` (one per line; ``python docs/examples/mislabelled_digits.py`` rewrites it).
 The model is multinomial logistic regression with weight decay 1e-3, trained to a tight minimum with
 full-batch L-BFGS (influence functions describe a minimum).
 """
@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import datatrace
+from datatrace.datasets import flipped_digits
 from datatrace.verification.training import fit_full_batch
 
 kind = "image"
@@ -36,21 +35,8 @@ FLAGGED_FILE = Path(__file__).with_name("mislabelled_digits_flagged.txt")
 
 @functools.cache
 def _digits():
-    X, y = load_digits(return_X_y=True)
-    train_rows, val_rows = train_test_split(
-        np.arange(len(y)), train_size=N_TRAIN, test_size=N_VALIDATION, random_state=SEED, stratify=y
-    )
-    train_rows, val_rows = np.sort(train_rows), np.sort(val_rows)
-    rng = np.random.default_rng(SEED)
-    y_train = y[train_rows].copy()
-    flipped = np.sort(rng.choice(N_TRAIN, size=round(FLIP_FRACTION * N_TRAIN), replace=False))
-    shift = rng.integers(1, 10, size=flipped.size)  # 1..9: always another class
-    y_train[flipped] = (y_train[flipped] + shift) % 10
-
-    def as_tensors(rows, labels):
-        return torch.tensor(X[rows] / 16.0), torch.tensor(labels, dtype=torch.int64)
-
-    return as_tensors(train_rows, y_train), as_tensors(val_rows, y[val_rows]), flipped
+    d = flipped_digits(SEED, FLIP_FRACTION, N_TRAIN, N_VALIDATION, flip_seed=SEED, flip_in_index_order=True)
+    return d.train(), d.test(), np.flatnonzero(d.flipped)
 
 
 def train():

@@ -152,7 +152,7 @@ def test_explain_usage_errors(tmp_path):
 def test_flagged_file_matches_the_spec():
     namespace = runpy.run_path(str(DIGITS))
     flipped = namespace["_digits"]()[2]
-    from datatrace.cli.common import read_flagged
+    from datatrace.cli.files import read_flagged
 
     mask = read_flagged(DIGITS_FLAGGED, 1000)
     assert np.flatnonzero(mask).tolist() == sorted(flipped.tolist()) and mask.sum() == 50

@@ -22,20 +22,25 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from datatrace.cli.common import (
+from datatrace.apps.audit import fairness_audit, memorisation_audit
+from datatrace.cli.context import (
+    SPEC_WARNING,
     add_common_arguments,
-    add_ranked_section,
-    add_timings,
     add_top_flag,
     check_int,
+    run_command,
+    start,
+)
+from datatrace.cli.files import write_csv
+from datatrace.cli.render import (
+    add_ranked_section,
+    add_timings,
     conventions,
     example_records,
     format_rows,
-    run_command,
     setup_table,
-    start,
-    write_csv,
 )
+from datatrace.cli.report import Report, plot_bars, plot_histogram
 from datatrace.errors import UsageError
 
 logger = logging.getLogger("datatrace.cli.audit")
@@ -48,6 +53,8 @@ DESCRIPTION = (
     "removed and the model retrained: the examples whose removal would shrink the gap most drive it. "
     "--memorisation: training examples with outlying self-influence (robust z-score above --z-threshold) and "
     "whether removing each would flip its own prediction. Writes report.html, results.json and per_example.csv."
+    + " "
+    + SPEC_WARNING
 )
 METRICS = ("loss", "positive_rate")
 
@@ -146,8 +153,6 @@ def run_audit(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Audit the spec at ``spec_path``; returns the JSON-ready results."""
-    from datatrace.apps.audit import fairness_audit, memorisation_audit
-
     if not fairness and not memorisation:
         raise UsageError("nothing to audit. Fix: pass --fairness, --memorisation or both.")
     if metric not in METRICS:
@@ -266,8 +271,6 @@ def run_audit(
 
 
 def _report(ctx: Any, r: dict[str, Any], fair: Any, mem: Any) -> Any:
-    from datatrace.cli.report import Report, plot_bars, plot_histogram
-
     spec, units = ctx.spec, ctx.spec.units
     parts = [p for p, x in (("fairness", fair), ("memorisation", mem)) if x is not None]
     report = Report(

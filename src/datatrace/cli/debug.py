@@ -23,22 +23,27 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from datatrace.cli.common import (
+from datatrace.apps.debug import debug_data, detection_summary, removal_check
+from datatrace.cli.context import (
+    SPEC_WARNING,
     add_common_arguments,
-    add_ranked_section,
-    add_timings,
     add_top_flag,
     check_int,
+    run_command,
+    start,
+)
+from datatrace.cli.files import read_flagged, write_csv
+from datatrace.cli.render import (
+    add_ranked_section,
+    add_timings,
     conventions,
     example_records,
     format_rows,
-    read_flagged,
-    run_command,
     setup_table,
-    start,
-    write_csv,
 )
+from datatrace.cli.report import Report, plot_bars, plot_detection_curve, plot_histogram
 from datatrace.errors import SpecError, UsageError
+from datatrace.verification.metrics import detection_curve
 
 logger = logging.getLogger("datatrace.cli.debug")
 
@@ -49,7 +54,7 @@ DESCRIPTION = (
     "validation(), by its estimated effect on the total validation loss if removed (negative: harmful). With "
     "--flagged FILE, measure how many known-bad examples each ranking finds. With train_fn(subset), retrain "
     "without the --remove-k most harmful examples and without as many random ones, and compare the actual "
-    "validation loss. Writes report.html, results.json and per_example.csv to --out."
+    "validation loss. Writes report.html, results.json and per_example.csv to --out." + " " + SPEC_WARNING
 )
 FRACTIONS = (0.05, 0.1, 0.2)
 
@@ -110,8 +115,6 @@ def run_debug(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Debug the training data of the spec at ``spec_path``; returns the JSON-ready results."""
-    from datatrace.apps.debug import debug_data, detection_summary, removal_check
-
     top = check_int("--top", top, 1)
     n_random = check_int("--n-random", n_random, 0)
     if remove_k is not None:
@@ -157,8 +160,6 @@ def run_debug(
     detection = None
     curves: dict[str, Any] = {}
     if mask is not None:
-        from datatrace.verification.metrics import detection_curve
-
         detection = detection_summary(result, mask, FRACTIONS)
         curves["self-influence"] = detection_curve(result.self_influence, mask)
         curves["training loss"] = detection_curve(result.training_loss, mask)
@@ -263,8 +264,6 @@ def _report(
     curves: dict[str, Any],
     check: Any,
 ) -> Any:
-    from datatrace.cli.report import Report, plot_bars, plot_detection_curve, plot_histogram
-
     spec, units = ctx.spec, ctx.spec.units
     n = results["n_train"]
     report = Report(

@@ -19,21 +19,26 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from datatrace.cli.common import (
+from datatrace.apps.explain import explain
+from datatrace.cli.context import (
+    SPEC_WARNING,
     add_common_arguments,
+    add_top_flag,
+    check_int,
+    run_command,
+    start,
+)
+from datatrace.cli.render import (
     add_ranked_bars,
     add_ranked_section,
     add_timings,
-    add_top_flag,
-    check_int,
     conventions,
     example_records,
     format_rows,
-    run_command,
     setup_table,
-    start,
-    take,
 )
+from datatrace.cli.report import Report
+from datatrace.cli.spec_model import take
 from datatrace.errors import UsageError
 
 logger = logging.getLogger("datatrace.cli.explain")
@@ -44,7 +49,7 @@ DESCRIPTION = (
     "score estimates how much the query's loss (in nats for classification) would change if that training "
     "example were removed and the model retrained: proponents (positive) helped the query, opponents (negative) "
     "pushed it toward its error. Default query: the misclassified one with the highest loss. Writes report.html "
-    "and results.json to --out."
+    "and results.json to --out." + " " + SPEC_WARNING
 )
 
 
@@ -91,8 +96,6 @@ def run_explain(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Explain queries of the spec at ``spec_path``; returns the JSON-ready results (also in results.json)."""
-    from datatrace.apps.explain import explain
-
     check_int("--k", k, 1, "Fix: pass e.g. --k 5.")
     ctx = start(
         "explain",
@@ -175,8 +178,6 @@ def _query_caption(q: dict[str, Any]) -> str:
 
 
 def _report(ctx: Any, queries: list[dict[str, Any]]) -> Any:
-    from datatrace.cli.report import Report
-
     spec, units = ctx.spec, ctx.spec.units
     report = Report(
         f"datatrace explain: {spec.name}",

@@ -20,6 +20,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from datatrace import __version__
+from datatrace.cli import audit, debug, demo, explain, value
+from datatrace.errors import UsageError
+
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "register"]
 
 PROG = "datatrace"
@@ -44,27 +48,13 @@ def register(name: str, command: Command) -> None:
 
 
 def _builtin_commands() -> None:
-    from datatrace.cli import demo
-
-    register(
-        "demo",
-        Command(
-            help="influence functions on handwritten digits, checked against actual retraining",
-            add_arguments=demo.add_arguments,
-            run=demo.run,
-            description=(
-                "Train a model on sklearn's digits with 5% of the training labels flipped, estimate for every "
-                "test image how its loss (in nats) would change if each training image were removed "
-                "(positive: the training image helped it; negative: it hurt it), check the estimates against "
-                "actual leave-one-out retraining, explain a misclassified test image by its proponents and "
-                "opponents, and find the flipped labels by self-influence. Writes a self-contained "
-                "report.html, results.json and scores.safetensors to --out."
-            ),
-        ),
-    )
-    from datatrace.cli import audit, debug, explain, value
-
-    for name, module in (("explain", explain), ("debug", debug), ("value", value), ("audit", audit)):
+    for name, module in (
+        ("demo", demo),
+        ("explain", explain),
+        ("debug", debug),
+        ("value", value),
+        ("audit", audit),
+    ):
         register(name, Command(module.HELP, module.add_arguments, module.run, module.DESCRIPTION))
 
 
@@ -107,8 +97,6 @@ class _LoggingSetup:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
-    from datatrace import __version__
-
     if not COMMANDS:
         _builtin_commands()
     parser = argparse.ArgumentParser(
@@ -143,8 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``datatrace`` command line; returns the exit code (the console script exits with it)."""
-    from datatrace.errors import UsageError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

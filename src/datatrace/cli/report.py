@@ -3,8 +3,8 @@
 A :class:`Report` collects headings, paragraphs, tables, key/value lists and matplotlib figures and writes one
 HTML file that needs nothing else to be read: the CSS is inline, every figure is a PNG embedded as base64, and
 no script, font or style sheet is fetched from anywhere. Every piece of text is HTML-escaped, so data values
-(labels, file names, user strings) cannot break or inject markup. :meth:`Report.save` writes atomically (a
-temporary file in the same directory, then ``os.replace``), so a reader never sees half a report.
+(labels, file names, user strings) cannot break or inject markup. :meth:`Report.save` writes atomically
+(:func:`datatrace.fileio.atomic_write`), so a reader never sees half a report.
 
 The plotting helpers build figures with ``matplotlib.figure.Figure`` and the Agg canvas directly: they never
 touch ``pyplot`` or the global backend, so they work headless and do not disturb a user's own plotting.
@@ -37,7 +37,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from scipy.stats import rankdata
 
+from datatrace import __version__
 from datatrace.errors import bad_value, describe
+from datatrace.fileio import atomic_write
 
 __all__ = [
     "Report",
@@ -216,8 +218,6 @@ class Report:
     # -- output ------------------------------------------------------------------------------------------------
     def to_html(self) -> str:
         """The whole report as one HTML document."""
-        from datatrace import __version__
-
         title = html.escape(self.title)
         subtitle = f'<p class="subtitle">{html.escape(self.subtitle)}</p>' if self.subtitle else ""
         stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -233,7 +233,7 @@ class Report:
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the report to ``path`` atomically (temporary file + ``os.replace``); returns the path."""
+        """Write the report to ``path`` atomically (:func:`datatrace.fileio.atomic_write`); returns the path."""
         try:
             path = Path(path)
         except TypeError:
@@ -242,16 +242,12 @@ class Report:
             raise bad_value("path", str(path), "it is a directory", "pass a file name such as 'report.html'")
         path.parent.mkdir(parents=True, exist_ok=True)
         text = self.to_html()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
                 handle.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+
+        atomic_write(path, write)
         return path
 
 
@@ -279,8 +275,6 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _ranks(a: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
     return rankdata(a).astype(np.float64)
 
 

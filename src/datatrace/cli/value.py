@@ -19,18 +19,17 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from datatrace.cli.common import (
+from datatrace.apps.value import value_data
+from datatrace.cli.context import (
+    SPEC_WARNING,
     add_common_arguments,
-    add_ranked_section,
-    add_timings,
     add_top_flag,
     check_int,
-    example_records,
-    format_rows,
     run_command,
-    setup_table,
     start,
 )
+from datatrace.cli.render import add_ranked_section, add_timings, example_records, format_rows, setup_table
+from datatrace.cli.report import Report, plot_histogram
 from datatrace.errors import UsageError
 
 logger = logging.getLogger("datatrace.cli.value")
@@ -40,7 +39,7 @@ DESCRIPTION = (
     "Load SPEC, fit influence functions on train() and value every training example by the estimated change of "
     "the total validation() loss if it were removed and the model retrained (in the loss's units, e.g. nats): "
     "positive = valuable (removing it would raise the validation loss), negative = harmful. Writes values.csv or "
-    "values.parquet (columns index, value), report.html and results.json to --out."
+    "values.parquet (columns index, value), report.html and results.json to --out." + " " + SPEC_WARNING
 )
 FORMATS = ("csv", "parquet")
 
@@ -84,8 +83,6 @@ def run_value(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Value the training data of the spec at ``spec_path``; returns the JSON-ready results."""
-    from datatrace.apps.value import value_data
-
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not allowed: expected one of {list(FORMATS)}.")
     if format == "parquet" and not _parquet_available():
@@ -161,8 +158,6 @@ def run_value(
 
 
 def _report(ctx: Any, r: dict[str, Any], v: np.ndarray) -> Any:
-    from datatrace.cli.report import Report, plot_histogram
-
     spec, units = ctx.spec, ctx.spec.units
     s = r["summary"]
     report = Report(

@@ -1,0 +1,94 @@
+"""Per-example predictions of a spec's model: loss, predicted class and its probability, and retrained models' loss.
+
+Reports and the default query choice need the loss (in the task's units), the predicted class and the model's
+probability for it on every example of a data set; :class:`~datatrace.cli.spec_model.Spec` caches one
+:class:`Predictions` per data set. :class:`MeanLoss` is the metric of ``debug``'s retraining check: the mean loss
+of a model returned by the spec's ``train_fn`` (an ``nn.Module`` or a fitted estimator) on one data set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from datatrace.attributors.sklearn import SklearnInfluence
+from datatrace.cli.labels import encode_split
+from datatrace.data import DataSource, as_data_source, cast_batch
+from datatrace.tasks import ClassificationTask, Task
+
+__all__ = ["MeanLoss", "Predictions", "predict"]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per-example loss (in the task's units) and, for classifiers, predicted class index and its probability."""
+
+    loss: np.ndarray
+    predicted: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+    target: np.ndarray | None = None
+
+    @property
+    def correct(self) -> np.ndarray | None:
+        if self.predicted is None or self.target is None:
+            return None
+        return self.predicted == self.target
+
+
+def predict(model: nn.Module, task: Task, source: DataSource) -> Predictions:
+    """Loss, and for a classifier predicted class, its probability and the target, of every example of ``source``."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
+    model = model.eval()
+    losses, predicted, confidence, targets = [], [], [], []
+    classify = isinstance(task, ClassificationTask)
+    with torch.no_grad():
+        for _, batch in source.batches(batch_size=1024):
+            batch = cast_batch(batch, dtype, None)
+            if classify:
+                logits = task.outputs(model, batch)
+                losses.append(task.loss_from_outputs(logits, batch).double())
+                if logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1):
+                    p1 = torch.sigmoid(logits.reshape(-1).double())
+                    pred = (p1 > 0.5).long()
+                    confidence.append(torch.where(pred == 1, p1, 1 - p1))
+                else:
+                    probs = torch.softmax(logits.double(), dim=1)
+                    conf, pred = probs.max(dim=1)
+                    confidence.append(conf)
+                predicted.append(pred)
+                targets.append(batch[1].reshape(-1).long())
+            else:
+                losses.append(task.loss(model, batch).double())
+    loss = torch.cat(losses).numpy()
+    if not classify:
+        return Predictions(loss)
+    return Predictions(
+        loss, torch.cat(predicted).numpy(), torch.cat(confidence).numpy(), torch.cat(targets).numpy()
+    )
+
+
+class MeanLoss:
+    """Picklable ``metric(model)``: mean loss of a retrained model on one of the spec's data sets.
+
+    ``spec`` is a :class:`~datatrace.cli.spec_model.Spec`; ``model`` an ``nn.Module`` (scored with the spec's
+    task) or a fitted scikit-learn estimator (scored through its PyTorch equivalent).
+    """
+
+    def __init__(self, spec: Any, split: str) -> None:
+        self.spec = spec
+        self.split = split
+        self.__name__ = f"mean {split} loss ({spec.units})"
+
+    def __call__(self, model: Any) -> float:
+        spec = self.spec
+        if isinstance(model, nn.Module):
+            module, task, data = model, spec.task, spec.encoded(self.split)
+        else:
+            translator = SklearnInfluence(model)
+            module, task = translator.module_, translator.task
+            data = encode_split(self.split, spec.data[self.split], model)
+        return float(predict(module, task, as_data_source(data, self.split)).loss.mean())
