@@ -170,7 +170,10 @@ def test_measurement_is_used_or_refused_clearly(name, fitted, logreg_problem):
     if attributor.supports_measurement:
         values = attributor.score(query, logit_0).values
         assert values.shape == (len(query[0]), attributor.n_train)
-        assert attributor.query_gradients(query, logit_0).shape[0] == len(query[0])
+        assert attributor.query_gradients(query, logit_0).shape[-2] == len(query[0])
+        # the task's measurement is its loss: passing the loss explicitly gives the default scores
+        explicit = attributor.score(query, attributor.task.loss).values
+        assert torch.allclose(explicit, attributor.score(query).values, rtol=1e-12, atol=0)
     else:
         with pytest.raises(
             ValueError, match=rf"measurement=.*{type(attributor).__name__}.*InfluenceFunction"

@@ -397,7 +397,20 @@ class TracIn(Attributor):
             )
         return out
 
-    def _rows(self, fmodel: FunctionalModel, source: DataSource, which: str, c: int) -> torch.Tensor:
+    @property
+    def supports_measurement(self) -> bool:  # type: ignore[override]
+        """``measurement=`` works on full gradient rows (no projector, or a plain linear map); a datatrace projector
+        builds its backward passes on the task's own measurement."""
+        return self.projector is None or not self._fits_itself()
+
+    def _rows(
+        self,
+        fmodel: FunctionalModel,
+        source: DataSource,
+        which: str,
+        c: int,
+        measurement: Measurement | None = None,
+    ) -> torch.Tensor:
         """Per-example gradients (projected) of ``source`` at checkpoint ``c``, sharded over ranks if any."""
         n_ckpt = len(self.checkpoints)
         self._fit_projector(fmodel, c)
@@ -409,7 +422,13 @@ class TracIn(Attributor):
 
             post = None
         else:
-            fn = fmodel.per_example_grads if which == "train" else fmodel.per_example_measurement_grads
+            if which == "train":
+                fn = fmodel.per_example_grads
+            else:
+
+                def fn(batch: tuple) -> torch.Tensor:
+                    return fmodel.per_example_measurement_grads(batch, measurement)
+
             post = self._project
 
         desc = f"{which} gradients, checkpoint {c + 1}/{n_ckpt}"
@@ -479,19 +498,24 @@ class TracIn(Attributor):
         source = as_data_source(query, "query", self.batch_size)
         source.check_finite()
         return torch.stack(
-            [self._rows(self._at_checkpoint(c), source, "query", c) for c in range(len(self.checkpoints))]
+            [
+                self._rows(self._at_checkpoint(c), source, "query", c, measurement)
+                for c in range(len(self.checkpoints))
+            ]
         )
 
     def score(self, query: DataLike, measurement: Measurement | None = None) -> Scores:
         """TracInCP scores ``values[q, i] = sum_c (eta_c / B) grad f_q(theta_c) . grad l(z_i, theta_c)``.
 
         In datatrace's convention: the first-order rise of query ``q``'s measurement if example ``i``'s SGD updates
-        were skipped (positive: proponent), in the measurement's units.
+        were skipped (positive: proponent), in the measurement's units. ``measurement(model, batch) -> (batch_size,)``
+        replaces the task's measurement for this call (on full gradients or a plain projection map; a datatrace
+        projector is built on the task's own measurement and refuses it).
         """
         q_grads = self.query_gradients(query, measurement)
         weights = self.step_weights_.to(q_grads.dtype)
         values = torch.einsum("c,cqk,cik->qi", weights, q_grads, self.train_grads_.to(q_grads.dtype))
-        return Scores(values, self.task.describe_measurement(), self.metadata())
+        return Scores(values, self.describe_measurement(measurement), self.metadata())
 
     def self_influence(self) -> torch.Tensor:
         """``sum_c (eta_c / B) ||grad l(z_i, theta_c)||^2`` for every training example, shape ``(n_train,)``.
