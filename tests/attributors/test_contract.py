@@ -24,6 +24,7 @@ from datatrace import (
     TracIn,
     from_sklearn,
 )
+from datatrace.apps import debug_data, explain, value_data
 from datatrace.attributors.base import Attributor
 
 #: every route, built unfitted from a catalogue problem (``sklearn``: from an estimator refitted on its data)
@@ -197,3 +198,23 @@ def test_streamed_top_k_when_proponents_and_opponents_overlap(name, k, fitted, l
     for got_row, want_row in zip(top.indices, want.indices):
         assert sorted(got_row.tolist()) == sorted(want_row.tolist())
     assert torch.allclose(top.values.abs(), want.values.abs(), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_applications_work_with_every_attributor(name, fitted, logreg_problem):
+    """The applications use the contract only, so every route works with them (TRAK has no single model, which
+    the applications that need the model say)."""
+    attributor = fitted[name]
+    query, train = _data(name, logreg_problem.query), _data(name, logreg_problem.train)
+    scores = attributor.score(query)
+    explained = explain(attributor, query, k=3)
+    assert [e.query_index for e in explained] == list(range(len(query[0])))
+    assert np.array_equal(explained[0].score_row, scores.values[0].double().numpy())
+    assert np.allclose(value_data(attributor, query).values, scores.total().double().numpy())
+    if name == "trak":
+        with pytest.raises(ValueError, match=r"influence=.*TRAK has none"):
+            debug_data(attributor, validation=query, train=train)
+        return
+    result = debug_data(attributor, validation=query, train=train)
+    assert np.allclose(result.self_influence, attributor.self_influence().double().numpy())
+    assert result.training_loss.shape == (attributor.n_train,) and bool((result.training_loss > 0).all())

@@ -63,9 +63,9 @@ the manifest (:mod:`datatrace.projection.store`); ``store_dir`` must be on a fil
 are sharded by query (:func:`~datatrace.distributed.distributed_per_example`), and scoring, top-k and
 self-influence against a store by chunk; scoring against in-memory features is replicated (every rank does all of
 it). So ``fit``, ``score``, ``top_k``, ``proponents_opponents``, ``query_features`` and ``self_influence`` are
-collective: call them on every
-rank, or wrap a call made on one rank only in :func:`~datatrace.distributed.local_only`. If one rank fails, every
-rank raises instead of waiting. ``info["train_examples_processed"]`` counts the examples *this rank* processed.
+collective: call them on every rank, or wrap a call made on one rank only in
+:func:`~datatrace.distributed.local_only`. If one rank fails, every rank raises instead of waiting.
+``info["train_examples_processed"]`` counts the examples *this rank* processed.
 
 References: Park et al. 2023 (TRAK); Choe et al. 2024 (LoGra, "What is your data worth to GPT?"); Koh & Liang
 2017; Martens 2020 (Gauss-Newton).
