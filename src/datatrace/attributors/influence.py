@@ -88,7 +88,7 @@ class InfluenceFunction(Attributor):
         >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 1, dtype=torch.float64)
         >>> model = torch.nn.Linear(3, 1).double()
         >>> w = torch.linalg.lstsq(torch.cat([X, torch.ones(50, 1, dtype=X.dtype)], 1), y).solution
-        >>> with torch.no_grad(): model.weight.copy_(w[:3].T); model.bias.copy_(w[3])
+        >>> with torch.no_grad(): _ = model.weight.copy_(w[:3].T); _ = model.bias.copy_(w[3])
         >>> inf = datatrace.InfluenceFunction(model, datatrace.RegressionTask(), progress=False).fit((X, y))
         >>> inf.score((X[:2], y[:2])).values.shape
         torch.Size([2, 50])
