@@ -173,6 +173,10 @@ class Attributor(ABC):
             return self.task.describe_measurement()
         return getattr(measurement, "__name__", "a custom measurement")
 
+    def metadata(self) -> dict[str, Any]:
+        """``Scores.metadata`` of this attributor: :meth:`scores_metadata` with the route's own details."""
+        return self.scores_metadata()
+
     def scores_metadata(self, damping: Any = None, **details: Any) -> dict[str, Any]:
         """``Scores.metadata``: ``estimator``, ``route``, ``damping``, ``n_train``, ``units`` and the route's own
         ``details`` (these win on a clash; values must be JSON-serialisable)."""
