@@ -160,10 +160,10 @@ def scale_child(args: argparse.Namespace) -> dict[str, Any]:
         with Measure() as m_dense:
             dense = inf.score_features(qf).values
         with Measure() as m_top:
-            top = inf.top_k_features(qf, args.top_k)
+            top = inf.proponents_opponents_features(qf, args.top_k)
         with Measure() as m_reuse:
             again = ProjectedInfluence(model, task, store_dir=store_dir, **kwargs).fit(train)
-            again_top = again.top_k_features(qf, args.top_k)
+            again_top = again.proponents_opponents_features(qf, args.top_k)
         store_bytes = sum(p.stat().st_size for p in store_dir.iterdir())
         check_topk = bool(torch.equal(top.proponents.indices, torch.topk(dense, args.top_k, dim=1).indices))
         row.update(

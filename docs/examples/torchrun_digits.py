@@ -70,7 +70,7 @@ def run(out: Path, n_train: int, n_query: int) -> None:
         model, task, projector=RandomProjector(dim=512), store_dir=out / "store", progress=False
     ).fit(train)
     projected_scores = projected.score(query).values
-    top = projected.top_k(query, k=5)
+    top = projected.proponents_opponents(query, k=5)
     projected_seconds = time.perf_counter() - start
 
     mine = torch.tensor(

@@ -5,9 +5,10 @@ default its loss) if training example i were removed and the model retrained, in
 """
 
 from datatrace.attributors.influence import InfluenceFunction
-from datatrace.attributors.projected import TRAK, ProjectedInfluence
+from datatrace.attributors.projected import ProjectedInfluence
 from datatrace.attributors.sklearn import SklearnInfluence, from_sklearn
 from datatrace.attributors.tracin import TracIn
+from datatrace.attributors.trak import TRAK
 from datatrace.errors import NotFittedError
 from datatrace.projection.projectors import FactorizedProjector, RandomProjector
 from datatrace.projection.store import GradientStore

@@ -13,7 +13,8 @@ from torch import nn
 
 import datatrace
 from datatrace import NotFittedError
-from datatrace.attributors.projected import TRAK, ProjectedInfluence
+from datatrace.attributors.projected import ProjectedInfluence
+from datatrace.attributors.trak import TRAK
 from datatrace.errors import StoreMismatchError
 from datatrace.projection.projectors import FactorizedProjector, RandomProjector
 from datatrace.verification.training import fit_full_batch
@@ -283,7 +284,7 @@ def test_top_k_and_self_influence_agree_with_dense_scores(mlp_problem, tmp_path)
         progress=False,
     ).fit(train)
     dense = inf.score(query).values
-    top = inf.top_k(query, 5)
+    top = inf.proponents_opponents(query, 5)
     v, i = torch.topk(dense, 5, dim=1)
     assert torch.equal(top.proponents.indices, i) and torch.allclose(top.proponents.values, v)
     v, i = torch.topk(-dense, 5, dim=1)
@@ -334,7 +335,7 @@ def test_trak_ensemble_averages_member_scores(mlp_problem, tmp_path):
     single = [ProjectedInfluence(m, task, **kwargs).fit(train).score(query).values for m in (model, other)]
     got = ens.score(query).values
     assert torch.allclose(got, (single[0] + single[1]) / 2, rtol=1e-9, atol=1e-14)
-    top = ens.top_k(query, 4)
+    top = ens.proponents_opponents(query, 4)
     assert torch.equal(top.proponents.indices, torch.topk(got, 4, dim=1).indices)
     assert (tmp_path / "trak" / "model-1" / "manifest.json").exists()
 

@@ -75,7 +75,7 @@ def _outputs(prefix: str, inf: ProjectedInfluence, query: tuple, out: dict, fact
     out[f"{prefix}_curvature"] = inf.curvature_matrix_
     out[f"{prefix}_gradient_norm"] = torch.tensor([inf.gradient_norm_], dtype=torch.float64)
     out[f"{prefix}_scores"] = inf.score(query).values
-    top = inf.top_k(query, 5)
+    top = inf.proponents_opponents(query, 5)
     out[f"{prefix}_top_pos_i"], out[f"{prefix}_top_pos_v"] = top.proponents.indices, top.proponents.values
     out[f"{prefix}_top_neg_i"], out[f"{prefix}_top_neg_v"] = top.opponents.indices, top.opponents.values
     out[f"{prefix}_self"] = inf.self_influence()

@@ -1,9 +1,8 @@
 """Applications built on influence scores: explain predictions, debug data, value data, audit, attack.
 
-Every function takes a *fitted* attributor (e.g. :class:`datatrace.InfluenceFunction`) and shares its sign
-convention: ``score[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)``, the change of query ``q``'s measurement (by
-default its loss, in the loss's units) if training example ``i`` were removed and the model retrained. Positive
-on a loss: ``i`` helped the query (a proponent); negative: ``i`` hurt it (an opponent).
+Every function takes a *fitted* :class:`~datatrace.attributors.base.Attributor` (e.g.
+:class:`datatrace.InfluenceFunction`) and uses only its contract (:mod:`datatrace.apps.common`), so it works the same
+with every route; the scores keep the attributor's sign convention and units (:data:`datatrace.scores.MEANING`).
 
 =========================  ===================================================================================
 :func:`explain`            the strongest proponents and opponents of each query

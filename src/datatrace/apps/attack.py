@@ -28,7 +28,6 @@ predicted one. The prediction ``after_predicted`` uses the exact input differenc
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,9 @@ import numpy as np
 import torch
 from torch.func import grad
 
-from datatrace.apps.debug import as_numpy, per_example, prepare_query
+from datatrace.apps.common import as_numpy, call_train, per_example, prepare_query
+from datatrace.attributors.base import Measurement
+from datatrace.attributors.influence import InfluenceFunction
 from datatrace.data import DataLike, as_data_source
 from datatrace.errors import bad_value, check_positive_int
 
@@ -47,30 +48,29 @@ logger = logging.getLogger(__name__)
 __all__ = ["AttackResult", "attack", "perturbation_direction"]
 
 
-def _check_influence(influence: Any) -> None:
-    for attr in ("fmodel_", "curvature_", "train_", "n_train_"):
-        if not hasattr(influence, attr):
-            raise bad_value(
-                "influence",
-                influence,
-                "expected a fitted datatrace.InfluenceFunction (it needs the model, the fitted curvature and the "
-                "training data)",
-                "pass datatrace.InfluenceFunction(model, task).fit(train)",
-            )
+def _check_influence(influence: Any) -> InfluenceFunction:
+    if not isinstance(influence, InfluenceFunction) or not influence.is_fitted:
+        raise bad_value(
+            "influence",
+            influence,
+            "expected a fitted datatrace.InfluenceFunction (it needs the model, the fitted curvature and the "
+            "training data)",
+            "pass datatrace.InfluenceFunction(model, task).fit(train)",
+        )
+    return influence
 
 
-def _solved_query(influence: Any, query: DataLike, measurement: Any) -> torch.Tensor:
+def _solved_query(
+    influence: InfluenceFunction, query: DataLike, measurement: Measurement | None
+) -> torch.Tensor:
     """``H^{-1} grad f`` with ``f`` the measurement summed over the query rows, shape ``(p,)``."""
-    if measurement is None:
-        q_grads = influence.query_gradients(query)
-    else:
-        q_grads = influence.query_gradients(query, measurement)
-    return influence.curvature_.solve(q_grads.sum(dim=0, keepdim=True))[0]
+    q_grads = influence.query_gradients(query, measurement)
+    return influence.solve(q_grads.sum(dim=0, keepdim=True))[0]
 
 
-def _example(influence: Any, index: int) -> tuple[torch.Tensor, tuple]:
-    fmodel = influence.fmodel_
-    batch = fmodel.prepare(influence.train_.get([index]))
+def _example(influence: InfluenceFunction, index: int) -> tuple[torch.Tensor, tuple]:
+    fmodel = influence.functional_model
+    batch = fmodel.prepare(influence.training_data.get([index]))
     x = batch[0]
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise bad_value(
@@ -82,9 +82,9 @@ def _example(influence: Any, index: int) -> tuple[torch.Tensor, tuple]:
     return x[0], tuple(t[0] for t in batch[1:])
 
 
-def _gv(influence: Any, x: torch.Tensor, rest: tuple, v: torch.Tensor) -> torch.Tensor:
+def _gv(influence: InfluenceFunction, x: torch.Tensor, rest: tuple, v: torch.Tensor) -> torch.Tensor:
     """``g_i(x)^T v``: the training gradient of ``(x, rest)`` at ``theta_hat`` against ``v``."""
-    fmodel = influence.fmodel_
+    fmodel = influence.functional_model
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
         batch = (x.unsqueeze(0), *(t.unsqueeze(0) for t in rest))
@@ -93,12 +93,12 @@ def _gv(influence: Any, x: torch.Tensor, rest: tuple, v: torch.Tensor) -> torch.
     return grad(loss)(fmodel.theta) @ v
 
 
-def _direction(influence: Any, x: torch.Tensor, rest: tuple, v: torch.Tensor) -> torch.Tensor:
-    return -grad(lambda xx: _gv(influence, xx, rest, v))(x).detach() / influence.n_train_
+def _direction(influence: InfluenceFunction, x: torch.Tensor, rest: tuple, v: torch.Tensor) -> torch.Tensor:
+    return -grad(lambda xx: _gv(influence, xx, rest, v))(x).detach() / influence.n_train
 
 
 def perturbation_direction(
-    influence: Any, train_index: int, query: DataLike, measurement: Any = None
+    influence: InfluenceFunction, train_index: int, query: DataLike, measurement: Measurement | None = None
 ) -> torch.Tensor:
     """``I_pert``: the gradient of the query's measurement with respect to training input ``x_i`` (module docstring).
 
@@ -114,8 +114,8 @@ def perturbation_direction(
     Returns:
         a float tensor of the shape of one training input.
     """
-    _check_influence(influence)
-    n = influence.n_train_
+    influence = _check_influence(influence)
+    n = influence.n_train
     if (
         isinstance(train_index, bool)
         or not isinstance(train_index, (int, np.integer))
@@ -175,16 +175,8 @@ def _predict(model: torch.nn.Module, task: Any, query: DataLike) -> np.ndarray:
     return per_example(model, classes, query, "query").astype(np.int64)
 
 
-def _call_train(train_fn: Callable[..., Any], data: Any) -> Any:
-    try:
-        accepts_seed = "seed" in inspect.signature(train_fn).parameters
-    except (TypeError, ValueError):
-        accepts_seed = False
-    return train_fn(data, seed=0) if accepts_seed else train_fn(data)
-
-
 def attack(
-    influence: Any,
+    influence: InfluenceFunction,
     train: DataLike,
     query: DataLike,
     train_fn: Callable[..., Any],
@@ -209,7 +201,7 @@ def attack(
     Returns:
         :class:`AttackResult`.
     """
-    _check_influence(influence)
+    influence = _check_influence(influence)
     if not isinstance(train, (tuple, list)) or len(train) < 2:
         raise bad_value(
             "train",
@@ -221,7 +213,7 @@ def attack(
         raise bad_value(
             "train_fn", train_fn, "expected a callable train_fn(data) -> model", "pass a function"
         )
-    n = influence.n_train_
+    n = influence.n_train
     if len(as_data_source(train, "train")) != n:
         raise bad_value(
             "train",
@@ -255,9 +247,8 @@ def attack(
     if not step > 0 or not np.isfinite(step):
         raise bad_value("step", step, "expected a finite positive number", "pass e.g. 0.02")
 
-    fmodel = influence.fmodel_
-    task = fmodel.task
-    model = fmodel.model
+    task = influence.task
+    model = influence.fitted_model
     query_data = prepare_query(influence, query, "query")
     before = float(per_example(model, task.measurement, query_data, "query").sum())
     pred_before = _predict(model, task, query_data)
@@ -279,7 +270,7 @@ def attack(
         X_new[i] = x.to(X_new.dtype)
         perturbations.append((x - x0).detach().cpu().numpy())
     data = (X_new.numpy() if is_numpy else X_new, *train[1:])
-    retrained = _call_train(train_fn, data)
+    retrained = call_train(train_fn, data, seed=0)
     after = float(per_example(retrained, task.measurement, query_data, "query").sum())
     pred_after = _predict(retrained, task, query_data)
     flipped = bool((pred_after != pred_before).any())

@@ -23,7 +23,6 @@ flips when ``m_i`` and ``m_i + delta m_i`` differ in sign (Feldman 2020's memori
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace.apps.debug import as_numpy, model_and_task, per_example, prepare_query, training_source
+from datatrace.apps.common import (
+    as_numpy,
+    check_attributor,
+    model_and_task,
+    per_example,
+    prepare_query,
+    training_source,
+)
+from datatrace.attributors.base import Attributor
 from datatrace.data import DataLike, as_data_source
 from datatrace.errors import bad_value
 from datatrace.tasks import Task
@@ -114,13 +121,6 @@ class Margin:
         is_own = torch.arange(out.shape[1], device=out.device).unsqueeze(0) == y.unsqueeze(1)
         others = torch.where(is_own, torch.full_like(out, float("-inf")), out)
         return own - others.max(dim=1).values
-
-
-def _accepts_measurement(influence: Any) -> bool:
-    try:
-        return "measurement" in inspect.signature(influence.score).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _loss_measurement(task: Task) -> Any:
@@ -212,7 +212,7 @@ def _group_weights(groups: Any, m: int, group_names: Sequence[Any] | None) -> tu
 
 
 def fairness_audit(
-    influence: Any,
+    influence: Attributor,
     query: DataLike,
     groups: Any,
     metric: str = "loss",
@@ -240,6 +240,7 @@ def fairness_audit(
         )
     if isinstance(positive_class, bool) or not isinstance(positive_class, (int, np.integer)):
         raise bad_value("positive_class", positive_class, "expected a class index (int)", "pass e.g. 1")
+    check_attributor(influence, "expected a fitted attributor with score(query)")
     model, task = model_and_task(influence)
     prepared = prepare_query(influence, query, "query")
     source = as_data_source(prepared, "query")
@@ -252,7 +253,7 @@ def fairness_audit(
         measurement = PositiveProbability(task, int(positive_class))
         fn = measurement
         words = measurement.__name__
-    if measurement is not None and not _accepts_measurement(influence):
+    if measurement is not None and not influence.supports_measurement:
         raise bad_value(
             "influence",
             influence,
@@ -261,7 +262,7 @@ def fairness_audit(
         )
     values = per_example(model, fn, source, "query")
     # the attributor encodes labels itself (SklearnInfluence): score the query as given, not `prepared`
-    scores = influence.score(query) if measurement is None else influence.score(query, measurement)
+    scores = influence.score(query, measurement)
     rows = as_numpy(scores.values)
     effect = weights @ rows
     gap = float(weights @ values)
@@ -357,7 +358,7 @@ def robust_zscores(values: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def memorisation_audit(
-    influence: Any,
+    influence: Attributor,
     z_threshold: float = 3.0,
     check_flips: bool = True,
     train: DataLike | None = None,
@@ -380,20 +381,14 @@ def memorisation_audit(
         raise bad_value("z_threshold", z_threshold, "expected a number", "pass e.g. 3.0") from None
     if not np.isfinite(threshold):
         raise bad_value("z_threshold", z_threshold, "expected a finite number", "pass e.g. 3.0")
-    if not callable(getattr(influence, "self_influence", None)):
-        raise bad_value(
-            "influence",
-            influence,
-            "expected a fitted attributor with self_influence()",
-            "pass e.g. datatrace.InfluenceFunction(model, task).fit(train)",
-        )
+    check_attributor(influence, "expected a fitted attributor with self_influence()")
     s = as_numpy(influence.self_influence()).reshape(-1)
     z, median, mad = robust_zscores(s)
     flagged = np.flatnonzero(z > threshold)
     flagged = flagged[np.argsort(-z[flagged], kind="stable")]
     margin = change = flip = None
     if check_flips and flagged.size:
-        if not _accepts_measurement(influence):
+        if not influence.supports_measurement:
             raise bad_value(
                 "influence",
                 influence,

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,11 +28,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
+from datatrace.apps.common import (
+    as_numpy,
+    call_train,
+    check_attributor,
+    model_and_task,
+    per_example,
+    training_source,
+)
+from datatrace.attributors.base import Attributor
+from datatrace.data import DataLike, as_data_source
 from datatrace.errors import bad_value, check_positive_int
-from datatrace.tasks import Task
 from datatrace.verification.metrics import detection_curve
 
 logger = logging.getLogger(__name__)
@@ -46,80 +52,6 @@ DEBUG_MEANING = (
     "of the TOTAL validation loss if i were removed: negative = removing i would lower the validation loss, so i "
     "is harmful; positive = i is helpful. Both are first-order leave-one-out estimates in the loss's units."
 )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Shared helpers (also used by datatrace.apps.audit / value / attack)
-# --------------------------------------------------------------------------------------------------------------
-def model_and_task(influence: Any) -> tuple[nn.Module, Task]:
-    """The trained model (at ``theta_hat``, in the attributor's working dtype when it keeps a copy) and its task."""
-    fmodel = getattr(influence, "fmodel_", None)
-    if fmodel is not None:
-        return fmodel.model, fmodel.task
-    model = getattr(influence, "_work_model_", None)
-    if model is None:
-        model = getattr(influence, "model", None)
-    task = getattr(influence, "task", None)
-    if isinstance(model, nn.Module) and isinstance(task, Task):
-        return model, task
-    raise bad_value(
-        "influence",
-        influence,
-        "expected a fitted datatrace attributor that keeps its model and task (fmodel_ or model/task)",
-        "pass a fitted datatrace.InfluenceFunction (or TracIn / projected influence)",
-    )
-
-
-def prepare_query(influence: Any, data: DataLike, name: str) -> DataLike:
-    """Data in the form the attributor's own model needs (scikit-learn labels are encoded through ``classes_``)."""
-    prepare = getattr(influence, "_prepare", None)
-    return prepare(data, name) if callable(prepare) else data
-
-
-def per_example(
-    model: nn.Module, fn: Callable[[nn.Module, tuple], torch.Tensor], data: DataLike, name: str
-) -> np.ndarray:
-    """``fn(model, batch)`` for every example of ``data`` in index order, as float64 numpy, under no_grad."""
-    source = data if isinstance(data, DataSource) else as_data_source(data, name)
-    first = next(model.parameters(), None)
-    dtype = first.dtype if first is not None else torch.get_default_dtype()
-    device = first.device if first is not None else None
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            for idx, batch in source.batches():
-                values = torch.as_tensor(fn(model, cast_batch(batch, dtype, device)))
-                if values.shape != (len(idx),):
-                    raise ValueError(
-                        f"the measurement returned shape {tuple(values.shape)} for a batch of {len(idx)} {name} "
-                        f"examples; it must return one value per example. Fix: use reduction='none'."
-                    )
-                out.append(values.detach().to("cpu", torch.float64))
-    finally:
-        model.train(was_training)
-    return torch.cat(out).numpy()
-
-
-def as_numpy(values: Any) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        return values.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(values, dtype=np.float64)
-
-
-def training_source(influence: Any, train: DataLike | None) -> DataSource:
-    if train is not None:
-        return as_data_source(prepare_query(influence, train, "train"), "train")
-    source = getattr(influence, "train_", None)
-    if isinstance(source, DataSource):
-        return source
-    raise bad_value(
-        "train",
-        None,
-        f"{type(influence).__name__} does not keep its training data, so the training losses cannot be computed",
-        "pass train=(X, y), the data the attributor was fitted on",
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,7 +95,7 @@ class DebugResult:
 
 
 def debug_data(
-    influence: Any, validation: DataLike | None = None, train: DataLike | None = None
+    influence: Attributor, validation: DataLike | None = None, train: DataLike | None = None
 ) -> DebugResult:
     """Self-influence, training loss and (with ``validation``) validation influence of every training example.
 
@@ -176,13 +108,7 @@ def debug_data(
     Returns:
         :class:`DebugResult`.
     """
-    if not callable(getattr(influence, "self_influence", None)):
-        raise bad_value(
-            "influence",
-            influence,
-            "expected a fitted attributor with self_influence() and score(query)",
-            "pass e.g. datatrace.InfluenceFunction(model, task).fit(train)",
-        )
+    check_attributor(influence, "expected a fitted attributor with self_influence() and score(query)")
     self_inf = as_numpy(influence.self_influence()).reshape(-1)
     n = self_inf.shape[0]
     model, task = model_and_task(influence)
@@ -344,14 +270,6 @@ def _removal_order(ranking: Any, n: int) -> np.ndarray:
     raise bad_value("ranking", ranking, "expected integer indices or float scores", "pass a numpy array")
 
 
-def _call_train(train_fn: Callable[..., Any], data: Any, seed: int | None) -> Any:
-    try:
-        accepts_seed = "seed" in inspect.signature(train_fn).parameters
-    except (TypeError, ValueError):
-        accepts_seed = False
-    return train_fn(data, seed=seed) if accepts_seed and seed is not None else train_fn(data)
-
-
 def removal_check(
     train_fn: Callable[..., Any],
     train: DataLike,
@@ -403,12 +321,12 @@ def removal_check(
 
     def metric_without(drop: np.ndarray) -> float:
         keep = np.setdiff1d(np.arange(n), drop)
-        model = _call_train(train_fn, source.subset(keep), random_state)
+        model = call_train(train_fn, source.subset(keep), random_state)
         return float(evaluate_metric(model))
 
     if metric_before is None:
         metric_before = float(
-            evaluate_metric(_call_train(train_fn, source.subset(np.arange(n)), random_state))
+            evaluate_metric(call_train(train_fn, source.subset(np.arange(n)), random_state))
         )
     after = metric_without(removed)
     rng = np.random.default_rng(random_state)

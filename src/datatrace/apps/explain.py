@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from datatrace.errors import bad_value, check_indices, check_positive_int
+from datatrace.apps.common import check_attributor
+from datatrace.attributors.base import Attributor, Measurement
+from datatrace.errors import check_indices, check_positive_int
 from datatrace.scores import MEANING, Scores, TopK
 
 logger = logging.getLogger(__name__)
@@ -79,23 +81,23 @@ class Explanation:
 
 
 def explain(
-    influence: Any,
+    influence: Attributor | Scores,
     query: Any,
     indices: Any = None,
     k: int = 5,
-    measurement: Any = None,
+    measurement: Measurement | None = None,
 ) -> list[Explanation]:
     """The ``k`` strongest proponents and opponents of each query.
 
     Args:
-        influence: any fitted attributor with ``score(query) -> Scores`` (:class:`~datatrace.InfluenceFunction`,
+        influence: any fitted :class:`~datatrace.attributors.base.Attributor` (:class:`~datatrace.InfluenceFunction`,
             :class:`~datatrace.TracIn`, projected influence, ...). A :class:`~datatrace.Scores` already computed
             for the queries is accepted too (then ``query`` is ignored and may be ``None``).
         query: the query data (same forms as the attributor's ``score``).
         indices: which query rows to explain (default: all), in the order given.
         k: at most this many proponents and opponents per query (fewer when fewer scores have that sign).
         measurement: optional ``(model, batch) -> (batch_size,)`` passed to ``influence.score`` (e.g. a predicted
-            probability instead of the loss).
+            probability instead of the loss; routes without ``measurement=`` support raise a ValueError).
 
     Returns:
         one :class:`Explanation` per requested query.
@@ -104,21 +106,10 @@ def explain(
     if isinstance(influence, Scores):
         scores = influence
     else:
-        if not callable(getattr(influence, "score", None)):
-            raise bad_value(
-                "influence",
-                influence,
-                "expected a fitted attributor with a score(query) method, or a datatrace.Scores",
-                "pass e.g. datatrace.InfluenceFunction(model, task).fit(train)",
-            )
-        scores = influence.score(query) if measurement is None else influence.score(query, measurement)
-    if not isinstance(scores, Scores):
-        raise bad_value(
-            "influence",
-            influence,
-            f"its score(query) returned {type(scores).__name__}, not a datatrace.Scores",
-            "pass a datatrace attributor",
+        check_attributor(
+            influence, "expected a fitted attributor with a score(query) method, or a datatrace.Scores"
         )
+        scores = influence.score(query, measurement)
     rows = (
         torch.arange(scores.n_query)
         if indices is None

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace.apps.debug import per_example
+from datatrace.apps.common import per_example
 from datatrace.data import DataLike, as_data_source, cast_batch
 from datatrace.errors import bad_value, check_positive_int
 from datatrace.params import select_parameters

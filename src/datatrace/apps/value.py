@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from datatrace.apps.debug import as_numpy
+from datatrace.apps.common import as_numpy, check_attributor
+from datatrace.attributors.base import Attributor
 from datatrace.data import DataLike
 from datatrace.errors import bad_value, check_positive_int
 
@@ -145,7 +146,7 @@ class DataValues:
         return path
 
 
-def value_data(influence: Any, validation: DataLike) -> DataValues:
+def value_data(influence: Attributor, validation: DataLike) -> DataValues:
     """Value every training example by its estimated effect on the total validation loss.
 
     Args:
@@ -159,13 +160,7 @@ def value_data(influence: Any, validation: DataLike) -> DataValues:
         raise bad_value(
             "validation", validation, "data valuation needs held-out data", "pass validation=(X_val, y_val)"
         )
-    if not callable(getattr(influence, "score", None)):
-        raise bad_value(
-            "influence",
-            influence,
-            "expected a fitted attributor with a score(query) method",
-            "pass e.g. datatrace.InfluenceFunction(model, task).fit(train)",
-        )
+    check_attributor(influence, "expected a fitted attributor with a score(query) method")
     scores = influence.score(validation)
     values = as_numpy(scores.total()).reshape(-1)
     logger.info(

@@ -32,30 +32,28 @@ first use (a collective).
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from datatrace.attributors.base import Attributor, Measurement, check_stationary, json_scalars
 from datatrace.curvature import Curvature, make_curvature
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import (
     all_gather_rows,
     all_reduce_sum,
-    distributed_per_example,
     raise_if_any_failed,
     shard_indices,
     world,
 )
-from datatrace.errors import NotFittedError, bad_value, check_finite, check_indices
+from datatrace.errors import bad_value, check_finite, check_indices
 from datatrace.gradients.functional import (
     FunctionalModel,
-    batch_failure,
     check_model_and_task,
-    check_rows_finite,
+    checked_rows,
+    per_example_rows,
     prepare_model,
 )
 from datatrace.scores import Scores
@@ -63,14 +61,13 @@ from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-#: a query measurement: ``(model, batch) -> tensor of shape (batch_size,)``
-Measurement = Callable[[nn.Module, tuple], torch.Tensor]
+__all__ = ["InfluenceFunction", "Measurement"]
 
-#: relative gradient norm ||grad L|| / mean_i ||g_i|| above which the model is reported as not at a minimum
-STATIONARITY_TOLERANCE = 1e-3
+#: what a training or query gradient row failing the finiteness check should prompt
+_ROW_FIX = "check that example's inputs and label, and the model's outputs on it."
 
 
-class InfluenceFunction:
+class InfluenceFunction(Attributor):
     """Leave-one-out influence of training examples on queries, without retraining.
 
     Args:
@@ -91,11 +88,15 @@ class InfluenceFunction:
         >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 1, dtype=torch.float64)
         >>> model = torch.nn.Linear(3, 1).double()
         >>> w = torch.linalg.lstsq(torch.cat([X, torch.ones(50, 1, dtype=X.dtype)], 1), y).solution
-        >>> with torch.no_grad(): model.weight.copy_(w[:3].T); model.bias.copy_(w[3])
+        >>> with torch.no_grad(): _ = model.weight.copy_(w[:3].T); _ = model.bias.copy_(w[3])
         >>> inf = datatrace.InfluenceFunction(model, datatrace.RegressionTask(), progress=False).fit((X, y))
         >>> inf.score((X[:2], y[:2])).values.shape
         torch.Size([2, 50])
     """
+
+    fitted_attribute = "curvature_"
+    route = "influence function"
+    supports_measurement = True
 
     def __init__(
         self,
@@ -167,7 +168,17 @@ class InfluenceFunction:
         try:
             with tqdm(total=len(indices), desc="training gradients", disable=not show, leave=False) as bar:
                 for idx, batch in source.batches(indices=indices):
-                    rows.append(self._rows(fmodel.per_example_grads, "train", idx, batch))
+                    rows.append(
+                        checked_rows(
+                            fmodel.per_example_grads,
+                            self.task,
+                            "train",
+                            idx,
+                            batch,
+                            lambda i: f"gradient of train example {i}",
+                            _ROW_FIX,
+                        )
+                    )
                     bar.update(len(idx))
         except Exception as err:
             if not world()[2]:
@@ -181,55 +192,25 @@ class InfluenceFunction:
     def train_grads_(self) -> torch.Tensor:
         """All ``n x p`` training gradients in index order (under torch.distributed: gathered from the ranks on
         first use, a collective every rank must make)."""
-        self._check_fitted()
+        self.check_is_fitted()
         if self._all_grads is None:
             self._all_grads = all_gather_rows(self.local_grads_)
         return self._all_grads
-
-    def _rows(self, fn: Any, name: str, idx: torch.Tensor, batch: tuple) -> torch.Tensor:
-        try:
-            g = fn(batch)
-        except (RuntimeError, IndexError, TypeError) as err:
-            raise batch_failure(self.task, name, batch, err) from err
-        check_rows_finite(
-            g,
-            idx,
-            lambda i: f"gradient of {name} example {i}",
-            "check that example's inputs and label, and the model's outputs on it.",
-        )
-        return g
-
-    def _gradients(
-        self, fmodel: FunctionalModel, source: DataSource, name: str, fn: Any, desc: str
-    ) -> torch.Tensor:
-        def rows(idx: torch.Tensor, batch: tuple) -> torch.Tensor:
-            return self._rows(fn, name, idx, batch)
-
-        # each rank computes its shard's rows; all ranks get all rows in index order (datatrace.distributed)
-        return distributed_per_example(rows, source, with_indices=True, progress=self.progress, desc=desc)
 
     def _check_stationary(self, fmodel: FunctionalModel, local_grads: torch.Tensor, n: int) -> None:
         sums = all_reduce_sum(
             torch.cat([local_grads.sum(dim=0), local_grads.norm(dim=1).sum().reshape(1)]).to(torch.float64)
         )
         full = (sums[:-1] / n).to(fmodel.dtype) + fmodel.regularizer * fmodel.theta
-        scale = float(sums[-1]) / n or 1.0
-        relative = float(full.norm()) / scale
         self.gradient_norm_ = float(full.norm())
-        if relative > STATIONARITY_TOLERANCE:
-            logger.warning(
-                "the model is not at a minimum of the training objective: ||grad L|| = %.3g (%.3g of a typical "
-                "per-example gradient norm). Influence functions assume a minimum; estimates continue but may be "
-                "off. Fix: train to convergence, or check that the task's weight_decay matches training.",
-                float(full.norm()),
-                relative,
-            )
+        check_stationary(
+            self.gradient_norm_, float(sums[-1]) / n or 1.0, "||grad L||", "per-example gradient norm"
+        )
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "curvature_"):
-            raise NotFittedError(
-                "this InfluenceFunction is not fitted yet. Fix: call .fit(train) with the training data first."
-            )
+    def check_is_fitted(self) -> None:
+        """:class:`~datatrace.errors.NotFittedError` before ``fit``; a RuntimeError when used by another number of
+        processes than it was fitted with (each holds only its share of the training gradients)."""
+        super().check_is_fitted()
         size = world()[1]
         if size != self.world_size_:
             raise RuntimeError(
@@ -239,24 +220,50 @@ class InfluenceFunction:
                 "inside local_only() so that one process holds everything."
             )
 
+    @property
+    def fitted_model(self) -> nn.Module:
+        """The private working copy of the model at ``theta_hat`` (working dtype, eval mode)."""
+        self.check_is_fitted()
+        return self.fmodel_.model
+
+    @property
+    def functional_model(self) -> FunctionalModel:
+        """The fitted model and task as functions of the flat in-scope parameter vector ``theta``."""
+        self.check_is_fitted()
+        return self.fmodel_
+
+    @property
+    def training_data(self) -> DataSource:
+        self.check_is_fitted()
+        return self.train_
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H^{-1} v`` for each row of ``vectors`` (shape ``(m, p)``), with the fitted (damped) curvature."""
+        self.check_is_fitted()
+        return self.curvature_.solve(vectors)
+
     # -- queries -----------------------------------------------------------------------------------------------
     def query_gradients(self, query: DataLike, measurement: Measurement | None = None) -> torch.Tensor:
         """``grad f_q(theta_hat)`` for every query, shape ``(n_query, p)``."""
-        self._check_fitted()
-        if measurement is not None and not callable(measurement):
-            raise bad_value(
-                "measurement",
-                measurement,
-                "expected a callable (model, batch) -> (batch_size,)",
-                "pass a function",
-            )
+        self.check_is_fitted()
+        self.check_measurement(measurement)
         source = as_data_source(query, "query", self.batch_size)
         source.check_finite()
 
         def rows(batch: tuple) -> torch.Tensor:
             return self.fmodel_.per_example_measurement_grads(batch, measurement)
 
-        return self._gradients(self.fmodel_, source, "query", rows, "query gradients")
+        # each rank computes its shard's rows; all ranks get all rows in index order (datatrace.distributed)
+        return per_example_rows(
+            rows,
+            source,
+            self.task,
+            "query",
+            lambda i: f"gradient of query example {i}",
+            _ROW_FIX,
+            progress=self.progress,
+            desc="query gradients",
+        )
 
     def score(self, query: DataLike, measurement: Measurement | None = None) -> Scores:
         """Leave-one-out influence of every training example on every query's measurement.
@@ -273,25 +280,23 @@ class InfluenceFunction:
             values = all_gather_rows(self.local_grads_ @ solved.T).T.contiguous() / self.n_train_
         else:  # one process: the (n_query, n) product directly, row-major, no gather and no copy
             values = (solved @ self.local_grads_.T) / self.n_train_
-        what = (
-            self.task.describe_measurement()
-            if measurement is None
-            else getattr(measurement, "__name__", "a custom measurement")
-        )
-        return Scores(values, what, self._metadata())
+        return Scores(values, self.describe_measurement(measurement), self.metadata())
 
-    def _metadata(self) -> dict[str, Any]:
+    def metadata(self) -> dict[str, Any]:
+        """``Scores.metadata`` of this attributor (:meth:`Attributor.scores_metadata`)."""
+        self.check_is_fitted()
         info = {k: v for k, v in self.curvature_.info.items() if isinstance(v, (int, float, str, bool))}
-        info = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in info.items()}
-        return {
-            "estimator": "InfluenceFunction",
-            "curvature": info,
-            "n_train": self.n_train_,
-            "num_params": self.fmodel_.num_params,
-            "dtype": str(self.fmodel_.dtype),
-            "gradient_norm": self.gradient_norm_,
-            "task": repr(self.task),
-        }
+        info = json_scalars(info)
+        return self.scores_metadata(
+            damping=info.get("damping"),
+            estimator="InfluenceFunction",
+            route=str(getattr(self.curvature_, "name", "")),
+            curvature=info,
+            num_params=self.fmodel_.num_params,
+            dtype=str(self.fmodel_.dtype),
+            gradient_norm=self.gradient_norm_,
+            task=repr(self.task),
+        )
 
     def _solve_everywhere(self) -> bool:
         """Whether every rank must solve the same rows: the route's solve passes over the data (collectives)."""
@@ -318,7 +323,7 @@ class InfluenceFunction:
     def self_influence(self) -> torch.Tensor:
         """``(1/n) g_i^T H^{-1} g_i`` for every training example, shape ``(n_train,)``: the estimated rise of
         example ``i``'s own loss if it were removed and the model retrained."""
-        self._check_fitted()
+        self.check_is_fitted()
         if self._solve_everywhere():
             return (self._train_solved() * self.train_grads_).sum(dim=1) / self.n_train_
         local = (self._train_solved() * self.local_grads_).sum(dim=1) / self.n_train_
@@ -341,7 +346,7 @@ class InfluenceFunction:
 
         Returns a dict parameter name -> tensor of shape ``(len(indices), *param.shape)``.
         """
-        self._check_fitted()
+        self.check_is_fitted()
         idx = check_indices("indices", indices, self.n_train_)
         delta = self.curvature_.solve(self._selected_rows(idx)) / self.n_train_
         return self.fmodel_.space.unflatten(delta)
@@ -349,7 +354,7 @@ class InfluenceFunction:
     def removal_params(self, indices: Any) -> dict[str, torch.Tensor]:
         """Estimated change of the parameters when the *set* ``indices`` is removed together (first order: the
         sum of the individual changes). Returns a dict parameter name -> tensor of the parameter's shape."""
-        self._check_fitted()
+        self.check_is_fitted()
         idx = check_indices("indices", indices, self.n_train_)
         delta = self.curvature_.solve(self._selected_rows(idx).sum(dim=0, keepdim=True)) / self.n_train_
         return {k: v[0] for k, v in self.fmodel_.space.unflatten(delta).items()}

@@ -32,11 +32,8 @@ directions) but the full weight decay, so as an estimate of the *unprojected* in
 ``p/k`` times too strong. The default ``"rescaled"`` multiplies it by ``min(1, k/p)`` (per layer and side for
 the factorised projection), which makes it ``~ mean(lambda) I``, the weight decay the projected gradients see in
 the full space (the projection preserves their inner products, Johnson-Lindenstrauss). When nothing is projected
-away (``k >= p``) both are the same, exact matrix. Measured on the digits MLPs of ``benchmarks/bench_store.py``
-(correlation with unprojected Gauss-Newton scores, and LDS against retraining): with 128 hidden units
-(p = 9,610), k = 512: correlation 0.71 -> 0.91 and LDS 0.635 -> 0.742; k = 2,048: 0.91 -> 0.98 and LDS
-0.782 -> 0.798 (unprojected: 0.804); with 32 hidden units (p = 2,410) the correlation rose at every k tried
-(k = 512: 0.84 -> 0.90).
+away (``k >= p``) both are the same, exact matrix. ``benchmarks/bench_store.py`` compares the two against
+unprojected Gauss-Newton scores and retraining.
 
 **Damping** (``damping="auto"``): 0 when the task's weight decay is positive for every parameter in scope, because
 then ``P^T diag(lambda) P`` already bounds every eigenvalue of ``G_P`` away from zero and the undamped solve is the
@@ -65,9 +62,10 @@ added over the ranks. With ``store_dir`` the store's chunks are dealt out over t
 the manifest (:mod:`datatrace.projection.store`); ``store_dir`` must be on a file system that every rank sees. Query features
 are sharded by query (:func:`~datatrace.distributed.distributed_per_example`), and scoring, top-k and
 self-influence against a store by chunk; scoring against in-memory features is replicated (every rank does all of
-it). So ``fit``, ``score``, ``top_k``, ``query_features`` and ``self_influence`` are collective: call them on every
-rank, or wrap a call made on one rank only in :func:`~datatrace.distributed.local_only`. If one rank fails, every
-rank raises instead of waiting. ``info["train_examples_processed"]`` counts the examples *this rank* processed.
+it). So ``fit``, ``score``, ``top_k``, ``proponents_opponents``, ``query_features`` and ``self_influence`` are
+collective: call them on every rank, or wrap a call made on one rank only in
+:func:`~datatrace.distributed.local_only`. If one rank fails, every rank raises instead of waiting.
+``info["train_examples_processed"]`` counts the examples *this rank* processed.
 
 References: Park et al. 2023 (TRAK); Choe et al. 2024 (LoGra, "What is your data worth to GPT?"); Koh & Liang
 2017; Martens 2020 (Gauss-Newton).
@@ -90,25 +88,23 @@ import copy
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from datatrace.attributors.base import Attributor, Measurement, check_stationary, json_scalars
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import (
     all_gather_rows,
     all_reduce_sum,
-    distributed_per_example,
     is_main_process,
     raise_if_any_failed,
     shard_bounds,
     world,
 )
 from datatrace.errors import (
-    NotFittedError,
     bad_value,
     check_choice,
     check_finite,
@@ -117,9 +113,9 @@ from datatrace.errors import (
 )
 from datatrace.gradients.functional import (
     FunctionalModel,
-    batch_failure,
     check_model_and_task,
-    check_rows_finite,
+    checked_rows,
+    per_example_rows,
     prepare_model,
 )
 from datatrace.projection.chunks import dtype_name
@@ -145,8 +141,6 @@ FISHER_TYPES = ("ggn", "empirical")
 REGULARIZERS = ("rescaled", "projected")
 #: damping="auto" without weight decay on every parameter: this fraction of the mean eigenvalue
 AUTO_DAMPING_FRACTION = 1e-3
-#: relative projected gradient norm above which the model is reported as not at a minimum
-STATIONARITY_TOLERANCE = 1e-3
 #: rows of in-memory features per block of self-influence
 SELF_INFLUENCE_BLOCK_ROWS = 65536
 
@@ -154,7 +148,7 @@ SELF_INFLUENCE_BLOCK_ROWS = 65536
 # -- the attributor ------------------------------------------------------------------------------------------------
 
 
-class ProjectedInfluence:
+class ProjectedInfluence(Attributor):
     """Influence functions in a random projection of the gradient space, with a reusable feature store.
 
     Args:
@@ -193,6 +187,9 @@ class ProjectedInfluence:
     Under ``torch.distributed`` the training pass is sharded over the ranks and every rank ends with the same
     fitted state (module docstring); the query-side methods are collective.
     """
+
+    fitted_attribute = "curvature_matrix_"
+    route = "projected influence"
 
     def __init__(
         self,
@@ -395,50 +392,52 @@ class ProjectedInfluence:
 
     def _train_batch(self, idx: torch.Tensor, raw: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected gradients ``(b, k)`` and curvature pseudo-gradients ``(b, c, k)`` of one training batch."""
-        fmodel, projector, task = self.fmodel_, self.projector_, self.task
-        batch = fmodel.prepare(raw)
-        try:
-            if self.fisher == "empirical":
-                g = projector.project_vjps(batch, "loss")[:, 0]
-                pseudo = g[:, None]
-            else:
-                # loss = loss_from_outputs(outputs): one pass gives the gradient and the pseudo-gradients
-                composed = type(task).loss is Task.loss
-                generator = None
-                if self.ggn_samples:
-                    generator = torch.Generator(device=fmodel.device)
-                    generator.manual_seed(derive_seed(self.random_state, "ggn", int(idx[0])))
+        pseudo: list[torch.Tensor] = []
 
-                def cotangents(outputs: torch.Tensor) -> torch.Tensor:
-                    L = output_hessian_factors(task, outputs, batch)  # (b, K, K), columns = pseudo-gradients
-                    if self.ggn_samples:
-                        m = self.ggn_samples
-                        signs = torch.randint(
-                            0, 2, (L.shape[0], L.shape[2], m), generator=generator, device=L.device
-                        )
-                        L = L @ ((signs.to(L.dtype) * 2 - 1) / math.sqrt(m))
-                    cols = L.transpose(1, 2)
-                    cols = cols[:, cols.abs().amax(dim=(0, 2)) > 0]
-                    if composed:
-                        cols = torch.cat(
-                            [output_gradient(task, outputs, batch)[:, None].to(cols.dtype), cols], 1
-                        )
-                    return cols
+        def gradients(batch: tuple) -> torch.Tensor:
+            g, p = self._project_train_batch(idx, self.fmodel_.prepare(batch))
+            pseudo.append(p)
+            return g
 
-                out = projector.project_vjps(batch, "outputs", cotangents)
-                if composed:
-                    g, pseudo = out[:, 0], out[:, 1:]
-                else:
-                    g, pseudo = projector.project_vjps(batch, "loss")[:, 0], out
-        except (RuntimeError, IndexError, TypeError) as err:
-            raise batch_failure(task, "training data", raw, err) from err
-        check_rows_finite(
-            g,
+        g = checked_rows(
+            gradients,
+            self.task,
+            "training data",
             idx,
+            raw,
             lambda i: f"projected gradient of training example {i}",
             "check that example's inputs and label, and the model's outputs on it.",
         )
-        return g, pseudo
+        return g, pseudo[0]
+
+    def _project_train_batch(self, idx: torch.Tensor, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        fmodel, projector, task = self.fmodel_, self.projector_, self.task
+        if self.fisher == "empirical":
+            g = projector.project_vjps(batch, "loss")[:, 0]
+            return g, g[:, None]
+        # loss = loss_from_outputs(outputs): one pass gives the gradient and the pseudo-gradients
+        composed = type(task).loss is Task.loss
+        generator = None
+        if self.ggn_samples:
+            generator = torch.Generator(device=fmodel.device)
+            generator.manual_seed(derive_seed(self.random_state, "ggn", int(idx[0])))
+
+        def cotangents(outputs: torch.Tensor) -> torch.Tensor:
+            L = output_hessian_factors(task, outputs, batch)  # (b, K, K), columns = pseudo-gradients
+            if self.ggn_samples:
+                m = self.ggn_samples
+                signs = torch.randint(0, 2, (L.shape[0], L.shape[2], m), generator=generator, device=L.device)
+                L = L @ ((signs.to(L.dtype) * 2 - 1) / math.sqrt(m))
+            cols = L.transpose(1, 2)
+            cols = cols[:, cols.abs().amax(dim=(0, 2)) > 0]
+            if composed:
+                cols = torch.cat([output_gradient(task, outputs, batch)[:, None].to(cols.dtype), cols], 1)
+            return cols
+
+        out = projector.project_vjps(batch, "outputs", cotangents)
+        if composed:
+            return out[:, 0], out[:, 1:]
+        return projector.project_vjps(batch, "loss")[:, 0], out
 
     def _fit_curvature(self, acc: dict[str, torch.Tensor]) -> None:
         n, fmodel, projector = self.n_train_, self.fmodel_, self.projector_
@@ -501,18 +500,13 @@ class ProjectedInfluence:
         # stationarity in the projected space: P^T grad L = mean phi_i + P^T (lambda * theta)
         reg_grad = projector.project((lam * fmodel.theta)[None])[0].to(torch.float64).to(device)
         full = acc["grad"].to(device) / n + reg_grad
-        scale = float(acc["norm"]) / n or 1.0
         self.gradient_norm_ = float(full.norm())
-        relative = self.gradient_norm_ / scale
-        if relative > STATIONARITY_TOLERANCE:
-            logger.warning(
-                "the model is not at a minimum of the training objective: the projected ||P^T grad L|| = %.3g (%.3g of "
-                "a typical projected per-example gradient norm). Influence functions assume a minimum; estimates "
-                "continue but may be off. Fix: train to convergence, or check that the task's weight_decay matches "
-                "training.",
-                self.gradient_norm_,
-                relative,
-            )
+        check_stationary(
+            self.gradient_norm_,
+            float(acc["norm"]) / n or 1.0,
+            "the projected ||P^T grad L||",
+            "projected per-example gradient norm",
+        )
         self.info_ = {
             "estimator": "ProjectedInfluence",
             "projector": projector.fingerprint(),
@@ -534,22 +528,22 @@ class ProjectedInfluence:
         }
 
     # -- queries ---------------------------------------------------------------------------------------------------
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "curvature_matrix_"):
-            raise NotFittedError(
-                "this ProjectedInfluence is not fitted yet. Fix: call .fit(train) with the training data first."
-            )
+    @property
+    def fitted_model(self) -> nn.Module:
+        """The private working copy of the model at ``theta_hat`` (working dtype, eval mode)."""
+        self.check_is_fitted()
+        return self.fmodel_.model
 
     @property
     def info(self) -> dict[str, Any]:
         """What was done: projection, dimension, damping, eigenvalue range, store, examples processed."""
-        self._check_fitted()
+        self.check_is_fitted()
         return dict(self.info_, train_examples_processed=self.train_examples_processed_)
 
     @property
     def features_(self) -> GradientStore | torch.Tensor:
         """The training features: the :class:`~datatrace.projection.store.GradientStore`, or the in-memory ``(n, k)`` tensor."""
-        self._check_fitted()
+        self.check_is_fitted()
         return self.store_ if self.store_ is not None else self.train_features_
 
     def query_features(self, query: DataLike) -> torch.Tensor:
@@ -557,29 +551,22 @@ class ProjectedInfluence:
 
         Under torch.distributed each rank computes the rows of its share of the queries and every rank gets all of
         them (:func:`~datatrace.distributed.distributed_per_example`)."""
-        self._check_fitted()
+        self.check_is_fitted()
         source = as_data_source(query, "query", self.batch_size)
         source.check_finite()
 
-        def rows(idx: torch.Tensor, raw: tuple) -> torch.Tensor:
-            try:
-                g = self.projector_.project_vjps(self.fmodel_.prepare(raw), "measurement")[:, 0]
-            except (RuntimeError, IndexError, TypeError) as err:
-                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in raw]
-                raise ValueError(
-                    f"running {type(self.task).__name__} on a batch of queries failed: {err}. The batch's elements "
-                    f"have shapes {shapes}. Fix: check that the model, the task and the data agree."
-                ) from err
-            bad = ~torch.isfinite(g).all(dim=1)
-            if bool(bad.any()):
-                first = int(idx[bad.nonzero()[0, 0]])
-                raise FloatingPointError(
-                    f"the projected measurement gradient of query {first} is not finite. Fix: check that query."
-                )
-            return g
+        def rows(raw: tuple) -> torch.Tensor:
+            return self.projector_.project_vjps(self.fmodel_.prepare(raw), "measurement")[:, 0]
 
-        return distributed_per_example(
-            rows, source, with_indices=True, progress=self.progress, desc="query features"
+        return per_example_rows(
+            rows,
+            source,
+            self.task,
+            "queries",
+            lambda i: f"projected measurement gradient of query {i}",
+            "check that query.",
+            progress=self.progress,
+            desc="query features",
         )
 
     def _compute_dtype(self) -> torch.dtype:
@@ -587,7 +574,7 @@ class ProjectedInfluence:
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(G_P + damping I)^{+} v`` for each row of ``vectors`` (shape ``(m, k)``), in float64."""
-        self._check_fitted()
+        self.check_is_fitted()
         v = vectors.to(device=self.curvature_matrix_.device, dtype=torch.float64)
         if self._chol is not None:
             return torch.cholesky_solve(v.T, self._chol).T
@@ -596,33 +583,48 @@ class ProjectedInfluence:
     def _transform(self, query_features: torch.Tensor) -> torch.Tensor:
         return (self.solve(query_features) / self.n_train_).to(self._compute_dtype())
 
-    def score(self, query: DataLike) -> Scores:
+    def score(self, query: DataLike, measurement: Measurement | None = None) -> Scores:
         """Leave-one-out influence of every training example on every query's measurement, ``(n_query, n_train)``:
         ``values[q, i] = (1/n) (P^T grad f_q)^T (G_P + damping I)^{-1} (P^T g_i) ~ f_q(theta_{-i}) - f_q(theta_hat)``.
+        The measurement is the task's own (``measurement=`` is refused: the projector's backward passes are built
+        on the task).
         """
+        self.check_measurement(measurement)
         return self.score_features(self.query_features(query))
 
     def score_features(self, query_features: torch.Tensor) -> Scores:
         """:meth:`score` for query features already computed by :meth:`query_features` (shape ``(n_query, k)``)."""
-        self._check_fitted()
+        self.check_is_fitted()
         values = score_against_store(query_features, self.features_, self._transform, progress=self.progress)
-        return Scores(values.cpu(), self.task.describe_measurement(), self._metadata())
+        return Scores(values.cpu(), self.task.describe_measurement(), self.metadata())
 
-    def top_k(self, query: DataLike, k: int) -> StreamingTopK:
+    def top_k(self, query: DataLike, k: int, measurement: Measurement | None = None) -> TopK:
+        """Per query, the ``k`` training examples with the largest ``|score|`` (as :meth:`datatrace.Scores.top_k`),
+        streamed over the store without forming the ``(n_query, n_train)`` matrix."""
+        check_positive_int("k", k)
+        self.check_measurement(measurement)
+        return self.top_k_features(self.query_features(query), k)
+
+    def top_k_features(self, query_features: torch.Tensor, k: int) -> TopK:
+        """:meth:`top_k` for query features already computed by :meth:`query_features`."""
+        k = min(check_positive_int("k", k), self.n_train)
+        return largest_magnitude(self.proponents_opponents_features(query_features, k), k)
+
+    def proponents_opponents(self, query: DataLike, k: int) -> StreamingTopK:
         """Per query, the ``k`` largest scores (proponents) and the ``k`` most negative (opponents), streamed over
         the store without forming the ``(n_query, n_train)`` matrix."""
         check_positive_int("k", k)
-        return self.top_k_features(self.query_features(query), k)
+        return self.proponents_opponents_features(self.query_features(query), k)
 
-    def top_k_features(self, query_features: torch.Tensor, k: int) -> StreamingTopK:
-        """:meth:`top_k` for query features already computed by :meth:`query_features`."""
-        self._check_fitted()
+    def proponents_opponents_features(self, query_features: torch.Tensor, k: int) -> StreamingTopK:
+        """:meth:`proponents_opponents` for query features already computed by :meth:`query_features`."""
+        self.check_is_fitted()
         return top_k_against_store(query_features, self.features_, k, self._transform, progress=self.progress)
 
     def self_influence(self) -> torch.Tensor:
         """``(1/n) phi_i^T (G_P + damping I)^{-1} phi_i`` for every training example, shape ``(n_train,)``: the
         estimated rise of example ``i``'s own loss if it were removed and the model retrained (streamed)."""
-        self._check_fitted()
+        self.check_is_fitted()
         source = as_feature_source(self.features_, SELF_INFLUENCE_BLOCK_ROWS)
         mine = my_chunks(source)
         if mine is None:
@@ -657,110 +659,27 @@ class ProjectedInfluence:
                 out.append((rotated * rotated * inv).sum(dim=1) / self.n_train_)
         return torch.cat([o.cpu() for o in out])
 
-    def _metadata(self) -> dict[str, Any]:
+    def metadata(self) -> dict[str, Any]:
+        """``Scores.metadata`` of this attributor (:meth:`Attributor.scores_metadata`): :attr:`info`'s entries."""
         info = self.info
-        flat = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        flat = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in flat.items()}
+        flat = json_scalars(info)
         flat["projector"] = info["projector"]
-        return flat
+        route = "projected Gauss-Newton" if self.fisher == "ggn" else "projected empirical Fisher"
+        return self.scores_metadata(route=route, **flat)
 
 
-# -- TRAK-style ensembles ------------------------------------------------------------------------------------------
+def largest_magnitude(extremes: StreamingTopK, k: int) -> TopK:
+    """Per row, the ``k`` entries of largest ``|score|`` among the proponents and opponents of ``extremes``
+    (each index once), largest first: the ``k`` largest ``|score|`` overall when each list holds ``k``."""
+    indices = torch.cat([extremes.proponents.indices, extremes.opponents.indices], dim=1)
+    values = torch.cat([extremes.proponents.values, extremes.opponents.values], dim=1)
+    # an index in both lists (ties, or fewer than 2k training examples) counts once
+    ordered, perm = torch.sort(indices, dim=1, stable=True)
+    repeated = torch.zeros_like(indices, dtype=torch.bool)
+    repeated.scatter_(1, perm[:, 1:], ordered[:, 1:] == ordered[:, :-1])
+    key = torch.where(repeated, torch.full_like(values, -1.0), values.abs())
+    _, pick = torch.topk(key, min(k, indices.shape[1]), dim=1)
+    return TopK(torch.gather(indices, 1, pick), torch.gather(values, 1, pick))
 
 
-class TRAK:
-    """An ensemble of :class:`ProjectedInfluence` over independently trained models: scores are averaged.
-
-    TRAK (Park et al. 2023) shows that averaging projected attributions over models trained with different seeds
-    (or on different subsets) removes much of the noise of a single network's linearisation. Here every model gets
-    its own projected Gauss-Newton influence with the same projector settings (and its own store,
-    ``store_dir/model-<j>``); ``score`` returns the mean of their scores, in the same units and sign.
-
-    Args:
-        models: the independently trained models (same architecture, same task).
-        task: the task; every other keyword argument is passed to each :class:`ProjectedInfluence`.
-    """
-
-    def __init__(
-        self,
-        models: list[nn.Module],
-        task: Task,
-        projector: Projector | str = "auto",
-        store_dir: str | os.PathLike | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if (
-            not isinstance(models, (list, tuple))
-            or not models
-            or not all(isinstance(m, nn.Module) for m in models)
-        ):
-            raise bad_value(
-                "models", models, "expected a non-empty list of nn.Module", "pass [model_1, model_2, ...]"
-            )
-        self.models = list(models)
-        self.task = task
-        self.projector = projector
-        self.store_dir = store_dir
-        self.kwargs = kwargs
-        self.members = [
-            ProjectedInfluence(
-                m,
-                task,
-                projector=projector,
-                store_dir=None if store_dir is None else Path(store_dir) / f"model-{j}",
-                **kwargs,
-            )
-            for j, m in enumerate(self.models)
-        ]
-
-    def fit(self, train: DataLike) -> TRAK:
-        for member in self.members:
-            member.fit(train)
-        self.n_train_ = self.members[0].n_train_
-        return self
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "n_train_"):
-            raise NotFittedError("this TRAK ensemble is not fitted yet. Fix: call .fit(train) first.")
-
-    def score(self, query: DataLike) -> Scores:
-        """The mean over models of the projected influence scores, ``(n_query, n_train)``."""
-        self._check_fitted()
-        total = None
-        for member in self.members:
-            values = member.score(query).values
-            total = values if total is None else total + values
-        meta = {
-            "estimator": "TRAK",
-            "n_models": len(self.members),
-            "members": [m._metadata() for m in self.members],
-        }
-        return Scores(total / len(self.members), self.task.describe_measurement(), meta)
-
-    def top_k(self, query: DataLike, k: int, query_block: int = 256) -> StreamingTopK:
-        """Proponents and opponents of the averaged scores, computed for ``query_block`` queries at a time."""
-        self._check_fitted()
-        k = min(check_positive_int("k", k), self.n_train_)
-        feats = [m.query_features(query) for m in self.members]
-        pos_i, pos_v, neg_i, neg_v = [], [], [], []
-        for s in range(0, feats[0].shape[0], query_block):
-            block = sum(
-                score_against_store(f[s : s + query_block], m.features_, m._transform)
-                for f, m in zip(feats, self.members)
-            ) / len(self.members)
-            v, i = torch.topk(block, k, dim=1)
-            pos_v.append(v)
-            pos_i.append(i)
-            v, i = torch.topk(-block, k, dim=1)
-            neg_v.append(-v)
-            neg_i.append(i)
-        return StreamingTopK(
-            TopK(torch.cat(pos_i), torch.cat(pos_v)), TopK(torch.cat(neg_i), torch.cat(neg_v))
-        )
-
-    def self_influence(self) -> torch.Tensor:
-        self._check_fitted()
-        return torch.stack([m.self_influence() for m in self.members]).mean(dim=0)
-
-
-__all__ = ["FISHER_TYPES", "TRAK", "ProjectedInfluence"]
+__all__ = ["FISHER_TYPES", "ProjectedInfluence", "largest_magnitude"]

@@ -134,7 +134,7 @@ def _estimator_kind(estimator: Any) -> str:
     )
 
 
-def _check_fitted(estimator: Any) -> None:
+def _check_estimator_fitted(estimator: Any) -> None:
     if not hasattr(estimator, "coef_") or not hasattr(estimator, "n_features_in_"):
         raise bad_value(
             "estimator",
@@ -193,7 +193,7 @@ def _translate(estimator: Any) -> tuple[str, nn.Linear, Task, np.ndarray | None,
     ``1/n``; :func:`_scale_weight_decay` divides by the number of training examples once it is known.
     """
     kind = _estimator_kind(estimator)
-    _check_fitted(estimator)
+    _check_estimator_fitted(estimator)
     fit_intercept = bool(getattr(estimator, "fit_intercept", True))
     coef = _as_2d(estimator.coef_)
     intercept = _as_2d(estimator.intercept_).reshape(-1) if fit_intercept else None
@@ -418,7 +418,7 @@ class SklearnInfluence(InfluenceFunction):
             )
         return X_arr, y_arr
 
-    def _prepare(self, data: DataLike, name: str) -> DataLike:
+    def prepare_data(self, data: DataLike, name: str) -> DataLike:
         """``(X, y)`` in the estimator's space -> ``(X float64, encoded y)``; other data forms pass through."""
         if not isinstance(data, (tuple, list)):
             return data
@@ -438,7 +438,7 @@ class SklearnInfluence(InfluenceFunction):
         The task's weight decay is rescaled to the number of training examples here (scikit-learn's penalties
         are on the *summed* loss), so ``train`` must be the whole training set, unweighted.
         """
-        return self._fit_prepared(self._prepare(train, "train"))
+        return self._fit_prepared(self.prepare_data(train, "train"))
 
     def _fit_prepared(self, prepared: DataLike) -> SklearnInfluence:
         n = len(prepared[0]) if isinstance(prepared, tuple) else len(prepared)
@@ -450,7 +450,7 @@ class SklearnInfluence(InfluenceFunction):
 
     def query_gradients(self, query: DataLike, measurement: Measurement | None = None) -> torch.Tensor:
         """``grad f_q(theta_hat)`` for queries ``(X, y)`` in the estimator's label space, shape ``(m, p)``."""
-        return super().query_gradients(self._prepare(query, "query"), measurement)
+        return super().query_gradients(self.prepare_data(query, "query"), measurement)
 
     def _check_convergence(self) -> None:
         fmodel = self.fmodel_
@@ -492,7 +492,7 @@ class SklearnInfluence(InfluenceFunction):
         comparable with ``retrained.coef_ - estimator.coef_`` (zeros for an intercept that is not fitted or not in
         scope).
         """
-        self._check_fitted()
+        self.check_is_fitted()
         idx = check_indices("indices", indices, self.n_train_)
         change = self.params_change(idx)
         m = len(idx)

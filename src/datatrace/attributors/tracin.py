@@ -62,14 +62,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from datatrace.attributors.base import Attributor, Measurement
 from datatrace.data import DataLike, DataSource, as_data_source
-from datatrace.distributed import distributed_per_example
-from datatrace.errors import NotFittedError, bad_value, check_finite, check_positive_int, describe
+from datatrace.errors import bad_value, check_finite, check_positive_int, describe
 from datatrace.gradients.functional import (
     FunctionalModel,
-    batch_failure,
     check_model_and_task,
-    check_rows_finite,
+    per_example_rows,
     prepare_model,
 )
 from datatrace.params import select_parameters
@@ -208,7 +207,7 @@ def _check_learning_rates(learning_rates: Any, n_checkpoints: int) -> list[float
     return out
 
 
-class TracIn:
+class TracIn(Attributor):
     """TracInCP influence: checkpoint-weighted dot products of query and training gradients.
 
     ``score[q, i] = sum_c (eta_c / B) * grad f_q(theta_c) . grad l(z_i, theta_c)``: the first-order rise of query
@@ -247,6 +246,9 @@ class TracIn:
         >>> tracin.fit((X, y)).score((X[:2], y[:2])).values.shape
         torch.Size([2, 20])
     """
+
+    fitted_attribute = "train_grads_"
+    route = "TracInCP"
 
     def __init__(
         self,
@@ -395,7 +397,20 @@ class TracIn:
             )
         return out
 
-    def _rows(self, fmodel: FunctionalModel, source: DataSource, which: str, c: int) -> torch.Tensor:
+    @property
+    def supports_measurement(self) -> bool:  # type: ignore[override]
+        """``measurement=`` works on full gradient rows (no projector, or a plain linear map); a datatrace projector
+        builds its backward passes on the task's own measurement."""
+        return self.projector is None or not self._fits_itself()
+
+    def _rows(
+        self,
+        fmodel: FunctionalModel,
+        source: DataSource,
+        which: str,
+        c: int,
+        measurement: Measurement | None = None,
+    ) -> torch.Tensor:
         """Per-example gradients (projected) of ``source`` at checkpoint ``c``, sharded over ranks if any."""
         n_ckpt = len(self.checkpoints)
         self._fit_projector(fmodel, c)
@@ -407,25 +422,27 @@ class TracIn:
 
             post = None
         else:
-            fn = fmodel.per_example_grads if which == "train" else fmodel.per_example_measurement_grads
+            if which == "train":
+                fn = fmodel.per_example_grads
+            else:
+
+                def fn(batch: tuple) -> torch.Tensor:
+                    return fmodel.per_example_measurement_grads(batch, measurement)
+
             post = self._project
 
-        def rows(idx: torch.Tensor, batch: tuple) -> torch.Tensor:
-            try:
-                g = fn(batch)
-            except (RuntimeError, IndexError, TypeError) as err:
-                raise batch_failure(self.task, f"{which} data at checkpoint {c}", batch, err) from err
-            check_rows_finite(
-                g,
-                idx,
-                lambda i: f"gradient of {which} example {i} at checkpoint {c}",
-                "check that example and that checkpoint.",
-            )
-            return g if post is None else post(g)
-
         desc = f"{which} gradients, checkpoint {c + 1}/{n_ckpt}"
-        return distributed_per_example(
-            rows, source, batch_size=self.batch_size, with_indices=True, progress=self.progress, desc=desc
+        return per_example_rows(
+            fn,
+            source,
+            self.task,
+            f"{which} data at checkpoint {c}",
+            lambda i: f"gradient of {which} example {i} at checkpoint {c}",
+            "check that example and that checkpoint.",
+            progress=self.progress,
+            desc=desc,
+            batch_size=self.batch_size,
+            post=post,
         )
 
     # -- fitting -----------------------------------------------------------------------------------------------
@@ -467,32 +484,38 @@ class TracIn:
         )
         return self
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "train_grads_"):
-            raise NotFittedError(
-                "this TracIn is not fitted yet. Fix: call .fit(train) with the training data first."
-            )
+    @property
+    def fitted_model(self) -> nn.Module:
+        """The private working copy of the model, holding the last checkpoint loaded (the last one after ``fit``)."""
+        self.check_is_fitted()
+        return self._work_model_
 
     # -- queries -----------------------------------------------------------------------------------------------
-    def query_gradients(self, query: DataLike) -> torch.Tensor:
+    def query_gradients(self, query: DataLike, measurement: Measurement | None = None) -> torch.Tensor:
         """``grad f_q(theta_c)`` (projected if a projector was given), shape ``(n_checkpoints, n_query, p or k)``."""
-        self._check_fitted()
+        self.check_is_fitted()
+        self.check_measurement(measurement)
         source = as_data_source(query, "query", self.batch_size)
         source.check_finite()
         return torch.stack(
-            [self._rows(self._at_checkpoint(c), source, "query", c) for c in range(len(self.checkpoints))]
+            [
+                self._rows(self._at_checkpoint(c), source, "query", c, measurement)
+                for c in range(len(self.checkpoints))
+            ]
         )
 
-    def score(self, query: DataLike) -> Scores:
+    def score(self, query: DataLike, measurement: Measurement | None = None) -> Scores:
         """TracInCP scores ``values[q, i] = sum_c (eta_c / B) grad f_q(theta_c) . grad l(z_i, theta_c)``.
 
         In datatrace's convention: the first-order rise of query ``q``'s measurement if example ``i``'s SGD updates
-        were skipped (positive: proponent), in the measurement's units.
+        were skipped (positive: proponent), in the measurement's units. ``measurement(model, batch) -> (batch_size,)``
+        replaces the task's measurement for this call (on full gradients or a plain projection map; a datatrace
+        projector is built on the task's own measurement and refuses it).
         """
-        q_grads = self.query_gradients(query)
+        q_grads = self.query_gradients(query, measurement)
         weights = self.step_weights_.to(q_grads.dtype)
         values = torch.einsum("c,cqk,cik->qi", weights, q_grads, self.train_grads_.to(q_grads.dtype))
-        return Scores(values, self.task.describe_measurement(), self._metadata())
+        return Scores(values, self.describe_measurement(measurement), self.metadata())
 
     def self_influence(self) -> torch.Tensor:
         """``sum_c (eta_c / B) ||grad l(z_i, theta_c)||^2`` for every training example, shape ``(n_train,)``.
@@ -500,26 +523,26 @@ class TracIn:
         The score of each example on its own loss: the first-order rise of its loss if its own updates were
         skipped (Pruthi et al.'s self-influence; large for atypical or mislabelled examples).
         """
-        self._check_fitted()
+        self.check_is_fitted()
         return torch.einsum("c,cik->i", self.step_weights_, self.train_grads_.pow(2))
 
-    def _metadata(self) -> dict[str, Any]:
+    def metadata(self) -> dict[str, Any]:
+        """``Scores.metadata`` of this attributor (:meth:`Attributor.scores_metadata`)."""
+        self.check_is_fitted()
         projected = None if self.projector is None else int(self.train_grads_.shape[-1])
-        return {
-            "estimator": "TracIn",
-            "variant": "TracInCP (Pruthi et al. 2020), first order, no propagation through later steps",
-            "n_checkpoints": len(self.checkpoints),
-            "learning_rates": list(self.learning_rates),
-            "batch_size_train": self.effective_batch_size_,
-            "step_weights": [float(w) for w in self.step_weights_],
-            "n_train": self.n_train_,
-            "num_params": self.num_params_,
-            "projected_dim": projected,
-            "projector": None if self.projector is None else type(self.projector).__name__,
-            "projection": getattr(self, "projection_fingerprint_", None),
-            "dtype": str(self.train_grads_.dtype),
-            "task": repr(self.task),
-        }
+        return self.scores_metadata(
+            variant="TracInCP (Pruthi et al. 2020), first order, no propagation through later steps",
+            n_checkpoints=len(self.checkpoints),
+            learning_rates=list(self.learning_rates),
+            batch_size_train=self.effective_batch_size_,
+            step_weights=[float(w) for w in self.step_weights_],
+            num_params=self.num_params_,
+            projected_dim=projected,
+            projector=None if self.projector is None else type(self.projector).__name__,
+            projection=getattr(self, "projection_fingerprint_", None),
+            dtype=str(self.train_grads_.dtype),
+            task=repr(self.task),
+        )
 
     def __repr__(self) -> str:
         return (

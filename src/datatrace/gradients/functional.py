@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
-from datatrace.data import DataSource, cast_batch
-from datatrace.distributed import distributed_sum
+from datatrace.data import DataLike, DataSource, cast_batch
+from datatrace.distributed import distributed_per_example, distributed_sum
 from datatrace.errors import bad_value
 from datatrace.params import ParamSpace, select_parameters
 from datatrace.tasks import Task
@@ -289,6 +289,52 @@ def check_rows_finite(
         )
 
 
+def checked_rows(
+    fn: Callable[[tuple], torch.Tensor],
+    task: Task,
+    what: str,
+    indices: torch.Tensor,
+    batch: tuple,
+    describe: Callable[[int], str],
+    fix: str,
+) -> torch.Tensor:
+    """``fn(batch)``, the per-example rows of one batch, checked: a task that fails on the batch raises
+    :func:`batch_failure` (naming ``what``), a non-finite row raises :func:`check_rows_finite` (naming
+    ``describe(index)`` and ``fix``)."""
+    try:
+        rows = fn(batch)
+    except (RuntimeError, IndexError, TypeError) as err:
+        raise batch_failure(task, what, batch, err) from err
+    check_rows_finite(rows, indices, describe, fix)
+    return rows
+
+
+def per_example_rows(
+    fn: Callable[[tuple], torch.Tensor],
+    source: DataLike,
+    task: Task,
+    what: str,
+    describe: Callable[[int], str],
+    fix: str,
+    *,
+    progress: bool = False,
+    desc: str = "per-example rows",
+    batch_size: int | None = None,
+    post: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The checked per-example loop every attributor uses: :func:`checked_rows` of every batch of ``source`` (then
+    ``post`` of them, e.g. a projection), all rows in index order. Under torch.distributed each rank computes its
+    shard and every rank gets all rows (:func:`datatrace.distributed.distributed_per_example`)."""
+
+    def rows(idx: torch.Tensor, batch: tuple) -> torch.Tensor:
+        g = checked_rows(fn, task, what, idx, batch, describe, fix)
+        return g if post is None else post(g)
+
+    return distributed_per_example(
+        rows, source, batch_size=batch_size, with_indices=True, progress=progress, desc=desc
+    )
+
+
 def model_parameters_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         return p.dtype
@@ -300,7 +346,9 @@ __all__ = [
     "batch_failure",
     "check_model_and_task",
     "check_rows_finite",
+    "checked_rows",
     "eval_mode",
     "model_parameters_dtype",
+    "per_example_rows",
     "prepare_model",
 ]

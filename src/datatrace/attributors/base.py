@@ -1,0 +1,191 @@
+"""The attributor contract: what every estimator of training-data influence offers, and the checks they share.
+
+An attributor is fitted once on the training data ``D = {z_1..z_n}`` and then answers queries with a
+:class:`~datatrace.Scores` matrix whose entry ``[q, i]`` estimates the leave-one-out change
+``f_q(theta_{-i}) - f_q(theta_hat)`` (sign and units: :data:`datatrace.scores.MEANING`). Every route keeps that
+meaning, so applications (:mod:`datatrace.apps`) are written once against :class:`Attributor`:
+
+* ``fit(train) -> self``; ``score(query, measurement=None) -> Scores``; ``self_influence() -> (n_train,)``;
+* ``top_k(query, k)``: per query, the ``k`` training examples with the largest ``|score|``, exactly
+  :meth:`Scores.top_k <datatrace.Scores.top_k>` of ``score(query)``;
+* read-only accessors: ``n_train``, ``fitted_model`` (the private working copy the scores refer to),
+  ``training_data`` (when kept), ``prepare_data`` (data in the form the working model takes),
+  ``supports_measurement``.
+
+Shared here: the one "not fitted" check (:class:`~datatrace.errors.NotFittedError`, scikit-learn's
+``check_is_fitted`` style), the one stationarity check (influence functions assume ``grad L(theta_hat) = 0``,
+Koh & Liang 2017) and the one shape of ``Scores.metadata``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from datatrace.data import DataLike, DataSource
+from datatrace.errors import NotFittedError, bad_value
+from datatrace.scores import Scores, TopK
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["STATIONARITY_TOLERANCE", "Attributor", "Measurement", "check_stationary", "json_scalars"]
+
+#: a query measurement: ``(model, batch) -> tensor of shape (batch_size,)``
+Measurement = Callable[[nn.Module, tuple], torch.Tensor]
+
+#: relative gradient norm ``||grad L|| / mean_i ||g_i||`` above which the model is reported as not at a minimum
+STATIONARITY_TOLERANCE = 1e-3
+
+
+def check_stationary(gradient_norm: float, typical_norm: float, gradient: str, typical: str) -> float:
+    """Warn when ``gradient_norm`` (the norm of the training objective's gradient at ``theta_hat``, named
+    ``gradient`` in the message) exceeds :data:`STATIONARITY_TOLERANCE` times ``typical_norm`` (the mean
+    per-example gradient norm, named ``typical``). Returns the relative norm."""
+    relative = gradient_norm / typical_norm
+    if relative > STATIONARITY_TOLERANCE:
+        logger.warning(
+            "the model is not at a minimum of the training objective: %s = %.3g (%.3g of a typical %s). Influence "
+            "functions assume a minimum; estimates continue but may be off. Fix: train to convergence, or check "
+            "that the task's weight_decay matches training.",
+            gradient,
+            gradient_norm,
+            relative,
+            typical,
+        )
+    return relative
+
+
+def json_scalars(info: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-safe scalar entries of ``info`` (non-finite floats become ``None``), for ``Scores.metadata``."""
+    flat = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in flat.items()}
+
+
+class Attributor(ABC):
+    """Base class of every datatrace attributor (module docstring).
+
+    Subclasses set :attr:`fitted_attribute` (the learned attribute whose presence means "fitted") and
+    :attr:`route` (a short name of the method, recorded in ``Scores.metadata``), implement :meth:`fit`,
+    :meth:`score` and :meth:`self_influence`, and call :meth:`check_is_fitted` first in every method that needs
+    the fit.
+    """
+
+    #: the learned attribute set by ``fit`` (scikit-learn convention: trailing underscore)
+    fitted_attribute: str = "n_train_"
+    #: the method, in a few words, for ``Scores.metadata["route"]``
+    route: str = ""
+    #: whether ``score`` / ``query_gradients`` accept ``measurement=``
+    supports_measurement: bool = False
+
+    task: Any
+
+    # -- the contract --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, train: DataLike) -> Attributor:
+        """Compute what queries need from the training data (the data the model was trained on); returns self."""
+
+    @abstractmethod
+    def score(self, query: DataLike, measurement: Measurement | None = None) -> Scores:
+        """``values[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)`` for every query and training example."""
+
+    @abstractmethod
+    def self_influence(self) -> torch.Tensor:
+        """The score of every training example on its own loss, shape ``(n_train,)``."""
+
+    def top_k(self, query: DataLike, k: int, measurement: Measurement | None = None) -> TopK:
+        """Per query, the ``k`` training examples with the largest ``|score|``, shape ``(n_query, k)``: the same
+        as ``score(query, measurement).top_k(k)`` (:meth:`datatrace.Scores.top_k`)."""
+        return self.score(query, measurement).top_k(k)
+
+    def query_gradients(self, query: DataLike, measurement: Measurement | None = None) -> torch.Tensor:
+        """``grad f_q(theta_hat)`` per query (routes that have them)."""
+        raise NotImplementedError(
+            f"{self.name} does not expose query gradients. Fix: use datatrace.InfluenceFunction (or TracIn) for "
+            "gradients, or this attributor's own query features."
+        )
+
+    # -- accessors -----------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, self.fitted_attribute)
+
+    def check_is_fitted(self) -> None:
+        """Raise :class:`~datatrace.errors.NotFittedError` unless :meth:`fit` has run."""
+        if not self.is_fitted:
+            raise NotFittedError(
+                f"this {self.name} is not fitted yet. Fix: call .fit(train) with the training data first."
+            )
+
+    @property
+    def n_train(self) -> int:
+        """The number of training examples the attributor was fitted on."""
+        self.check_is_fitted()
+        return int(self.n_train_)  # type: ignore[attr-defined]
+
+    @property
+    def fitted_model(self) -> nn.Module | None:
+        """The model the scores refer to (the private working copy at ``theta_hat``, in the working dtype, eval
+        mode), or ``None`` for routes without a single model (ensembles)."""
+        return None
+
+    @property
+    def training_data(self) -> DataSource | None:
+        """The training data given to :meth:`fit`, when the attributor keeps it (else ``None``)."""
+        return None
+
+    def prepare_data(self, data: DataLike, name: str) -> DataLike:
+        """``data`` in the form :attr:`fitted_model` takes (identity, except where labels are re-encoded)."""
+        return data
+
+    def check_measurement(self, measurement: Measurement | None) -> None:
+        """Raise a clear error when a ``measurement`` is given to a route that cannot use one."""
+        if measurement is None:
+            return
+        if not self.supports_measurement:
+            raise bad_value(
+                "measurement",
+                measurement,
+                f"{self.name} scores the task's own measurement only",
+                "define the measurement on the Task (Task.measurement), or use datatrace.InfluenceFunction, "
+                "whose score accepts measurement=",
+            )
+        if not callable(measurement):
+            raise bad_value(
+                "measurement",
+                measurement,
+                "expected a callable (model, batch) -> (batch_size,)",
+                "pass a function",
+            )
+
+    def describe_measurement(self, measurement: Measurement | None) -> str:
+        """Words for what the scores measure (``Scores.measurement``)."""
+        if measurement is None:
+            return self.task.describe_measurement()
+        return getattr(measurement, "__name__", "a custom measurement")
+
+    def metadata(self) -> dict[str, Any]:
+        """``Scores.metadata`` of this attributor: :meth:`scores_metadata` with the route's own details."""
+        return self.scores_metadata()
+
+    def scores_metadata(self, damping: Any = None, **details: Any) -> dict[str, Any]:
+        """``Scores.metadata``: ``estimator``, ``route``, ``damping``, ``n_train``, ``units`` and the route's own
+        ``details`` (these win on a clash; values must be JSON-serialisable)."""
+        meta: dict[str, Any] = {
+            "estimator": self.name,
+            "route": self.route,
+            "damping": damping,
+            "n_train": self.n_train,
+            "units": "the measurement's own units (leave-one-out change, datatrace.scores.MEANING)",
+        }
+        meta.update(details)
+        return meta
