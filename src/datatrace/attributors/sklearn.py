@@ -190,7 +190,7 @@ def _translate(estimator: Any) -> tuple[str, nn.Linear, Task, np.ndarray | None,
 
     ``classes`` is ``classes_`` for classifiers (None for regressors); ``n_outputs`` is the number of regression
     targets (None for classifiers), 1 for a 1-D ``y``. The task's ``weight_decay`` carries the penalty *without*
-    ``1/n``; :func:`_scale_weight_decay` divides by the number of training examples once it is known.
+    ``1/n``; :func:`scale_weight_decay` divides by the number of training examples once it is known.
     """
     kind = _estimator_kind(estimator)
     _check_estimator_fitted(estimator)
@@ -277,7 +277,7 @@ def _translate(estimator: Any) -> tuple[str, nn.Linear, Task, np.ndarray | None,
     return kind, module, ClassificationTask(weight_decay=decay), classes, None
 
 
-def _scale_weight_decay(task: Task, n: int) -> Task:
+def scale_weight_decay(task: Task, n: int) -> Task:
     """The same task with every ``lambda`` divided by ``n`` (sum form -> datatrace's mean form)."""
     decay = task.weight_decay
     scaled = {k: v / n for k, v in decay.items()} if isinstance(decay, dict) else float(decay) / n
@@ -442,7 +442,7 @@ class SklearnInfluence(InfluenceFunction):
 
     def _fit_prepared(self, prepared: DataLike) -> SklearnInfluence:
         n = len(prepared[0]) if isinstance(prepared, tuple) else len(prepared)
-        self.task = _scale_weight_decay(self._sum_task, n)
+        self.task = scale_weight_decay(self._sum_task, n)
         self.task_ = self.task
         super().fit(prepared)
         self._check_convergence()

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from datatrace.attributors.sklearn import SklearnInfluence, _scale_weight_decay
+from datatrace.attributors.sklearn import SklearnInfluence, scale_weight_decay
 from datatrace.cli.spec_model import KINDS, SPLITS, Spec, curvature_arguments
 from datatrace.curvature import Curvature
 from datatrace.data import DataLike, as_data_source, cast_batch
@@ -156,7 +156,7 @@ def check_estimator(file: Path, estimator: Any, train: DataLike) -> tuple[nn.Mod
         raise SpecError(f"{where(file, 'estimator')}() returned a model datatrace cannot use: {err}") from err
     check_estimator_data(file, "train", estimator, train)
     # the estimator's penalty is on the summed loss; datatrace's objective is the mean loss (see datatrace.attributors.sklearn)
-    return translator.module_, _scale_weight_decay(translator.task, len(train[0]))
+    return translator.module_, scale_weight_decay(translator.task, len(train[0]))
 
 
 def check_estimator_data(file: Path, split: str, estimator: Any, data: DataLike) -> None:
