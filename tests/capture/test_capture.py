@@ -10,6 +10,8 @@ from torch.func import functional_call, grad, vmap
 
 from datatrace.capture.engine import Backprop, Layer, check_gradients, find_layers, recording
 from datatrace.capture.kinds import KINDS, LayerKind, layer_kind
+from datatrace.curvature.kfac import EKFAC, KFAC
+from datatrace.data import as_data_source
 from datatrace.gradients.functional import FunctionalModel, prepare_model
 from datatrace.tasks import ClassificationTask, RegressionTask, Task
 
@@ -53,6 +55,18 @@ class Conv(nn.Module):
         return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
+class Signal(nn.Module):
+    """A dilated, strided nn.Conv1d (circular padding) feeding a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=2, padding_mode="circular")
+        self.head = nn.Linear(3 * 5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
 class Repeated(nn.Module):
     """One nn.Linear called twice per forward: its calls are further locations."""
 
@@ -75,6 +89,11 @@ def problem(name: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     if name == "conv2d":
         return Conv(), (
             torch.randn(6, 2, 6, 6, generator=g, dtype=DT),
+            torch.randn(6, 2, generator=g, dtype=DT),
+        )
+    if name == "conv1d":
+        return Signal(), (
+            torch.randn(6, 2, 9, generator=g, dtype=DT),
             torch.randn(6, 2, generator=g, dtype=DT),
         )
     return Repeated(), (torch.randn(6, 3, generator=g, dtype=DT), torch.randn(6, 3, generator=g, dtype=DT))
@@ -111,10 +130,11 @@ def rows_and_grads(fm: FunctionalModel, layers: list[Layer], batch: tuple, batch
 
 
 def test_kinds_table_and_lookup():
-    assert set(KINDS) >= {nn.Linear, nn.Conv2d}
+    assert set(KINDS) >= {nn.Linear, nn.Conv2d, nn.Conv1d}
     assert all(isinstance(k, LayerKind) for k in KINDS.values())
     assert layer_kind(nn.Linear(2, 3)).name == "linear"
     assert layer_kind(nn.Conv2d(1, 2, 3)).name == "conv2d"
+    assert layer_kind(nn.Conv1d(1, 2, 3)).name == "torch_conv1d"
     assert layer_kind(Conv1D(2, 3)).name == "conv1d"  # recognised by class name (transformers is optional)
 
     class MyLinear(nn.Linear):
@@ -125,7 +145,7 @@ def test_kinds_table_and_lookup():
         assert layer_kind(module) is None
 
 
-@pytest.mark.parametrize("name", ["tokens", "conv2d", "repeated"])
+@pytest.mark.parametrize("name", ["tokens", "conv2d", "conv1d", "repeated"])
 def test_gather_and_scatter_are_inverse_and_match_the_weight_layout(name):
     model, _ = problem(name)
     fm = fmodel_of(model, RegressionTask())
@@ -150,7 +170,7 @@ def test_gather_and_scatter_are_inverse_and_match_the_weight_layout(name):
 
 
 @pytest.mark.parametrize("batched", [True, False])
-@pytest.mark.parametrize("name", ["tokens", "conv2d", "repeated"])
+@pytest.mark.parametrize("name", ["tokens", "conv2d", "conv1d", "repeated"])
 def test_rows_rebuild_per_example_gradients(name, batched):
     """sum_t s_t a_t^T over locations (and calls) is each example's gradient, as torch.func computes it."""
     model, batch = problem(name)
@@ -248,3 +268,36 @@ def test_self_check_catches_a_weight_used_outside_its_module():
                 ValueError, match=r"Route's hooks on layer 'fc' do not reproduce.*another route"
             ):
                 check_gradients(fm, layers, rec, root, column, "Route", "another route", skip_nonfinite=False)
+
+
+# -- nn.Conv1d: one table entry, exact where K-FAC is exact ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", [KFAC, EKFAC])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"stride": 2, "padding": 1, "dilation": 2},
+        {"padding": 2, "padding_mode": "circular"},
+        {"padding": "same"},
+    ],
+    ids=["strided", "circular", "same"],
+)
+def test_kfac_on_a_single_conv1d_with_squared_error_is_the_gauss_newton(route, bias, options):
+    """One nn.Conv1d with squared error on every output: each location's output Hessian is 2 I, so S (x) A (the
+    locations as further rows of A, S summed over them) equals the dense Gauss-Newton matrix."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, bias=bias, **options), nn.Flatten()).double()
+    X = torch.randn(30, 2, 9, generator=g, dtype=DT)
+    with torch.no_grad():
+        Y = torch.randn(*model(X).shape, generator=g, dtype=DT)
+    fm = fmodel_of(model, RegressionTask(weight_decay=0.1))
+    data = as_data_source((X, Y), batch_size=8)
+    curv = route(damping=0.01).fit(fm, data, progress=False)
+    G = fm.dense_gauss_newton(data) + 0.01 * torch.eye(fm.num_params, dtype=DT)
+    D = curv.matvec(torch.eye(fm.num_params, dtype=DT))
+    assert float((D - G).norm() / G.norm()) < 1e-10
+    V = torch.randn(4, fm.num_params, generator=g, dtype=DT)
+    torch.testing.assert_close(curv.solve(V), torch.linalg.solve(G, V.T).T, rtol=1e-8, atol=1e-10)

@@ -1,6 +1,6 @@
 """The table of layer kinds whose per-example gradients factorise as ``s a^T``.
 
-For ``nn.Linear``, ``nn.Conv2d`` (groups=1) and Hugging Face's ``Conv1D`` the gradient of a layer's weight is
+For ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` (groups=1) and Hugging Face's ``Conv1D`` the gradient of a layer's weight is
 ``sum_t s_t a_t^T`` over positions ``t`` (tokens, or spatial locations of a convolution, Grosse & Martens 2016),
 with ``a`` the input rows (unfolded patches for a convolution, a 1 appended for the bias by the engine) and ``s``
 the gradient with respect to the layer's output. Each :class:`LayerKind` says, for one module type, how wide the
@@ -104,6 +104,29 @@ def conv2d_input_rows(name: str, module: nn.Module, x: torch.Tensor, who: str) -
     return cols.transpose(1, 2)
 
 
+def conv1d_input_rows(name: str, module: nn.Module, x: torch.Tensor, who: str) -> torch.Tensor:
+    """An nn.Conv1d's input as unfolded patches ``(b, T, in*k)``, channel-major as ``weight.reshape(out, -1)``."""
+    if x.dim() != 3:
+        raise ValueError(
+            f"{who} needs batched 3-D input to the Conv1d layer {name!r}, got shape {tuple(x.shape)}. "
+            "Fix: give the model batches of shape (batch, channels, length)."
+        )
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
+    else:
+        padding = module.padding[0]
+    cols = F.unfold(
+        x.unsqueeze(2),
+        (1, module.kernel_size[0]),
+        dilation=(1, module.dilation[0]),
+        padding=(0, padding),
+        stride=(1, module.stride[0]),
+    )
+    return cols.transpose(1, 2)
+
+
 def conv_output_rows(out_dim: int, g: torch.Tensor) -> torch.Tensor:
     """A convolution's output gradient ``(b, out, *spatial)`` as rows ``(b, T, out)``."""
     return g.reshape(g.shape[0], out_dim, -1).transpose(1, 2)
@@ -119,15 +142,16 @@ def check_ungrouped(name: str, module: nn.Module, who: str, fix: str) -> None:
 
 LINEAR = LayerKind("linear", dense_input_rows, dense_output_rows)
 CONV2D = LayerKind("conv2d", conv2d_input_rows, conv_output_rows, check=check_ungrouped)
+CONV1D = LayerKind("torch_conv1d", conv1d_input_rows, conv_output_rows, check=check_ungrouped)
 #: Hugging Face's transposed dense layer (``transformers.pytorch_utils.Conv1D``, weight ``(in, out)``)
 HF_CONV1D = LayerKind("conv1d", dense_input_rows, dense_output_rows, transposed=True)
 
 #: supported module types (subclasses included)
-KINDS: dict[type[nn.Module], LayerKind] = {nn.Linear: LINEAR, nn.Conv2d: CONV2D}
+KINDS: dict[type[nn.Module], LayerKind] = {nn.Linear: LINEAR, nn.Conv2d: CONV2D, nn.Conv1d: CONV1D}
 #: kinds recognised by class name, for types of optional packages that datatrace does not import
 KINDS_BY_CLASS_NAME: dict[str, LayerKind] = {"Conv1D": HF_CONV1D}
 
-SUPPORTED_LAYERS = "nn.Linear, nn.Conv2d (groups=1) and transformers' Conv1D"
+SUPPORTED_LAYERS = "nn.Linear, nn.Conv2d and nn.Conv1d (groups=1), and transformers' Conv1D"
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:

@@ -1,4 +1,5 @@
-"""K-FAC and EK-FAC: Kronecker-factored curvature for ``nn.Linear``, ``nn.Conv2d`` and Hugging Face's ``Conv1D``.
+"""K-FAC and EK-FAC: Kronecker-factored curvature for the layers of :mod:`datatrace.capture.kinds` (Linear, Conv2d,
+Conv1d, transformers' Conv1D).
 
 For a layer ``y = W a (+ b)`` with per-example gradient ``G_i = sum_t s_it a_it^T`` (``s = dl/dy`` the
 pre-activation output gradient, ``t`` the locations where the layer is applied: one for a dense layer on a vector,
