@@ -18,14 +18,15 @@ convolutions):
 matrix, chosen by ``fisher=``:
 
 * ``"ggn"`` (default): the output Hessian of every example, ``d^2 l_i / d o^2 = L_i L_i^T``, is factored exactly
-  (``eigh`` of the ``k x k`` matrix from ``torch.func``, reverse over reverse) and its ``k`` columns are backpropagated. Then
+  (:meth:`~datatrace.Task.output_hessian_factors`: closed forms for the built-in tasks, ``torch.func`` and ``eigh``
+  otherwise) and its ``k`` columns are backpropagated. Then
   ``sum_c G_ic G_ic^T = J_i^T H_i J_i``: K-FAC's only approximation is the Kronecker factorisation, which is exact
   for a single linear layer with squared error (where ``H_i = 2 I`` for every example).
 * ``"sampled"``: the true Fisher, with ``n_samples`` labels per example drawn from the model's predictive
   distribution (categorical for softmax, Bernoulli for one logit, Gaussian with variance 1/2 for
-  :class:`~datatrace.RegressionTask`, whose loss has no factor 1/2); seeded by ``random_state``. A custom task
-  can take part by defining ``sample_targets(outputs, batch, generator) -> batch`` (the batch with its targets
-  replaced by draws from the model's predictive distribution). An unbiased estimate of the GGN for these losses.
+  :class:`~datatrace.RegressionTask`, whose loss has no factor 1/2: :meth:`~datatrace.Task.sample_targets`);
+  seeded by ``random_state``. A custom task takes part by overriding ``sample_targets(outputs, batch, generator)``.
+  An unbiased estimate of the GGN for these losses.
 * ``"empirical"``: the gradients of the actual labels (the "empirical Fisher", Kunstner et al. 2019 explain why it
   is a poor curvature estimate away from a perfect fit; offered for comparison and for tasks without outputs).
 
@@ -40,12 +41,9 @@ pseudo-gradients,
 is one step of the power iteration for the nearest Kronecker product in Frobenius norm (Van Loan & Pitsianis
 1993) started from ``S = I``, costs nothing extra (same pass, same hooks) and keeps the trace exact for dense
 layers: ``tr(S (x) A_w) = (1/n) sum ||s||^2 ||a||^2``. EK-FAC only takes the eigenbasis from ``A``, so this
-changes which basis its eigenvalues are refitted in. Measured against 100 actual leave-one-out retrains
-(multinomial logistic regression on 1,000 digits, three data splits and three L2 strengths; mean Pearson r):
-EK-FAC 0.826 / 0.809 / 0.814 weighted vs 0.805 / 0.799 / 0.809 with the mean (L2 ``1e-3``), 0.675 vs 0.636 at
-``1e-4``, 0.941 vs 0.942 at ``1e-2``; LDS on the 64-32-10 MLP 0.654 vs 0.653. For K-FAC, whose eigenvalues
-are the products of the factors', it is not better (0.817 vs 0.813 on the first split, 0.803 vs 0.812 and 0.804 vs
-0.821 on the others, LDS 0.650 vs 0.667), so K-FAC keeps the mean by default.
+changes which basis its eigenvalues are refitted in. Against actual leave-one-out retraining it helps EK-FAC and
+not K-FAC, whose eigenvalues are the products of the factors', so K-FAC keeps the mean by default (the rows
+``kfac-weighted`` and ``ekfac-mean`` of ``benchmarks/bench_curvature.py``, benchmarks/README.md).
 
 **EK-FAC** (George et al. 2018; Grosse et al. 2023, eq. 20) keeps the eigenbases ``Q_S``, ``Q_A`` of the two
 factors but refits the eigenvalues as the second moments of the per-example pseudo-gradients in that basis,
@@ -79,25 +77,17 @@ layer is penalised (``lambda > 0``) and ``1e-3`` times the layer's mean eigenval
 (e.g. the softmax's shift direction of an unpenalised bias, with damping 0) are dropped: a pseudo-inverse, as in
 the dense routes.
 
-Measured (float64, scores of every (query, training example) pair against ``curvature="exact"``, Pearson r):
-
-* damping only ever hurt where ``lambda > 0``: multinomial logistic regression on 300 digits with ``lambda =
-  1e-3`` gives r = 0.924 / 0.923 (K-FAC / EK-FAC) with no damping and 0.915 / 0.914 with kronfluence's
-  ``0.1 * mean eigenvalue``; a 64-32-10 tanh MLP on digits 0.910 / 0.909 against 0.906 / 0.905, and the larger
-  damping shrinks the scores by 10-35 %;
-* with ``lambda = 0`` (softmax regression, 200 examples, uneven feature scales) fractions 0, 1e-4 and 1e-3 of the
-  mean eigenvalue are indistinguishable (r = 0.846 / 0.861; against actual leave-one-out retraining 0.795 /
-  0.840, where the exact Hessian reaches 0.995), 1e-2 is slightly worse and 0.1 drops to 0.818 / 0.833.
+Where ``lambda > 0`` extra damping only shrinks the scores and lowers their agreement with the exact Hessian;
+with ``lambda = 0`` small fractions of the mean eigenvalue (up to ``1e-3``) are indistinguishable from each other
+and larger ones hurt (``benchmarks/bench_curvature.py --damping-grid``).
 
 **Accuracy to expect.** K-FAC is exact for a single dense layer with squared error; elsewhere its factorisation
-``E[H_i (x) a_i a_i^T] ~ E[H_i] (x) E[a_i a_i^T]`` ignores that confident examples have small output curvature.
-On digits logistic regression r = 0.99 at ``lambda = 0.1``, 0.93-0.95 at ``1e-2`` and 0.92-0.94 at ``1e-3``, with
-scores 1.3-2.8 times the exact ones (the curvature is underestimated along gradient directions); on the MLP the
-last layer's block is the main error (relative Frobenius error 0.68 for K-FAC, 0.64 for EK-FAC), not the
-block-diagonal structure (the dense block-diagonal GGN reaches r = 0.95). EK-FAC's eigenvalues are the best
-diagonal in K-FAC's eigenbasis (its trace equals the true block's); it helps most when input features have
-uneven scales and little on well-scaled ones. Use ``curvature="exact"`` or ``"gauss-newton"`` when the model is
-small enough, and K-FAC/EK-FAC for rankings on models where nothing denser fits.
+``E[H_i (x) a_i a_i^T] ~ E[H_i] (x) E[a_i a_i^T]`` ignores that confident examples have small output curvature,
+so it underestimates the curvature along gradient directions and its scores are larger than the exact ones; on a
+network the last layer's block dominates the error, more than the block-diagonal structure. EK-FAC's eigenvalues
+are the best diagonal in K-FAC's eigenbasis (its trace equals the true block's); it helps most when input
+features have uneven scales. Use ``curvature="exact"`` or ``"gauss-newton"`` when the model is small enough, and
+K-FAC/EK-FAC for rankings on models where nothing denser fits (benchmarks/README.md has the measured agreement).
 
 **Under torch.distributed** (a process group the caller initialised, e.g. with ``torchrun``): each rank passes
 over its own contiguous shard of the data (:func:`datatrace.distributed.shard_indices`) for the factors and for
@@ -161,8 +151,6 @@ MAX_GGN_OUTPUTS = 1024
 #: "auto" damping, as a fraction of the layer's mean eigenvalue, used when the regulariser does not bound the
 #: eigenvalues away from zero
 AUTO_DAMPING_FRACTION = 1e-3
-#: per-example gradients of a layer are formed in chunks of at most this many elements (EK-FAC, conv layers)
-_CHUNK_ELEMENTS = CHUNK_ELEMENTS
 SUPPORTED_MODULES = SUPPORTED_LAYERS
 
 
@@ -337,7 +325,7 @@ class KFAC(Curvature):
                 if a_rot.shape[1] == 1:  # rank one per example: (Q_S^T s a^T Q_A)^2 = (s')^2 (a')^2^T
                     layer.eigenvalues += (s_rot[:, :, 0] ** 2).sum(dim=0).T @ (a_rot[:, 0] ** 2)
                     return
-                per = max(1, _CHUNK_ELEMENTS // max(1, layer.out_dim * layer.a_dim))
+                per = max(1, CHUNK_ELEMENTS // max(1, layer.out_dim * layer.a_dim))
                 for s_col in s_rot:
                     for start in range(0, a_rot.shape[0], per):
                         g = torch.einsum(
