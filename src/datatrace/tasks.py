@@ -10,7 +10,12 @@ where ``b`` runs over parameter tensors and ``lambda_b`` is ``weight_decay`` (on
 mapping from parameter name to its own strength). Its Hessian is therefore ``(1/n) sum_i d^2 l_i + diag(lambda)``.
 
 A task that also splits the loss into ``outputs(model, batch)`` and ``loss_from_outputs(outputs, batch)`` unlocks
-the Gauss-Newton curvature ``J^T (d^2 l / d outputs^2) J``; both built-in tasks do.
+the Gauss-Newton curvature ``J^T (d^2 l / d outputs^2) J``; both built-in tasks do. What the algorithms then ask of
+the loss in the output space ``o`` is a task method, never a type check: :meth:`Task.output_gradient`
+(``dl/do``), :meth:`Task.output_hessian_factors` (``L`` with ``L L^T = d^2 l / do^2``, the cotangents of the
+Gauss-Newton pseudo-gradients ``J^T L[:, c]``, Martens & Grosse 2015) and :meth:`Task.sample_targets` (targets
+drawn from the model's predictive distribution, for the sampled Fisher). ``Task`` computes the first two for any
+loss with ``torch.func``; the built-in tasks override them (and sampling) with closed forms.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import jacrev, vmap
 
 from datatrace.errors import bad_value
+from datatrace.linalg import zero_tolerance
 
 
 class Task:
@@ -104,6 +111,48 @@ class Task:
             and type(self).loss_from_outputs is not Task.loss_from_outputs
         )
 
+    # -- what algorithms ask of the loss in the output space -------------------------------------------------
+    def output_gradient(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
+        """``dl_i / do_i`` for every example, shape ``(b, K)`` (``K`` outputs per example), by autograd."""
+        o = outputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.loss_from_outputs(o, batch).sum(), o)
+        return g.reshape(o.shape[0], -1)
+
+    def output_hessian_factors(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
+        """``L_i`` with ``L_i L_i^T = d^2 l_i / d o^2`` for every example (negative curvature clipped to zero).
+
+        Shape ``(b, K, K)``; column ``c`` of ``L_i`` is the output-space cotangent of the ``c``-th Gauss-Newton
+        pseudo-gradient ``J_i^T L_i[:, c]``, so that ``sum_c (J_i^T L_ic)(J_i^T L_ic)^T = J_i^T H_i J_i``. This
+        default differentiates :meth:`loss_from_outputs` twice with ``torch.func`` (reverse over reverse, per
+        example) and eigendecomposes the ``K x K`` Hessian; eigenvalues within
+        :func:`~datatrace.linalg.zero_tolerance` of zero (relative to the largest) count as zero.
+        """
+        shape = outputs.shape[1:]
+        flat = outputs.detach().reshape(outputs.shape[0], -1)
+
+        def single(o: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
+            return self.loss_from_outputs(o.reshape(1, *shape), tuple(t.unsqueeze(0) for t in example))[0]
+
+        hess = vmap(jacrev(jacrev(single)), in_dims=(0, *(0 for _ in batch)))(flat, *batch)
+        hess = 0.5 * (hess + hess.transpose(1, 2))
+        evals, evecs = torch.linalg.eigh(hess)
+        top = evals.abs().amax(dim=1, keepdim=True)
+        tol = zero_tolerance(evals.shape[1], evals.dtype) * top
+        evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
+        return evecs * evals.sqrt().unsqueeze(1)
+
+    def sample_targets(self, outputs: torch.Tensor, batch: tuple, generator: torch.Generator) -> tuple:
+        """``batch`` with its targets drawn from the model's predictive distribution at ``outputs`` (the sampled
+        Fisher). A custom task defines it to take part; the default raises."""
+        raise bad_value(
+            "fisher",
+            "sampled",
+            f"{type(self).__name__} does not say how to sample targets from the model's predictive distribution",
+            "use fisher='ggn' (exact in the output space), or define task.sample_targets(outputs, batch, "
+            "generator) returning the batch with sampled targets",
+        )
+
     def weight_decay_for(self, name: str) -> float:
         """The L2 strength ``lambda`` of parameter ``name``."""
         if isinstance(self.weight_decay, dict):
@@ -127,6 +176,10 @@ def _first_input(batch: tuple) -> torch.Tensor:
             "Fix: pass data as (X, y), or write a Task subclass for another layout."
         )
     return batch[0]
+
+
+def _replace_target(batch: tuple, target: torch.Tensor) -> tuple:
+    return (batch[0], target, *batch[2:])
 
 
 class ClassificationTask(Task):
@@ -168,6 +221,37 @@ class ClassificationTask(Task):
             )
         return F.cross_entropy(outputs, y, reduction="none")
 
+    def _own_loss(self) -> bool:
+        """Whether the loss is this class's (a subclass that changes it gets the generic methods of Task)."""
+        return type(self).loss_from_outputs is ClassificationTask.loss_from_outputs
+
+    def output_hessian_factors(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
+        """Closed forms: logistic ``L = sqrt(s (1 - s))``; softmax cross-entropy ``H = diag(p) - p p^T = L L^T``
+        with ``L = diag(sqrt p) - p sqrt(p)^T``."""
+        if not self._own_loss():
+            return super().output_hessian_factors(outputs, batch)
+        flat = outputs.detach().reshape(outputs.shape[0], -1)
+        b, K = flat.shape
+        if K == 1:
+            s = torch.sigmoid(flat)
+            return (s * (1 - s)).sqrt().reshape(b, 1, 1)
+        p = torch.softmax(flat, dim=1)
+        sq = p.sqrt()
+        return torch.diag_embed(sq) - p[:, :, None] * sq[:, None, :]
+
+    def sample_targets(self, outputs: torch.Tensor, batch: tuple, generator: torch.Generator) -> tuple:
+        """Labels drawn from the softmax (categorical) or, for one logit, the sigmoid (Bernoulli)."""
+        if not self._own_loss():
+            return super().sample_targets(outputs, batch, generator)
+        y = batch[1]
+        if outputs.dim() == 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
+            p = torch.sigmoid(outputs.reshape(-1))
+            draw = torch.bernoulli(p, generator=generator)
+            return _replace_target(batch, draw.to(y.dtype).reshape(y.shape))
+        probs = torch.softmax(outputs, dim=-1)
+        draw = torch.multinomial(probs, 1, replacement=True, generator=generator).reshape(outputs.shape[0])
+        return _replace_target(batch, draw.to(y.dtype))
+
 
 class RegressionTask(Task):
     """Squared error ``sum_k (f_k(x) - y_k)^2`` summed over outputs (no factor 1/2) on ``(x, y)`` batches."""
@@ -186,3 +270,25 @@ class RegressionTask(Task):
                 "RegressionTask needs one target per output. Fix: reshape y to match the model's output."
             )
         return ((out - target) ** 2).sum(dim=1)
+
+    def _own_loss(self) -> bool:
+        """Whether the loss is this class's (a subclass that changes it gets the generic methods of Task)."""
+        return type(self).loss_from_outputs is RegressionTask.loss_from_outputs
+
+    def output_hessian_factors(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
+        """Closed form: ``(o - y)^2`` summed has ``H = 2 I``, so ``L = sqrt(2) I``."""
+        if not self._own_loss():
+            return super().output_hessian_factors(outputs, batch)
+        flat = outputs.detach().reshape(outputs.shape[0], -1)
+        b, K = flat.shape
+        eye = torch.eye(K, dtype=flat.dtype, device=flat.device)
+        return (math.sqrt(2.0) * eye).expand(b, K, K)
+
+    def sample_targets(self, outputs: torch.Tensor, batch: tuple, generator: torch.Generator) -> tuple:
+        """Targets ``o + N(0, 1/2)``: the loss ``(o - y)^2`` is a Gaussian negative log-likelihood with variance 1/2."""
+        if not self._own_loss():
+            return super().sample_targets(outputs, batch, generator)
+        y = batch[1]
+        flat = outputs.reshape(outputs.shape[0], -1)
+        noise = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device=flat.device)
+        return _replace_target(batch, (flat + math.sqrt(0.5) * noise).reshape(y.shape))

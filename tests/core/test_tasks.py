@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import hessian
 
 from datatrace import ClassificationTask, InfluenceFunction, RegressionTask, Task
 from datatrace.data import as_data_source
@@ -289,3 +290,90 @@ def test_task_that_splits_outputs_gets_loss_for_free():
     x = torch.tensor([[0.0], [1.0]], dtype=F64)
     model = nn.Linear(1, 1).double()
     torch.testing.assert_close(task.loss(model, (x,)), F.softplus(model(x)[:, 0]))
+
+
+# -- what algorithms ask of a task in the output space -------------------------------------------------------------
+
+
+class Generic(Task):
+    """Delegates the loss to a built-in task without inheriting its closed forms: Task's torch.func defaults."""
+
+    def __init__(self, inner: Task) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def outputs(self, model, batch):
+        return self.inner.outputs(model, batch)
+
+    def loss_from_outputs(self, outputs, batch):
+        return self.inner.loss_from_outputs(outputs, batch)
+
+
+OUTPUT_CASES = [
+    (ClassificationTask(), torch.randn(6, 4, dtype=F64), torch.arange(6) % 4),
+    (ClassificationTask(), torch.randn(6, 1, dtype=F64), torch.arange(6) % 2),
+    (RegressionTask(), torch.randn(6, 3, dtype=F64), torch.randn(6, 3, dtype=F64)),
+]
+OUTPUT_IDS = ["softmax", "logistic", "squared"]
+
+
+@pytest.mark.parametrize(("task", "outputs", "target"), OUTPUT_CASES, ids=OUTPUT_IDS)
+def test_output_hessian_factors_closed_forms_match_the_generic_default(task, outputs, target):
+    batch = (outputs, target)
+    L = task.output_hessian_factors(outputs, batch)
+    G = Generic(task).output_hessian_factors(outputs, batch)
+    assert L.shape == G.shape == (6, outputs.shape[1], outputs.shape[1])
+    torch.testing.assert_close(G @ G.transpose(1, 2), L @ L.transpose(1, 2), rtol=0, atol=1e-12)
+    for i in range(6):  # and both against an independent Hessian (forward over reverse)
+        H = hessian(lambda o, i=i: task.loss_from_outputs(o[None], (None, target[i : i + 1]))[0])(outputs[i])
+        torch.testing.assert_close(L[i] @ L[i].T, H.reshape(outputs[i].numel(), -1), rtol=0, atol=1e-12)
+
+    class Subclass(type(task)):  # same loss, not the built-in method: the generic default
+        def loss_from_outputs(self, outputs, batch):
+            return super().loss_from_outputs(outputs, batch)
+
+    S = Subclass().output_hessian_factors(outputs, batch)
+    torch.testing.assert_close(S, G, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("task", "outputs", "target"), OUTPUT_CASES, ids=OUTPUT_IDS)
+def test_output_gradient_by_hand(task, outputs, target):
+    g = task.output_gradient(outputs, (outputs, target))
+    if isinstance(task, RegressionTask):
+        expected = 2 * (outputs - target)
+    elif outputs.shape[1] == 1:
+        expected = torch.sigmoid(outputs) - target[:, None].to(F64)
+    else:
+        expected = torch.softmax(outputs, dim=1) - F.one_hot(target, outputs.shape[1]).to(F64)
+    torch.testing.assert_close(g, expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(Generic(task).output_gradient(outputs, (outputs, target)), g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("task", "outputs", "target"), OUTPUT_CASES, ids=OUTPUT_IDS)
+def test_sampled_targets_follow_the_predictive_distribution(task, outputs, target):
+    """The sampled Fisher E_y[g g^T] (g = dl/do at sampled y) equals the output Hessian L L^T in expectation."""
+    r = 20000
+    o = outputs.repeat(r, 1)
+    batch = (o, target.repeat(r, *(1 for _ in target.shape[1:])))
+    generator = torch.Generator().manual_seed(0)
+    sampled = task.sample_targets(o, batch, generator)
+    assert sampled[1].dtype == target.dtype and sampled[1].shape == batch[1].shape
+    g = task.output_gradient(o, sampled).reshape(r, 6, -1)
+    fisher = torch.einsum("rbi,rbj->bij", g, g) / r
+    L = task.output_hessian_factors(outputs, (outputs, target))
+    torch.testing.assert_close(fisher, L @ L.transpose(1, 2), rtol=0, atol=0.05)
+    again = task.sample_targets(o, batch, torch.Generator().manual_seed(0))
+    assert torch.equal(again[1], sampled[1])  # seeded
+
+
+def test_sampling_needs_a_predictive_distribution():
+    outputs, target = torch.randn(4, 3, dtype=F64), torch.arange(4) % 3
+    with pytest.raises(ValueError, match=r"fisher='sampled'.*sample_targets"):
+        Generic(ClassificationTask()).sample_targets(outputs, (outputs, target), torch.Generator())
+
+    class Smoothed(ClassificationTask):  # a changed loss keeps no closed form
+        def loss_from_outputs(self, outputs, batch):
+            return F.cross_entropy(outputs, batch[1], reduction="none", label_smoothing=0.1)
+
+    with pytest.raises(ValueError, match=r"fisher='sampled'.*sample_targets"):
+        Smoothed().sample_targets(outputs, (outputs, target), torch.Generator())

@@ -12,14 +12,8 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from datatrace.gradients.functional import FunctionalModel, prepare_model
-from datatrace.projection.projectors import (
-    ROWS_PER_SEED,
-    FactorizedProjector,
-    RandomProjector,
-    jl_dim,
-    output_hessian_factors,
-    random_matrix,
-)
+from datatrace.projection.factorized import FactorizedProjector
+from datatrace.projection.random import ROWS_PER_SEED, RandomProjector, jl_dim, random_matrix
 from datatrace.tasks import ClassificationTask, RegressionTask
 
 # -- helpers (independent of datatrace's projection code) ----------------------------------------------------------
@@ -125,7 +119,7 @@ def test_jl_dim_rejects_bad_eps(eps):
 def test_auto_dim_is_capped_logged_and_identity_when_it_reaches_p(caplog, make_mlp):
     task = ClassificationTask()
     fmodel = fmodel_of(make_mlp(d=3, h=4, k=3), task)  # p = 31
-    with caplog.at_level(logging.INFO, logger="datatrace.projection.projectors"):
+    with caplog.at_level(logging.INFO, logger="datatrace.projection.random"):
         proj = RandomProjector(dim="auto").fit(fmodel, n_points=1000)
     assert proj.kind_ == "identity" and proj.dim_ == 31
     assert "Johnson-Lindenstrauss" in caplog.text and "identity" in caplog.text
@@ -358,30 +352,3 @@ def test_random_projector_validates_arguments(kwargs, match):
 def test_unfitted_projector_says_so():
     with pytest.raises(RuntimeError, match="not fitted"):
         RandomProjector(dim=4).project(torch.zeros(1, 3))
-
-
-@pytest.mark.parametrize(
-    ("task", "outputs", "target"),
-    [
-        (ClassificationTask(), torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 4),
-        (ClassificationTask(), torch.randn(6, 1, dtype=torch.float64), torch.arange(6) % 2),
-        (RegressionTask(), torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)),
-    ],
-    ids=["softmax", "logistic", "squared"],
-)
-def test_output_hessian_factors_closed_forms_match_autodiff(task, outputs, target):
-    from torch.func import hessian
-
-    L = output_hessian_factors(task, outputs, (outputs, target))
-    for i in range(6):
-        H = hessian(lambda o, i=i: task.loss_from_outputs(o[None], (None, target[i : i + 1]))[0])(outputs[i])
-        H = H.reshape(outputs[i].numel(), -1)
-        assert torch.allclose(L[i] @ L[i].T, H, atol=1e-12)
-
-    class Custom(ClassificationTask):  # same loss, not the built-in method: generic route
-        def loss_from_outputs(self, outputs, batch):
-            return super().loss_from_outputs(outputs, batch)
-
-    if isinstance(task, ClassificationTask):
-        G = output_hessian_factors(Custom(), outputs, (outputs, target))
-        assert torch.allclose(G @ G.transpose(1, 2), L @ L.transpose(1, 2), atol=1e-12)

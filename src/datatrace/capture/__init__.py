@@ -1,2 +1,2 @@
-"""Layer capture: forward/backward hooks on supported layers (Linear, Conv2d, Conv1D), shared by K-FAC/EK-FAC and the
-factorised projection."""
+"""Layer capture: the table of supported layer kinds (Linear, Conv2d, Conv1d, transformers' Conv1D) and the one hook
+engine shared by K-FAC/EK-FAC and the factorised projection."""

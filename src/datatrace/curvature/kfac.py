@@ -1,4 +1,5 @@
-"""K-FAC and EK-FAC: Kronecker-factored curvature for ``nn.Linear``, ``nn.Conv2d`` and Hugging Face's ``Conv1D``.
+"""K-FAC and EK-FAC: Kronecker-factored curvature for the layers of :mod:`datatrace.capture.kinds` (Linear, Conv2d,
+Conv1d, transformers' Conv1D).
 
 For a layer ``y = W a (+ b)`` with per-example gradient ``G_i = sum_t s_it a_it^T`` (``s = dl/dy`` the
 pre-activation output gradient, ``t`` the locations where the layer is applied: one for a dense layer on a vector,
@@ -17,14 +18,15 @@ convolutions):
 matrix, chosen by ``fisher=``:
 
 * ``"ggn"`` (default): the output Hessian of every example, ``d^2 l_i / d o^2 = L_i L_i^T``, is factored exactly
-  (``eigh`` of the ``k x k`` matrix from ``torch.func``, reverse over reverse) and its ``k`` columns are backpropagated. Then
+  (:meth:`~datatrace.Task.output_hessian_factors`: closed forms for the built-in tasks, ``torch.func`` and ``eigh``
+  otherwise) and its ``k`` columns are backpropagated. Then
   ``sum_c G_ic G_ic^T = J_i^T H_i J_i``: K-FAC's only approximation is the Kronecker factorisation, which is exact
   for a single linear layer with squared error (where ``H_i = 2 I`` for every example).
 * ``"sampled"``: the true Fisher, with ``n_samples`` labels per example drawn from the model's predictive
   distribution (categorical for softmax, Bernoulli for one logit, Gaussian with variance 1/2 for
-  :class:`~datatrace.RegressionTask`, whose loss has no factor 1/2); seeded by ``random_state``. A custom task
-  can take part by defining ``sample_targets(outputs, batch, generator) -> batch`` (the batch with its targets
-  replaced by draws from the model's predictive distribution). An unbiased estimate of the GGN for these losses.
+  :class:`~datatrace.RegressionTask`, whose loss has no factor 1/2: :meth:`~datatrace.Task.sample_targets`);
+  seeded by ``random_state``. A custom task takes part by overriding ``sample_targets(outputs, batch, generator)``.
+  An unbiased estimate of the GGN for these losses.
 * ``"empirical"``: the gradients of the actual labels (the "empirical Fisher", Kunstner et al. 2019 explain why it
   is a poor curvature estimate away from a perfect fit; offered for comparison and for tasks without outputs).
 
@@ -39,12 +41,9 @@ pseudo-gradients,
 is one step of the power iteration for the nearest Kronecker product in Frobenius norm (Van Loan & Pitsianis
 1993) started from ``S = I``, costs nothing extra (same pass, same hooks) and keeps the trace exact for dense
 layers: ``tr(S (x) A_w) = (1/n) sum ||s||^2 ||a||^2``. EK-FAC only takes the eigenbasis from ``A``, so this
-changes which basis its eigenvalues are refitted in. Measured against 100 actual leave-one-out retrains
-(multinomial logistic regression on 1,000 digits, three data splits and three L2 strengths; mean Pearson r):
-EK-FAC 0.826 / 0.809 / 0.814 weighted vs 0.805 / 0.799 / 0.809 with the mean (L2 ``1e-3``), 0.675 vs 0.636 at
-``1e-4``, 0.941 vs 0.942 at ``1e-2``; LDS on the 64-32-10 MLP 0.654 vs 0.653. For K-FAC, whose eigenvalues
-are the products of the factors', it is not better (0.817 vs 0.813 on the first split, 0.803 vs 0.812 and 0.804 vs
-0.821 on the others, LDS 0.650 vs 0.667), so K-FAC keeps the mean by default.
+changes which basis its eigenvalues are refitted in. Against actual leave-one-out retraining it helps EK-FAC and
+not K-FAC, whose eigenvalues are the products of the factors', so K-FAC keeps the mean by default (the rows
+``kfac-weighted`` and ``ekfac-mean`` of ``benchmarks/bench_curvature.py``, benchmarks/README.md).
 
 **EK-FAC** (George et al. 2018; Grosse et al. 2023, eq. 20) keeps the eigenbases ``Q_S``, ``Q_A`` of the two
 factors but refits the eigenvalues as the second moments of the per-example pseudo-gradients in that basis,
@@ -78,25 +77,17 @@ layer is penalised (``lambda > 0``) and ``1e-3`` times the layer's mean eigenval
 (e.g. the softmax's shift direction of an unpenalised bias, with damping 0) are dropped: a pseudo-inverse, as in
 the dense routes.
 
-Measured (float64, scores of every (query, training example) pair against ``curvature="exact"``, Pearson r):
-
-* damping only ever hurt where ``lambda > 0``: multinomial logistic regression on 300 digits with ``lambda =
-  1e-3`` gives r = 0.924 / 0.923 (K-FAC / EK-FAC) with no damping and 0.915 / 0.914 with kronfluence's
-  ``0.1 * mean eigenvalue``; a 64-32-10 tanh MLP on digits 0.910 / 0.909 against 0.906 / 0.905, and the larger
-  damping shrinks the scores by 10-35 %;
-* with ``lambda = 0`` (softmax regression, 200 examples, uneven feature scales) fractions 0, 1e-4 and 1e-3 of the
-  mean eigenvalue are indistinguishable (r = 0.846 / 0.861; against actual leave-one-out retraining 0.795 /
-  0.840, where the exact Hessian reaches 0.995), 1e-2 is slightly worse and 0.1 drops to 0.818 / 0.833.
+Where ``lambda > 0`` extra damping only shrinks the scores and lowers their agreement with the exact Hessian;
+with ``lambda = 0`` small fractions of the mean eigenvalue (up to ``1e-3``) are indistinguishable from each other
+and larger ones hurt (``benchmarks/bench_curvature.py --damping-grid``).
 
 **Accuracy to expect.** K-FAC is exact for a single dense layer with squared error; elsewhere its factorisation
-``E[H_i (x) a_i a_i^T] ~ E[H_i] (x) E[a_i a_i^T]`` ignores that confident examples have small output curvature.
-On digits logistic regression r = 0.99 at ``lambda = 0.1``, 0.93-0.95 at ``1e-2`` and 0.92-0.94 at ``1e-3``, with
-scores 1.3-2.8 times the exact ones (the curvature is underestimated along gradient directions); on the MLP the
-last layer's block is the main error (relative Frobenius error 0.68 for K-FAC, 0.64 for EK-FAC), not the
-block-diagonal structure (the dense block-diagonal GGN reaches r = 0.95). EK-FAC's eigenvalues are the best
-diagonal in K-FAC's eigenbasis (its trace equals the true block's); it helps most when input features have
-uneven scales and little on well-scaled ones. Use ``curvature="exact"`` or ``"gauss-newton"`` when the model is
-small enough, and K-FAC/EK-FAC for rankings on models where nothing denser fits.
+``E[H_i (x) a_i a_i^T] ~ E[H_i] (x) E[a_i a_i^T]`` ignores that confident examples have small output curvature,
+so it underestimates the curvature along gradient directions and its scores are larger than the exact ones; on a
+network the last layer's block dominates the error, more than the block-diagonal structure. EK-FAC's eigenvalues
+are the best diagonal in K-FAC's eigenbasis (its trace equals the true block's); it helps most when input
+features have uneven scales. Use ``curvature="exact"`` or ``"gauss-newton"`` when the model is small enough, and
+K-FAC/EK-FAC for rankings on models where nothing denser fits (benchmarks/README.md has the measured agreement).
 
 **Under torch.distributed** (a process group the caller initialised, e.g. with ``torchrun``): each rank passes
 over its own contiguous shard of the data (:func:`datatrace.distributed.shard_indices`) for the factors and for
@@ -127,28 +118,29 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
-from torch.func import jacrev, vmap
 
-from datatrace.capture.kinds import (
-    SUPPORTED_LAYERS,
-    input_rows,
-    output_rows,
-    scan_layers,
-    weight_decay_per_tensor,
+from datatrace.capture.engine import (
+    CHUNK_ELEMENTS,
+    Backprop,
+    Layer,
+    Recording,
+    check_gradients,
+    first_nonfinite,
+    recording,
 )
+from datatrace.capture.engine import find_layers as engine_find_layers
+from datatrace.capture.kinds import SUPPORTED_LAYERS, weight_decay_per_tensor
 from datatrace.curvature.base import Curvature
 from datatrace.data import DataSource
 from datatrace.distributed import all_reduce_sum, distributed_sum, world
 from datatrace.errors import bad_value, check_choice, check_nonnegative_float, check_positive_int
 from datatrace.gradients.functional import FunctionalModel
-from datatrace.tasks import ClassificationTask, RegressionTask
+from datatrace.linalg import zero_tolerance
+from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +151,6 @@ MAX_GGN_OUTPUTS = 1024
 #: "auto" damping, as a fraction of the layer's mean eigenvalue, used when the regulariser does not bound the
 #: eigenvalues away from zero
 AUTO_DAMPING_FRACTION = 1e-3
-#: per-example gradients of a layer are formed in chunks of at most this many elements (EK-FAC, conv layers)
-_CHUNK_ELEMENTS = 2**24
 SUPPORTED_MODULES = SUPPORTED_LAYERS
 
 
@@ -168,17 +158,9 @@ SUPPORTED_MODULES = SUPPORTED_LAYERS
 
 
 @dataclass
-class _Layer:
-    """A supported module with at least one parameter in scope, and what K-FAC learned about it."""
+class _Layer(Layer):
+    """A supported layer (:class:`~datatrace.capture.engine.Layer`) and what K-FAC learned about it (float64)."""
 
-    name: str
-    module: nn.Module
-    kind: str
-    weight: str | None  # parameter name in fmodel.space, if in scope
-    bias: str | None
-    out_dim: int
-    in_dim: int  # width of the layer's input patch (without the appended 1)
-    # fitted state (float64)
     A: torch.Tensor | None = None
     S: torch.Tensor | None = None
     locations: int = 0
@@ -194,53 +176,6 @@ class _Layer:
     lam_bias: float = 0.0
     damping: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def a_dim(self) -> int:
-        return (self.in_dim if self.weight is not None else 0) + (1 if self.bias is not None else 0)
-
-    @property
-    def params(self) -> list[str]:
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    # layout: the (out, in') matrix form of the layer's in-scope parameters --------------------------------------
-    def gather(self, blocks: Mapping[str, torch.Tensor], lead: int) -> torch.Tensor:
-        """Named parameter-shaped tensors with ``lead`` leading axes -> ``(*lead, out, in')``."""
-        parts = []
-        if self.weight is not None:
-            w = blocks[self.weight]
-            lead_shape = w.shape[:lead]
-            if self.kind == "conv1d":  # weight (in, out), y = x @ W + b
-                parts.append(w.transpose(-1, -2))
-            else:  # Linear (out, in); Conv2d (out, in, kh, kw) row-major -> (out, in*kh*kw)
-                parts.append(w.reshape(*lead_shape, self.out_dim, self.in_dim))
-        if self.bias is not None:
-            parts.append(blocks[self.bias].unsqueeze(-1))
-        return torch.cat(parts, dim=-1)
-
-    def scatter(self, matrix: torch.Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
-        """Inverse of :meth:`gather`: ``(*lead, out, in')`` -> named tensors of the parameters' shapes."""
-        lead_shape = matrix.shape[:-2]
-        out: dict[str, torch.Tensor] = {}
-        if self.weight is not None:
-            w = matrix[..., : self.in_dim]
-            if self.kind == "conv1d":
-                w = w.transpose(-1, -2)
-            out[self.weight] = w.reshape(*lead_shape, *shapes[self.weight])
-        if self.bias is not None:
-            out[self.bias] = matrix[..., -1]
-        return out
-
-    # what the hooks see -------------------------------------------------------------------------------------------
-    def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as ``(b, T, in')`` rows ``a`` (a 1 appended when the bias is in scope)."""
-        return input_rows(
-            self.name, self.module, self.kind, x, self.weight is not None, self.bias is not None, "K-FAC"
-        )
-
-    def output_rows(self, g: torch.Tensor) -> torch.Tensor:
-        """An output-shaped gradient as ``(b, T, out)`` rows ``s``."""
-        return output_rows(self.kind, self.out_dim, g)
 
 
 def _other_routes() -> str:
@@ -258,8 +193,7 @@ def find_layers(fmodel: FunctionalModel) -> list[_Layer]:
     Raises a ValueError naming every parameter in scope that no supported module owns (or that two modules
     share), and for grouped convolutions.
     """
-    specs, listed = scan_layers(fmodel, "K-FAC here", _other_routes())
-    layers = [_Layer(s.name, s.module, s.kind, s.weight, s.bias, s.out_dim, s.in_dim) for s in specs]
+    layers, listed = engine_find_layers(fmodel, "K-FAC here", _other_routes(), _Layer)
     if listed:
         raise ValueError(
             f"K-FAC covers parameters of {SUPPORTED_MODULES} only, each owned by a single module, but these "
@@ -268,93 +202,6 @@ def find_layers(fmodel: FunctionalModel) -> list[_Layer]:
             f"{_other_routes()}."
         )
     return layers
-
-
-def _param(fmodel: FunctionalModel, name: str) -> torch.Tensor:
-    return dict(fmodel.model.named_parameters())[name]
-
-
-@contextmanager
-def _recording(layers: list[_Layer]) -> Iterator[dict[int, list[Any]]]:
-    """Forward hooks that record each call of layer ``i`` as ``records[i]: (input rows a, output tensor)`` and
-    the order of calls as ``records[-1]``; always removed, also when the forward pass raises."""
-    records: dict[int, list[Any]] = {i: [] for i in range(len(layers))}
-    handles = []
-    try:
-        for i, layer in enumerate(layers):
-
-            def hook(module, inputs, output, i=i, layer=layer):
-                records[i].append((layer.patches(inputs[0].detach()), output))
-                records.setdefault(-1, []).append(i)  # call order, for diagnosing non-finite forwards
-
-            handles.append(layer.module.register_forward_hook(hook))
-        yield records
-    finally:
-        for h in handles:
-            h.remove()
-
-
-# -- pseudo-gradients in the output space ----------------------------------------------------------------------------
-
-
-def _replace_target(batch: tuple, target: torch.Tensor) -> tuple:
-    return (batch[0], target, *batch[2:])
-
-
-def _sample_batch(task: Any, outputs: torch.Tensor, batch: tuple, generator: torch.Generator) -> tuple:
-    """``batch`` with its targets drawn from the model's predictive distribution at ``outputs``."""
-    if hasattr(task, "sample_targets"):
-        return tuple(task.sample_targets(outputs, batch, generator))
-    loss_impl = type(task).loss_from_outputs
-    b = outputs.shape[0]
-    if isinstance(task, ClassificationTask) and loss_impl is ClassificationTask.loss_from_outputs:
-        y = batch[1]
-        if outputs.dim() == 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
-            p = torch.sigmoid(outputs.reshape(-1))
-            draw = torch.bernoulli(p, generator=generator)
-            return _replace_target(batch, draw.to(y.dtype).reshape(y.shape))
-        probs = torch.softmax(outputs, dim=-1)
-        draw = torch.multinomial(probs, 1, replacement=True, generator=generator).reshape(b)
-        return _replace_target(batch, draw.to(y.dtype))
-    if isinstance(task, RegressionTask) and loss_impl is RegressionTask.loss_from_outputs:
-        y = batch[1]
-        flat = outputs.reshape(b, -1)
-        noise = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device=flat.device)
-        draw = flat + math.sqrt(0.5) * noise  # the loss (o - y)^2 is a Gaussian NLL with variance 1/2
-        return _replace_target(batch, draw.reshape(y.shape))
-    raise bad_value(
-        "fisher",
-        "sampled",
-        f"{type(task).__name__} does not say how to sample targets from the model's predictive distribution",
-        "use fisher='ggn' (exact in the output space), or define task.sample_targets(outputs, batch, generator) "
-        "returning the batch with sampled targets",
-    )
-
-
-def _output_grad(task: Any, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
-    """``d sum_i l_i / d outputs`` as ``(b, k)``, for the given (possibly sampled) targets."""
-    o = outputs.detach().requires_grad_(True)
-    with torch.enable_grad():
-        total = task.loss_from_outputs(o, batch).sum()
-        (g,) = torch.autograd.grad(total, o)
-    return g.reshape(o.shape[0], -1)
-
-
-def _output_hessian_factors(task: Any, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
-    """``L_i`` with ``L_i L_i^T = d^2 l_i / d o^2`` (negative curvature clipped), shape ``(b, k, k)``."""
-    shape = outputs.shape[1:]
-    flat = outputs.detach().reshape(outputs.shape[0], -1)
-
-    def single(o: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
-        return task.loss_from_outputs(o.reshape(1, *shape), tuple(t.unsqueeze(0) for t in example))[0]
-
-    hess = vmap(jacrev(jacrev(single)), in_dims=(0, *(0 for _ in batch)))(flat, *batch)
-    hess = 0.5 * (hess + hess.transpose(1, 2))
-    evals, evecs = torch.linalg.eigh(hess)
-    top = evals.abs().amax(dim=1, keepdim=True)
-    tol = max(evals.shape[1], 10) * torch.finfo(evals.dtype).eps * 10 * top
-    evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
-    return evecs * evals.sqrt().unsqueeze(1)
 
 
 # -- the route -------------------------------------------------------------------------------------------------------
@@ -424,7 +271,7 @@ class KFAC(Curvature):
         layers = find_layers(fmodel)
         seed = self.random_state if self.random_state is not None else int(torch.randint(0, 2**62, ()).item())
         self._seed = seed
-        self._batched_backward = True
+        self._backprop = Backprop("K-FAC")
 
         for layer in layers:
             layer.A = torch.zeros(layer.a_dim, layer.a_dim, dtype=torch.float64, device=fmodel.device)
@@ -434,9 +281,9 @@ class KFAC(Curvature):
         weight_totals = torch.zeros(len(layers), dtype=torch.float64, device=fmodel.device)
         position = {id(layer): i for i, layer in enumerate(layers)}
 
-        def accumulate(layer: _Layer, a: torch.Tensor, s_cols: list[torch.Tensor], first_chunk: bool) -> None:
+        def accumulate(layer: _Layer, a: torch.Tensor, s: torch.Tensor, first_chunk: bool) -> None:
             a64 = a.to(torch.float64).reshape(-1, a.shape[-1])
-            s_stack = torch.stack(s_cols).to(torch.float64)  # (columns, b, T, out)
+            s_stack = s.to(torch.float64)  # (columns, b, T, out)
             if weighted:  # rows weighted by the squared norm of their output pseudo-gradients (all columns)
                 w = (s_stack * s_stack).sum(dim=(0, -1)).reshape(-1)
                 layer.A += (a64 * w[:, None]).T @ a64
@@ -472,15 +319,13 @@ class KFAC(Curvature):
                 layer.eigenvalues = torch.zeros_like(layer.eigenvalues)
                 layer.examples = 0
 
-            def project(
-                layer: _Layer, a: torch.Tensor, s_cols: list[torch.Tensor], first_chunk: bool
-            ) -> None:
+            def project(layer: _Layer, a: torch.Tensor, s: torch.Tensor, first_chunk: bool) -> None:
                 a_rot = a.to(torch.float64) @ layer.Q_A  # (b, T, in')
-                s_rot = torch.stack(s_cols).to(torch.float64) @ layer.Q_S  # (columns, b, T, out)
+                s_rot = s.to(torch.float64) @ layer.Q_S  # (columns, b, T, out)
                 if a_rot.shape[1] == 1:  # rank one per example: (Q_S^T s a^T Q_A)^2 = (s')^2 (a')^2^T
                     layer.eigenvalues += (s_rot[:, :, 0] ** 2).sum(dim=0).T @ (a_rot[:, 0] ** 2)
                     return
-                per = max(1, _CHUNK_ELEMENTS // max(1, layer.out_dim * layer.a_dim))
+                per = max(1, CHUNK_ELEMENTS // max(1, layer.out_dim * layer.a_dim))
                 for s_col in s_rot:
                     for start in range(0, a_rot.shape[0], per):
                         g = torch.einsum(
@@ -515,13 +360,12 @@ class KFAC(Curvature):
         rank, _, _ = world()
         # one stream of samples per rank (fisher="sampled"); a single process is rank 0, the plain seed
         generator = torch.Generator(device=fmodel.device).manual_seed(self._seed + rank)
-        params = {name: p for name, p in fmodel.model.named_parameters() if name in fmodel.space.names}
         for layer in layers:
             layer.locations = layer.examples = layer.calls = 0
         first = [check]
 
         def step(idx: torch.Tensor, raw: tuple) -> torch.Tensor:
-            self._batch(fmodel, layers, fmodel.prepare(raw), len(idx), generator, params, first[0], consume)
+            self._batch(fmodel, layers, fmodel.prepare(raw), len(idx), generator, first[0], consume)
             first[0] = False
             return torch.zeros(1, dtype=torch.float64, device=fmodel.device)
 
@@ -545,123 +389,55 @@ class KFAC(Curvature):
         batch: tuple,
         b: int,
         generator: torch.Generator,
-        params: dict[str, torch.Tensor],
         check: bool,
         consume: Any,
     ) -> None:
         """Forward once with hooks, backpropagate every pseudo-gradient column, hand the rows to ``consume``."""
         task = fmodel.task
-        with torch.enable_grad(), _recording(layers) as records:
+        with torch.enable_grad(), recording(layers, "K-FAC") as rec:
             if self.fisher == "empirical":
                 root = task.loss(fmodel.model, batch).reshape(b, 1)
             else:
                 outputs = task.outputs(fmodel.model, batch)
                 root = outputs.reshape(b, -1)
             if not bool(torch.isfinite(root.detach()).all()):
-                _diagnose_forward(layers, records, root.detach(), self.fisher)
+                _diagnose_forward(layers, rec, root.detach(), self.fisher)
             if self.fisher == "empirical":
-                columns = [torch.ones_like(root)]
+                columns = torch.ones_like(root).unsqueeze(0)
                 true_grad = columns[0]
             else:
                 columns = self._columns(task, outputs, batch, generator)
-                true_grad = _output_grad(task, outputs, batch) if check else None
-        calls = [records[i] for i in range(len(layers))]  # per layer: (a, output) of every call
-        targets = [out for layer_calls in calls for _, out in layer_calls]
-        needs = [t.requires_grad for t in targets]
-        live = [t for t, need in zip(targets, needs) if need]
-
-        def backprop(col: torch.Tensor, extra: tuple = ()) -> tuple:
-            if not live and not extra:
-                return ()
-            return torch.autograd.grad(
-                root, [*live, *extra], grad_outputs=col, retain_graph=True, allow_unused=True
-            )
-
-        def split(grads: tuple) -> list[list[torch.Tensor]]:
-            """Per layer, the rows ``s`` (b, T, out) of every call."""
-            it = iter(grads)
-            rows_per_layer: list[list[torch.Tensor]] = []
-            position = 0
-            for i, layer in enumerate(layers):
-                rows = []
-                for _, out in calls[i]:
-                    g = next(it) if needs[position] else None
-                    position += 1
-                    rows.append(layer.output_rows(torch.zeros_like(out) if g is None else g.detach()))
-                rows_per_layer.append(rows)
-            return rows_per_layer
-
+                true_grad = task.output_gradient(outputs, batch) if check else None
         if check:
-            names = [n for layer in layers for n in layer.params]
-            grads = backprop(true_grad, tuple(params[n] for n in names))
-            s_true = split(grads[: len(live)])
-            param_grads = dict(zip(names, grads[len(live) :]))
-            self._check_gradients(fmodel, layers, calls, s_true, param_grads)
+            check_gradients(
+                fmodel, layers, rec, root, true_grad, "K-FAC", _other_routes(), skip_nonfinite=True
+            )
         inputs: list[torch.Tensor | None] = []
         for i, layer in enumerate(layers):
             layer.examples += b
-            if not calls[i]:
-                inputs.append(None)
-                continue
-            a = torch.cat([a_call for a_call, _ in calls[i]], dim=1)
-            if a.shape[0] != b:
-                raise ValueError(
-                    f"layer {layer.name!r} saw {a.shape[0]} rows for a batch of {b} examples: K-FAC "
-                    "needs the batch axis first in every supported layer's input. Fix: exclude this "
-                    f"layer with params=, or use {_other_routes()}."
-                )
-            layer.calls = max(layer.calls, len(calls[i]))
-            layer.locations += a.shape[0] * a.shape[1]
+            a = rec.inputs(i)
+            if a is not None:
+                if a.shape[0] != b:
+                    raise ValueError(
+                        f"layer {layer.name!r} saw {a.shape[0]} rows for a batch of {b} examples: K-FAC "
+                        "needs the batch axis first in every supported layer's input. Fix: exclude this "
+                        f"layer with params=, or use {_other_routes()}."
+                    )
+                layer.calls = max(layer.calls, len(rec.calls[i]))
+                layer.locations += a.shape[0] * a.shape[1]
             inputs.append(a)
         first_chunk = True
-        for chunk in self._backprop_columns(root, live, columns):
-            s_per_col = [split(grads) for grads in chunk]
-            for i, layer in enumerate(layers):
-                if inputs[i] is not None:
-                    consume(layer, inputs[i], [torch.cat(cols[i], dim=1) for cols in s_per_col], first_chunk)
+        for _, count, grads in self._backprop.chunks(root, rec.outputs(), columns):
+            s_rows = rec.output_rows(layers, grads, count)
+            for layer, a, s in zip(layers, inputs, s_rows):
+                if a is not None:
+                    consume(layer, a, s, first_chunk)
             first_chunk = False
 
-    def _backprop_columns(
-        self, root: torch.Tensor, live: list[torch.Tensor], columns: list[torch.Tensor]
-    ) -> Iterator[list[tuple]]:
-        """Chunks of ``d (col . root) / d outputs`` of every layer call, one tuple per column: batched over
-        columns with ``is_grads_batched`` (one vmapped backward pass per chunk of bounded memory), one pass per
-        column where an operation has no batching rule."""
-        if not live:
-            yield [() for _ in columns]
-            return
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, sum(t.numel() for t in live)))
-        i = 0
-        while i < len(columns):
-            if self._batched_backward and len(columns) - i > 1 and chunk > 1:
-                cols = columns[i : i + chunk]
-                try:
-                    grads = torch.autograd.grad(
-                        root,
-                        live,
-                        grad_outputs=torch.stack(cols),
-                        retain_graph=True,
-                        allow_unused=True,
-                        is_grads_batched=True,
-                    )
-                except RuntimeError as err:  # an op without a batching rule: one pass per column from now on
-                    logger.info(
-                        "K-FAC: batched backward failed (%s); backpropagating columns one by one.", err
-                    )
-                    self._batched_backward = False
-                else:
-                    yield [tuple(None if g is None else g[c] for g in grads) for c in range(len(cols))]
-                    i += len(cols)
-                    continue
-            yield [
-                torch.autograd.grad(root, live, grad_outputs=columns[i], retain_graph=True, allow_unused=True)
-            ]
-            i += 1
-
     def _columns(
-        self, task: Any, outputs: torch.Tensor, batch: tuple, generator: torch.Generator
-    ) -> list[torch.Tensor]:
-        """Pseudo-gradients in the output space, each ``(b, k)``: ``sum_c col col^T`` is the output curvature."""
+        self, task: Task, outputs: torch.Tensor, batch: tuple, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Pseudo-gradients in the output space, ``(columns, b, k)``: ``sum_c col col^T`` is the output curvature."""
         b = outputs.shape[0]
         k = outputs[0].numel()
         if self.fisher == "ggn":
@@ -673,9 +449,9 @@ class KFAC(Curvature):
                     f"and backpropagates {k} pseudo-gradients per batch (limit {MAX_GGN_OUTPUTS})",
                     "use fisher='sampled' (unbiased, one backward pass per sample)",
                 )
-            factors = _output_hessian_factors(task, outputs, batch)  # (b, k, k)
+            factors = task.output_hessian_factors(outputs, batch)  # (b, k, k)
             keep = factors.abs().amax(dim=(0, 1)) > 0
-            return [factors[:, :, c] for c in range(k) if bool(keep[c])]
+            return factors[:, :, keep].permute(2, 0, 1)
         # all samples at once: the batch repeated n_samples times (sample-major), one loss and one gradient call
         r = self.n_samples
         repeated = outputs.detach().repeat(r, *(1 for _ in outputs.shape[1:]))
@@ -683,46 +459,8 @@ class KFAC(Curvature):
             t.repeat(r, *(1 for _ in t.shape[1:])) if isinstance(t, torch.Tensor) and t.dim() else t
             for t in batch
         )
-        sampled = _sample_batch(task, repeated, batch_r, generator)
-        grads = _output_grad(task, repeated, sampled).reshape(r, b, -1) / math.sqrt(r)
-        return list(grads.unbind(0))
-
-    def _check_gradients(
-        self,
-        fmodel: FunctionalModel,
-        layers: list[_Layer],
-        recorded: list,
-        s_true: list[list[torch.Tensor]],
-        param_grads: dict[str, torch.Tensor | None],
-    ) -> None:
-        """The batch gradient rebuilt from the hooks' ``a`` and ``s`` must equal autograd's (first batch only)."""
-        eps = torch.finfo(fmodel.dtype).eps
-        rtol = min(0.1, max(1e-10, 1e3 * eps))
-        for i, layer in enumerate(layers):
-            blocks = {
-                n: (g if g is not None else torch.zeros_like(_param(fmodel, n)))
-                for n, g in param_grads.items()
-                if n in layer.params
-            }
-            true = layer.gather({n: t.detach() for n, t in blocks.items()}, lead=0).to(torch.float64)
-            if recorded[i]:
-                a = torch.cat([a_call for a_call, _ in recorded[i]], dim=1).to(torch.float64)
-                s = torch.cat(s_true[i], dim=1).to(torch.float64)
-                rebuilt = torch.einsum("bto,bti->oi", s, a)
-                scale = float((s.norm(dim=-1) * a.norm(dim=-1)).sum())
-            else:
-                rebuilt, scale = torch.zeros_like(true), 0.0
-            error = float((rebuilt - true).norm())
-            if not math.isfinite(error) or not math.isfinite(scale):
-                continue  # non-finite statistics are diagnosed, layer by layer, when the factors are checked
-            if not error <= rtol * max(scale, float(true.norm())) + 1e-300:
-                raise ValueError(
-                    f"K-FAC's statistics of layer {layer.name!r} do not reproduce the gradient of its parameters "
-                    f"{layer.params} (error {error:.3g} relative to {max(scale, float(true.norm())):.3g}): the "
-                    "parameters are used outside the module's own forward (weight tying, a functional call, a "
-                    "parametrisation), or the layer's input/output is not batch-first. Fix: exclude them with "
-                    f"params=, or use {_other_routes()}."
-                )
+        sampled = tuple(task.sample_targets(repeated, batch_r, generator))
+        return task.output_gradient(repeated, sampled).reshape(r, b, -1) / math.sqrt(r)
 
     def _set_inverse(self, fmodel: FunctionalModel, layers: list[_Layer]) -> None:
         """Per layer: regulariser, damping and the (pseudo-)inverse eigenvalues, plus the Woodbury bias term."""
@@ -735,7 +473,7 @@ class KFAC(Curvature):
             layer.lam, layer.lam_bias = lam_w, lam_b
             ev = layer.eigenvalues.clamp(min=0.0)
             top = float(ev.max()) if ev.numel() else 0.0
-            tol = 10 * torch.finfo(torch.float64).eps * max(ev.shape) * top
+            tol = zero_tolerance(max(ev.shape), torch.float64) * top
             ev = torch.where(ev > tol, ev, torch.zeros_like(ev))
             layer.eigenvalues = ev
             if self.damping == "auto":
@@ -888,34 +626,15 @@ def _check_factor(factor: torch.Tensor, layer: _Layer, what: str) -> None:
         )
 
 
-def _diagnose_forward(
-    layers: list[_Layer], records: dict[int, list[Any]], root: torch.Tensor, fisher: str
-) -> None:
+def _diagnose_forward(layers: list[_Layer], rec: Recording, root: torch.Tensor, fisher: str) -> None:
     """Raise a FloatingPointError naming the first layer of the forward pass whose input or output is not finite."""
     bad_rows = (~torch.isfinite(root.reshape(root.shape[0], -1))).any(dim=1).nonzero().flatten().tolist()
     what = "loss" if fisher == "empirical" else "outputs"
-    where = "before any supported layer (check the data and the modules before it)"
-    seen = {i: 0 for i in range(len(layers))}
-    for i in records.get(-1, []):
-        a, out = records[i][seen[i]]
-        seen[i] += 1
-        layer = layers[i]
-        if not bool(torch.isfinite(a).all()):
-            where = f"at the input of layer {layer.name!r} ({type(layer.module).__name__})"
-            break
-        if not bool(torch.isfinite(out.detach()).all()):
-            where = (
-                f"in layer {layer.name!r} ({type(layer.module).__name__}, parameters {layer.params}): its input "
-                "is finite but its output is not"
-            )
-            break
-    else:
-        if records.get(-1):
-            where = "after the last supported layer (check the modules and the loss after it)"
     raise FloatingPointError(
         f"K-FAC: the model's {what} are not finite for {len(bad_rows)} example(s) of a batch (positions "
-        f"{bad_rows[:8]} in the batch); the first non-finite value appears {where}. Fix: check that layer's weights "
-        "(a diverged training run leaves NaN/inf), the data, and the loss; fitting in float64 avoids overflow."
+        f"{bad_rows[:8]} in the batch); the first non-finite value appears {first_nonfinite(layers, rec)}. Fix: "
+        "check that layer's weights (a diverged training run leaves NaN/inf), the data, and the loss; fitting in "
+        "float64 avoids overflow."
     )
 
 
