@@ -184,6 +184,8 @@ class LiSSA(MatrixFree):
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         rows, one = self.rows(vectors)
+        if rows.shape[0] == 0:  # nothing to solve: no pass over the data
+            return rows.clone()
         n = len(self.data_)
         s, d = self.scale_, self.damping_
         first_averaged = self.depth - self._averaged()
