@@ -71,14 +71,14 @@ class Curvature(ABC):
             )
 
     def remember_shape(self, fmodel: FunctionalModel) -> None:
-        """Keep the size, dtype and device of the flat parameter space (what :meth:`rows` checks against)."""
+        """Keep the size, dtype and device of the flat parameter space (:meth:`rows` checks against them)."""
         self.num_params_ = fmodel.num_params
         self.dtype_ = fmodel.dtype
         self.device_ = fmodel.device
 
     def rows(self, vectors: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``vectors`` checked and as ``(m, p)`` rows in the fitted dtype and device; the flag says whether they
-        came as one 1-D vector (:func:`datatrace.linalg.as_rows`). Raises :class:`NotFittedError` before ``fit``."""
+        """``vectors`` checked and as ``(m, p)`` rows in the fitted dtype and device; the flag says whether
+        they came as one 1-D vector (:func:`datatrace.linalg.as_rows`). :class:`NotFittedError` before ``fit``."""
         self.check_fitted()
         return as_rows(vectors, self.num_params_, self.dtype_, self.device_)
 

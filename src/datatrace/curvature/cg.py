@@ -1,13 +1,13 @@
 """Conjugate gradient on Hessian- or Gauss-Newton-vector products (Martens 2010; Koh & Liang 2017).
 
 ``solve(V)`` runs :func:`datatrace.linalg.conjugate_gradient` on ``(A + damping I) x = v`` for every row ``v``,
-with ``A`` the Hessian or Gauss-Newton matrix of the objective (:func:`datatrace.gradients.products.curvature_operator`).
+``A`` the Hessian or Gauss-Newton matrix of the objective (:mod:`datatrace.gradients.products`).
 ``damping="auto"`` is :func:`datatrace.linalg.positive_definite_damping` of a short Lanczos estimate
-(:mod:`datatrace.curvature.matrix_free`). That estimate can miss small negative eigenvalues next to a large positive
-spectrum; CG itself then meets a direction ``d`` with ``d^T (A + damping I) d <= 0``, whose Rayleigh quotient bounds
-``lambda_min`` from above. With ``damping="auto"`` CG raises the damping by the same rule
-(:func:`datatrace.linalg.raised_damping`) and solves every row again, up to ``MAX_DAMPING_RAISES`` times, logging a
-warning, rather than keeping a truncated iterate whose residual can exceed the right-hand side.
+(:mod:`datatrace.curvature.matrix_free`). That estimate can miss small negative eigenvalues next to a large
+positive spectrum; CG itself then meets a direction ``d`` with ``d^T (A + damping I) d <= 0``, whose Rayleigh
+quotient bounds ``lambda_min`` from above. With ``damping="auto"`` CG raises the damping by the same rule
+(:func:`datatrace.linalg.raised_damping`) and solves every row again, up to ``MAX_DAMPING_RAISES`` times, logging
+a warning, rather than keeping a truncated iterate whose residual can exceed the right-hand side.
 """
 
 from __future__ import annotations

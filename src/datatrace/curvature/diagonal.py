@@ -2,8 +2,8 @@
 
 ``C = diag(A)`` for one of three diagonals of :mod:`datatrace.gradients.products` (``matrix=``), by cost:
 
-- ``"gauss-newton"`` (default): the exact diagonal of ``G`` from per-example output Jacobians (:func:`ggn_diagonal`,
-  ``k`` backward passes per example, ``k`` outputs); positive semi-definite.
+- ``"gauss-newton"`` (default): the exact diagonal of ``G`` from per-example output Jacobians
+  (:func:`ggn_diagonal`, ``k`` backward passes per example, ``k`` outputs); positive semi-definite.
 - ``"empirical-fisher"``: ``(1/n) sum_i g_i^2 + lambda`` (:func:`empirical_fisher_diagonal`), one pass of
   per-example gradients; the Hessian's diagonal only as far as the empirical Fisher approximates the Hessian.
 - ``"hessian"``: Hutchinson's estimator with seeded Rademacher probes (:func:`hutchinson_diagonal`; Bekas,
