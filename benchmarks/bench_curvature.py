@@ -176,12 +176,22 @@ class Unavailable(RuntimeError):
     """The method cannot run here (library or route missing); the message says why."""
 
 
-_ROUTE_MODULES = ("dense", "auto", "iterative", "simple", "kfac")
+_ROUTE_MODULES = (
+    "dense",
+    "auto",
+    "cg",
+    "lissa",
+    "arnoldi",
+    "diagonal",
+    "block_diagonal",
+    "identity",
+    "kfac",
+)
 
 
 def resolve_curvature(name: str, damping: Any, options: dict[str, Any]) -> Any:
     """A datatrace curvature for route ``name``: the registry first, then any ``Curvature`` subclass with that
-    ``name`` in ``datatrace.curvature.{dense,auto,iterative,simple,kfac}`` (routes written but not registered)."""
+    ``name`` in the modules ``datatrace.curvature.<_ROUTE_MODULES>`` (routes written but not registered)."""
     from datatrace import curvature as registry
 
     if name in registry.available():

@@ -38,11 +38,11 @@ from torch import nn
 
 import common
 import datatrace
-from datatrace.curvature.iterative import ggn_vp
 from datatrace.curvature.kfac import EKFAC
 from datatrace.data import as_data_source
 from datatrace.distributed import all_reduce_sum, is_main_process, world
 from datatrace.gradients.functional import FunctionalModel, prepare_model
+from datatrace.gradients.products import ggn_vp
 from datatrace.projection.projectors import RandomProjector
 
 COLUMNS = [

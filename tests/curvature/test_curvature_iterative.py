@@ -16,21 +16,22 @@ import pytest
 import torch
 from torch import nn
 
-from datatrace import ClassificationTask, InfluenceFunction, RegressionTask, Task
-from datatrace.curvature import ExactHessian, GaussNewton
-from datatrace.curvature.iterative import (
+from datatrace import ClassificationTask, InfluenceFunction, RegressionTask, Task, linalg
+from datatrace.curvature import (
     CG,
     Arnoldi,
+    BlockDiagonal,
+    Diagonal,
+    ExactHessian,
+    GaussNewton,
+    Identity,
     LiSSA,
-    conjugate_gradient,
-    estimate_spectrum,
-    ggn_vp,
-    lanczos,
 )
-from datatrace.curvature.simple import BlockDiagonal, Diagonal, Identity
 from datatrace.data import as_data_source
 from datatrace.errors import ConvergenceWarning, NotFittedError
 from datatrace.gradients.functional import FunctionalModel
+from datatrace.gradients.products import ggn_vp
+from datatrace.linalg import conjugate_gradient, estimate_spectrum, lanczos
 from datatrace.verification.training import fit_full_batch
 
 DTYPE = torch.float64
@@ -474,13 +475,11 @@ def test_cg_auto_damping_recovers_from_negative_curvature_the_lanczos_estimate_m
     """A 1-step Lanczos estimate sees no negative curvature (its Ritz value is one Rayleigh quotient); CG then
     meets d^T H d < 0, raises the damping by the same rule and solves again: the answer is the dense solve at
     the final damping, which makes H + damping I positive definite."""
-    from datatrace.curvature import iterative
-
-    monkeypatch.setattr(iterative, "SPECTRUM_STEPS", 1)
+    monkeypatch.setattr(linalg, "SPECTRUM_STEPS", 1)
     lam_min = float(torch.linalg.eigvalsh(mlp.hessian).min())
     cg = CG(rtol=1e-10).fit(mlp.fmodel, mlp.source, progress=False)
     assert cg.info["negative_curvature_found"] is False and cg.damping_ == 0.0  # the estimate missed it
-    with caplog.at_level("WARNING", logger="datatrace.curvature.iterative"):
+    with caplog.at_level("WARNING", logger="datatrace.curvature.cg"):
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)
             x = cg.solve(mlp.V)

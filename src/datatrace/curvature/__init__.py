@@ -15,52 +15,28 @@ name               route
 ``"auto"``         exact when it fits in memory, else EK-FAC, else CG; logs the choice (:class:`AutoCurvature`)
 ``"identity"``     H ~ I: gradient dot products, a baseline, not in leave-one-out units (:class:`Identity`)
 =================  ==========================================================================================
+
+This package is the only place that imports the routes: it registers each under its name in
+:mod:`datatrace.curvature.registry` (which imports no route, so routes can build other routes by name). The
+kernels the routes compose live in :mod:`datatrace.linalg` (eigenvalue policy, Lanczos, CG, damping rules) and
+:mod:`datatrace.gradients.products` (curvature-vector products and diagonals).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
+from datatrace.curvature.arnoldi import Arnoldi
 from datatrace.curvature.auto import AutoCurvature
 from datatrace.curvature.base import Curvature
+from datatrace.curvature.block_diagonal import BlockDiagonal
+from datatrace.curvature.cg import CG
 from datatrace.curvature.dense import DenseCurvature, ExactHessian, GaussNewton
-from datatrace.curvature.iterative import CG, Arnoldi, LiSSA, ggn_vp
+from datatrace.curvature.diagonal import Diagonal
+from datatrace.curvature.identity import Identity
 from datatrace.curvature.kfac import EKFAC, KFAC
-from datatrace.curvature.simple import BlockDiagonal, Diagonal, Identity
-from datatrace.errors import ConvergenceWarning, bad_value
-
-#: name -> factory(damping=..., **options); matrix-free routes register with ``matrix_free=True``
-_REGISTRY: dict[str, tuple[Callable[..., Curvature], bool]] = {}
-
-
-def register(name: str, factory: Callable[..., Curvature], matrix_free: bool = False) -> None:
-    """Make a route selectable as ``curvature=name``."""
-    _REGISTRY[name] = (factory, matrix_free)
-
-
-def available() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def matrix_free_names() -> list[str]:
-    return sorted(n for n, (_, free) in _REGISTRY.items() if free)
-
-
-def make_curvature(curvature: str | Curvature, damping: Any = "auto", **options: Any) -> Curvature:
-    """A :class:`Curvature` from a registered name (with ``damping`` and options) or an instance as is."""
-    if isinstance(curvature, Curvature):
-        return curvature
-    if not isinstance(curvature, str) or curvature not in _REGISTRY:
-        raise bad_value(
-            "curvature",
-            curvature,
-            f"expected a Curvature instance or one of {available()}",
-            "pass one of those names, e.g. curvature='exact'",
-        )
-    factory, _ = _REGISTRY[curvature]
-    return factory(damping=damping, **options)
-
+from datatrace.curvature.lissa import LiSSA
+from datatrace.curvature.registry import available, make_curvature, matrix_free_names, register
+from datatrace.errors import ConvergenceWarning
+from datatrace.gradients.products import ggn_vp
 
 register("exact", ExactHessian)
 register("gauss-newton", GaussNewton)

@@ -6,7 +6,8 @@ The order is by accuracy measured in ``benchmarks/bench_curvature.py``:
 2. EK-FAC when every parameter in scope belongs to a layer it supports (Linear, Conv2d, Conv1D);
 3. otherwise conjugate gradient on Gauss-Newton-vector products, which needs no structure at all.
 
-The chosen route's ``info`` is reported with ``"auto_choice"`` and ``"auto_reason"`` added.
+The chosen route is built by name through :mod:`datatrace.curvature.registry`; its ``info`` is reported with
+``"auto_choice"`` and ``"auto_reason"`` added.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 
 import torch
 
-from datatrace.curvature.base import Curvature
-from datatrace.curvature.dense import DEFAULT_MAX_DENSE_BYTES, ExactHessian
+from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature
+from datatrace.curvature.kfac import find_layers
+from datatrace.curvature.registry import make_curvature
 from datatrace.data import DataSource
 from datatrace.errors import check_nonnegative_float
 from datatrace.gradients.functional import FunctionalModel
@@ -50,10 +52,7 @@ class AutoCurvature(Curvature):
         need = 3 * p * p * itemsize
         if need <= self.max_bytes:
             reason = f"{p:,} parameters: the dense Hessian needs {need / 1024**3:.2f} GiB <= {self.max_bytes / 1024**3:.1f} GiB"
-            return ExactHessian(damping=self.damping, max_bytes=self.max_bytes), reason
-        from datatrace.curvature.iterative import CG
-        from datatrace.curvature.kfac import EKFAC, find_layers
-
+            return make_curvature("exact", damping=self.damping, max_bytes=self.max_bytes), reason
         try:
             if not fmodel.task.has_outputs:
                 raise ValueError(f"{type(fmodel.task).__name__} has no outputs/loss_from_outputs split")
@@ -68,9 +67,9 @@ class AutoCurvature(Curvature):
                 f"{p:,} parameters are too many for a dense matrix ({need / 1024**3:.1f} GiB); every one is in "
                 "a layer EK-FAC supports"
             )
-            return EKFAC(damping=self.damping), reason
+            return make_curvature("ekfac", damping=self.damping), reason
         matrix = "gauss-newton" if fmodel.task.has_outputs else "hessian"
-        return CG(matrix=matrix, damping=self.damping), reason
+        return make_curvature("cg", matrix=matrix, damping=self.damping), reason
 
     def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> AutoCurvature:
         route, reason = self._choose(fmodel)
@@ -87,10 +86,15 @@ class AutoCurvature(Curvature):
         return bool(getattr(route, "collective_solve", False))
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        self.check_fitted("route_")
         return self.route_.solve(vectors)
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        self.check_fitted("route_")
         return self.route_.matvec(vectors)
 
     def __repr__(self) -> str:
         return f"AutoCurvature(damping={self.damping!r})"
+
+
+__all__ = ["AutoCurvature"]

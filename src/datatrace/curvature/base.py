@@ -6,18 +6,30 @@ approximation of ``(C + damping * I)^{-1} v``, where ``C`` is the curvature of t
 :mod:`datatrace.tasks` (the Hessian, or an approximation of it that includes the regulariser ``diag(lambda)``).
 
 Routes never know about attributors or scores: they see a :class:`~datatrace.gradients.functional.FunctionalModel` (a model,
-a task, the parameters in scope) and a :class:`~datatrace.data.DataSource`.
+a task, the parameters in scope) and a :class:`~datatrace.data.DataSource`. They compose the kernels of
+:mod:`datatrace.linalg` with the products of :mod:`datatrace.gradients.products`.
+
+The contract (checked for every registered route by ``tests/curvature/test_contract.py``): ``fit`` returns the
+route; ``solve`` and ``matvec`` raise :class:`~datatrace.errors.NotFittedError` before ``fit``; where ``matvec``
+exists, ``solve(matvec(v)) ~ v`` on the directions the route keeps; a zero row solves to a zero row; ``info``
+holds at least ``route`` and ``damping`` (the damping actually used).
 """
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 
 from datatrace.data import DataSource
+from datatrace.errors import NotFittedError, bad_value, check_nonnegative_float
 from datatrace.gradients.functional import FunctionalModel
+from datatrace.linalg import as_rows
+
+#: default budget for dense curvature: the p x p matrix plus its eigenvectors and workspace
+DEFAULT_MAX_DENSE_BYTES = 4 * 1024**3
 
 
 class Curvature(ABC):
@@ -49,5 +61,66 @@ class Curvature(ABC):
         """What the route did: damping used, eigenvalue statistics, iterations, ... (for reports and logs)."""
         return dict(self.info_)
 
+    # -- helpers for routes ----------------------------------------------------------------------------------
+    def check_fitted(self, attribute: str = "num_params_") -> None:
+        """Raise :class:`NotFittedError` unless ``fit`` has set ``attribute``."""
+        if not hasattr(self, attribute):
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet. Fix: call .fit(fmodel, data) first, or pass it "
+                "to InfluenceFunction(curvature=...) which fits it."
+            )
+
+    def remember_shape(self, fmodel: FunctionalModel) -> None:
+        """Keep the size, dtype and device of the flat parameter space (:meth:`rows` checks against them)."""
+        self.num_params_ = fmodel.num_params
+        self.dtype_ = fmodel.dtype
+        self.device_ = fmodel.device
+
+    def rows(self, vectors: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``vectors`` checked and as ``(m, p)`` rows in the fitted dtype and device; the flag says whether
+        they came as one 1-D vector (:func:`datatrace.linalg.as_rows`). :class:`NotFittedError` before ``fit``."""
+        self.check_fitted()
+        return as_rows(vectors, self.num_params_, self.dtype_, self.device_)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+# -- settings checks shared by the routes ----------------------------------------------------------------------------
+def check_damping(damping: Any) -> float | str:
+    """``"auto"`` or a number ``>= 0``, with the project's error message otherwise."""
+    if damping == "auto":
+        return "auto"
+    if isinstance(damping, str):
+        raise bad_value("damping", damping, "expected 'auto' or a number >= 0", "pass damping='auto' or 1e-3")
+    return check_nonnegative_float("damping", damping)
+
+
+def check_random_state(random_state: Any) -> int:
+    """An ``int`` seed (not a bool), with the project's error message otherwise."""
+    try:
+        if isinstance(random_state, bool):
+            raise TypeError
+        return operator.index(random_state)
+    except TypeError:
+        raise bad_value(
+            "random_state", random_state, "expected an int seed", "pass e.g. random_state=0"
+        ) from None
+
+
+def format_bytes(size: float) -> str:
+    """``23064`` -> ``'22.5 KiB'``: a size in the largest binary unit that keeps it >= 1."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+__all__ = [
+    "DEFAULT_MAX_DENSE_BYTES",
+    "Curvature",
+    "check_damping",
+    "check_random_state",
+    "format_bytes",
+]

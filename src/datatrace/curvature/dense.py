@@ -5,14 +5,14 @@ For a model with ``p`` parameters in scope these routes form the ``p x p`` matri
 
     C^+ v = V diag(phi(e)) V^T v,     phi(e) = 1 / (policy(e) + damping)
 
-with three explicit decisions, all reported in ``info``:
+with the eigenvalue policy of :func:`datatrace.linalg.spectral_inverse`, all its decisions reported in ``info``:
 
-* **zero eigenvalues** (``|e| <= rtol * max|e|``, e.g. the softmax's shift invariance of unpenalised biases):
-  a pseudo-inverse, ``phi = 0``. Per-example gradients have no component there, so nothing is lost.
-* **negative eigenvalues** (a network away from a strict minimum), ``negative=``:
-  ``"clip"`` (default) sets them to zero, so with ``damping`` they are treated as flat directions and with no
-  damping they are dropped; ``"abs"`` uses ``|e|`` (saddle-free Newton, Dauphin et al. 2014); ``"keep"`` uses
-  them as they are (the literal Newton step, which can explode near zero).
+* **zero eigenvalues** (:func:`datatrace.linalg.zero_tolerance`, e.g. the softmax's shift invariance of
+  unpenalised biases): a pseudo-inverse. Per-example gradients have no component there, so nothing is lost.
+* **negative eigenvalues** (a network away from a strict minimum), ``negative=``: ``"clip"`` (default) sets them
+  to zero, so with ``damping`` they are treated as flat directions and with no damping they are dropped;
+  ``"abs"`` uses ``|e|`` (saddle-free Newton); ``"keep"`` uses them as they are (the literal Newton step, which
+  can explode near zero).
 * **damping** ``lambda_d >= 0`` added to every kept eigenvalue. ``"auto"``: 0 when no eigenvalue is negative (a
   convex objective, where the exact inverse is the right answer) and otherwise ``0.01 * mean(|e|)``, a
   Levenberg-Marquardt style choice that keeps the inverse well away from the noise of small eigenvalues.
@@ -24,81 +24,17 @@ proximal Bregman response).
 
 from __future__ import annotations
 
-import logging
 from abc import abstractmethod
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from datatrace.curvature.base import Curvature
+from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature, format_bytes
+from datatrace.curvature.registry import matrix_free_names
 from datatrace.data import DataSource
 from datatrace.errors import bad_value, check_choice, check_finite, check_nonnegative_float
 from datatrace.gradients.functional import FunctionalModel
-
-logger = logging.getLogger(__name__)
-
-#: default budget for dense curvature: the p x p matrix plus its eigenvectors and workspace
-DEFAULT_MAX_DENSE_BYTES = 4 * 1024**3
-NEGATIVE_POLICIES = ("clip", "abs", "keep")
-
-
-def _format_bytes(size: float) -> str:
-    """``23064`` -> ``'22.5 KiB'``: a size in the largest binary unit that keeps it >= 1."""
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def spectral_inverse(
-    evals: torch.Tensor, damping: float | str, negative: str, rtol: float | None, name: str
-) -> tuple[torch.Tensor, float, dict[str, Any]]:
-    """The dense routes' eigenvalue policy (module docstring) applied to eigenvalues ``evals``: returns
-    ``phi(e)`` (0 where an eigenvalue is dropped), the damping used and the facts for ``info``. Arnoldi applies
-    the same policy to its Ritz values."""
-    scale = float(evals.abs().max()) if evals.numel() else 0.0
-    rtol = rtol if rtol is not None else max(evals.numel(), 10) * torch.finfo(evals.dtype).eps * 10
-    tol = rtol * scale
-    zero = evals.abs() <= tol
-    is_negative = (evals < -tol) & ~zero
-    if damping == "auto":
-        used = 0.0 if not bool(is_negative.any()) else 0.01 * float(evals.abs().mean())
-    else:
-        used = float(damping)
-    if negative == "clip":
-        effective = evals.clamp(min=0.0)
-    elif negative == "abs":
-        effective = evals.abs()
-    else:
-        effective = evals
-    denom = effective + used
-    dropped = zero | (denom.abs() <= tol)
-    inv = torch.where(
-        dropped, torch.zeros_like(denom), 1.0 / torch.where(dropped, torch.ones_like(denom), denom)
-    )
-    info = {
-        "route": name,
-        "num_params": int(evals.numel()),
-        "damping": used,
-        "negative_policy": negative,
-        "eigenvalue_max": float(evals.max()),
-        "eigenvalue_min": float(evals.min()),
-        "num_negative": int(is_negative.sum()),
-        "num_zero_dropped": int(dropped.sum()),
-        "zero_tolerance": tol,
-    }
-    if int(is_negative.sum()):
-        logger.info(
-            "%s curvature has %d negative eigenvalue(s) (min %.3g); policy %r with damping %.3g.",
-            name,
-            int(is_negative.sum()),
-            float(evals.min()),
-            negative,
-            used,
-        )
-    return inv, used, info
+from datatrace.linalg import NEGATIVE_POLICIES, spectral_inverse
 
 
 class DenseCurvature(Curvature):
@@ -128,12 +64,10 @@ class DenseCurvature(Curvature):
         itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
         need = 3 * p * p * itemsize  # matrix, eigenvectors, workspace
         if need > self.max_bytes:
-            from datatrace.curvature import matrix_free_names  # late import: the registry imports this module
-
             alternatives = ", ".join(repr(n) for n in matrix_free_names()) or "none registered yet"
             raise MemoryError(
-                f"curvature={self.name!r} forms a dense {p:,} x {p:,} matrix: about {_format_bytes(need)} in "
-                f"{fmodel.dtype}, above the limit max_bytes={_format_bytes(self.max_bytes)}. Fix: restrict the "
+                f"curvature={self.name!r} forms a dense {p:,} x {p:,} matrix: about {format_bytes(need)} in "
+                f"{fmodel.dtype}, above the limit max_bytes={format_bytes(self.max_bytes)}. Fix: restrict the "
                 f"parameters in scope with params= (e.g. the last layer), raise max_bytes if the memory is "
                 f"there, or use a route that never forms the matrix ({alternatives})."
             )
@@ -159,10 +93,12 @@ class DenseCurvature(Curvature):
         self.info_ = info
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        self.check_fitted("evecs_")
         v = vectors.to(self.evecs_.dtype)
         return ((v @ self.evecs_) * self.inv_evals_) @ self.evecs_.T
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        self.check_fitted("matrix_")
         v = vectors.to(self.evecs_.dtype)
         return v @ self.matrix_ + self.damping_ * v
 
@@ -196,3 +132,6 @@ class GaussNewton(DenseCurvature):
             )
         with tqdm(total=len(data), desc="Gauss-Newton", disable=not progress, leave=False) as bar:
             return fmodel.dense_gauss_newton(data, progress=bar.update)
+
+
+__all__ = ["DEFAULT_MAX_DENSE_BYTES", "NEGATIVE_POLICIES", "DenseCurvature", "ExactHessian", "GaussNewton"]
