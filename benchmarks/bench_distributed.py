@@ -43,7 +43,7 @@ from datatrace.data import as_data_source
 from datatrace.distributed import all_reduce_sum, is_main_process, world
 from datatrace.gradients.functional import FunctionalModel, prepare_model
 from datatrace.gradients.products import ggn_vp
-from datatrace.projection.projectors import RandomProjector
+from datatrace.projection import RandomProjector
 
 COLUMNS = [
     ("world_size", "processes"),

@@ -86,7 +86,7 @@ import common
 import datatrace
 from common import Measure, Problem
 from datatrace.attributors.projected import ProjectedInfluence
-from datatrace.projection.projectors import FactorizedProjector, RandomProjector
+from datatrace.projection import FactorizedProjector, RandomProjector
 from datatrace.verification import metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"

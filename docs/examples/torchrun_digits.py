@@ -29,7 +29,7 @@ from torch import nn
 import datatrace
 from datatrace.curvature.kfac import EKFAC
 from datatrace.distributed import all_gather_rows, is_main_process, world
-from datatrace.projection.projectors import RandomProjector
+from datatrace.projection import RandomProjector
 from datatrace.verification.training import fit_full_batch
 
 

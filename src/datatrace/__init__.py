@@ -10,7 +10,7 @@ from datatrace.attributors.sklearn import SklearnInfluence, from_sklearn
 from datatrace.attributors.tracin import TracIn
 from datatrace.attributors.trak import TRAK
 from datatrace.errors import NotFittedError
-from datatrace.projection.projectors import FactorizedProjector, RandomProjector
+from datatrace.projection import FactorizedProjector, RandomProjector
 from datatrace.projection.store import GradientStore
 from datatrace.scores import Scores, TopK
 from datatrace.tasks import ClassificationTask, RegressionTask, Task

@@ -16,7 +16,7 @@ from datatrace import NotFittedError
 from datatrace.attributors.projected import ProjectedInfluence
 from datatrace.attributors.trak import TRAK
 from datatrace.errors import StoreMismatchError
-from datatrace.projection.projectors import FactorizedProjector, RandomProjector
+from datatrace.projection import FactorizedProjector, RandomProjector
 from datatrace.verification.training import fit_full_batch
 
 

@@ -219,7 +219,7 @@ def test_orthogonal_projector_changes_nothing_and_callables_work(regression_data
 
 def test_random_projector_of_the_library(classification_data, make_mlp):
     """datatrace's RandomProjector: refitted at each checkpoint to the same matrix P, scores = sum_c w_c (P^T q)(P^T g)."""
-    projection = pytest.importorskip("datatrace.projection.projectors")
+    projection = pytest.importorskip("datatrace.projection")
     X, y = classification_data
     model = make_mlp(d=3, h=8, k=3, seed=0)
     ckpts = [perturbed(model, 0.2, 0), perturbed(model, 0.2, 1)]
@@ -241,7 +241,7 @@ def test_random_projector_of_the_library(classification_data, make_mlp):
 
 
 def test_random_projection_estimates_the_full_scores(classification_data, make_mlp):
-    projection = pytest.importorskip("datatrace.projection.projectors")
+    projection = pytest.importorskip("datatrace.projection")
     X, y = classification_data
     model = make_mlp(d=3, h=32, k=3, seed=0)  # p = 227
     ckpts = [perturbed(model, 0.2, 0)]
@@ -259,7 +259,7 @@ def test_random_projection_estimates_the_full_scores(classification_data, make_m
 
 def test_factorized_projector_never_needs_full_gradients(classification_data, make_mlp):
     """LoGra's projected VJPs equal the Kronecker projection of the full gradient (the projector's own project())."""
-    projection = pytest.importorskip("datatrace.projection.projectors")
+    projection = pytest.importorskip("datatrace.projection")
     X, y = classification_data
     model = make_mlp(d=3, h=8, k=3, seed=0)
     ckpts = [perturbed(model, 0.2, 0), perturbed(model, 0.2, 1)]

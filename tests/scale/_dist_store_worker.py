@@ -19,7 +19,7 @@ from torch import nn
 from datatrace import ClassificationTask
 from datatrace.attributors.projected import ProjectedInfluence
 from datatrace.distributed import all_reduce_sum, barrier, world
-from datatrace.projection.projectors import FactorizedProjector, RandomProjector
+from datatrace.projection import FactorizedProjector, RandomProjector
 from datatrace.projection.scoring import score_against_store, top_k_against_store
 from datatrace.projection.store import GradientStore
 

@@ -1,6 +1,6 @@
 """Influence functions in a projected gradient space (TRAK / LoGra style), with an on-disk feature store.
 
-A projector ``P`` (``p x k``, :mod:`datatrace.projection.projectors`) restricts the model to the affine subspace
+A projector ``P`` (``p x k``, :mod:`datatrace.projection`) restricts the model to the affine subspace
 ``theta = theta_hat + P w``. The training objective of :mod:`datatrace.tasks` restricted to that subspace has, at
 ``w = 0``, the gradient ``P^T g_i`` per example and the Gauss-Newton matrix
 
@@ -47,8 +47,8 @@ zero and ``k <= p``; otherwise (``k > p``, or neither weight decay nor damping) 
 pseudo-inverse of the zero eigenvalues, as the dense routes do. ``info["solver"]`` says which.
 
 **Cost.** The exact GGN backpropagates ``1 + k_out`` output-space columns per batch in one vmapped backward pass.
-With :class:`~datatrace.projection.projectors.FactorizedProjector` every column is projected layer by layer from the hooks'
-activations and output gradients; with :class:`~datatrace.projection.projectors.RandomProjector` each column is a full
+With :class:`~datatrace.projection.FactorizedProjector` every column is projected layer by layer from the hooks'
+activations and output gradients; with :class:`~datatrace.projection.RandomProjector` each column is a full
 per-example vector of length ``p`` multiplied by the ``p x k`` matrix, so for large models or many outputs prefer
 the factorised projection, ``ggn_samples=1`` or ``fisher="empirical"``.
 
@@ -73,7 +73,7 @@ References: Park et al. 2023 (TRAK); Choe et al. 2024 (LoGra, "What is your data
 Example:
     >>> import torch, datatrace
     >>> from datatrace.attributors.projected import ProjectedInfluence
-    >>> from datatrace.projection.projectors import RandomProjector
+    >>> from datatrace.projection import RandomProjector
     >>> X, y = torch.randn(80, 5), torch.arange(80) % 3
     >>> model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     >>> task = datatrace.ClassificationTask(weight_decay=1e-2)
@@ -119,17 +119,10 @@ from datatrace.gradients.functional import (
     prepare_model,
 )
 from datatrace.projection.chunks import dtype_name
+from datatrace.projection.factorized import FactorizedProjector, supports_factorized
 from datatrace.projection.features import FeatureSource, as_feature_source, my_chunks
 from datatrace.projection.fingerprint import data_fingerprint, model_fingerprint
-from datatrace.projection.projectors import (
-    FactorizedProjector,
-    Projector,
-    RandomProjector,
-    derive_seed,
-    output_gradient,
-    output_hessian_factors,
-    supports_factorized,
-)
+from datatrace.projection.random import Projector, RandomProjector, derive_seed
 from datatrace.projection.scoring import StreamingTopK, score_against_store, top_k_against_store
 from datatrace.projection.store import GradientStore
 from datatrace.scores import Scores, TopK
@@ -155,8 +148,8 @@ class ProjectedInfluence(Attributor):
         model: the trained ``nn.Module`` (never modified: a private copy in ``dtype`` is used, in eval mode).
         task: a :class:`~datatrace.Task` (loss, measurement, weight decay); ``fisher="ggn"`` needs its
             ``outputs``/``loss_from_outputs`` split.
-        projector: a :class:`~datatrace.projection.projectors.RandomProjector` or
-            :class:`~datatrace.projection.projectors.FactorizedProjector` (copied, then fitted), or ``"auto"``: the factorised
+        projector: a :class:`~datatrace.projection.RandomProjector` or
+            :class:`~datatrace.projection.FactorizedProjector` (copied, then fitted), or ``"auto"``: the factorised
             LoGra projection when every parameter in scope belongs to a supported layer (no full per-example
             gradient is ever formed), else a Gaussian ``RandomProjector``; both with ``"auto"`` dimensions.
         damping: ``"auto"`` (module docstring) or a float added to every eigenvalue of the projected curvature.
@@ -423,7 +416,7 @@ class ProjectedInfluence(Attributor):
             generator.manual_seed(derive_seed(self.random_state, "ggn", int(idx[0])))
 
         def cotangents(outputs: torch.Tensor) -> torch.Tensor:
-            L = output_hessian_factors(task, outputs, batch)  # (b, K, K), columns = pseudo-gradients
+            L = task.output_hessian_factors(outputs, batch)  # (b, K, K), columns = pseudo-gradients
             if self.ggn_samples:
                 m = self.ggn_samples
                 signs = torch.randint(0, 2, (L.shape[0], L.shape[2], m), generator=generator, device=L.device)
@@ -431,7 +424,7 @@ class ProjectedInfluence(Attributor):
             cols = L.transpose(1, 2)
             cols = cols[:, cols.abs().amax(dim=(0, 2)) > 0]
             if composed:
-                cols = torch.cat([output_gradient(task, outputs, batch)[:, None].to(cols.dtype), cols], 1)
+                cols = torch.cat([task.output_gradient(outputs, batch)[:, None].to(cols.dtype), cols], 1)
             return cols
 
         out = projector.project_vjps(batch, "outputs", cotangents)

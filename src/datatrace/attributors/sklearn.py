@@ -79,6 +79,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LinearRegression, LogisticRegression, LogisticRegressionCV, Ridge
 from torch import nn
 
 from datatrace.attributors.influence import InfluenceFunction, Measurement
@@ -105,8 +106,6 @@ _RECOMMENDED_FIT = "refit with a tight tolerance, e.g. tol=1e-10 and max_iter=10
 # ---------------------------------------------------------------------------------------------------------------
 def _estimator_kind(estimator: Any) -> str:
     """``"linear"``, ``"ridge"`` or ``"logistic"``; raise a TypeError for anything else."""
-    from sklearn.linear_model import LinearRegression, LogisticRegression, LogisticRegressionCV, Ridge
-
     if isinstance(estimator, type):
         raise TypeError(
             f"estimator={estimator.__name__} is a class, not a fitted estimator. "

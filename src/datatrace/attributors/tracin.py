@@ -39,8 +39,8 @@ Assumptions and approximations, stated plainly:
 
 Memory: :meth:`TracIn.fit` keeps ``n_checkpoints x n_train x p`` gradient entries (``p`` parameters in scope, or
 the projector's output dimension). For large models pass a ``projector`` or restrict ``params``. With one of
-datatrace's projectors (:class:`~datatrace.projection.projectors.RandomProjector`, or
-:class:`~datatrace.projection.projectors.FactorizedProjector`, which never forms a full per-example gradient) the projector
+datatrace's projectors (:class:`~datatrace.projection.RandomProjector`, or
+:class:`~datatrace.projection.FactorizedProjector`, which never forms a full per-example gradient) the projector
 is fitted afresh at every checkpoint (its matrix depends on its seed and the parameter layout only, so every
 checkpoint and every query uses the same ``P``) and the scores become ``sum_c (eta_c / B) (P^T grad f_q)
 . (P^T grad l_i)``: a Johnson-Lindenstrauss estimate of the same number, with relative error of order
@@ -228,7 +228,7 @@ class TracIn(Attributor):
             full-batch gradient descent (``B = len(train)``); ``1`` if ``learning_rates`` already hold ``eta_c/B``.
             Required, because a wrong ``B`` silently rescales every score.
         params: parameter name patterns in scope (``None``: every trainable parameter).
-        projector: optional. A datatrace projector (:mod:`datatrace.projection.projectors`, anything with
+        projector: optional. A datatrace projector (:mod:`datatrace.projection`, anything with
             ``fit(fmodel, n_points)`` and ``project_vjps(batch, root)``: copied, then fitted at each checkpoint);
             or any object with ``project(grads) -> Tensor (b, k)``, or a callable doing the same, applied to the full
             gradient rows. It must be one fixed linear map.

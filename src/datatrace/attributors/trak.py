@@ -27,7 +27,7 @@ from datatrace.attributors.base import Attributor, Measurement
 from datatrace.attributors.projected import ProjectedInfluence
 from datatrace.data import DataLike
 from datatrace.errors import bad_value, check_positive_int
-from datatrace.projection.projectors import Projector
+from datatrace.projection import Projector
 from datatrace.projection.scoring import StreamingTopK
 from datatrace.scores import Scores, TopK
 from datatrace.tasks import Task

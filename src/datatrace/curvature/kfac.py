@@ -135,6 +135,7 @@ from datatrace.capture.engine import (
 from datatrace.capture.engine import find_layers as engine_find_layers
 from datatrace.capture.kinds import SUPPORTED_LAYERS, weight_decay_per_tensor
 from datatrace.curvature.base import Curvature
+from datatrace.curvature.registry import matrix_free_names
 from datatrace.data import DataSource
 from datatrace.distributed import all_reduce_sum, distributed_sum, world
 from datatrace.errors import bad_value, check_choice, check_nonnegative_float, check_positive_int
@@ -179,8 +180,6 @@ class _Layer(Layer):
 
 
 def _other_routes() -> str:
-    from datatrace.curvature import matrix_free_names  # late import: the registry imports this module
-
     names = [n for n in matrix_free_names() if "kfac" not in n]
     if names:
         return "a matrix-free route (" + ", ".join(f"curvature={n!r}" for n in names) + ")"

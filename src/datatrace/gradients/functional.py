@@ -37,7 +37,7 @@ from datatrace.params import ParamSpace, select_parameters
 from datatrace.tasks import Task
 
 
-class _Bound(nn.Module):
+class BoundFunction(nn.Module):
     """Holds ``model`` as a submodule so that ``functional_call`` can swap its parameters inside ``fn``."""
 
     def __init__(self, model: nn.Module, fn: Callable[[nn.Module, tuple], torch.Tensor]) -> None:
@@ -100,8 +100,8 @@ class FunctionalModel:
         self.dtype = self.theta.dtype
         self.device = self.theta.device
         self.chunk_size = chunk_size
-        self._loss = _Bound(model, task.loss)
-        self._measure = _Bound(model, task.measurement)
+        self.loss_module = BoundFunction(model, task.loss)
+        self.measurement_module = BoundFunction(model, task.measurement)
         self.regularizer = self.space.flatten(
             {
                 n: torch.full(s, task.weight_decay_for(n), dtype=self.dtype)
@@ -114,15 +114,15 @@ class FunctionalModel:
         return self.space.numel
 
     # -- scalar functions of theta -----------------------------------------------------------------------------
-    def _call(self, module: nn.Module, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
+    def call(self, module: nn.Module, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
         named = {"model." + k: v for k, v in self.space.unflatten(theta).items()}
         return functional_call(module, named, batch)
 
     def losses(self, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
-        return self._call(self._loss, theta, batch)
+        return self.call(self.loss_module, theta, batch)
 
     def measurements(self, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
-        return self._call(self._measure, theta, batch)
+        return self.call(self.measurement_module, theta, batch)
 
     def prepare(self, batch: tuple) -> tuple:
         return cast_batch(batch, self.dtype, self.device)
@@ -130,7 +130,7 @@ class FunctionalModel:
     # -- per-example gradients ---------------------------------------------------------------------------------
     def _per_example(self, module: nn.Module, batch: tuple) -> torch.Tensor:
         def single(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
-            out = self._call(module, theta, tuple(t.unsqueeze(0) for t in example))
+            out = self.call(module, theta, tuple(t.unsqueeze(0) for t in example))
             if out.shape != (1,):
                 raise ValueError(
                     f"the task returned shape {tuple(out.shape)} for a batch of one example; loss and "
@@ -145,7 +145,7 @@ class FunctionalModel:
 
     def per_example_grads(self, batch: tuple) -> torch.Tensor:
         """``grad_theta l(z_i, theta_hat)`` for each example of ``batch``, shape ``(b, p)``."""
-        return self._per_example(self._loss, self.prepare(batch))
+        return self._per_example(self.loss_module, self.prepare(batch))
 
     def per_example_measurement_grads(
         self, batch: tuple, measurement: Callable[[nn.Module, tuple], torch.Tensor] | None = None
@@ -154,7 +154,7 @@ class FunctionalModel:
 
         ``measurement(model, batch) -> (b,)`` replaces the task's own measurement when given.
         """
-        module = self._measure if measurement is None else _Bound(self.model, measurement)
+        module = self.measurement_module if measurement is None else BoundFunction(self.model, measurement)
         return self._per_example(module, self.prepare(batch))
 
     # -- the training objective --------------------------------------------------------------------------------
@@ -209,10 +209,10 @@ class FunctionalModel:
         if not self.task.has_outputs:
             self.task.outputs(self.model, ())  # raises the task's own explanatory error
         n = len(data)
-        out_module = _Bound(self.model, self.task.outputs)
+        out_module = BoundFunction(self.model, self.task.outputs)
 
         def single_out(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
-            return self._call(out_module, theta, tuple(t.unsqueeze(0) for t in example))[0].reshape(-1)
+            return self.call(out_module, theta, tuple(t.unsqueeze(0) for t in example))[0].reshape(-1)
 
         def single_loss(o: torch.Tensor, shape: torch.Size, *example: torch.Tensor) -> torch.Tensor:
             batch = tuple(t.unsqueeze(0) for t in example)
@@ -225,7 +225,7 @@ class FunctionalModel:
                 self.theta, *b
             )  # (b, k, p)
             with torch.no_grad():
-                outs = self._call(out_module, self.theta, b)
+                outs = self.call(out_module, self.theta, b)
             shape = outs.shape[1:]
             flat_out = outs.reshape(outs.shape[0], -1)
             hess_out = vmap(

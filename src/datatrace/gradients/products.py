@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import distributed_sum
 from datatrace.errors import bad_value, check_choice
-from datatrace.gradients.functional import FunctionalModel, _Bound
+from datatrace.gradients.functional import BoundFunction, FunctionalModel
 from datatrace.linalg import Operator, as_rows
 
 #: curvature matrices the matrix-free routes can work with
@@ -69,13 +69,13 @@ def ggn_vp(fmodel: FunctionalModel, vectors: torch.Tensor, data: DataLike) -> to
     source = as_data_source(data, "data")
     rows, one = as_rows(vectors, fmodel.num_params, fmodel.dtype, fmodel.device)
     task, theta, n = fmodel.task, fmodel.theta, len(source)
-    out_module = _Bound(fmodel.model, task.outputs)
+    out_module = BoundFunction(fmodel.model, task.outputs)
 
     def batch_product(batch: tuple) -> torch.Tensor:
         b = fmodel.prepare(batch)
 
         def outputs(t: torch.Tensor) -> torch.Tensor:
-            return fmodel._call(out_module, t, b)
+            return fmodel.call(out_module, t, b)
 
         def loss_grad(o: torch.Tensor) -> torch.Tensor:
             return grad(lambda o_: task.loss_from_outputs(o_, b).sum())(o)
@@ -116,10 +116,10 @@ def ggn_diagonal(fmodel: FunctionalModel, data: DataSource, progress: bool = Fal
     """
     require_outputs(fmodel)
     task, p, n = fmodel.task, fmodel.num_params, len(data)
-    out_module = _Bound(fmodel.model, task.outputs)
+    out_module = BoundFunction(fmodel.model, task.outputs)
 
     def single_out(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
-        return fmodel._call(out_module, theta, tuple(t.unsqueeze(0) for t in example))[0].reshape(-1)
+        return fmodel.call(out_module, theta, tuple(t.unsqueeze(0) for t in example))[0].reshape(-1)
 
     def single_loss(o: torch.Tensor, shape: torch.Size, *example: torch.Tensor) -> torch.Tensor:
         return task.loss_from_outputs(o.reshape(1, *shape), tuple(t.unsqueeze(0) for t in example))[0]
@@ -127,7 +127,7 @@ def ggn_diagonal(fmodel: FunctionalModel, data: DataSource, progress: bool = Fal
     def batch_diagonal(batch: tuple) -> torch.Tensor:
         b = fmodel.prepare(batch)
         with torch.no_grad():
-            outs = fmodel._call(out_module, fmodel.theta, b)
+            outs = fmodel.call(out_module, fmodel.theta, b)
         shape = outs.shape[1:]
         k = max(1, int(shape.numel()))
         step = max(1, JACOBIAN_BUDGET // (k * p))

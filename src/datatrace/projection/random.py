@@ -61,7 +61,7 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from datatrace.errors import bad_value, check_choice, check_positive_int
-from datatrace.gradients.functional import FunctionalModel, _Bound
+from datatrace.gradients.functional import BoundFunction, FunctionalModel
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +140,10 @@ def check_seed(random_state: Any) -> int:
 def _root_module(fmodel: FunctionalModel, root: str) -> nn.Module:
     check_choice("root", root, ROOTS)
     if root == "loss":
-        return fmodel._loss
+        return fmodel.loss_module
     if root == "measurement":
-        return fmodel._measure
-    return _Bound(fmodel.model, fmodel.task.outputs)
+        return fmodel.measurement_module
+    return BoundFunction(fmodel.model, fmodel.task.outputs)
 
 
 def cotangents_for(root: str, outputs: torch.Tensor, cotangents: Cotangents | None) -> torch.Tensor:
@@ -391,7 +391,7 @@ class RandomProjector(Projector):
         fmodel = self.fmodel_
         module = _root_module(fmodel, root)
         with torch.no_grad():
-            outputs = fmodel._call(module, fmodel.theta, batch)
+            outputs = fmodel.call(module, fmodel.theta, batch)
         cot = cotangents_for(root, outputs, cotangents)  # (b, c, K)
         b, c = cot.shape[0], cot.shape[1]
         scalar = root != "outputs"
@@ -400,7 +400,7 @@ class RandomProjector(Projector):
             ex = tuple(t.unsqueeze(0) for t in example)
 
             def f(t: torch.Tensor) -> torch.Tensor:
-                out = fmodel._call(module, t, ex)
+                out = fmodel.call(module, t, ex)
                 if scalar and out.shape != (1,):
                     raise ValueError(
                         f"the task's {root} returned shape {tuple(out.shape)} for a batch of one example; it must "
