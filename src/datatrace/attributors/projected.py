@@ -118,6 +118,7 @@ from datatrace.gradients.functional import (
     per_example_rows,
     prepare_model,
 )
+from datatrace.linalg import spectral_inverse
 from datatrace.projection.chunks import dtype_name
 from datatrace.projection.factorized import FactorizedProjector, supports_factorized
 from datatrace.projection.features import FeatureSource, as_feature_source, my_chunks
@@ -474,19 +475,9 @@ class ProjectedInfluence(Attributor):
         extra: dict[str, Any] = {"solver": solver, "trace": float(torch.diagonal(matrix).sum())}
         if solver == "eigh":
             evals, evecs = torch.linalg.eigh(matrix)
-            top = float(evals.abs().max()) if evals.numel() else 0.0
-            tol = max(evals.numel(), 10) * torch.finfo(torch.float64).eps * 10 * top
-            effective = evals.clamp(min=0.0) + damping
-            dropped = effective <= tol
-            inv = torch.where(
-                dropped, torch.zeros_like(effective), 1.0 / torch.where(dropped, 1.0, effective)
-            )
+            inv, _, facts = spectral_inverse(evals, damping, "clip", None, "projected")
             self.evals_, self.evecs_, self.inv_evals_ = evals, evecs, inv
-            extra |= {
-                "eigenvalue_max": float(evals.max()),
-                "eigenvalue_min": float(evals.min()),
-                "num_zero_dropped": int(dropped.sum()),
-            }
+            extra |= {key: facts[key] for key in ("eigenvalue_max", "eigenvalue_min", "num_zero_dropped")}
         else:
             extra |= {"num_zero_dropped": 0}
 

@@ -541,18 +541,16 @@ class KFAC(Curvature):
         logger.info("%s fitted on %d layer(s): %s", self.name, len(layers), self.info_)
 
     # -- applying ---------------------------------------------------------------------------------------------------
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "layers_"):
-            raise RuntimeError(f"{type(self).__name__} is not fitted. Fix: call .fit(fmodel, data) first.")
-
     def _apply(self, vectors: torch.Tensor, inverse: bool) -> torch.Tensor:
-        self._check_fitted()
+        self.check_fitted("layers_")
         space = self._fmodel_space
-        if vectors.dim() != 2 or vectors.shape[1] != space.numel:
+        if isinstance(vectors, torch.Tensor) and vectors.dim() == 1 and vectors.shape[0] == space.numel:
+            return self._apply(vectors[None], inverse)[0]
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != space.numel:
             raise bad_value(
                 "vectors",
                 vectors,
-                f"expected shape (m, {space.numel}) in the flat parameter space",
+                f"expected shape (m, {space.numel}) or ({space.numel},) in the flat parameter space",
                 "pass one row per vector",
             )
         if vectors.shape[0] == 0:  # nothing to solve (e.g. a rank with an empty shard)
