@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import logging
 import os
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,14 +48,12 @@ from tqdm.auto import tqdm
 
 from datatrace.data import DEFAULT_BATCH_SIZE, DataLike, DataSource, as_data_source, cast_batch
 from datatrace.errors import bad_value, check_indices, check_positive_int, describe
-from datatrace.fileio import atomic_write
+from datatrace.verification.retrain_cache import RetrainCache
 
 __all__ = ["LOOResult", "SubsetResult", "evaluator", "leave_one_out", "subsets"]
 
 logger = logging.getLogger(__name__)
 
-_MANIFEST = "manifest.json"
-_FORMAT_VERSION = 1
 _SEED_HIGH = 2**31 - 1  # seeds fit every RNG (torch, numpy, random, CUDA)
 
 
@@ -505,7 +501,7 @@ def _run_jobs(
     desc: str,
 ) -> dict[str, np.ndarray]:
     """Run (or reuse from ``cache_dir``) every job and return ``{key: outputs}``."""
-    cache = None if cache_dir is None else _Cache(cache_dir, config)
+    cache = None if cache_dir is None else RetrainCache(cache_dir, config)
     checker = _OutputChecker(None if cache is None else cache.n_query, None if cache is None else cache.path)
     results: dict[str, np.ndarray] = {}
     if cache is not None:
@@ -607,98 +603,6 @@ class _OutputChecker:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------------------------------------------
-_FIELD_MEANINGS = {
-    "train_sha256": " (the training data differ: a cache never serves results of other data)",
-    "indices_sha256": " (the left-out indices differ)",
-    "masks_sha256": " (the subsets differ)",
-    "seeds_sha256": " (the per-run seeds differ)",
-    "seed_passed": " (train_fn's signature changed: it does or does not take a seed now)",
-    "format": " (written by another version of datatrace)",
-}
-_JOB_FILE = re.compile(r"^(base|loo-\d+|subset-\d+-seed-\d+)\.npy$")
-
-
-class _Cache:
-    """A directory of finished retrains: one ``<key>.npy`` per job plus ``manifest.json``."""
-
-    def __init__(self, cache_dir: str | os.PathLike[str], config: dict[str, Any]) -> None:
-        try:
-            self.path = Path(cache_dir)
-        except TypeError:
-            raise bad_value(
-                "cache_dir",
-                cache_dir,
-                "expected a directory path (str or os.PathLike)",
-                "pass e.g. 'loo-cache'",
-            ) from None
-        if self.path.exists() and not self.path.is_dir():
-            raise bad_value(
-                "cache_dir", cache_dir, "the path exists and is not a directory", "pass a directory"
-            )
-        self.path.mkdir(parents=True, exist_ok=True)
-        manifest_path = self.path / _MANIFEST
-        wanted = {"format": _FORMAT_VERSION, **config}
-        if manifest_path.exists():
-            try:
-                stored = json.loads(manifest_path.read_text())
-            except (OSError, ValueError) as error:
-                raise ValueError(
-                    f"cache_dir={str(self.path)!r} has an unreadable {_MANIFEST} ({error}). "
-                    "Fix: use a new cache_dir, or delete this one."
-                ) from None
-            if not isinstance(stored, dict):
-                stored = {}
-            for field, value in wanted.items():
-                if stored.get(field, "<missing>") != value:
-                    meaning = _FIELD_MEANINGS.get(field, "")
-                    raise ValueError(
-                        f"cache_dir={str(self.path)!r} holds results of a different run{meaning}: its {_MANIFEST} "
-                        f"has {field}={stored.get(field, '<missing>')!r} but this call has {field}={value!r}. "
-                        "Fix: use a new cache_dir for this configuration (or call with the original arguments to "
-                        "resume that run)."
-                    )
-            self.n_query: int | None = stored.get("n_query")
-            self.manifest = stored
-        else:
-            leftovers = sorted(p.name for p in self.path.iterdir() if _JOB_FILE.match(p.name))
-            if leftovers:
-                raise ValueError(
-                    f"cache_dir={str(self.path)!r} holds result files ({', '.join(leftovers[:3])}, ...) but no "
-                    f"{_MANIFEST}, so it is unknown which run they belong to. Fix: use a new cache_dir."
-                )
-            self.n_query = None
-            self.manifest = wanted
-            self._write_manifest()
-
-    def _write_manifest(self) -> None:
-        atomic_write(
-            self.path / _MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(self.manifest, indent=2))
-        )
-
-    def set_n_query(self, n_query: int) -> None:
-        self.n_query = int(n_query)
-        self.manifest = {**self.manifest, "n_query": self.n_query}
-        self._write_manifest()
-
-    def load(self, key: str) -> np.ndarray | None:
-        path = self.path / f"{key}.npy"
-        if not path.exists():
-            return None
-        try:
-            out = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            logger.warning("Ignoring unreadable cached result %s (%s); it will be retrained.", path, error)
-            return None
-        return np.asarray(out, dtype=np.float64)
-
-    def save(self, key: str, outputs: np.ndarray) -> None:
-        array = np.ascontiguousarray(outputs, dtype=np.float64)
-        atomic_write(self.path / f"{key}.npy", lambda tmp: _save_npy(tmp, array))
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Validation helpers
 # ---------------------------------------------------------------------------------------------------------------
 def _check_callable(name: str, value: Any) -> None:
@@ -770,8 +674,3 @@ def _accepts_seed(train_fn: Callable) -> bool:
 
 def _sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a path
-        np.save(f, array, allow_pickle=False)
