@@ -9,6 +9,17 @@ functions of the flat parameter vector ``theta`` (see :mod:`datatrace.params`):
 * ``hvp(v, data)``: ``H v`` for the objective's Hessian (forward-over-reverse, Pearlmutter 1994);
 * ``dense_hessian(data)`` and ``dense_gauss_newton(data)``: the ``p x p`` matrices, for small models and tests.
 
+Two fallbacks keep models that ``torch.func`` cannot fully transform traceable, each chosen on the first failure,
+remembered by the object and logged once with the reason:
+
+* **per-example loop.** ``vmap`` over examples fails for models whose code writes in place into unbatched
+  tensors (``nn.LSTM``/``GRU``/``RNN`` on CPU) or branches on data; every per-example quantity
+  (:meth:`FunctionalModel.over_examples`) is then computed one example at a time, which gives the same rows.
+* **double backward.** Forward-mode AD is missing for some kernels (the fused CPU attention of
+  ``F.scaled_dot_product_attention``, hence ``nn.MultiheadAttention``); ``H v`` is then the reverse-over-reverse
+  product ``d/dtheta (grad L . v)`` (Pearlmutter 1994, the same matrix), computed with the attention's reference
+  ("math") kernel, whose operations all have second derivatives (:func:`second_order_kernels`).
+
 Everything is computed with the module's other parameters and buffers fixed (``functional_call``), with the
 model in eval mode (dropout off, batch-norm statistics frozen) so that influence refers to one deterministic
 function of ``theta``.
@@ -21,7 +32,9 @@ reduction); in a single process it is the plain loop.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +48,42 @@ from datatrace.distributed import distributed_per_example, distributed_sum
 from datatrace.errors import bad_value
 from datatrace.params import ParamSpace, select_parameters
 from datatrace.tasks import Task
+
+try:  # torch >= 2.3: choose the attention kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - older torch has no fused CPU attention to avoid
+    SDPBackend = sdpa_kernel = None
+
+logger = logging.getLogger(__name__)
+
+#: dtypes refused as the working dtype: half precision cannot carry scores of order 1/n, and torch.linalg has no
+#: eigendecomposition or Cholesky factorisation for them
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def second_order_kernels() -> contextlib.AbstractContextManager:
+    """A context in which ``F.scaled_dot_product_attention`` uses its reference ("math") kernel.
+
+    The fused kernels (flash attention on CPU) have neither forward-mode AD nor a double backward; the math kernel
+    is composed of matrix products and a softmax, so both exist. The result is the same function.
+    """
+    if sdpa_kernel is None:  # pragma: no cover
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def check_working_dtype(dtype: torch.dtype, explicit: bool = True) -> None:
+    """Refuse half precision (float16, bfloat16) as the dtype influence is computed in: ``dtype=...`` when
+    ``explicit``, else ``dtype=None`` (keep the model's own dtype) on a half-precision model."""
+    if dtype in HALF_DTYPES:
+        raise bad_value(
+            "dtype",
+            dtype if explicit else None,
+            f"influence would be computed in {dtype}{'' if explicit else ', the dtype of the model'}: half "
+            "precision cannot resolve scores of order 1/n and torch.linalg has no eigendecomposition or Cholesky "
+            "factorisation for it",
+            "pass dtype=torch.float64 (the default; the model is copied, yours is not changed) or torch.float32",
+        )
 
 
 class BoundFunction(nn.Module):
@@ -98,8 +147,13 @@ class FunctionalModel:
         self.space = ParamSpace.from_tensors(selected)
         self.theta = self.space.flatten({n: p.detach() for n, p in selected.items()})
         self.dtype = self.theta.dtype
+        check_working_dtype(self.dtype, explicit=False)
         self.device = self.theta.device
         self.chunk_size = chunk_size
+        #: False once ``vmap`` over examples failed for this model: per-example work loops over examples
+        self.vmap_examples = True
+        #: "forward-over-reverse", or "reverse-over-reverse" once forward-mode AD failed for this model
+        self.hvp_mode = "forward-over-reverse"
         self.loss_module = BoundFunction(model, task.loss)
         self.measurement_module = BoundFunction(model, task.measurement)
         self.regularizer = self.space.flatten(
@@ -128,6 +182,37 @@ class FunctionalModel:
         return cast_batch(batch, self.dtype, self.device)
 
     # -- per-example gradients ---------------------------------------------------------------------------------
+    def over_examples(self, fn: Callable[..., torch.Tensor], shared: tuple, batched: tuple) -> torch.Tensor:
+        """``fn(*shared, *(t[i] for t in batched))`` stacked over the examples ``i``.
+
+        ``vmap`` while it works; the first time it fails for this model (an operation without a batching rule, an
+        in-place write into an unbatched tensor as in ``nn.LSTM``, data-dependent control flow) the same rows are
+        computed one example at a time, and from then on, with the reason logged once. If the loop fails too,
+        its error (the model's or task's own) is raised.
+        """
+        if self.vmap_examples:
+            dims = (*(None for _ in shared), *(0 for _ in batched))
+            try:
+                return vmap(fn, in_dims=dims, chunk_size=self.chunk_size)(*shared, *batched)
+            except RuntimeError as err:
+                rows = self._loop_examples(
+                    fn, shared, batched
+                )  # raises the model's own error if it fails too
+                self.vmap_examples = False
+                logger.info(
+                    "vmap cannot batch %s over examples (%s); computing per-example quantities one example at "
+                    "a time from now on (same values, slower).",
+                    type(self.model).__name__,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__,
+                )
+                return rows
+        return self._loop_examples(fn, shared, batched)
+
+    @staticmethod
+    def _loop_examples(fn: Callable[..., torch.Tensor], shared: tuple, batched: tuple) -> torch.Tensor:
+        count = int(batched[0].shape[0])
+        return torch.stack([fn(*shared, *(t[i] for t in batched)) for i in range(count)])
+
     def _per_example(self, module: nn.Module, batch: tuple) -> torch.Tensor:
         def single(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
             out = self.call(module, theta, tuple(t.unsqueeze(0) for t in example))
@@ -139,9 +224,8 @@ class FunctionalModel:
                 )
             return out[0]
 
-        dims = (None, *tuple(0 for _ in batch))
         # detached: out-of-scope parameters may require grad, and no caller differentiates these rows again
-        return vmap(grad(single), in_dims=dims, chunk_size=self.chunk_size)(self.theta, *batch).detach()
+        return self.over_examples(grad(single), (self.theta,), tuple(batch)).detach()
 
     def per_example_grads(self, batch: tuple) -> torch.Tensor:
         """``grad_theta l(z_i, theta_hat)`` for each example of ``batch``, shape ``(b, p)``."""
@@ -170,22 +254,63 @@ class FunctionalModel:
         return total / n + self.regularizer * self.theta
 
     def hvp(self, vectors: torch.Tensor, data: DataSource) -> torch.Tensor:
-        """``H v`` for each row ``v`` of ``vectors`` (shape ``(m, p)``), H the Hessian of the objective."""
+        """``H v`` for each row ``v`` of ``vectors`` (shape ``(m, p)``), H the Hessian of the objective.
+
+        Forward-over-reverse (a JVP of the gradient, vmapped over the rows); where forward-mode AD is missing for
+        an operation of the model, double backward instead (see the module docstring), remembered and logged once.
+        """
         n = len(data)
         vectors = vectors.to(self.dtype)
 
         def batch_hvp(batch: tuple) -> torch.Tensor:
             b = self.prepare(batch)
-            g = grad(lambda t: self.losses(t, b).sum() / n)
-
-            def column(v: torch.Tensor) -> torch.Tensor:
-                return jvp(g, (self.theta,), (v,))[1]
-
-            return vmap(column, chunk_size=self.chunk_size)(vectors)
+            if self.hvp_mode == "forward-over-reverse":
+                try:
+                    return self._hvp_forward(vectors, b, n)
+                except RuntimeError as err:
+                    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    rows = self._hvp_reverse(vectors, b, n, first)
+                    self.hvp_mode = "reverse-over-reverse"
+                    logger.info(
+                        "forward-mode AD fails for %s (%s); Hessian-vector products use double backward "
+                        "(reverse-over-reverse, the same matrix) from now on.",
+                        type(self.model).__name__,
+                        first,
+                    )
+                    return rows
+            return self._hvp_reverse(vectors, b, n)
 
         data_term = distributed_sum(batch_hvp, data, device=self.device, desc="Hessian-vector products")
         # detached: out-of-scope parameters may require grad; nothing differentiates H v again
         return (data_term + vectors * self.regularizer).detach()
+
+    def _hvp_forward(self, vectors: torch.Tensor, b: tuple, n: int) -> torch.Tensor:
+        g = grad(lambda t: self.losses(t, b).sum() / n)
+
+        def column(v: torch.Tensor) -> torch.Tensor:
+            return jvp(g, (self.theta,), (v,))[1]
+
+        return vmap(column, chunk_size=self.chunk_size)(vectors)
+
+    def _hvp_reverse(self, vectors: torch.Tensor, b: tuple, n: int, forward_error: str = "") -> torch.Tensor:
+        """``d/dtheta (grad(theta) . v)`` per row by plain autograd: one gradient graph, one backward per row."""
+        try:
+            with second_order_kernels(), torch.enable_grad():
+                theta = self.theta.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.losses(theta, b).sum() / n, theta, create_graph=True)
+                if not g.requires_grad:  # no graph of the gradient: never read as a zero Hessian
+                    raise RuntimeError(
+                        "the gradient has no graph to differentiate again (an operation's backward is marked "
+                        "once-differentiable, or runs outside autograd)"
+                    )
+                return torch.stack([torch.autograd.grad(g, theta, v, retain_graph=True)[0] for v in vectors])
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"Hessian-vector products of {type(self.model).__name__} failed both by forward-over-reverse AD "
+                f"({forward_error or 'earlier'}) and by double backward ({str(err).splitlines()[0]}): PyTorch has no second "
+                "derivative for an operation of the model. Fix: use a curvature that needs first derivatives "
+                "only (curvature='ekfac' or 'kfac' for Linear/Conv layers, 'identity'), or TracIn / TRAK."
+            ) from err
 
     def dense_hessian(self, data: DataSource, progress: Callable | None = None) -> torch.Tensor:
         """The ``p x p`` Hessian of the training objective (data term plus regulariser)."""
@@ -220,18 +345,14 @@ class FunctionalModel:
 
         def batch_ggn(batch: tuple) -> torch.Tensor:
             b = self.prepare(batch)
-            dims = (None, *tuple(0 for _ in b))
-            jac = vmap(jacrev(single_out), in_dims=dims, chunk_size=self.chunk_size)(
-                self.theta, *b
-            )  # (b, k, p)
+            jac = self.over_examples(jacrev(single_out), (self.theta,), b)  # (b, k, p)
             with torch.no_grad():
                 outs = self.call(out_module, self.theta, b)
             shape = outs.shape[1:]
             flat_out = outs.reshape(outs.shape[0], -1)
-            hess_out = vmap(
-                jacrev(jacrev(lambda o, *ex, shape=shape: single_loss(o, shape, *ex))),
-                in_dims=(0, *tuple(0 for _ in b)),
-            )(flat_out, *b)  # (b, k, k)
+            hess_out = self.over_examples(
+                jacrev(jacrev(lambda o, *ex, shape=shape: single_loss(o, shape, *ex))), (), (flat_out, *b)
+            )  # (b, k, k)
             if progress is not None:
                 progress(len(b[0]))
             return torch.einsum("bkp,bkl,blq->pq", jac, hess_out, jac) / n
@@ -265,6 +386,8 @@ def check_model_and_task(
         )
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise bad_value("dtype", dtype, "expected a floating torch dtype or None", "pass torch.float64")
+    if dtype is not None:
+        check_working_dtype(dtype)
 
 
 def batch_failure(task: Task, what: str, batch: tuple, err: BaseException) -> ValueError:
@@ -342,13 +465,16 @@ def model_parameters_dtype(model: nn.Module) -> torch.dtype:
 
 
 __all__ = [
+    "HALF_DTYPES",
     "FunctionalModel",
     "batch_failure",
     "check_model_and_task",
     "check_rows_finite",
+    "check_working_dtype",
     "checked_rows",
     "eval_mode",
     "model_parameters_dtype",
     "per_example_rows",
     "prepare_model",
+    "second_order_kernels",
 ]

@@ -17,6 +17,8 @@ Jacobians), :func:`empirical_fisher_diagonal` (``(1/n) sum_i g_i^2 + lambda``) a
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 from tqdm.auto import tqdm
@@ -24,8 +26,10 @@ from tqdm.auto import tqdm
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import distributed_sum
 from datatrace.errors import bad_value, check_choice
-from datatrace.gradients.functional import BoundFunction, FunctionalModel
+from datatrace.gradients.functional import BoundFunction, FunctionalModel, second_order_kernels
 from datatrace.linalg import Operator, as_rows
+
+logger = logging.getLogger(__name__)
 
 #: curvature matrices the matrix-free routes can work with
 MATRICES = ("hessian", "gauss-newton")
@@ -58,7 +62,8 @@ def ggn_vp(fmodel: FunctionalModel, vectors: torch.Tensor, data: DataLike) -> to
     ``J_i = d o_i / d theta`` and ``H_out_i = d^2 l_i / d o_i^2`` (Schraudolph 2002; Martens 2020). Computed per
     batch as a JVP through the outputs (``J v``), an output-space Hessian-vector product of
     ``loss_from_outputs`` (``H_out J v``) and a VJP (``J^T H_out J v``), vmapped over the rows; no Jacobian or
-    ``p x p`` matrix is formed. Matches :meth:`FunctionalModel.dense_gauss_newton` ``@ v``.
+    ``p x p`` matrix is formed. Where forward-mode AD is missing for an operation of the model, the same
+    products by reverse mode only (:func:`_ggn_reverse`), chosen once per model and logged. Matches :meth:`FunctionalModel.dense_gauss_newton` ``@ v``.
 
     Example:
         >>> Gv = ggn_vp(fmodel, torch.randn(3, fmodel.num_params, dtype=fmodel.dtype), (X, y))  # doctest: +SKIP
@@ -68,26 +73,26 @@ def ggn_vp(fmodel: FunctionalModel, vectors: torch.Tensor, data: DataLike) -> to
     )
     source = as_data_source(data, "data")
     rows, one = as_rows(vectors, fmodel.num_params, fmodel.dtype, fmodel.device)
-    task, theta, n = fmodel.task, fmodel.theta, len(source)
-    out_module = BoundFunction(fmodel.model, task.outputs)
+    n = len(source)
+    out_module = BoundFunction(fmodel.model, fmodel.task.outputs)
 
     def batch_product(batch: tuple) -> torch.Tensor:
         b = fmodel.prepare(batch)
-
-        def outputs(t: torch.Tensor) -> torch.Tensor:
-            return fmodel.call(out_module, t, b)
-
-        def loss_grad(o: torch.Tensor) -> torch.Tensor:
-            return grad(lambda o_: task.loss_from_outputs(o_, b).sum())(o)
-
-        outs, pullback = vjp(outputs, theta)
-
-        def product(v: torch.Tensor) -> torch.Tensor:
-            jv = jvp(outputs, (theta,), (v,))[1]
-            hjv = jvp(loss_grad, (outs,), (jv,))[1]
-            return pullback(hjv)[0]
-
-        return vmap(product, chunk_size=fmodel.chunk_size)(rows) / n
+        if fmodel.hvp_mode == "forward-over-reverse":
+            try:
+                return _ggn_forward(fmodel, out_module, rows, b) / n
+            except RuntimeError as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                result = _ggn_reverse(fmodel, out_module, rows, b) / n
+                fmodel.hvp_mode = "reverse-over-reverse"
+                logger.info(
+                    "forward-mode AD fails for %s (%s); Gauss-Newton-vector products use reverse mode only "
+                    "(J v as the derivative of a VJP; the same matrix) from now on.",
+                    type(fmodel.model).__name__,
+                    first,
+                )
+                return result
+        return _ggn_reverse(fmodel, out_module, rows, b) / n
 
     # each rank sums its shard under torch.distributed (datatrace.distributed); the regulariser is added once
     data_term = distributed_sum(
@@ -95,6 +100,49 @@ def ggn_vp(fmodel: FunctionalModel, vectors: torch.Tensor, data: DataLike) -> to
     )
     result = (rows * fmodel.regularizer + data_term).detach()
     return result[0] if one else result
+
+
+def _ggn_forward(
+    fmodel: FunctionalModel, out_module: BoundFunction, rows: torch.Tensor, b: tuple
+) -> torch.Tensor:
+    """``sum_i J_i^T H_out_i J_i v`` over one batch: a JVP, an output-space JVP of the loss gradient, a VJP."""
+    task, theta = fmodel.task, fmodel.theta
+
+    def outputs(t: torch.Tensor) -> torch.Tensor:
+        return fmodel.call(out_module, t, b)
+
+    def loss_grad(o: torch.Tensor) -> torch.Tensor:
+        return grad(lambda o_: task.loss_from_outputs(o_, b).sum())(o)
+
+    outs, pullback = vjp(outputs, theta)
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        jv = jvp(outputs, (theta,), (v,))[1]
+        hjv = jvp(loss_grad, (outs,), (jv,))[1]
+        return pullback(hjv)[0]
+
+    return vmap(product, chunk_size=fmodel.chunk_size)(rows)
+
+
+def _ggn_reverse(
+    fmodel: FunctionalModel, out_module: BoundFunction, rows: torch.Tensor, b: tuple
+) -> torch.Tensor:
+    """The same products by reverse mode only, for models without forward-mode AD: ``J v`` is the derivative of
+    the VJP ``u -> J^T u`` (linear in ``u``) along ``v``; ``H_out (J v)`` a double backward of the loss in the
+    outputs; ``J^T (.)`` a VJP. One backward pass of each kind per row."""
+    with second_order_kernels(), torch.enable_grad():
+        theta = fmodel.theta.detach().requires_grad_(True)
+        outs = fmodel.call(out_module, theta, b)
+        u = torch.zeros_like(outs, requires_grad=True)
+        (jt_u,) = torch.autograd.grad(outs, theta, u, create_graph=True)
+        o = outs.detach().requires_grad_(True)
+        (g_o,) = torch.autograd.grad(fmodel.task.loss_from_outputs(o, b).sum(), o, create_graph=True)
+        result = []
+        for v in rows:
+            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
+            (hjv,) = torch.autograd.grad(g_o, o, jv, retain_graph=True)
+            result.append(torch.autograd.grad(outs, theta, hjv, retain_graph=True)[0])
+        return torch.stack(result)
 
 
 def curvature_operator(fmodel: FunctionalModel, data: DataSource, matrix: str) -> Operator:
@@ -131,15 +179,15 @@ def ggn_diagonal(fmodel: FunctionalModel, data: DataSource, progress: bool = Fal
         shape = outs.shape[1:]
         k = max(1, int(shape.numel()))
         step = max(1, JACOBIAN_BUDGET // (k * p))
-        dims = (None, *tuple(0 for _ in b))
-        hess = vmap(
+        hess = fmodel.over_examples(
             jacrev(jacrev(lambda o, *ex: single_loss(o, shape, *ex))),
-            in_dims=(0, *tuple(0 for _ in b)),
-        )(outs.reshape(outs.shape[0], -1), *b)  # (b, k, k)
+            (),
+            (outs.reshape(outs.shape[0], -1), *b),
+        )  # (b, k, k)
         part_sum = torch.zeros_like(fmodel.theta)
         for start in range(0, outs.shape[0], step):
             part = tuple(t[start : start + step] for t in b)
-            jac = vmap(jacrev(single_out), in_dims=dims, chunk_size=fmodel.chunk_size)(fmodel.theta, *part)
+            jac = fmodel.over_examples(jacrev(single_out), (fmodel.theta,), part)
             part_sum += torch.einsum("bkp,bkl,blp->p", jac, hess[start : start + step], jac)
         return part_sum
 
