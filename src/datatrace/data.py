@@ -6,7 +6,10 @@ index order* (scores are indexed by training example, so a shuffling loader is r
 sampler serves a subset gives that subset, and one whose sampler does not define a fixed set is refused) and cut into
 subsets of the same kind (for retraining).
 
-A batch is always a tuple; the :class:`~datatrace.Task` decides what its elements mean (by default ``(x, y)``).
+A batch is a tuple (the :class:`~datatrace.Task` decides what its elements mean, by default ``(x, y)``), or a
+dict of tensors when the Dataset returns dicts (the Hugging Face form, ``{"input_ids": ..., "labels": ...}``):
+such batches stay dicts, and a task written for them reads ``batch["input_ids"]``. The helpers
+:func:`batch_length`, :func:`take_examples`, :func:`map_batch` and :func:`cast_batch` treat both forms alike.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +66,54 @@ def _collate_unbatched(convert: Callable, items: list) -> Any:
     return default_collate([convert(item) for item in items])
 
 
-def _batch_to_tuple(batch: Any) -> tuple:
+def _batch_to_tuple(batch: Any, name: str = "data") -> tuple | dict:
+    """The collated batch as a tuple, or as a dict of tensors when the examples are mappings."""
+    if isinstance(batch, Mapping):
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                raise bad_value(
+                    f"{name}[...][{key!r}]",
+                    value,
+                    "a Dataset that returns dicts must give tensors (or numbers) under every key, so that "
+                    "examples can be batched and sliced",
+                    f"drop or encode the {key!r} field (e.g. dataset.remove_columns / with_format('torch'))",
+                )
+        return dict(batch)
     if isinstance(batch, (tuple, list)):
         return tuple(batch)
     return (batch,)
+
+
+def batch_length(batch: tuple | Mapping) -> int:
+    """The number of examples in a batch (the leading size of its first tensor)."""
+    values = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, (Mapping, tuple, list)) and value:
+            return batch_length(value)
+    raise bad_value(
+        "batch", batch, "a batch needs a tensor with a leading example axis", "batch the examples"
+    )
+
+
+def map_batch(fn: Callable[[torch.Tensor], Any], batch: tuple | Mapping) -> tuple | dict:
+    """``fn`` applied to every tensor of a batch (tuple or dict, nested containers too); other values kept."""
+    if isinstance(batch, Mapping):
+        return {
+            k: map_batch(fn, v) if isinstance(v, (Mapping, tuple, list)) else _apply(fn, v)
+            for k, v in batch.items()
+        }
+    return tuple(map_batch(fn, v) if isinstance(v, (Mapping, tuple, list)) else _apply(fn, v) for v in batch)
+
+
+def _apply(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
+    return fn(value) if isinstance(value, torch.Tensor) else value
+
+
+def take_examples(batch: tuple | Mapping, index: int | slice | torch.Tensor) -> tuple | dict:
+    """The examples ``index`` of a batch, in the batch's own form (``index`` an int drops the example axis)."""
+    return map_batch(lambda t: t[index], batch)
 
 
 @dataclass(frozen=True)
@@ -99,13 +146,17 @@ class DataSource:
             idx = order[start : start + bs]
             yield idx, self.get(idx)
 
-    def get(self, indices: torch.Tensor | Sequence[int]) -> tuple:
-        """The examples at ``indices`` as one batch (a tuple of tensors)."""
+    def get(self, indices: torch.Tensor | Sequence[int]) -> tuple | dict:
+        """The examples at ``indices`` as one batch (a tuple of tensors, or a dict for a Dataset of dicts)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         if self.tensors is not None:
             return tuple(t[idx] for t in self.tensors)
         items = [self.dataset[int(i)] for i in idx]  # type: ignore[index]
-        return _batch_to_tuple(self.collate_fn(items))
+        return _batch_to_tuple(self.collate_fn(items), self.name)
+
+    def yields_mappings(self) -> bool:
+        """Whether batches are dicts (a Dataset of dicts); reads one example."""
+        return self.tensors is None and isinstance(self.get([0]), Mapping)
 
     def subset(self, indices: torch.Tensor | Sequence[int]) -> Any:
         """The examples at ``indices`` in the form the user gave (tuple of tensors/arrays, or a Dataset)."""
@@ -123,9 +174,9 @@ class DataSource:
         Equal for the same examples in the same order whatever the batch size or the form they came in; it
         changes when any example changes. Reads the data once.
         """
-        parts: dict[int, tuple[str, Any]] = {}  # position -> (signature, running sha256 of its bytes)
+        parts: dict[Any, tuple[str, Any]] = {}  # position or key -> (signature, running sha256 of its bytes)
         for _, batch in self.batches():
-            for position, value in enumerate(batch):
+            for position, value in batch.items() if isinstance(batch, Mapping) else enumerate(batch):
                 if isinstance(value, torch.Tensor):
                     flat = value.detach().cpu().contiguous()
                     signature = f"{flat.dtype}:{tuple(flat.shape[1:])}"
@@ -265,11 +316,7 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
     return source
 
 
-def cast_batch(batch: tuple, dtype: torch.dtype, device: torch.device | str | None) -> tuple:
-    """Move a batch to ``device`` and cast its floating-point tensors to ``dtype`` (labels keep their dtype)."""
-    out = []
-    for t in batch:
-        if isinstance(t, torch.Tensor):
-            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        out.append(t)
-    return tuple(out)
+def cast_batch(batch: tuple | Mapping, dtype: torch.dtype, device: torch.device | str | None) -> tuple | dict:
+    """Move a batch to ``device`` and cast its floating-point tensors to ``dtype`` (labels keep their dtype);
+    a tuple stays a tuple, a dict a dict."""
+    return map_batch(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype), batch)

@@ -258,3 +258,53 @@ def test_samplers_without_a_fixed_example_set_are_refused(kind):
     }
     with pytest.raises(ValueError, match=r"train\.(sampler|batch_sampler).*Fix: "):
         as_data_source(loaders[kind](), "train")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A Dataset of dicts (the Hugging Face form): batches stay dicts
+# ---------------------------------------------------------------------------------------------------------------
+class DictDataset(Dataset):
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, extra: object = None) -> None:
+        self.X, self.y, self.extra = X, y, extra
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"x": self.X[i], "y": self.y[i]}
+        if self.extra is not None:
+            item["text"] = self.extra
+        return item
+
+
+def test_dict_dataset_batches_stay_dicts_in_index_order(arrays):
+    X, y = arrays
+    source = as_data_source(DataLoader(DictDataset(X, y), batch_size=4, shuffle=True), "train")
+    batches = list(source.batches())
+    assert all(isinstance(b, dict) and sorted(b) == ["x", "y"] for _, b in batches)
+    torch.testing.assert_close(torch.cat([b["x"] for _, b in batches]), X)
+    torch.testing.assert_close(torch.cat([b["y"] for _, b in batches]), y)
+    assert source.yields_mappings() and not as_data_source((X, y)).yields_mappings()
+    subset = as_data_source(source.subset([3, 1]))
+    torch.testing.assert_close(subset.get([0, 1])["x"], X[[3, 1]])
+
+
+def test_dict_dataset_content_hash_follows_the_content(arrays):
+    X, y = arrays
+    first = as_data_source(DictDataset(X, y), batch_size=3).content_sha256()
+    assert first == as_data_source(DictDataset(X, y), batch_size=5).content_sha256()
+    assert first != as_data_source(DictDataset(X, (y + 1) % 3)).content_sha256()
+
+
+def test_dict_dataset_with_a_non_tensor_field_is_refused_naming_the_key(arrays):
+    X, y = arrays
+    with pytest.raises(
+        ValueError, match=r"train\[\.\.\.\]\['text'\].*tensors.*Fix: drop or encode the 'text'"
+    ):
+        as_data_source(DictDataset(X, y, extra="a sentence"), "train").get([0, 1])
+
+
+def test_cast_batch_keeps_the_dict_form(arrays):
+    X, y = arrays
+    out = cast_batch({"x": X.float(), "y": y}, torch.float64, "cpu")
+    assert isinstance(out, dict) and out["x"].dtype == torch.float64 and out["y"].dtype == torch.int64

@@ -287,7 +287,7 @@ def test_half_precision_dtype_is_refused_at_construction(half):
         datatrace.InfluenceFunction(nn.Linear(3, 3), datatrace.ClassificationTask(), dtype=half)
 
 
-def test_dtype_none_keeps_a_float32_model(make_linear, classification_data):
+def test_dtype_none_keeps_a_float32_model(classification_data):
     model = nn.Linear(3, 3)
     inf = datatrace.InfluenceFunction(
         model, datatrace.ClassificationTask(weight_decay=WD), dtype=None, progress=False
@@ -296,3 +296,47 @@ def test_dtype_none_keeps_a_float32_model(make_linear, classification_data):
         warnings.simplefilter("ignore")
         inf.fit(classification_data)
     assert inf.fmodel_.dtype == torch.float32
+
+
+# -- case 15: a Dataset of dicts (the Hugging Face form) ------------------------------------------------------------
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.X[i], "y": self.y[i]}
+
+
+class DictTask(datatrace.Task):
+    """Reads ``batch["x"]`` and ``batch["y"]``."""
+
+    def outputs(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["x"])
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(outputs, batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("curvature", ["exact", "gauss-newton", "cg", "diagonal"])
+def test_dict_batches_give_the_scores_of_the_tuple_form(curvature, make_mlp, classification_data):
+    X, y = classification_data
+    model = make_mlp()
+    dicts = datatrace.InfluenceFunction(model, DictTask(weight_decay=WD), curvature=curvature, progress=False)
+    dicts.fit(DictDataset(X, y))
+    tuples = datatrace.InfluenceFunction(
+        model, datatrace.ClassificationTask(weight_decay=WD), curvature=curvature, progress=False
+    ).fit((X, y))
+    torch.testing.assert_close(
+        dicts.score(DictDataset(X[:5], y[:5])).values, tuples.score((X[:5], y[:5])).values
+    )
+    torch.testing.assert_close(dicts.self_influence(), tuples.self_influence())
+
+
+def test_dict_batches_with_a_tuple_task_name_the_form_and_the_fix(make_mlp, classification_data):
+    X, y = classification_data
+    inf = datatrace.InfluenceFunction(make_mlp(), datatrace.ClassificationTask(), progress=False)
+    with pytest.raises(ValueError, match=r"dicts with keys \['x', 'y'\].*Fix: write a Task whose loss"):
+        inf.fit(DictDataset(X, y))

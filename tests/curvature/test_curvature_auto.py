@@ -69,3 +69,42 @@ def test_auto_by_name_and_bad_names():
     assert isinstance(make_curvature("auto"), AutoCurvature)
     with pytest.raises(ValueError, match="curvature"):
         make_curvature("ekfac-typo")
+
+
+class _DictDataset(torch.utils.data.Dataset):
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.X[i], "y": self.y[i]}
+
+
+class _DictTask(datatrace.Task):
+    def outputs(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["x"])
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(outputs, batch["y"], reduction="none")
+
+
+def test_auto_does_not_pick_ekfac_for_dict_batches():
+    """EK-FAC's sampled Fisher rebuilds tuple batches; for a Dataset of dicts auto takes CG and says why."""
+    torch.manual_seed(0)
+    model, _, (X, y) = _problem(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)))
+    task = _DictTask(weight_decay=1e-2)
+    inf = datatrace.InfluenceFunction(model, task, curvature=AutoCurvature(max_bytes=1000), progress=False)
+    inf.fit(_DictDataset(X, y))
+    assert inf.curvature_.info["auto_choice"] == "cg"
+    assert "dicts" in inf.curvature_.info["auto_reason"]
+    tuples = datatrace.InfluenceFunction(
+        model,
+        datatrace.ClassificationTask(weight_decay=1e-2),
+        curvature=make_curvature("cg", matrix="gauss-newton"),
+        progress=False,
+    ).fit((X, y))
+    torch.testing.assert_close(
+        inf.score(_DictDataset(X[:3], y[:3])).values, tuples.score((X[:3], y[:3])).values
+    )

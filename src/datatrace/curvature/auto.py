@@ -3,8 +3,13 @@
 The order is by accuracy measured in ``benchmarks/bench_curvature.py``:
 
 1. the exact Hessian (dense, eigendecomposed in float64) when its ``p x p`` matrix fits in ``max_bytes``;
-2. EK-FAC when every parameter in scope belongs to a layer it supports (Linear, Conv2d, Conv1D);
+2. EK-FAC when every parameter in scope belongs to a layer it supports (Linear, Conv2d, Conv1D) and the batches
+   are tuples (its sampled Fisher rebuilds batches element by element; a Dataset of dicts is not read that way);
 3. otherwise conjugate gradient on Gauss-Newton-vector products, which needs no structure at all.
+
+Models the default products cannot transform are handled below this level (:mod:`datatrace.gradients.functional`):
+an attention layer without forward-mode AD gets double-backward Hessian-vector products, a recurrent layer that
+``vmap`` cannot batch gets per-example loops, so every choice above stays available to them.
 
 The chosen route is built by name through :mod:`datatrace.curvature.registry`; its ``info`` is reported with
 ``"auto_choice"`` and ``"auto_reason"`` added.
@@ -46,7 +51,7 @@ class AutoCurvature(Curvature):
             raise AttributeError(name)
         return getattr(route, name)
 
-    def _choose(self, fmodel: FunctionalModel) -> tuple[Curvature, str]:
+    def _choose(self, fmodel: FunctionalModel, data: DataSource) -> tuple[Curvature, str]:
         p = fmodel.num_params
         itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
         need = 3 * p * p * itemsize
@@ -57,6 +62,8 @@ class AutoCurvature(Curvature):
             if not fmodel.task.has_outputs:
                 raise ValueError(f"{type(fmodel.task).__name__} has no outputs/loss_from_outputs split")
             find_layers(fmodel)
+            if data.yields_mappings():
+                raise ValueError("the batches are dicts, which EK-FAC's sampled Fisher does not read")
         except ValueError as err:  # a parameter outside the layers EK-FAC supports
             reason = (
                 f"{p:,} parameters are too many for a dense matrix ({need / 1024**3:.1f} GiB) and EK-FAC cannot "
@@ -72,7 +79,7 @@ class AutoCurvature(Curvature):
         return make_curvature("cg", matrix=matrix, damping=self.damping), reason
 
     def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> AutoCurvature:
-        route, reason = self._choose(fmodel)
+        route, reason = self._choose(fmodel, data)
         logger.info("curvature='auto' chose %r: %s", route.name, reason)
         route.fit(fmodel, data, progress=progress)
         self.route_ = route

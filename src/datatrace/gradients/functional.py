@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
-from datatrace.data import DataLike, DataSource, cast_batch
+from datatrace.data import DataLike, DataSource, batch_length, cast_batch, map_batch, take_examples
 from datatrace.distributed import distributed_per_example, distributed_sum
 from datatrace.errors import bad_value
 from datatrace.params import ParamSpace, select_parameters
@@ -94,7 +94,7 @@ class BoundFunction(nn.Module):
         self.model = model
         self.fn = fn
 
-    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: tuple | dict) -> torch.Tensor:
         return self.fn(self.model, batch)
 
 
@@ -168,22 +168,23 @@ class FunctionalModel:
         return self.space.numel
 
     # -- scalar functions of theta -----------------------------------------------------------------------------
-    def call(self, module: nn.Module, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
+    def call(self, module: nn.Module, theta: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
         named = {"model." + k: v for k, v in self.space.unflatten(theta).items()}
-        return functional_call(module, named, batch)
+        return functional_call(module, named, (batch,))
 
-    def losses(self, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
+    def losses(self, theta: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
         return self.call(self.loss_module, theta, batch)
 
-    def measurements(self, theta: torch.Tensor, batch: tuple) -> torch.Tensor:
+    def measurements(self, theta: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
         return self.call(self.measurement_module, theta, batch)
 
-    def prepare(self, batch: tuple) -> tuple:
+    def prepare(self, batch: tuple | dict) -> tuple | dict:
         return cast_batch(batch, self.dtype, self.device)
 
     # -- per-example gradients ---------------------------------------------------------------------------------
     def over_examples(self, fn: Callable[..., torch.Tensor], shared: tuple, batched: tuple) -> torch.Tensor:
-        """``fn(*shared, *(t[i] for t in batched))`` stacked over the examples ``i``.
+        """``fn(*shared, *(t[i] for t in batched))`` stacked over the examples ``i``; an element of ``batched``
+        may be a whole batch (tuple or dict), sliced leaf by leaf.
 
         ``vmap`` while it works; the first time it fails for this model (an operation without a batching rule, an
         in-place write into an unbatched tensor as in ``nn.LSTM``, data-dependent control flow) the same rows are
@@ -210,12 +211,12 @@ class FunctionalModel:
 
     @staticmethod
     def _loop_examples(fn: Callable[..., torch.Tensor], shared: tuple, batched: tuple) -> torch.Tensor:
-        count = int(batched[0].shape[0])
-        return torch.stack([fn(*shared, *(t[i] for t in batched)) for i in range(count)])
+        count = batch_length(batched)
+        return torch.stack([fn(*shared, *take_examples(batched, i)) for i in range(count)])
 
-    def _per_example(self, module: nn.Module, batch: tuple) -> torch.Tensor:
-        def single(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
-            out = self.call(module, theta, tuple(t.unsqueeze(0) for t in example))
+    def _per_example(self, module: nn.Module, batch: tuple | dict) -> torch.Tensor:
+        def single(theta: torch.Tensor, example: tuple | dict) -> torch.Tensor:
+            out = self.call(module, theta, map_batch(lambda t: t.unsqueeze(0), example))
             if out.shape != (1,):
                 raise ValueError(
                     f"the task returned shape {tuple(out.shape)} for a batch of one example; loss and "
@@ -225,9 +226,9 @@ class FunctionalModel:
             return out[0]
 
         # detached: out-of-scope parameters may require grad, and no caller differentiates these rows again
-        return self.over_examples(grad(single), (self.theta,), tuple(batch)).detach()
+        return self.over_examples(grad(single), (self.theta,), (batch,)).detach()
 
-    def per_example_grads(self, batch: tuple) -> torch.Tensor:
+    def per_example_grads(self, batch: tuple | dict) -> torch.Tensor:
         """``grad_theta l(z_i, theta_hat)`` for each example of ``batch``, shape ``(b, p)``."""
         return self._per_example(self.loss_module, self.prepare(batch))
 
@@ -246,7 +247,7 @@ class FunctionalModel:
         """``grad L(theta_hat) = (1/n) sum_i grad l_i + lambda * theta_hat``; zero at a minimum."""
         n = len(data)
 
-        def batch_grad(batch: tuple) -> torch.Tensor:
+        def batch_grad(batch: tuple | dict) -> torch.Tensor:
             b = self.prepare(batch)
             return grad(lambda t: self.losses(t, b).sum())(self.theta)
 
@@ -262,7 +263,7 @@ class FunctionalModel:
         n = len(data)
         vectors = vectors.to(self.dtype)
 
-        def batch_hvp(batch: tuple) -> torch.Tensor:
+        def batch_hvp(batch: tuple | dict) -> torch.Tensor:
             b = self.prepare(batch)
             if self.hvp_mode == "forward-over-reverse":
                 try:
@@ -336,25 +337,25 @@ class FunctionalModel:
         n = len(data)
         out_module = BoundFunction(self.model, self.task.outputs)
 
-        def single_out(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
-            return self.call(out_module, theta, tuple(t.unsqueeze(0) for t in example))[0].reshape(-1)
+        def single_out(theta: torch.Tensor, example: tuple | dict) -> torch.Tensor:
+            return self.call(out_module, theta, map_batch(lambda t: t.unsqueeze(0), example))[0].reshape(-1)
 
-        def single_loss(o: torch.Tensor, shape: torch.Size, *example: torch.Tensor) -> torch.Tensor:
-            batch = tuple(t.unsqueeze(0) for t in example)
+        def single_loss(o: torch.Tensor, shape: torch.Size, example: tuple | dict) -> torch.Tensor:
+            batch = map_batch(lambda t: t.unsqueeze(0), example)
             return self.task.loss_from_outputs(o.reshape(1, *shape), batch)[0]
 
-        def batch_ggn(batch: tuple) -> torch.Tensor:
+        def batch_ggn(batch: tuple | dict) -> torch.Tensor:
             b = self.prepare(batch)
-            jac = self.over_examples(jacrev(single_out), (self.theta,), b)  # (b, k, p)
+            jac = self.over_examples(jacrev(single_out), (self.theta,), (b,))  # (b, k, p)
             with torch.no_grad():
                 outs = self.call(out_module, self.theta, b)
             shape = outs.shape[1:]
             flat_out = outs.reshape(outs.shape[0], -1)
             hess_out = self.over_examples(
-                jacrev(jacrev(lambda o, *ex, shape=shape: single_loss(o, shape, *ex))), (), (flat_out, *b)
+                jacrev(jacrev(lambda o, ex, shape=shape: single_loss(o, shape, ex))), (), (flat_out, b)
             )  # (b, k, k)
             if progress is not None:
-                progress(len(b[0]))
+                progress(batch_length(b))
             return torch.einsum("bkp,bkl,blq->pq", jac, hess_out, jac) / n
 
         ggn = distributed_sum(batch_ggn, data, device=self.device, desc="Gauss-Newton matrix")
@@ -390,9 +391,21 @@ def check_model_and_task(
         check_working_dtype(dtype)
 
 
-def batch_failure(task: Task, what: str, batch: tuple, err: BaseException) -> ValueError:
-    """The error for a task that failed on a batch: the shapes it got and what usually disagrees."""
-    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch]
+def batch_failure(task: Task, what: str, batch: tuple | dict, err: BaseException) -> ValueError:
+    """The error for a task that failed on a batch: the shapes it got and what usually disagrees (for a dict batch,
+    that the task must read dicts)."""
+    if isinstance(batch, dict):
+        return ValueError(
+            f"running {type(task).__name__} on a batch of {what} failed ({type(err).__name__}: {err}). The "
+            f"batches are dicts with keys "
+            f"{sorted(batch)} (a Dataset that returns dicts, e.g. the Hugging Face form); datatrace passes them to "
+            "the task as they are, and the built-in tasks read a tuple (x, y). Fix: write a Task whose loss "
+            "(and outputs / loss_from_outputs, measurement) read the dict, e.g. model(batch['input_ids']) and "
+            "batch['labels'], or give a Dataset that returns tuples (x, y)."
+        )
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch)
+    shapes = {k: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for k, t in items}
+    shapes = shapes if isinstance(batch, dict) else list(shapes.values())
     return ValueError(
         f"running {type(task).__name__} on a batch of {what} failed: {err}. The batch's elements have shapes "
         f"{shapes}. Fix: check that the model, the task and the data agree (input width, number of outputs, "
@@ -426,7 +439,7 @@ def checked_rows(
     ``describe(index)`` and ``fix``)."""
     try:
         rows = fn(batch)
-    except (RuntimeError, IndexError, TypeError) as err:
+    except (RuntimeError, IndexError, KeyError, TypeError) as err:
         raise batch_failure(task, what, batch, err) from err
     check_rows_finite(rows, indices, describe, fix)
     return rows
@@ -449,7 +462,7 @@ def per_example_rows(
     ``post`` of them, e.g. a projection), all rows in index order. Under torch.distributed each rank computes its
     shard and every rank gets all rows (:func:`datatrace.distributed.distributed_per_example`)."""
 
-    def rows(idx: torch.Tensor, batch: tuple) -> torch.Tensor:
+    def rows(idx: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
         g = checked_rows(fn, task, what, idx, batch, describe, fix)
         return g if post is None else post(g)
 

@@ -23,7 +23,7 @@ import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-from datatrace.data import DataLike, DataSource, as_data_source
+from datatrace.data import DataLike, DataSource, as_data_source, map_batch, take_examples
 from datatrace.distributed import distributed_sum
 from datatrace.errors import bad_value, check_choice
 from datatrace.gradients.functional import BoundFunction, FunctionalModel, second_order_kernels
@@ -166,11 +166,11 @@ def ggn_diagonal(fmodel: FunctionalModel, data: DataSource, progress: bool = Fal
     task, p, n = fmodel.task, fmodel.num_params, len(data)
     out_module = BoundFunction(fmodel.model, task.outputs)
 
-    def single_out(theta: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
-        return fmodel.call(out_module, theta, tuple(t.unsqueeze(0) for t in example))[0].reshape(-1)
+    def single_out(theta: torch.Tensor, example: tuple | dict) -> torch.Tensor:
+        return fmodel.call(out_module, theta, map_batch(lambda t: t.unsqueeze(0), example))[0].reshape(-1)
 
-    def single_loss(o: torch.Tensor, shape: torch.Size, *example: torch.Tensor) -> torch.Tensor:
-        return task.loss_from_outputs(o.reshape(1, *shape), tuple(t.unsqueeze(0) for t in example))[0]
+    def single_loss(o: torch.Tensor, shape: torch.Size, example: tuple | dict) -> torch.Tensor:
+        return task.loss_from_outputs(o.reshape(1, *shape), map_batch(lambda t: t.unsqueeze(0), example))[0]
 
     def batch_diagonal(batch: tuple) -> torch.Tensor:
         b = fmodel.prepare(batch)
@@ -180,14 +180,14 @@ def ggn_diagonal(fmodel: FunctionalModel, data: DataSource, progress: bool = Fal
         k = max(1, int(shape.numel()))
         step = max(1, JACOBIAN_BUDGET // (k * p))
         hess = fmodel.over_examples(
-            jacrev(jacrev(lambda o, *ex: single_loss(o, shape, *ex))),
+            jacrev(jacrev(lambda o, ex: single_loss(o, shape, ex))),
             (),
-            (outs.reshape(outs.shape[0], -1), *b),
+            (outs.reshape(outs.shape[0], -1), b),
         )  # (b, k, k)
         part_sum = torch.zeros_like(fmodel.theta)
         for start in range(0, outs.shape[0], step):
-            part = tuple(t[start : start + step] for t in b)
-            jac = fmodel.over_examples(jacrev(single_out), (fmodel.theta,), part)
+            part = take_examples(b, slice(start, start + step))
+            jac = fmodel.over_examples(jacrev(single_out), (fmodel.theta,), (part,))
             part_sum += torch.einsum("bkp,bkl,blp->p", jac, hess[start : start + step], jac)
         return part_sum
 
