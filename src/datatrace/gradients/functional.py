@@ -196,9 +196,8 @@ class FunctionalModel:
             try:
                 return vmap(fn, in_dims=dims, chunk_size=self.chunk_size)(*shared, *batched)
             except RuntimeError as err:
-                rows = self._loop_examples(
-                    fn, shared, batched
-                )  # raises the model's own error if it fails too
+                # the loop raises the model's (or task's) own error if it fails too
+                rows = self._loop_examples(fn, shared, batched)
                 self.vmap_examples = False
                 logger.info(
                     "vmap cannot batch %s over examples (%s); computing per-example quantities one example at "
