@@ -274,7 +274,9 @@ def test_audit_fairness_and_memorisation(tmp_path):
     # model's self-influence collapses. The tail test on log self-influence flags about 1%.
     assert mem["n_flagged"] <= 0.02 * results["n_train"]
     rows = list(csv.DictReader(open(out / "per_example.csv")))
-    assert {"fairness_effect", "self_influence", "self_influence_zscore", "self_influence_pvalue"} <= set(rows[0])
+    assert {"fairness_effect", "self_influence", "self_influence_zscore", "self_influence_pvalue"} <= set(
+        rows[0]
+    )
     text = check_html(out, min_images=4)
     assert "lvrat" in text  # tabular drivers shown as feature tables
     assert "Fairness" in stdout and "Memorisation" in stdout and "gap" in stdout

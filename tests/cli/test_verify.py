@@ -92,7 +92,9 @@ def test_verify_gives_a_verdict_in_json_and_report(small_spec, tmp_path, command
     text = (out / "report.html").read_text()
     assert "How accurate is this? Checked by retraining" in text and v["verdict"].upper() in text
     assert text.count("data:image/png;base64,") >= 2  # the scatter beside the command's own figures
-    assert "Verifying by retraining: one training run" in stdout and "Accuracy, checked by retraining" in stdout
+    assert (
+        "Verifying by retraining: one training run" in stdout and "Accuracy, checked by retraining" in stdout
+    )
     if command == "audit":
         confirmation = results["memorisation"]["confirmation"]
         assert confirmation["status"] == "verified" and confirmation["n_checked"] >= 1
@@ -200,7 +202,9 @@ def test_publish_swaps_everything_in_together(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         publish(out, {"report.html": lambda p: p.write_text("newer"), "results.json": broken})
-    assert (out / "report.html").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "report.html").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out"
+    ]
 
 
 def test_publish_into_the_working_directory(tmp_path, monkeypatch):
