@@ -149,6 +149,30 @@ def test_interrupted_verification_keeps_finished_retrains_and_resumes(small_spec
     assert len(calls.read_text().split()) == 1 + 6
 
 
+def test_ctrl_c_while_confirming_memorisation_stops_all_retraining(small_spec, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("DT_TEST_INTERRUPT_AT", "3")  # the base model and one retrain finish, then Ctrl-C
+    argv = [
+        "audit",
+        small_spec,
+        "--out",
+        out,
+        "--memorisation",
+        "--false-positive-rate",
+        "0.2",
+        "--verify",
+        "5",
+    ]
+    code, _, stderr = run_main([*argv, *FAST])
+    assert code == 130, stderr
+    results = json.loads((out / "results.json").read_text())
+    confirmation = results["memorisation"]["confirmation"]
+    assert confirmation["status"] == "interrupted" and confirmation["n_retrains_finished"] == 2
+    assert results["verification"]["status"] == "interrupted"
+    assert results["verification"]["reason"].startswith("not started")
+    assert len(list((out / "verify-cache").iterdir())) == 1  # the scores' verification never started
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Outputs appear together (issue 12, case 18)
 # --------------------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from datatrace.cli.verification import (
     add_verify_argument,
     cache_dir,
     check_verify,
+    n_cached,
     split_scores,
     summary_lines,
     verify_scores,
@@ -310,7 +311,9 @@ def run_audit(
         columns["self_influence_zscore"] = mem.zscores
         columns["self_influence_pvalue"] = mem.pvalues
     split = spec.query_split
-    query_data, query_scores, query_rows = split_scores(ctx, split, verify)
+    confirmation = (results.get("memorisation") or {}).get("confirmation") or {}
+    stopped = confirmation.get("status") == "interrupted"  # Ctrl-C means stop: no further retraining
+    query_data, query_scores, query_rows = split_scores(ctx, split, 0 if stopped else verify)
     verification, arrays = verify_scores(
         ctx,
         verify,
@@ -323,6 +326,14 @@ def run_audit(
         "neither",
         queries=query_rows,
     )
+    if stopped:
+        verification = {
+            "status": "interrupted",
+            "verdict": None,
+            "n_retrains_finished": 0,
+            "reason": "not started: interrupted (Ctrl-C) while confirming memorised examples by retraining. Rerun "
+            "the same command to resume.",
+        }
     results["verification"] = verification
     results.setdefault("fairness", None)
     results.setdefault("memorisation", None)
@@ -355,9 +366,12 @@ def _confirm(ctx: Any, mem: Any, verify: int) -> dict[str, Any] | None:
             progress=ctx.progress,
         )
     except KeyboardInterrupt:
+        finished = n_cached(cache)
         return {
             "status": "interrupted",
-            "reason": f"interrupted (Ctrl-C); finished retrains are kept in {cache}: rerun to resume.",
+            "n_retrains_finished": finished,
+            "reason": f"interrupted (Ctrl-C) after {finished} finished retraining run(s), all kept in {cache}: "
+            "rerun the same command to resume.",
         }
     except (SpecError, UsageError):
         raise

@@ -41,6 +41,7 @@ __all__ = [
     "add_verify_argument",
     "cache_dir",
     "check_verify",
+    "n_cached",
     "split_scores",
     "summary_lines",
     "time_one_training",
@@ -109,7 +110,8 @@ def cache_dir(ctx: Any, n_retrains: int, what: str, **key: Any) -> Path:
     return ctx.out / CACHE / f"{ctx.command}-{digest}"
 
 
-def _n_cached(path: Path) -> int:
+def n_cached(path: Path) -> int:
+    """How many finished retrains a cache folder holds (one ``.npy`` file each, in any subfolder)."""
     return sum(1 for _ in path.rglob("*.npy")) if path.is_dir() else 0
 
 
@@ -126,7 +128,7 @@ def time_one_training(ctx: Any, train_fn: Callable[..., Any], n_models: int, cac
     t0 = time.perf_counter()
     train_fn(source.subset(list(range(n - 1))))
     one = time.perf_counter() - t0
-    cached = _n_cached(cache)
+    cached = n_cached(cache)
     remaining = max(0, n_models - cached)
     line = (
         f"Verifying by retraining: one training run on {n - 1} of the {n} examples took {one:.2g} s; about "
@@ -206,7 +208,7 @@ def verify_scores(
             progress=ctx.progress,
         )
     except KeyboardInterrupt:
-        finished = _n_cached(cache)
+        finished = n_cached(cache)
         logger.warning("verification interrupted: %d finished retrain(s) kept in %s", finished, cache)
         section.update(
             status="interrupted",
