@@ -16,6 +16,9 @@ the loss in the output space ``o`` is a task method, never a type check: :meth:`
 Gauss-Newton pseudo-gradients ``J^T L[:, c]``, Martens & Grosse 2015) and :meth:`Task.sample_targets` (targets
 drawn from the model's predictive distribution, for the sampled Fisher). ``Task`` computes the first two for any
 loss with ``torch.func``; the built-in tasks override them (and sampling) with closed forms.
+
+:meth:`Task.check_batch` sees every batch while its values are concrete, before any transform: the place for a
+check on values (``ClassificationTask``: labels inside the model's classes), which ``vmap`` cannot branch on.
 """
 
 from __future__ import annotations
@@ -198,7 +201,9 @@ class ClassificationTask(Task):
     """Cross-entropy classification on ``(x, y)`` batches with integer labels ``y``.
 
     Outputs of shape ``(b, k)`` with ``k >= 2`` use softmax cross-entropy; outputs of shape ``(b,)`` or ``(b, 1)``
-    are one logit per example and use the logistic loss with labels in {0, 1}.
+    are one logit per example and use the logistic loss with labels in {0, 1}. Labels of any integer dtype are
+    read as int64; :meth:`check_batch` refuses, naming the example, a label outside the model's classes (-100,
+    cross-entropy's ``ignore_index``, included: drop unlabelled examples instead).
     """
 
     def outputs(self, model: nn.Module, batch: tuple) -> torch.Tensor:

@@ -94,7 +94,8 @@ class InfluenceFunction(Attributor):
             torch.distributed: each rank's ``n / world_size`` rows), checked before the gradient pass. ``None``:
             a share of the memory available now (:func:`~datatrace.attributors.base.default_memory_budget`).
             The curvature route's own need (e.g. the dense ``p x p`` matrix) is checked before the gradient pass
-            too, against the route's ``max_bytes``.
+            too, against the route's ``max_bytes``. :meth:`self_influence` later solves all rows at once: a
+            second matrix of the same size.
 
     Example:
         >>> import torch, datatrace
@@ -399,7 +400,8 @@ class InfluenceFunction(Attributor):
         return all_reduce_sum(rows)
 
     def params_change(self, indices: Any) -> dict[str, torch.Tensor]:
-        """Estimated ``theta_{-i} - theta_hat = (1/n) H^{-1} g_i`` for each index ``i``.
+        """Estimated ``theta_{-i} - theta_hat = (1/n) H^{-1} g_i`` for each index ``i``, each on its own (a
+        repeated index is a repeated row; for the removal of a set use :meth:`removal_params`).
 
         Returns a dict parameter name -> tensor of shape ``(len(indices), *param.shape)``.
         """
@@ -410,7 +412,11 @@ class InfluenceFunction(Attributor):
 
     def removal_params(self, indices: Any) -> dict[str, torch.Tensor]:
         """Estimated change of the parameters when the *set* ``indices`` is removed together (first order: the
-        sum of the individual changes). Returns a dict parameter name -> tensor of the parameter's shape."""
+        sum of the individual changes). Returns a dict parameter name -> tensor of the parameter's shape.
+
+        Each example may appear once: a repeated index (also ``i`` and ``i - n``) raises a ValueError naming it,
+        since counting an example twice is not a removal (upweighting by ``eps = -2`` is outside the
+        leave-one-out meaning; sum rows of :meth:`params_change` for a weighted multiset)."""
         self.check_is_fitted()
         idx = check_index_set("indices", check_indices("indices", indices, self.n_train_), indices)
         delta = self.curvature_.solve(self._selected_rows(idx).sum(dim=0, keepdim=True)) / self.n_train_
