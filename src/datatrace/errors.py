@@ -86,6 +86,18 @@ def check_nonnegative_float(name: str, value: Any) -> float:
     return out
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocator failure rather than a problem with the inputs: Python's ``MemoryError``,
+    torch's ``OutOfMemoryError`` (CUDA), or the RuntimeError of torch's CPU allocator ("not enough memory")."""
+    if isinstance(err, MemoryError):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    if oom and isinstance(err, oom):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("not enough memory" in text or "out of memory" in text)
+
+
 def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
     """Raise if ``tensor`` holds NaN or inf, saying where (first offending index) and what to change."""
     if tensor.is_floating_point() or tensor.is_complex():

@@ -32,7 +32,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from datatrace.data import DataLike, DataSource, cast_batch
 from datatrace.distributed import distributed_per_example, distributed_sum
-from datatrace.errors import bad_value
+from datatrace.errors import bad_value, is_out_of_memory
 from datatrace.params import ParamSpace, select_parameters
 from datatrace.tasks import Task
 
@@ -125,7 +125,9 @@ class FunctionalModel:
         return self.call(self.measurement_module, theta, batch)
 
     def prepare(self, batch: tuple) -> tuple:
-        return cast_batch(batch, self.dtype, self.device)
+        """``batch`` cast to the working dtype and device, then checked by the task (:meth:`Task.check_batch`)
+        while its values are still concrete (the ``torch.func`` transforms cannot branch on them)."""
+        return self.task.check_batch(self.model, cast_batch(batch, self.dtype, self.device))
 
     # -- per-example gradients ---------------------------------------------------------------------------------
     def _per_example(self, module: nn.Module, batch: tuple) -> torch.Tensor:
@@ -277,6 +279,16 @@ def batch_failure(task: Task, what: str, batch: tuple, err: BaseException) -> Va
     )
 
 
+def memory_failure(what: str, batch: tuple, err: BaseException) -> MemoryError:
+    """The error for running out of memory on a batch: a size problem, never reported as a data mismatch."""
+    size = len(batch[0]) if batch and hasattr(batch[0], "__len__") else "?"
+    return MemoryError(
+        f"ran out of memory computing the per-example rows of a batch of {size} {what} examples: {err}. This is "
+        "the machine's memory, not a problem with the data. Fix: lower batch_size (a batch holds batch_size x p "
+        "gradient numbers and their intermediates), restrict the parameters with params=, or free memory."
+    )
+
+
 def check_rows_finite(
     rows: torch.Tensor, indices: torch.Tensor, describe: Callable[[int], str], fix: str
 ) -> None:
@@ -304,6 +316,8 @@ def checked_rows(
     try:
         rows = fn(batch)
     except (RuntimeError, IndexError, TypeError) as err:
+        if is_out_of_memory(err):  # the machine, not the data: say so
+            raise memory_failure(what, batch, err) from err
         raise batch_failure(task, what, batch, err) from err
     check_rows_finite(rows, indices, describe, fix)
     return rows
@@ -348,6 +362,7 @@ __all__ = [
     "check_rows_finite",
     "checked_rows",
     "eval_mode",
+    "memory_failure",
     "model_parameters_dtype",
     "per_example_rows",
     "prepare_model",
