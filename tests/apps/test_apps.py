@@ -315,6 +315,10 @@ def test_fairness_top_driver_agrees_with_retraining(logreg, metric):
     assert abs(after) < abs(base)  # removing the top driver narrows the gap, as estimated
     assert after - base == pytest.approx(audit.effect[top], rel=0.3)
     assert audit.predicted_gap_without([top]) == pytest.approx(audit.gap + audit.effect[top])
+    with pytest.raises(ValueError, match=r"indices=.*repeated.*Fix:"):
+        audit.predicted_gap_without([top, top])  # a set: a repeat would count the example twice
+    with pytest.raises(IndexError, match="out of range"):
+        audit.predicted_gap_without([60])
     if metric == "positive_rate":
         rows = inf.score((Xv, yv), PositiveProbability(task, 0)).values.numpy()
         np.testing.assert_allclose(audit.effect, rows[a].mean(0) - rows[b].mean(0), rtol=1e-10, atol=1e-15)

@@ -49,9 +49,9 @@ from datatrace.apps.common import (
     prepare_query,
     training_source,
 )
-from datatrace.attributors.base import Attributor
+from datatrace.attributors.base import Attributor, check_index_set
 from datatrace.data import DataLike, as_data_source
-from datatrace.errors import bad_value, check_positive_int
+from datatrace.errors import bad_value, check_indices, check_positive_int
 from datatrace.tasks import Task
 from datatrace.verification.retrain import evaluator, leave_one_out
 
@@ -186,8 +186,8 @@ class FairnessAudit:
 
     def predicted_gap_without(self, indices: Any) -> float:
         """First-order gap after removing the set ``indices`` together: ``gap + sum_{i in S} effect_i``."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return float(self.gap + self.effect[idx].sum())
+        idx = check_index_set("indices", check_indices("indices", indices, len(self.effect)), indices)
+        return float(self.gap + self.effect[idx.numpy()].sum())
 
 
 def _group_weights(groups: Any, m: int, group_names: Sequence[Any] | None) -> tuple[np.ndarray, tuple, tuple]:
