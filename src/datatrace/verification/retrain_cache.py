@@ -3,6 +3,15 @@
 
 A cache refuses a request that differs from the one it was made for, and result files without a manifest, so a
 rerun never mixes results of different runs or data.
+
+Files in the folder are treated as untrusted input. The manifest must be a plain file holding the JSON object this
+module writes (the request's fields with their JSON types, ``format`` and ``n_query``, nothing else); anything else
+raises :class:`~datatrace.errors.RetrainCacheError`. A result file is only read when it is a plain file (not a
+link) named by the job-file rule :data:`JOB_FILE`, with ``allow_pickle=False``; one that is unreadable, truncated,
+of another dtype or shape, or non-finite is logged as a warning and retrained (its replacement is written
+atomically over the directory entry, so a link is replaced, never followed). Paths are only ever built from the
+cache folder and job keys made by the caller, never from a file's contents, so nothing outside ``cache_dir`` is
+read, written or deleted because of what the folder holds.
 """
 
 from __future__ import annotations
@@ -11,15 +20,16 @@ import json
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from datatrace.errors import bad_value
+from datatrace.errors import RetrainCacheError, bad_value
 from datatrace.fileio import atomic_write
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "RetrainCache"]
+__all__ = ["FORMAT_VERSION", "JOB_FILE", "MANIFEST", "RetrainCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +43,13 @@ FIELD_MEANINGS = {
     "seed_passed": " (train_fn's signature changed: it does or does not take a seed now)",
     "format": " (written by another version of datatrace)",
 }
-JOB_FILE = re.compile(r"^(base|loo-\d+|subset-\d+-seed-\d+)\.npy$")
+# the names of result files: ASCII digits only, matched in full (re.fullmatch: "$" would accept a trailing newline)
+JOB_FILE = re.compile(r"(base|loo-[0-9]+|subset-[0-9]+-seed-[0-9]+)\.npy", re.ASCII)
+
+
+def _canonical(value: Any) -> str:
+    """JSON text of a value, so that ``1``, ``1.0`` and ``true`` (equal in Python) compare as different."""
+    return json.dumps(value, sort_keys=True)
 
 
 class RetrainCache:
@@ -56,18 +72,10 @@ class RetrainCache:
         self.path.mkdir(parents=True, exist_ok=True)
         manifest_path = self.path / MANIFEST
         wanted = {"format": FORMAT_VERSION, **config}
-        if manifest_path.exists():
-            try:
-                stored = json.loads(manifest_path.read_text())
-            except (OSError, ValueError) as error:
-                raise ValueError(
-                    f"cache_dir={str(self.path)!r} has an unreadable {MANIFEST} ({error}). "
-                    "Fix: use a new cache_dir, or delete this one."
-                ) from None
-            if not isinstance(stored, dict):
-                stored = {}
+        if os.path.lexists(manifest_path):
+            stored = self._read_manifest(manifest_path)
             for field, value in wanted.items():
-                if stored.get(field, "<missing>") != value:
+                if _canonical(stored.get(field, "<missing>")) != _canonical(value):
                     meaning = FIELD_MEANINGS.get(field, "")
                     raise ValueError(
                         f"cache_dir={str(self.path)!r} holds results of a different run{meaning}: its {MANIFEST} "
@@ -75,10 +83,16 @@ class RetrainCache:
                         "Fix: use a new cache_dir for this configuration (or call with the original arguments to "
                         "resume that run)."
                     )
-            self.n_query: int | None = stored.get("n_query")
+            unknown = sorted(set(stored) - set(wanted) - {"n_query"})
+            if unknown:
+                raise self._manifest_error(f"has unknown key(s) {unknown[:3]}")
+            n_query = stored.get("n_query")
+            if n_query is not None and (type(n_query) is not int or n_query < 1):
+                raise self._manifest_error(f"has n_query={n_query!r}, not a positive integer")
+            self.n_query: int | None = n_query
             self.manifest = stored
         else:
-            leftovers = sorted(p.name for p in self.path.iterdir() if JOB_FILE.match(p.name))
+            leftovers = sorted(p.name for p in self.path.iterdir() if JOB_FILE.fullmatch(p.name))
             if leftovers:
                 raise ValueError(
                     f"cache_dir={str(self.path)!r} holds result files ({', '.join(leftovers[:3])}, ...) but no "
@@ -87,6 +101,28 @@ class RetrainCache:
             self.n_query = None
             self.manifest = wanted
             self._write_manifest()
+
+    def _manifest_error(self, problem: str) -> RetrainCacheError:
+        return RetrainCacheError(
+            f"cache_dir={str(self.path)!r}: its {MANIFEST} {problem}, so it was not written by datatrace (or was "
+            "changed since). Fix: use a new cache_dir, or delete this one."
+        )
+
+    def _read_manifest(self, manifest_path: Path) -> dict[str, Any]:
+        """The stored manifest: a plain file (not a link) holding a JSON object, else RetrainCacheError."""
+        try:
+            mode = os.lstat(manifest_path).st_mode
+        except OSError as error:
+            raise self._manifest_error(f"cannot be examined ({error})") from None
+        if not stat.S_ISREG(mode):  # a link could point anywhere; a FIFO would block the read
+            raise self._manifest_error("is not a plain file (a link, folder or device)")
+        try:
+            stored = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise self._manifest_error(f"is unreadable ({error})") from None
+        if not isinstance(stored, dict):
+            raise self._manifest_error(f"holds a JSON {type(stored).__name__}, not an object")
+        return stored
 
     def _write_manifest(self) -> None:
         atomic_write(
@@ -98,20 +134,53 @@ class RetrainCache:
         self.manifest = {**self.manifest, "n_query": self.n_query}
         self._write_manifest()
 
+    def _job_path(self, key: str) -> Path:
+        name = f"{key}.npy"
+        if not JOB_FILE.fullmatch(
+            name
+        ):  # keys are made by retrain.py; refuse anything that could leave the folder
+            raise bad_value("key", key, f"expected a job key matching {JOB_FILE.pattern}", "pass a job key")
+        return self.path / name
+
     def load(self, key: str) -> np.ndarray | None:
-        path = self.path / f"{key}.npy"
-        if not path.exists():
+        """The cached outputs of job ``key``, or None when there are none or they cannot be trusted.
+
+        A result is trusted only when it is a plain file holding a finite 1-D float64 array of ``n_query``
+        values (the length the manifest records); anything else is logged and retrained. A folder or device
+        under a result file's name cannot be replaced by the retrain, so it raises RetrainCacheError."""
+        path = self._job_path(key)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
             return None
+        if stat.S_ISLNK(mode):
+            return self._ignore(path, "it is a link, and links in a cache are never followed")
+        if not stat.S_ISREG(mode):
+            raise RetrainCacheError(
+                f"cache_dir={str(self.path)!r} holds {path.name}, which is not a plain file (a folder or device), "
+                "where a result file belongs. Fix: remove it, or use a new cache_dir."
+            )
         try:
             out = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            logger.warning("Ignoring unreadable cached result %s (%s); it will be retrained.", path, error)
-            return None
-        return np.asarray(out, dtype=np.float64)
+        except (OSError, ValueError, EOFError) as error:  # an empty file raises EOFError
+            return self._ignore(path, f"unreadable: {error}")
+        if not isinstance(out, np.ndarray) or out.dtype != np.float64:
+            return self._ignore(path, f"it holds {type(out).__name__} of dtype {getattr(out, 'dtype', None)}")
+        if out.ndim != 1 or (self.n_query is not None and out.size != self.n_query):
+            return self._ignore(
+                path, f"it holds shape {out.shape}; the cache's runs have shape ({self.n_query},)"
+            )
+        if not np.isfinite(out).all():
+            return self._ignore(path, "it holds non-finite values, which are never cached")
+        return out
+
+    def _ignore(self, path: Path, why: str) -> None:
+        logger.warning("Ignoring cached result %s (%s); it will be retrained.", path, why)
+        return None
 
     def save(self, key: str, outputs: np.ndarray) -> None:
         array = np.ascontiguousarray(outputs, dtype=np.float64)
-        atomic_write(self.path / f"{key}.npy", lambda tmp: save_npy(tmp, array))
+        atomic_write(self._job_path(key), lambda tmp: save_npy(tmp, array))
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
