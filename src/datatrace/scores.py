@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from datatrace.errors import ScoresFileError, bad_value, check_positive_int, describe
-from datatrace.fileio import atomic_write
+from datatrace.fileio import atomic_write, sha256_file
 
 MEANING = (
     "score[q, i] estimates f_q(theta_without_i) - f_q(theta_hat): the change of query q's measurement when "
@@ -140,13 +141,16 @@ class Scores:
             "metadata": self.metadata,
         }
         try:
-            meta_text = json.dumps(meta, indent=2, sort_keys=True)
+            json.dumps(meta)
         except TypeError as err:
             raise ValueError(
                 f"Scores.metadata must be JSON-serialisable: {err}. Fix: store plain values."
             ) from err
         json_path = path.with_name(path.name + ".json")
-        atomic_write(path, lambda tmp: save_file({"values": self.values.contiguous()}, tmp))
+        meta["sha256"] = atomic_write(
+            path, lambda tmp: save_file({"values": self.values.contiguous()}, tmp), checksum=True
+        )
+        meta_text = json.dumps(meta, indent=2, sort_keys=True)
         atomic_write(json_path, lambda tmp: Path(tmp).write_text(meta_text))
         return path
 
@@ -156,7 +160,8 @@ class Scores:
 
         Both files are checked against each other before anything is returned: the JSON must be the object
         :meth:`save` writes (every key present, of its type, no unknown key) and the safetensors file must hold
-        exactly one tensor ``values`` whose shape and dtype are the ones the JSON records. A pair that fails any
+        exactly one tensor ``values`` whose shape and dtype are the ones the JSON records, and whose bytes have the
+        sha256 the JSON records (files written before the digest was recorded have none to check). A pair that fails any
         check raises :class:`~datatrace.errors.ScoresFileError` naming the file; a missing file raises
         ``FileNotFoundError``.
         """
@@ -187,6 +192,10 @@ class Scores:
                 f"{meta.get('dtype', 'a floating-point dtype')}: the pair was not written together. "
                 "Fix: save the scores again."
             )
+        if "sha256" in meta and sha256_file(path) != meta["sha256"]:
+            raise _file_error(
+                path, f"does not have the sha256 recorded in {json_path.name} (its bytes changed)"
+            )
         return cls(values, meta["measurement"], meta["metadata"])
 
 
@@ -203,8 +212,8 @@ _DTYPE_NAMES = {
     torch.uint8: "uint8",
     torch.bool: "bool",
 }
-# the JSON written by Scores.save: key -> (type check, words for the message). "dtype" is optional: files written
-# before it was recorded hold floating-point values.
+# the JSON written by Scores.save: key -> (type check, words for the message). "dtype" and "sha256" (of the values
+# file) are optional: files written before they were recorded hold floating-point values and have no digest.
 _META_KEYS: dict[str, tuple[Any, str]] = {
     "format": (lambda v: v == FORMAT_NAME, f"the string {FORMAT_NAME!r}"),
     "version": (lambda v: type(v) is int and v == FORMAT_VERSION, f"the integer {FORMAT_VERSION}"),
@@ -216,8 +225,12 @@ _META_KEYS: dict[str, tuple[Any, str]] = {
     ),
     "dtype": (lambda v: v in _DTYPE_NAMES.values(), f"one of {sorted(_DTYPE_NAMES.values())}"),
     "metadata": (lambda v: isinstance(v, dict), "a JSON object"),
+    "sha256": (
+        lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None,
+        "a sha256 hex digest",
+    ),
 }
-_OPTIONAL_KEYS = frozenset({"dtype"})
+_OPTIONAL_KEYS = frozenset({"dtype", "sha256"})
 
 
 def _file_error(path: Path, problem: str) -> ScoresFileError:

@@ -547,6 +547,7 @@ def _run_jobs(
                 bar.update(1)
     except BaseException:
         if cache is not None:
+            cache.flush()  # record the digests of the finished retrains, so that they are reused
             logger.warning(
                 "%s stopped after %d of %d new retrains; every finished retrain is saved in %s. Call again with "
                 "the same cache_dir to resume.",
@@ -556,6 +557,8 @@ def _run_jobs(
                 cache.path,
             )
         raise
+    if cache is not None:
+        cache.flush()
     return results
 
 
