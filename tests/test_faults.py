@@ -368,3 +368,22 @@ def test_cli_loo_cache_manifest_damaged_fails_cleanly(tmp_path):
     assert code == 1
     assert "RetrainCacheError" in stderr and "manifest.json" in stderr and "Fix:" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="verify() passes cache_dir / 'loo' to leave_one_out without checking that it is a real folder inside "
+    "cache_dir: a link there makes the retrain cache write outside (verification/verify.py, owned elsewhere)",
+)
+def test_verify_subfolder_replaced_by_a_link_is_not_followed(regression_problem, tmp_path, outside):
+    p = regression_problem
+    influence = datatrace.InfluenceFunction(p.model, p.task, progress=False).fit(p.train)
+    cache = tmp_path / "v"
+    cache.mkdir()
+    (cache / "loo").symlink_to(outside, target_is_directory=True)
+    kwargs = dict(n_retrains=4, method="leave-one-out", cache_dir=cache, progress=False)
+    try:
+        verify(influence, p.train, lambda data, seed=0: p.model, p.query, **kwargs)
+    except ValueError:
+        pass  # a named refusal is fine
+    assert list(outside.iterdir()) == []
