@@ -461,7 +461,8 @@ def context(tmp_path_factory) -> Context:
 
 
 @pytest.mark.parametrize("name", list(ENTRIES))
-def test_valid_call_succeeds(context, name):
+def test_valid_call_succeeds(context, name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     entry = ENTRIES[name]
     assert entry.call(**entry.valid(context)) is not None
 
