@@ -31,6 +31,16 @@ class StoreCorruptedError(RuntimeError):
     """A file of the store is missing, truncated or does not match its recorded checksum."""
 
 
+class ScoresFileError(ValueError):
+    """A saved :class:`~datatrace.scores.Scores` pair (values ``.safetensors`` + ``.json``) that is malformed,
+    truncated or tampered with: the message names the file and the fix (save the scores again)."""
+
+
+class RetrainCacheError(ValueError):
+    """A retraining cache (``cache_dir``) whose manifest or result files are malformed, tampered with or not plain
+    files inside the cache folder: the message names the file and the fix (use a new ``cache_dir``)."""
+
+
 class UsageError(ValueError):
     """A bad command-line value (reported by the CLI with exit code 2)."""
 
