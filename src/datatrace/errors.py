@@ -31,6 +31,16 @@ class StoreCorruptedError(RuntimeError):
     """A file of the store is missing, truncated or does not match its recorded checksum."""
 
 
+class ScoresFileError(ValueError):
+    """A saved :class:`~datatrace.scores.Scores` pair (values ``.safetensors`` + ``.json``) that is malformed,
+    truncated or tampered with: the message names the file and the fix (save the scores again)."""
+
+
+class RetrainCacheError(ValueError):
+    """A retraining cache (``cache_dir``) whose manifest or result files are malformed, tampered with or not plain
+    files inside the cache folder: the message names the file and the fix (use a new ``cache_dir``)."""
+
+
 class UsageError(ValueError):
     """A bad command-line value (reported by the CLI with exit code 2)."""
 
@@ -84,6 +94,18 @@ def check_nonnegative_float(name: str, value: Any) -> float:
     if not out >= 0.0 or out == float("inf"):
         raise bad_value(name, value, "expected a finite non-negative number", "pass a float >= 0")
     return out
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocator failure rather than a problem with the inputs: Python's ``MemoryError``,
+    torch's ``OutOfMemoryError`` (CUDA), or the RuntimeError of torch's CPU allocator ("not enough memory")."""
+    if isinstance(err, MemoryError):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    if oom and isinstance(err, oom):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("not enough memory" in text or "out of memory" in text)
 
 
 def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:

@@ -16,6 +16,9 @@ the loss in the output space ``o`` is a task method, never a type check: :meth:`
 Gauss-Newton pseudo-gradients ``J^T L[:, c]``, Martens & Grosse 2015) and :meth:`Task.sample_targets` (targets
 drawn from the model's predictive distribution, for the sampled Fisher). ``Task`` computes the first two for any
 loss with ``torch.func``; the built-in tasks override them (and sampling) with closed forms.
+
+:meth:`Task.check_batch` sees every batch while its values are concrete, before any transform: the place for a
+check on values (``ClassificationTask``: labels inside the model's classes), which ``vmap`` cannot branch on.
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ from torch.func import jacrev, vmap
 
 from datatrace.errors import bad_value
 from datatrace.linalg import zero_tolerance
+
+
+def _decay(name: str, value: object) -> float:
+    """A weight decay: a real number (not a bool, not a string), finite and ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise bad_value(
+            name,
+            value,
+            "expected a number (a bool or a string would be read as a number by float(): True as 1.0)",
+            "pass the L2 strength the model was trained with as a float, e.g. 1e-3, or 0",
+        )
+    out = float(value)
+    if not 0.0 <= out < math.inf:
+        raise bad_value(
+            name, value, "expected a finite number >= 0", "pass e.g. 1e-3, or 0 for no weight decay"
+        )
+    return out
 
 
 class Task:
@@ -54,27 +74,11 @@ class Task:
 
     def __init__(self, weight_decay: float | Mapping[str, float] = 0.0) -> None:
         if isinstance(weight_decay, Mapping):
-            for key, value in weight_decay.items():
-                if not isinstance(value, numbers.Real) or not 0.0 <= float(value) < math.inf:
-                    raise bad_value(
-                        f"weight_decay[{key!r}]",
-                        value,
-                        "expected a finite number >= 0",
-                        "pass non-negative floats",
-                    )
-            self.weight_decay: float | dict[str, float] = {str(k): float(v) for k, v in weight_decay.items()}
+            self.weight_decay: float | dict[str, float] = {
+                str(k): _decay(f"weight_decay[{k!r}]", v) for k, v in weight_decay.items()
+            }
         else:
-            try:
-                wd = float(weight_decay)
-            except (TypeError, ValueError):
-                raise bad_value(
-                    "weight_decay", weight_decay, "expected a float or {name: float}", "pass e.g. 1e-3"
-                ) from None
-            if not 0.0 <= wd < math.inf:
-                raise bad_value(
-                    "weight_decay", weight_decay, "expected a finite number >= 0", "pass e.g. 1e-3 or 0"
-                )
-            self.weight_decay = wd
+            self.weight_decay = _decay("weight_decay", weight_decay)
 
     # -- the required part -------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
@@ -153,6 +157,17 @@ class Task:
             "generator) returning the batch with sampled targets",
         )
 
+    def check_batch(self, model: nn.Module, batch: tuple, indices: torch.Tensor | None = None) -> tuple:
+        """Validate and normalise one concrete batch before any gradient is taken; returns the batch to use.
+
+        Called on every batch by :meth:`FunctionalModel.prepare
+        <datatrace.gradients.functional.FunctionalModel.prepare>`, where the values are still ordinary tensors:
+        inside ``torch.func`` transforms (``vmap``) a task cannot branch on them, so a value check in
+        :meth:`loss` could not raise there. ``indices`` (the batch's positions in its data set, when the caller
+        knows them) let a message name the offending example. The default accepts every batch unchanged.
+        """
+        return batch
+
     def weight_decay_for(self, name: str) -> float:
         """The L2 strength ``lambda`` of parameter ``name``."""
         if isinstance(self.weight_decay, dict):
@@ -186,7 +201,9 @@ class ClassificationTask(Task):
     """Cross-entropy classification on ``(x, y)`` batches with integer labels ``y``.
 
     Outputs of shape ``(b, k)`` with ``k >= 2`` use softmax cross-entropy; outputs of shape ``(b,)`` or ``(b, 1)``
-    are one logit per example and use the logistic loss with labels in {0, 1}.
+    are one logit per example and use the logistic loss with labels in {0, 1}. Labels of any integer dtype are
+    read as int64; :meth:`check_batch` refuses, naming the example, a label outside the model's classes (-100,
+    cross-entropy's ``ignore_index``, included: drop unlabelled examples instead).
     """
 
     def outputs(self, model: nn.Module, batch: tuple) -> torch.Tensor:
@@ -194,6 +211,8 @@ class ClassificationTask(Task):
 
     def loss_from_outputs(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
         y = batch[1]
+        if not y.is_floating_point() and y.dtype != torch.long:
+            y = y.long()  # int8/16/32, uint8, bool: the class indices cross-entropy wants, in its dtype
         if outputs.dim() == 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
             logits = outputs.reshape(-1)
             if logits.shape[0] != y.shape[0]:
@@ -224,6 +243,95 @@ class ClassificationTask(Task):
     def _own_loss(self) -> bool:
         """Whether the loss is this class's (a subclass that changes it gets the generic methods of Task)."""
         return type(self).loss_from_outputs is ClassificationTask.loss_from_outputs
+
+    def check_batch(self, model: nn.Module, batch: tuple, indices: torch.Tensor | None = None) -> tuple:
+        """Labels as int64 class indices inside the model's classes, or a ValueError naming the first bad one.
+
+        With ``K`` logits the allowed labels are ``0 <= y < K``; with one logit (the logistic loss) they are 0
+        and 1 (integers, or floats equal to 0.0 / 1.0). Integer labels of any width (and bools) become int64.
+        Refused: a label out of range (cross-entropy would raise, and the logistic loss would silently take
+        ``y = 2`` as a target), a negative label, including -100 (cross-entropy's ``ignore_index``, whose example
+        would silently get a zero loss and zero influence), and fractional labels. ``K`` is read from the model's
+        output on one example, only when a label is above 1 or the labels are floats.
+        """
+        if not self._own_loss() or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            return batch
+        y = batch[1]
+        if not isinstance(y, torch.Tensor) or y.is_complex():
+            return batch  # loss_from_outputs reports what it cannot use
+        if not y.is_floating_point():
+            y = y.long()
+        if y.numel() == 0:
+            return _replace_target(batch, y)
+        flat = y.reshape(-1)
+
+        def where(bad: torch.Tensor) -> tuple[str, str]:
+            pos = int(bad.nonzero()[0, 0])
+            value = flat[pos].item()
+            at = (
+                f"example {int(indices[pos])}"
+                if indices is not None and pos < len(indices)
+                else f"position {pos}"
+            )
+            return f"{value:g}" if isinstance(value, float) else str(
+                value
+            ), f"{at} ({int(bad.sum())} bad in its batch)"
+
+        negative = flat < 0
+        if bool(negative.any()):
+            value, at = where(negative)
+            ignore = (
+                " -100 is cross-entropy's ignore_index, which datatrace does not support (the example would silently "
+                "count with zero loss and zero influence)."
+                if bool((flat == -100).any())
+                else ""
+            )
+            raise ValueError(
+                f"label {value} at {at} is negative: ClassificationTask takes class indices 0 <= y < K (K = number "
+                f"of logits; 0 or 1 for one logit).{ignore} Fix: drop the examples without a label (or with a "
+                "negative one) from the data, or map labels to 0..K-1."
+            )
+        fractional = flat != flat.round() if y.is_floating_point() else None
+        if fractional is not None and bool(fractional.any()):
+            value, at = where(fractional)
+            raise ValueError(
+                f"label {value} at {at} is not a whole number: ClassificationTask takes class indices (soft labels "
+                "are not supported). Fix: pass integer labels, or write a Task subclass with your own loss."
+            )
+        if not y.is_floating_point() and int(flat.max()) <= 1:
+            return _replace_target(batch, y)  # 0/1 labels are valid for any number of logits
+        k = self._num_logits(model, batch)
+        if k is None:
+            return _replace_target(batch, y)  # an output shape loss_from_outputs explains
+        if y.is_floating_point() and k > 1:
+            raise ValueError(
+                f"ClassificationTask expects integer class labels for a model with {k} logits, got {y.dtype} "
+                "labels. Fix: pass labels as a LongTensor of class indices (e.g. y.long())."
+            )
+        limit = 2 if k == 1 else k
+        outside = flat >= limit
+        if bool(outside.any()):
+            value, at = where(outside)
+            allowed = (
+                "one logit (the logistic loss): labels 0 or 1" if k == 1 else f"{k} logits: labels 0..{k - 1}"
+            )
+            raise ValueError(
+                f"label {value} at {at} is outside the model's classes: the model has {allowed}. Fix: check the "
+                "labels, or give the model one output per class (with softmax cross-entropy for more than two)."
+            )
+        return _replace_target(batch, y)
+
+    def _num_logits(self, model: nn.Module, batch: tuple) -> int | None:
+        """``K``, the number of logits per example, from the model's output on the batch's first example."""
+        first = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in batch)
+        try:
+            with torch.no_grad():
+                out = self.outputs(model, first)
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return None  # the loss computation meets the same failure, where it is reported with the batch
+        if out.dim() == 1:
+            return 1
+        return int(out.shape[1]) if out.dim() == 2 else None
 
     def output_hessian_factors(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
         """Closed forms: logistic ``L = sqrt(s (1 - s))``; softmax cross-entropy ``H = diag(p) - p p^T = L L^T``

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,12 +74,37 @@ def test_demo_prints_summary_with_correlation(demo_run):
     results = json.loads((out_dir / "results.json").read_text())
     assert f"mean Pearson correlation {results['loo']['mean_pearson']:.3f}" in stdout
     assert "in nats" in stdout and "proponent" in stdout and "opponent" in stdout
+    # the size ratio says what it is and what a good value is (issue 13)
+    assert "median size estimated/actual" in stdout and "mean |estimated change|" in stdout
+    assert "Between 0.8 and 1.25" in stdout
     assert str(out_dir / "report.html") in stdout
     info_lines = [
         line for line in stderr.splitlines() if line.startswith("datatrace: ") and "warning" not in line
     ]
     assert info_lines == []  # --quiet: no step-by-step log lines
     assert "\r" not in stderr  # --quiet: no progress bars
+
+
+@pytest.mark.slow
+def test_demo_rerun_interrupted_leaves_the_earlier_outputs_whole(demo_run, tmp_path, monkeypatch):
+    """Issue 12, case 18: Ctrl-C while a rerun writes its outputs leaves the earlier ones whole and consistent
+    (report, JSON, scores, loo.npz) and keeps the retraining cache."""
+    source, code, _, _ = demo_run
+    assert code == 0
+    out = tmp_path / "out"
+    shutil.copytree(source, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"report.html", "results.json", "scores.safetensors", "loo.npz"} <= set(before)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("datatrace.cli.context.write_json", interrupted)
+    code, _, _ = run_main(["demo", "--out", str(out), "--n-loo", "8", "--jobs", "1", "--quiet"])
+    assert code == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert len(list((out / "loo-cache").glob("*/loo-*.npy"))) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_version():

@@ -191,6 +191,18 @@ def test_detection_curve_plot_accepts_curves_and_pairs():
     assert "other" in labels
 
 
+def test_detection_curves_that_coincide_stay_visible():
+    """Self-influence and training loss often rank the same examples first (issue 13): identical curves must
+    still be told apart, by colour, line style, marker and width, the first drawn widest and underneath."""
+    same = ([0, 0.05, 0.1, 1], [0, 0.6, 0.9, 1])
+    figure = plot_detection_curve({"self-influence": same, "training loss": same})
+    lines = {line.get_label(): line for line in figure.axes[0].lines}
+    a, b = lines["self-influence"], lines["training loss"]
+    assert a.get_linestyle() != b.get_linestyle() and a.get_marker() != b.get_marker()
+    assert a.get_color() != b.get_color() and a.get_linewidth() > b.get_linewidth()
+    assert a.get_zorder() < b.get_zorder()
+
+
 def test_plots_embed_in_a_report(tmp_path: Path):
     report = Report("plots")
     report.add_figure(plot_estimated_vs_actual([0.0, 1.0, 2.0], [0.1, 1.1, 1.9]), "scatter")

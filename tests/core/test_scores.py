@@ -9,9 +9,10 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from datatrace import Scores, TopK
+from datatrace.errors import ScoresFileError
 from datatrace.scores import MEANING
 
 # query 0: two positives (proponents), three negatives; query 1: all positive; query 2: all negative
@@ -169,3 +170,104 @@ def test_save_non_contiguous_float32_values(tmp_path):
     Scores(values).save(tmp_path / "t.safetensors")
     back = Scores.load(tmp_path / "t.safetensors")
     assert back.values.dtype == torch.float32 and torch.equal(back.values, values)
+
+
+# -- malformed or tampered files: ScoresFileError, never a raw KeyError / TypeError / AttributeError ------------------
+def _saved(scores, tmp_path):
+    path = scores.save(tmp_path / "s.safetensors")
+    return path, path.with_name(path.name + ".json")
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        pytest.param(lambda m: "not json {", "not readable JSON", id="not-json"),
+        pytest.param(lambda m: json.dumps([m]), "JSON list, not an object", id="a-list"),
+        pytest.param(lambda m: json.dumps("datatrace.Scores"), "JSON str", id="a-string"),
+        pytest.param(lambda m: json.dumps({**m, "shape": None}), "shape=None", id="shape-null"),
+        pytest.param(lambda m: json.dumps({**m, "shape": "3x6"}), "shape='3x6'", id="shape-string"),
+        pytest.param(lambda m: json.dumps({**m, "shape": [3, 6.0]}), r"shape=\[3, 6.0\]", id="shape-float"),
+        pytest.param(lambda m: json.dumps({**m, "shape": [3, -6]}), "two non-negative", id="shape-negative"),
+        pytest.param(lambda m: json.dumps({**m, "version": "1"}), "version='1'", id="version-string"),
+        pytest.param(lambda m: json.dumps({**m, "version": True}), "version=True", id="version-bool"),
+        pytest.param(lambda m: json.dumps({**m, "version": 99}), "version=99", id="version-future"),
+        pytest.param(lambda m: json.dumps({**m, "measurement": 3}), "measurement=3", id="measurement-int"),
+        pytest.param(lambda m: json.dumps({**m, "metadata": []}), r"metadata=\[\]", id="metadata-list"),
+        pytest.param(lambda m: json.dumps({**m, "dtype": "object"}), "dtype='object'", id="dtype-unknown"),
+        pytest.param(lambda m: json.dumps({**m, "sha256": "../x"}), "sha256=", id="digest-path"),
+        pytest.param(
+            lambda m: json.dumps({**m, "extra": 1}), r"unknown key\(s\) \['extra'\]", id="extra-key"
+        ),
+        pytest.param(lambda m: json.dumps({**m, "format": 7}), "format=7", id="format-int"),
+        *[
+            pytest.param(
+                lambda m, key=key: json.dumps({k: v for k, v in m.items() if k != key}),
+                f"no '{key}' key",
+                id=f"missing-{key}",
+            )
+            for key in ("version", "measurement", "meaning", "shape", "metadata")
+        ],
+    ],
+)
+def test_load_of_tampered_json(scores, tmp_path, edit, words):
+    path, json_path = _saved(scores, tmp_path)
+    json_path.write_text(edit(json.loads(json_path.read_text())))
+    with pytest.raises(ScoresFileError, match=rf"s\.safetensors\.json.*{words}.*Fix: save the scores again"):
+        Scores.load(path)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "words"),
+    [
+        pytest.param(
+            {"values": VALUES.float()}, "dtype float32 but its metadata .* says float64", id="dtype"
+        ),
+        pytest.param({"values": VALUES[:2]}, r"shape \[2, 6\] but its metadata says \[3, 6\]", id="shape"),
+        pytest.param(
+            {"values": VALUES, "other": VALUES.clone()}, r"tensors \['other', 'values'\]", id="extra-tensor"
+        ),
+        pytest.param({"scores": VALUES}, r"tensors \['scores'\]", id="renamed"),
+        pytest.param({"values": VALUES.clone().add_(1.0)}, "sha256", id="other-numbers"),
+    ],
+)
+def test_load_of_tampered_values(scores, tmp_path, tensors, words):
+    path, _ = _saved(scores, tmp_path)
+    save_file(tensors, str(path))
+    with pytest.raises(ScoresFileError, match=rf"s\.safetensors.*{words}.*Fix: save the scores again"):
+        Scores.load(path)
+
+
+def test_load_of_a_pair_without_dtype_and_digest(scores, tmp_path):
+    """Files written before ``dtype`` and ``sha256`` were recorded still load; integer values are refused."""
+    path, json_path = _saved(scores, tmp_path)
+    meta = json.loads(json_path.read_text())
+    del meta["dtype"], meta["sha256"]
+    json_path.write_text(json.dumps(meta))
+    assert torch.equal(Scores.load(path).values, VALUES)
+    save_file({"values": VALUES.long()}, str(path))
+    with pytest.raises(ScoresFileError, match=r"dtype int64 .* a floating-point dtype"):
+        Scores.load(path)
+
+
+def test_load_of_a_folder_is_refused(scores, tmp_path):
+    path, json_path = _saved(scores, tmp_path)
+    json_path.unlink()
+    json_path.mkdir()
+    with pytest.raises(ScoresFileError, match=r"s\.safetensors\.json is not a regular file.*Fix"):
+        Scores.load(path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"values": "abc"}, "values"),
+        ({"values": [[1.0], [2.0, 3.0]]}, "values"),
+        ({"values": VALUES, "measurement": None}, "measurement"),
+        ({"values": VALUES, "measurement": 3}, "measurement"),
+        ({"values": VALUES, "metadata": "abc"}, "metadata"),
+        ({"values": VALUES, "metadata": [("a", 1)]}, "metadata"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=rf"{name}=.*Fix:"):
+        Scores(**kwargs)

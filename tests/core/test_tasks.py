@@ -122,6 +122,87 @@ def test_classification_rejects_bad_labels_and_shapes():
         task.loss(Fixed(logits), (idx(3),))
 
 
+def _binary_problem(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=g, dtype=F64)
+    y = (X[:, 0] > 0).long()
+    return nn.Linear(3, 1).double(), X, y
+
+
+def test_one_logit_refuses_a_label_outside_zero_and_one_naming_the_example():
+    model, X, y = _binary_problem()
+    y = y.clone()
+    y[13] = 2  # the logistic loss would silently take 2 as a target (position 5 of the second batch)
+    inf = InfluenceFunction(model, ClassificationTask(), progress=False, batch_size=8)
+    with pytest.raises(
+        ValueError, match=r"label 2 at example 13 .*outside the model's classes.*one logit.*0 or 1"
+    ):
+        inf.fit((X, y))
+
+
+def test_minus_100_ignore_index_is_refused_not_scored_zero(classification_data):
+    X, y = classification_data
+    y = y.clone()
+    y[7] = -100  # cross-entropy's ignore_index: the example would get zero loss and zero influence
+    inf = InfluenceFunction(nn.Linear(3, 3).double(), ClassificationTask(), progress=False)
+    with pytest.raises(ValueError, match=r"label -100 at example 7 .*negative.*ignore_index.*Fix: drop"):
+        inf.fit((X, y))
+
+
+def test_multiclass_label_at_or_above_the_number_of_logits_is_refused(classification_data):
+    X, y = classification_data
+    y = y.clone()
+    y[[11, 40]] = 3
+    inf = InfluenceFunction(nn.Linear(3, 3).double(), ClassificationTask(), progress=False)
+    with pytest.raises(
+        ValueError, match=r"label 3 at example 11 \(2 bad in its batch\).*3 logits: labels 0\.\.2"
+    ):
+        inf.fit((X, y))
+
+
+def test_query_labels_are_checked_too(classification_data):
+    X, y = classification_data
+    torch.manual_seed(0)
+    inf = InfluenceFunction(nn.Linear(3, 3).double(), ClassificationTask(), progress=False).fit((X, y))
+    with pytest.raises(ValueError, match=r"label -1 at position 1 .*negative"):
+        inf.score((X[:2], torch.tensor([0, -1])))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int8])
+def test_narrow_integer_labels_give_the_int64_scores(classification_data, dtype):
+    X, y = classification_data
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3).double()
+    task = ClassificationTask(weight_decay=0.1)
+    ref = InfluenceFunction(model, task, curvature="exact", progress=False).fit((X, y))
+    got = InfluenceFunction(model, task, curvature="exact", progress=False).fit((X, y.to(dtype)))
+    torch.testing.assert_close(got.train_grads_, ref.train_grads_, rtol=0, atol=0)
+    torch.testing.assert_close(
+        got.score((X[:4], y[:4].to(dtype))).values, ref.score((X[:4], y[:4])).values, rtol=0, atol=0
+    )
+
+
+def test_check_batch_casts_labels_to_int64_and_keeps_valid_batches():
+    model, X, y = _binary_problem()
+    task = ClassificationTask()
+    out = task.check_batch(model, (X, y.to(torch.int32)))
+    assert out[1].dtype == torch.long and torch.equal(out[1], y) and out[0] is X
+    floats = task.check_batch(model, (X, y.double()))  # 0.0 / 1.0 targets of the logistic loss are fine
+    assert torch.equal(floats[1], y.double())
+    assert Task().check_batch(model, (X, y)) == (X, y)  # the base task accepts anything
+
+
+def test_fractional_and_float_multiclass_labels_are_refused(classification_data):
+    X, y = classification_data
+    model, Xb, yb = _binary_problem()
+    soft = yb.double()
+    soft[3] = 0.5
+    with pytest.raises(ValueError, match=r"label 0.5 at position 3 .*not a whole number.*soft labels"):
+        ClassificationTask().check_batch(model, (Xb, soft))
+    with pytest.raises(ValueError, match=r"integer class labels for a model with 3 logits.*torch.float64"):
+        ClassificationTask().check_batch(nn.Linear(3, 3).double(), (X, y.double()))
+
+
 # -- RegressionTask ------------------------------------------------------------------------------------------------
 
 
@@ -162,16 +243,26 @@ def test_weight_decay_float_and_mapping():
     assert "weight_decay={'fc.weight': 0.2" in repr(task)
 
 
-@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "strong", None, [0.1]])
+@pytest.mark.parametrize(
+    "bad",
+    [-0.1, float("nan"), float("inf"), -float("inf"), "strong", "0.1", None, [0.1], True, False, np.bool_(1)],
+)
 def test_weight_decay_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=r"weight_decay=.*is not allowed.*Fix"):
         ClassificationTask(weight_decay=bad)
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.1", None])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.1", None, True, np.bool_(0)])
 def test_weight_decay_mapping_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match=r"weight_decay\['fc.bias'\]=.*finite number >= 0"):
+    with pytest.raises(ValueError, match=r"weight_decay\['fc.bias'\]=.*is not allowed: expected a .*number"):
         RegressionTask(weight_decay={"fc.weight": 0.1, "fc.bias": bad})
+
+
+def test_weight_decay_true_is_not_read_as_one():
+    with pytest.raises(
+        ValueError, match=r"weight_decay=True is not allowed.*bool.*True as 1.0.*Fix: pass the L2"
+    ):
+        Task(weight_decay=True)
 
 
 def test_weight_decay_mapping_with_unknown_parameter_name_raises():

@@ -272,6 +272,32 @@ def test_loop_fallback_keeps_the_tasks_own_error():
         fmodel.per_example_grads((X, y))
 
 
+class _OutOfMemoryOnce(nn.Module):
+    """Runs out of memory on its first call only (the batched attempt); a retry would succeed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes.")
+        return self.linear(x)
+
+
+def test_running_out_of_memory_is_not_taken_for_a_model_vmap_cannot_batch(regression_data):
+    """Memory is the machine's problem: no silent switch to the slow loop or to double backward."""
+    fmodel = FunctionalModel(prepare_model(_OutOfMemoryOnce(), torch.float64), datatrace.RegressionTask())
+    with pytest.raises(RuntimeError, match=r"^DefaultCPUAllocator: not enough memory"):
+        fmodel.per_example_grads(regression_data)
+    fmodel.model.calls = 0
+    with pytest.raises(RuntimeError, match=r"^DefaultCPUAllocator: not enough memory"):
+        fmodel.hvp(torch.ones(1, fmodel.num_params, dtype=torch.float64), as_data_source(regression_data))
+    assert fmodel.vmap_examples and fmodel.hvp_mode == "forward-over-reverse"
+
+
 # -- case 16: half-precision models --------------------------------------------------------------------------------
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_half_precision_model_with_dtype_none_is_refused_up_front(half, classification_data):

@@ -196,9 +196,9 @@ def curvature_scores(model: nn.Module, task: ClassificationTask, data: tuple) ->
         inf = InfluenceFunction(model, task, curvature=make(), batch_size=BATCH, progress=False).fit(data)
         out[f"scores_{name}"] = inf.score((data[0][:QUERY], data[1][:QUERY])).values
         out[f"self_{name}"] = inf.self_influence()
-        picked = [40, 3, 20, 3]  # both shards, unordered, a repeat
+        picked = [40, 3, 20, 3]  # both shards, unordered, a repeat (params_change only: removal takes a set)
         out[f"params_{name}"] = torch.cat([v.reshape(4, -1) for v in inf.params_change(picked).values()], 1)
-        out[f"removal_{name}"] = torch.cat([v.reshape(-1) for v in inf.removal_params(picked).values()])
+        out[f"removal_{name}"] = torch.cat([v.reshape(-1) for v in inf.removal_params(picked[:3]).values()])
         out[f"local_rows_{name}"] = torch.tensor([len(inf.local_grads_)])
         out[f"train_grads_{name}"] = inf.train_grads_
         if hasattr(inf.curvature_, "layers_"):  # examples counted over all ranks: n, not n per rank

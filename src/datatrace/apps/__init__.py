@@ -12,13 +12,21 @@ with every route; the scores keep the attributor's sign convention and units (:d
 :func:`value_data`         data values: the change of the total validation loss if each example is removed
 :func:`fairness_audit`     which examples drive a gap between two groups (loss or positive rate)
 :func:`memorisation_audit` outlying self-influence, and whether removal flips the example's own prediction
+:func:`confirm_memorisation` retrain without flagged examples: does their own loss rise as estimated?
 :func:`pbrf_response`      the proximal Bregman response (Bae et al. 2022), the target of influence on networks
 :func:`attack`             Koh & Liang's training-set attack, verified by retraining
 =========================  ===================================================================================
 """
 
 from datatrace.apps.attack import AttackResult, attack, perturbation_direction
-from datatrace.apps.audit import FairnessAudit, MemorisationAudit, fairness_audit, memorisation_audit
+from datatrace.apps.audit import (
+    FairnessAudit,
+    MemorisationAudit,
+    MemorisationCheck,
+    confirm_memorisation,
+    fairness_audit,
+    memorisation_audit,
+)
 from datatrace.apps.debug import DebugResult, RemovalCheck, debug_data, detection_summary, removal_check
 from datatrace.apps.explain import Explanation, explain
 from datatrace.apps.pbrf import pbrf_response
@@ -31,8 +39,10 @@ __all__ = [
     "Explanation",
     "FairnessAudit",
     "MemorisationAudit",
+    "MemorisationCheck",
     "RemovalCheck",
     "attack",
+    "confirm_memorisation",
     "debug_data",
     "detection_summary",
     "explain",

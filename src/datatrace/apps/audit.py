@@ -15,21 +15,30 @@ narrows ``|gap|`` (to first order) when ``sign(gap) * effect_i < 0``.
 
 **Memorisation.** Self-influence ``s_i`` is the estimated rise of example ``i``'s own loss if it were removed; an
 example that the model fits only because it saw it (a mislabelled copy, an outlier) has a self-influence far in
-the tail. The audit flags robust z-scores ``(s_i - median) / (1.4826 MAD)`` above a threshold and, for each flagged
-example, estimates whether removing it would flip its own prediction: its margin ``m_i = logit_{y_i} -
-max_{k != y_i} logit_k`` (for one logit, ``(2 y_i - 1) * logit``) is scored as a measurement, and the prediction
-flips when ``m_i`` and ``m_i + delta m_i`` differ in sign (Feldman 2020's memorisation: correct only when seen).
+the tail. Self-influence spans decades (a confident model's typical example has ``s`` near 0, so a z-score on ``s``
+itself divides by a collapsed MAD and flags a large share of the data), so the audit tests ``log s`` against its
+bulk: a normal with the median and ``1.4826 MAD`` of ``log s`` (both unmoved by the tail), and example ``i`` is
+flagged when its upper-tail probability ``P(Z > (log s_i - median) / scale)`` is below ``false_positive_rate``.
+Where the bulk of ``log s`` is normal, an example of the bulk is flagged with that probability, so about
+``false_positive_rate * n`` flags are expected by chance; where it is lighter-tailed (measured on data without
+planted outliers, ``tests/apps/test_apps.py``) fewer. For each flagged example the audit estimates whether removing
+it would flip its own prediction: its margin ``m_i = logit_{y_i} - max_{k != y_i} logit_k`` (for one logit,
+``(2 y_i - 1) * logit``) is scored as a measurement, and the prediction flips when ``m_i`` and ``m_i + delta m_i``
+differ in sign (Feldman 2020's memorisation: correct only when seen). :func:`confirm_memorisation` retrains without
+a sample of the flagged examples and measures whether their own loss rises as estimated.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import norm
 from torch import nn
 
 from datatrace.apps.common import (
@@ -40,10 +49,11 @@ from datatrace.apps.common import (
     prepare_query,
     training_source,
 )
-from datatrace.attributors.base import Attributor
+from datatrace.attributors.base import Attributor, check_index_set
 from datatrace.data import DataLike, as_data_source
-from datatrace.errors import bad_value
+from datatrace.errors import bad_value, check_indices, check_positive_int
 from datatrace.tasks import Task
+from datatrace.verification.retrain import evaluator, leave_one_out
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +62,20 @@ __all__ = [
     "FairnessAudit",
     "Margin",
     "MemorisationAudit",
+    "MemorisationCheck",
     "PositiveProbability",
+    "confirm_memorisation",
     "fairness_audit",
     "memorisation_audit",
+    "tail_test",
 ]
 
 METRICS = ("loss", "positive_rate")
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution is 0.6745 sigma
+#: default share of the bulk that the memorisation rule flags by chance (1 in 1,000 examples)
+FALSE_POSITIVE_RATE = 1e-3
+#: a retrain confirms a flagged example when its own loss rises by at least this share of the estimated rise
+CONFIRM_SHARE = 0.5
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -169,8 +186,8 @@ class FairnessAudit:
 
     def predicted_gap_without(self, indices: Any) -> float:
         """First-order gap after removing the set ``indices`` together: ``gap + sum_{i in S} effect_i``."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return float(self.gap + self.effect[idx].sum())
+        idx = check_index_set("indices", check_indices("indices", indices, len(self.effect)), indices)
+        return float(self.gap + self.effect[idx.numpy()].sum())
 
 
 def _group_weights(groups: Any, m: int, group_names: Sequence[Any] | None) -> tuple[np.ndarray, tuple, tuple]:
@@ -309,12 +326,15 @@ def fairness_audit(
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class MemorisationAudit:
-    """Training examples with outlying self-influence, and whether removing them would flip their prediction.
+    """Training examples whose self-influence lies beyond the tail of its bulk, and whether removing them would
+    flip their prediction.
 
     Attributes:
         self_influence: ``(n,)`` estimated rise of each example's own loss if it were removed.
-        zscores: ``(n,)`` robust z-scores ``(s - median) / (1.4826 MAD)``.
-        flagged: indices with ``zscore > z_threshold``, highest first.
+        zscores: ``(n,)`` ``(log s - log_median) / log_scale``, the standardised log self-influence (``-inf`` for
+            ``s <= 0``, which cannot be memorised).
+        pvalues: ``(n,)`` upper-tail probability of each z-score under the standard normal (1 for ``s <= 0``).
+        flagged: indices with ``pvalue < false_positive_rate``, highest self-influence first.
         margin: ``(len(flagged),)`` each flagged example's own margin under the trained model (> 0: its label is
             predicted), or ``None`` when flips were not checked.
         estimated_own_margin_change: ``(len(flagged),)`` estimated change of that margin if the example were
@@ -322,18 +342,24 @@ class MemorisationAudit:
         prediction_flip: ``(len(flagged),)`` bool, ``sign(margin) != sign(margin + change)``: removing the example
             would change its own predicted label (it is predicted as it is only because it was trained on), or
             ``None``.
-        z_threshold, median, mad: the rule's numbers.
+        false_positive_rate: the rule's rate: an example of a normal bulk is flagged with this probability.
+        threshold: the self-influence above which an example is flagged (in the loss's units).
+        log_median, log_scale: the bulk's centre and scale (median and 1.4826 MAD of ``log s``).
+        expected_false_positives: ``false_positive_rate`` times the number of examples with ``s > 0``.
     """
 
     self_influence: np.ndarray
     zscores: np.ndarray
+    pvalues: np.ndarray
     flagged: np.ndarray
     margin: np.ndarray | None
     estimated_own_margin_change: np.ndarray | None
     prediction_flip: np.ndarray | None
-    z_threshold: float
-    median: float
-    mad: float
+    false_positive_rate: float
+    threshold: float
+    log_median: float
+    log_scale: float
+    expected_false_positives: float
 
     @property
     def memorised(self) -> np.ndarray:
@@ -343,32 +369,46 @@ class MemorisationAudit:
         return self.flagged[self.prediction_flip]
 
 
-def robust_zscores(values: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """``(values - median) / (1.4826 MAD)``; falls back to the mean absolute deviation when MAD is 0."""
-    median = float(np.median(values))
-    dev = np.abs(values - median)
-    mad = float(np.median(dev))
-    scale = MAD_TO_SIGMA * mad
+def tail_test(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """``(z, pvalues, log_median, log_scale)``: ``log values`` standardised by their median and ``1.4826 MAD``
+    (the mean absolute deviation times 1.2533 when the MAD is 0), and the normal upper-tail probability of each.
+
+    Values ``<= 0`` get ``z = -inf`` and p-value 1.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    positive = values > 0
+    z = np.full(values.shape, -np.inf)
+    if not positive.any():
+        logger.warning("memorisation_audit: no self-influence is positive; nothing can stand out.")
+        return z, np.ones_like(values), float("nan"), float("nan")
+    logs = np.log(values[positive])
+    centre = float(np.median(logs))
+    dev = np.abs(logs - centre)
+    scale = MAD_TO_SIGMA * float(np.median(dev))
     if scale <= 0:
         scale = 1.2533 * float(dev.mean())  # mean absolute deviation of a normal is 0.7979 sigma
     if scale <= 0:
         logger.warning("memorisation_audit: every self-influence is equal; nothing can stand out.")
-        return np.zeros_like(values), median, mad
-    return (values - median) / scale, median, mad
+        z[positive] = 0.0
+        return z, np.where(positive, 0.5, 1.0), centre, 0.0
+    z[positive] = (logs - centre) / scale
+    return z, norm.sf(z), centre, scale
 
 
 def memorisation_audit(
     influence: Attributor,
-    z_threshold: float = 3.0,
+    false_positive_rate: float = FALSE_POSITIVE_RATE,
     check_flips: bool = True,
     train: DataLike | None = None,
 ) -> MemorisationAudit:
-    """Flag examples whose self-influence is an outlier and estimate whether their own prediction would flip.
+    """Flag examples whose self-influence lies beyond the tail of its bulk and estimate whether their own
+    prediction would flip (see the module docstring for the rule).
 
     Args:
         influence: a fitted attributor with ``self_influence()``; flip checks need ``score(query,
             measurement=...)`` (an :class:`~datatrace.InfluenceFunction`) and a classification model.
-        z_threshold: robust z-score above which an example is flagged.
+        false_positive_rate: in (0, 1): the probability that an example of a (log-normal) bulk is flagged; about
+            ``false_positive_rate * n`` flags are expected by chance.
         check_flips: score each flagged example's own margin to estimate prediction flips.
         train: the training data, for attributors that do not keep it.
 
@@ -376,16 +416,21 @@ def memorisation_audit(
         :class:`MemorisationAudit`.
     """
     try:
-        threshold = float(z_threshold)
+        rate = float(false_positive_rate)
     except (TypeError, ValueError):
-        raise bad_value("z_threshold", z_threshold, "expected a number", "pass e.g. 3.0") from None
-    if not np.isfinite(threshold):
-        raise bad_value("z_threshold", z_threshold, "expected a finite number", "pass e.g. 3.0")
+        raise bad_value(
+            "false_positive_rate", false_positive_rate, "expected a number in (0, 1)", "pass e.g. 0.001"
+        ) from None
+    if not 0.0 < rate < 1.0:
+        raise bad_value(
+            "false_positive_rate", false_positive_rate, "expected a number in (0, 1)", "pass e.g. 0.001"
+        )
     check_attributor(influence, "expected a fitted attributor with self_influence()")
     s = as_numpy(influence.self_influence()).reshape(-1)
-    z, median, mad = robust_zscores(s)
-    flagged = np.flatnonzero(z > threshold)
-    flagged = flagged[np.argsort(-z[flagged], kind="stable")]
+    z, pvalues, centre, scale = tail_test(s)
+    flagged = np.flatnonzero(pvalues < rate)
+    flagged = flagged[np.argsort(-s[flagged], kind="stable")]
+    threshold = float(np.exp(centre + scale * norm.isf(rate))) if np.isfinite(centre) else float("inf")
     margin = change = flip = None
     if check_flips and flagged.size:
         if not influence.supports_measurement:
@@ -417,21 +462,128 @@ def memorisation_audit(
         flip = np.sign(margin) != np.sign(margin + change)
     elif check_flips:
         margin, change, flip = np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool)
+    expected = rate * int((s > 0).sum())
     logger.info(
-        "memorisation_audit: %d of %d examples above robust z %.3g%s",
+        "memorisation_audit: %d of %d examples above self-influence %.3g (false-positive rate %g: %.1f expected by "
+        "chance)%s",
         flagged.size,
         s.size,
         threshold,
+        rate,
+        expected,
         "" if flip is None else f"; {int(flip.sum())} estimated to flip their own prediction if removed",
     )
     return MemorisationAudit(
         self_influence=s,
         zscores=z,
+        pvalues=pvalues,
         flagged=flagged,
         margin=margin,
         estimated_own_margin_change=change,
         prediction_flip=flip,
-        z_threshold=threshold,
-        median=median,
-        mad=mad,
+        false_positive_rate=rate,
+        threshold=threshold,
+        log_median=centre,
+        log_scale=scale,
+        expected_false_positives=expected,
     )
+
+
+class _OwnLoss:
+    """A task whose measurement is the loss (picklable), for measuring flagged examples' own loss."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def measurement(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        return self.task.loss(model, batch)
+
+
+@dataclass(frozen=True)
+class MemorisationCheck:
+    """Flagged examples retrained without, one at a time: does their own loss rise as estimated?
+
+    Attributes:
+        indices: the flagged training examples that were left out (a seeded sample when there are many).
+        estimated: their self-influence, the estimated rise of their own loss.
+        actual: the measured rise (own loss of the model retrained without the example minus that of the model
+            retrained on everything).
+        confirmed: ``actual >= CONFIRM_SHARE * estimated``: the own loss rose by at least half as much as
+            estimated.
+        n_flagged: how many examples the audit flagged in all.
+    """
+
+    indices: np.ndarray
+    estimated: np.ndarray
+    actual: np.ndarray
+    confirmed: np.ndarray
+    n_flagged: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        ratio = self.actual / np.where(self.estimated > 0, self.estimated, np.nan)
+        return {
+            "n_flagged": self.n_flagged,
+            "n_checked": int(self.indices.size),
+            "n_confirmed": int(self.confirmed.sum()),
+            "rule": f"confirmed when the actual rise of its own loss is >= {CONFIRM_SHARE:g} x the estimated rise",
+            "median_actual_over_estimated": float(np.nanmedian(ratio)) if ratio.size else None,
+            "indices": self.indices.tolist(),
+            "estimated": self.estimated.tolist(),
+            "actual": self.actual.tolist(),
+            "confirmed": self.confirmed.tolist(),
+        }
+
+
+def confirm_memorisation(
+    audit: MemorisationAudit,
+    train_fn: Callable[..., Any],
+    train: DataLike,
+    task: Task,
+    *,
+    n_retrains: int = 20,
+    random_state: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> MemorisationCheck:
+    """Retrain without flagged examples, one at a time, and measure the rise of each one's own loss.
+
+    Args:
+        audit: a :class:`MemorisationAudit`.
+        train_fn: ``train_fn(subset)`` (or with ``seed=``) returning a trained ``nn.Module``, the way the model
+            was trained (see :func:`datatrace.verification.retrain.leave_one_out`).
+        train: the training data the audit's attributor was fitted on.
+        task: the task whose loss the self-influence estimates.
+        n_retrains: how many flagged examples to check (a seeded random sample when more are flagged); one more
+            model is trained on all the data.
+        random_state: seed of the sample.
+        cache_dir, progress: as in :func:`~datatrace.verification.retrain.leave_one_out` (``cache_dir`` makes an
+            interrupted check resumable).
+    """
+    n_retrains = check_positive_int("n_retrains", n_retrains)
+    flagged = np.asarray(audit.flagged, dtype=np.int64)
+    if flagged.size == 0:
+        empty = np.zeros(0)
+        return MemorisationCheck(flagged, empty, empty, np.zeros(0, dtype=bool), 0)
+    rng = np.random.default_rng(random_state)
+    sample = flagged if flagged.size <= n_retrains else rng.choice(flagged, n_retrains, replace=False)
+    sample = np.sort(sample)
+    source = as_data_source(train, "train")
+    own = as_data_source(source.subset(torch.as_tensor(sample)), "train")
+    result = leave_one_out(
+        train_fn,
+        train,
+        evaluator(_OwnLoss(task), own),
+        sample,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    actual = result.changes[np.arange(sample.size), np.arange(sample.size)]
+    estimated = audit.self_influence[sample]
+    confirmed = actual >= CONFIRM_SHARE * estimated
+    logger.info(
+        "confirm_memorisation: %d of %d flagged examples checked by retraining are confirmed",
+        int(confirmed.sum()),
+        sample.size,
+    )
+    return MemorisationCheck(sample, estimated, actual, confirmed, int(flagged.size))

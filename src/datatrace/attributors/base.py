@@ -28,19 +28,75 @@ from typing import Any
 import torch
 from torch import nn
 
+try:  # optional: the machine's available memory, for the default memory budget
+    import psutil
+except ImportError:  # pragma: no cover - depends on the environment
+    psutil = None
+
 from datatrace.data import DataLike, DataSource
 from datatrace.errors import NotFittedError, bad_value
 from datatrace.scores import Scores, TopK
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATIONARITY_TOLERANCE", "Attributor", "Measurement", "check_stationary", "json_scalars"]
+__all__ = [
+    "FALLBACK_MEMORY_BYTES",
+    "MEMORY_FRACTION",
+    "STATIONARITY_TOLERANCE",
+    "Attributor",
+    "Measurement",
+    "check_index_set",
+    "check_stationary",
+    "default_memory_budget",
+    "json_scalars",
+]
 
 #: a query measurement: ``(model, batch) -> tensor of shape (batch_size,)``
 Measurement = Callable[[nn.Module, tuple], torch.Tensor]
 
 #: relative gradient norm ``||grad L|| / mean_i ||g_i||`` above which the model is reported as not at a minimum
 STATIONARITY_TOLERANCE = 1e-3
+
+
+#: share of the currently available memory (psutil on CPU, ``torch.cuda.mem_get_info`` on CUDA) that the default
+#: budget lets one attributor's stored matrices take
+MEMORY_FRACTION = 0.5
+#: the default budget where the available memory cannot be read (psutil not installed)
+FALLBACK_MEMORY_BYTES = 4 * 1024**3
+
+
+def default_memory_budget(device: torch.device | str | None = None) -> tuple[int, str]:
+    """The default ``max_bytes`` of an attributor's stored matrices and, in words, where it comes from:
+    :data:`MEMORY_FRACTION` of the memory available now on ``device`` (CUDA: ``torch.cuda.mem_get_info``; CPU:
+    ``psutil.virtual_memory().available`` when psutil is installed), else :data:`FALLBACK_MEMORY_BYTES`."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free = torch.cuda.mem_get_info(dev)[0]
+        return int(MEMORY_FRACTION * free), f"{MEMORY_FRACTION:g} of the free memory of {dev}"
+    if psutil is not None:
+        free = psutil.virtual_memory().available
+        return int(MEMORY_FRACTION * free), f"{MEMORY_FRACTION:g} of the machine's available memory"
+    return FALLBACK_MEMORY_BYTES, "the fixed default used when psutil is not installed"
+
+
+def check_index_set(name: str, idx: torch.Tensor, given: Any = None) -> torch.Tensor:
+    """``idx`` (normalised indices, :func:`datatrace.errors.check_indices`, of the user's ``given``) as a *set*:
+    a ValueError naming the first repeated index. Removing a set counts each example once; a repeat would
+    silently count it twice."""
+    if idx.numel() > 1:
+        values, counts = torch.unique(idx, return_counts=True)
+        if bool((counts > 1).any()):
+            repeated = values[counts > 1]
+            raise bad_value(
+                name,
+                idx if given is None else given,
+                f"a set of examples to remove together, each at most once; index {int(repeated[0])} is repeated"
+                + (f" (and {len(repeated) - 1} more)" if len(repeated) > 1 else "")
+                + " (negative indices count from the end), which would count that example twice",
+                "pass each example once (e.g. sorted(set(indices))); for a weighted removal add the rows of "
+                "params_change yourself",
+            )
+    return idx
 
 
 def check_stationary(gradient_norm: float, typical_norm: float, gradient: str, typical: str) -> float:

@@ -38,9 +38,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from datatrace.attributors.base import Attributor, Measurement, check_stationary, json_scalars
+from datatrace.attributors.base import (
+    Attributor,
+    Measurement,
+    check_index_set,
+    check_stationary,
+    default_memory_budget,
+    json_scalars,
+)
 from datatrace.curvature import Curvature, make_curvature
-from datatrace.data import DataLike, DataSource, as_data_source
+from datatrace.curvature.base import format_bytes
+from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
 from datatrace.distributed import (
     all_gather_rows,
     all_reduce_sum,
@@ -48,7 +56,7 @@ from datatrace.distributed import (
     shard_indices,
     world,
 )
-from datatrace.errors import bad_value, check_finite, check_indices
+from datatrace.errors import bad_value, check_finite, check_indices, check_positive_int, is_out_of_memory
 from datatrace.gradients.functional import (
     FunctionalModel,
     check_model_and_task,
@@ -82,6 +90,12 @@ class InfluenceFunction(Attributor):
         dtype: working precision (float64 by default: influence differences are small numbers).
         batch_size: examples per batch for gradient computations (default: the data's own, or 256).
         progress: show tqdm progress bars.
+        max_bytes: memory budget of the ``n x p`` training-gradient matrix this attributor keeps (under
+            torch.distributed: each rank's ``n / world_size`` rows), checked before the gradient pass. ``None``:
+            a share of the memory available now (:func:`~datatrace.attributors.base.default_memory_budget`).
+            The curvature route's own need (e.g. the dense ``p x p`` matrix) is checked before the gradient pass
+            too, against the route's ``max_bytes``. :meth:`self_influence` later solves all rows at once: a
+            second matrix of the same size.
 
     Example:
         >>> import torch, datatrace
@@ -108,8 +122,11 @@ class InfluenceFunction(Attributor):
         dtype: torch.dtype | None = torch.float64,
         batch_size: int | None = None,
         progress: bool = True,
+        max_bytes: int | None = None,
     ) -> None:
         check_model_and_task(model, task, dtype)
+        if max_bytes is not None:
+            check_positive_int("max_bytes", max_bytes)
         self.model = model
         self.task = task
         self.curvature = curvature
@@ -118,6 +135,7 @@ class InfluenceFunction(Attributor):
         self.dtype = dtype
         self.batch_size = batch_size
         self.progress = progress
+        self.max_bytes = max_bytes
         if isinstance(curvature, Curvature) and damping != "auto":
             raise bad_value(
                 "damping",
@@ -134,9 +152,13 @@ class InfluenceFunction(Attributor):
         source.check_finite()
         fmodel = FunctionalModel(prepare_model(self.model, self.dtype), self.task, self.params)
         check_finite(fmodel.theta, "the model's parameters", "Fix: pass a model whose weights are finite.")
+        curvature = make_curvature(self.curvature, self.damping)
+        check_size = getattr(curvature, "check_size", None)
+        if callable(check_size):  # e.g. the dense routes' p x p matrix: refuse before minutes of gradients
+            check_size(fmodel)
+        self._check_memory(fmodel, len(shard_indices(len(source))))
         local_indices, local_grads = self._local_training_gradients(fmodel, source)
         self._check_stationary(fmodel, local_grads, len(source))
-        curvature = make_curvature(self.curvature, self.damping)
         curvature.fit(fmodel, source, progress=self.progress)
         self.fmodel_ = fmodel
         self.train_ = source
@@ -163,30 +185,66 @@ class InfluenceFunction(Attributor):
         """This rank's shard of the training indices and their gradients (all of them in a single process); a
         failure on one rank raises on every rank."""
         indices = shard_indices(len(source))
-        rows, error = [], None
+        error = None
         show = self.progress and world()[0] == 0
         try:
+            grads = torch.empty(len(indices), fmodel.num_params, dtype=fmodel.dtype, device=fmodel.device)
+            filled = 0
             with tqdm(total=len(indices), desc="training gradients", disable=not show, leave=False) as bar:
                 for idx, batch in source.batches(indices=indices):
-                    rows.append(
-                        checked_rows(
-                            fmodel.per_example_grads,
-                            self.task,
-                            "train",
-                            idx,
-                            batch,
-                            lambda i: f"gradient of train example {i}",
-                            _ROW_FIX,
-                        )
+                    # checked here with the indices, so that a bad label is named by its example index
+                    batch = self.task.check_batch(
+                        fmodel.model, cast_batch(batch, fmodel.dtype, fmodel.device), idx
                     )
+                    rows = checked_rows(
+                        fmodel.per_example_grads,
+                        self.task,
+                        "train",
+                        idx,
+                        batch,
+                        lambda i: f"gradient of train example {i}",
+                        _ROW_FIX,
+                    )
+                    grads[filled : filled + len(rows)] = rows  # in place: no second n x p copy
+                    filled += len(rows)
                     bar.update(len(idx))
         except Exception as err:
+            error = err
+            if is_out_of_memory(err) and not isinstance(err, MemoryError):  # a size problem, named as one
+                error = self._memory_error(fmodel, len(indices), str(err))
+                if not world()[2]:
+                    raise error from err
             if not world()[2]:
                 raise
-            error = err
         raise_if_any_failed(error, "training gradients")
-        grads = torch.cat(rows) if rows else torch.zeros(0, fmodel.num_params, dtype=fmodel.dtype)
-        return indices, grads.to(fmodel.device)
+        return indices, grads
+
+    def _memory_error(self, fmodel: FunctionalModel, rows: int, detail: str = "") -> MemoryError:
+        """The error for an ``rows x p`` training-gradient matrix that does not fit, with the alternatives."""
+        need = rows * fmodel.num_params * fmodel.theta.element_size()
+        budget, origin = self._budget(fmodel)
+        return MemoryError(
+            f"InfluenceFunction keeps the training gradients as a {rows:,} x {fmodel.num_params:,} matrix "
+            f"(examples x parameters in scope) in {fmodel.dtype}: {format_bytes(need)}, "
+            + (f"and the allocation failed ({detail}). " if detail else "")
+            + f"The budget is max_bytes={format_bytes(budget)} ({origin}). Every curvature route needs this "
+            "matrix here (a matrix-free route only avoids the p x p one). Fix: use datatrace.ProjectedInfluence("
+            "..., store_dir=...), which keeps low-dimensional projected gradients on disk; restrict the parameters "
+            "with params= (e.g. the last layer); or raise max_bytes if the memory is there."
+        )
+
+    def _budget(self, fmodel: FunctionalModel) -> tuple[int, str]:
+        if self.max_bytes is not None:
+            return self.max_bytes, "given"
+        return default_memory_budget(fmodel.device)
+
+    def _check_memory(self, fmodel: FunctionalModel, rows: int) -> None:
+        """Refuse, before the gradient pass, an ``rows x p`` gradient matrix above the budget ``max_bytes``."""
+        need = rows * fmodel.num_params * fmodel.theta.element_size()
+        budget, _ = self._budget(fmodel)
+        if need > budget:
+            raise self._memory_error(fmodel, rows)
+        logger.debug("training gradients: %d x %d, %s of %s", rows, fmodel.num_params, need, budget)
 
     @property
     def train_grads_(self) -> torch.Tensor:
@@ -342,7 +400,8 @@ class InfluenceFunction(Attributor):
         return all_reduce_sum(rows)
 
     def params_change(self, indices: Any) -> dict[str, torch.Tensor]:
-        """Estimated ``theta_{-i} - theta_hat = (1/n) H^{-1} g_i`` for each index ``i``.
+        """Estimated ``theta_{-i} - theta_hat = (1/n) H^{-1} g_i`` for each index ``i``, each on its own (a
+        repeated index is a repeated row; for the removal of a set use :meth:`removal_params`).
 
         Returns a dict parameter name -> tensor of shape ``(len(indices), *param.shape)``.
         """
@@ -353,8 +412,12 @@ class InfluenceFunction(Attributor):
 
     def removal_params(self, indices: Any) -> dict[str, torch.Tensor]:
         """Estimated change of the parameters when the *set* ``indices`` is removed together (first order: the
-        sum of the individual changes). Returns a dict parameter name -> tensor of the parameter's shape."""
+        sum of the individual changes). Returns a dict parameter name -> tensor of the parameter's shape.
+
+        Each example may appear once: a repeated index (also ``i`` and ``i - n``) raises a ValueError naming it,
+        since counting an example twice is not a removal (upweighting by ``eps = -2`` is outside the
+        leave-one-out meaning; sum rows of :meth:`params_change` for a weighted multiset)."""
         self.check_is_fitted()
-        idx = check_indices("indices", indices, self.n_train_)
+        idx = check_index_set("indices", check_indices("indices", indices, self.n_train_), indices)
         delta = self.curvature_.solve(self._selected_rows(idx).sum(dim=0, keepdim=True)) / self.n_train_
         return {k: v[0] for k, v in self.fmodel_.space.unflatten(delta).items()}

@@ -7,8 +7,13 @@ ones the model memorised.
   training example the estimated change of that gap if it were removed and the model retrained. The examples
   whose removal would shrink ``|gap|`` most are the ones that drive it.
 * ``--memorisation`` (:func:`datatrace.apps.audit.memorisation_audit`): training examples whose self-influence
-  (the rise of their own loss if removed) is an outlier (robust z-score above ``--z-threshold``), and whether
-  removing one would flip its own prediction: the model gets it right only because it saw it.
+  (the rise of their own loss if removed) lies beyond the tail of its bulk (an upper-tail test on log
+  self-influence with a stated false-positive rate, ``--false-positive-rate``), and whether removing one would flip
+  its own prediction: the model gets it right only because it saw it. With ``--verify N``, up to ``N`` flagged
+  examples are retrained without (:func:`datatrace.apps.audit.confirm_memorisation`): does their own loss rise as
+  estimated?
+* ``--verify N``: the scores of ``query()`` (or ``validation()``) are checked by retraining
+  (:mod:`datatrace.cli.verification`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from datatrace.apps.audit import fairness_audit, memorisation_audit
+from datatrace.apps.audit import (
+    CONFIRM_SHARE,
+    FALSE_POSITIVE_RATE,
+    confirm_memorisation,
+    fairness_audit,
+    memorisation_audit,
+)
 from datatrace.cli.context import (
     SPEC_WARNING,
     add_common_arguments,
@@ -40,8 +51,19 @@ from datatrace.cli.render import (
     format_rows,
     setup_table,
 )
-from datatrace.cli.report import Report, plot_bars, plot_histogram
-from datatrace.errors import UsageError
+from datatrace.cli.report import Report, plot_bars, plot_estimated_vs_actual, plot_histogram
+from datatrace.cli.verification import (
+    ModuleTrainFn,
+    add_verification,
+    add_verify_argument,
+    cache_dir,
+    check_verify,
+    n_cached,
+    split_scores,
+    summary_lines,
+    verify_scores,
+)
+from datatrace.errors import SpecError, UsageError
 
 logger = logging.getLogger("datatrace.cli.audit")
 
@@ -51,8 +73,9 @@ DESCRIPTION = (
     "probability of --positive-class, with --metric positive_rate) between the two groups of groups() over "
     "query() (or validation()), and for every training example the estimated change of that gap if it were "
     "removed and the model retrained: the examples whose removal would shrink the gap most drive it. "
-    "--memorisation: training examples with outlying self-influence (robust z-score above --z-threshold) and "
-    "whether removing each would flip its own prediction. Writes report.html, results.json and per_example.csv."
+    "--memorisation: training examples whose self-influence lies beyond the tail of its bulk (an upper-tail test "
+    "with false-positive rate --false-positive-rate) and whether removing each would flip its own prediction; "
+    "with --verify N, flagged examples are retrained without to confirm. Writes report.html, results.json and per_example.csv."
     + " "
     + SPEC_WARNING
 )
@@ -71,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memorisation",
         "--memorization",
         action="store_true",
-        help="flag memorised training examples by outlying self-influence.",
+        help="flag memorised training examples by self-influence beyond the tail of its bulk.",
     )
     parser.add_argument(
         "--metric",
@@ -94,13 +117,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fairness: the two groups to compare, gap = A - B (default: the two labels of groups(), sorted).",
     )
     parser.add_argument(
-        "--z-threshold",
+        "--false-positive-rate",
         type=float,
-        default=3.0,
-        metavar="Z",
-        help="memorisation: robust z-score of self-influence above which an example is flagged (default: 3).",
+        default=FALSE_POSITIVE_RATE,
+        metavar="P",
+        help="memorisation: the probability that an ordinary example (one of the bulk of log self-influence) is "
+        f"flagged; about P x n flags are expected by chance (default: {FALSE_POSITIVE_RATE:g}).",
     )
     add_top_flag(parser, 10, "examples listed per table in the report")
+    add_verify_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
         metric=args.metric,
         positive_class=args.positive_class,
         group_names=args.group_names,
-        z_threshold=args.z_threshold,
+        false_positive_rate=args.false_positive_rate,
         top=args.top,
+        verify=args.verify,
     )
 
 
@@ -143,8 +169,9 @@ def run_audit(
     metric: str = "loss",
     positive_class: int = 1,
     group_names: list[str] | None = None,
-    z_threshold: float = 3.0,
+    false_positive_rate: float = FALSE_POSITIVE_RATE,
     top: int = 10,
+    verify: int = 0,
     curvature: str | None = None,
     damping: Any = None,
     seed: int = 0,
@@ -158,8 +185,12 @@ def run_audit(
     if metric not in METRICS:
         raise UsageError(f"--metric {metric!r} is not allowed: expected one of {list(METRICS)}.")
     check_int("--top", top, 1)
-    if not np.isfinite(z_threshold):
-        raise UsageError(f"--z-threshold {z_threshold!r} is not allowed: expected a finite number, e.g. 3.")
+    if not 0.0 < false_positive_rate < 1.0:
+        raise UsageError(
+            f"--false-positive-rate {false_positive_rate!r} is not allowed: expected a probability in (0, 1). Fix: "
+            "pass e.g. --false-positive-rate 0.001."
+        )
+    verify = check_verify(verify)
     needs = ["audit --fairness"] if fairness else []
     ctx = start(
         "audit",
@@ -234,15 +265,21 @@ def run_audit(
 
     mem = None
     if memorisation:
-        logger.info("memorisation audit: self-influence z-scores above %.3g", z_threshold)
+        logger.info(
+            "memorisation audit: self-influence beyond its bulk at false-positive rate %g",
+            false_positive_rate,
+        )
         t0 = time.perf_counter()
-        mem = memorisation_audit(influence, z_threshold=z_threshold, check_flips=spec.is_classifier)
+        mem = memorisation_audit(
+            influence, false_positive_rate=false_positive_rate, check_flips=spec.is_classifier
+        )
         ctx.timings["memorisation_seconds"] = time.perf_counter() - t0
         flagged_rows = example_records(spec, "train", mem.flagged[:top].tolist())
         for j, row in enumerate(flagged_rows):
             i = row["index"]
             row["self_influence"] = float(mem.self_influence[i])
             row["zscore"] = float(mem.zscores[i])
+            row["pvalue"] = float(mem.pvalues[i])
             if mem.prediction_flip is not None:
                 row["margin"] = float(mem.margin[j])
                 row["estimated_own_margin_change"] = float(mem.estimated_own_margin_change[j])
@@ -250,27 +287,104 @@ def run_audit(
         results["memorisation"] = {
             "meaning": (
                 f"self_influence[i] estimates how much example i's own loss (in {units}) would rise if it were "
-                "removed and the model retrained; zscore is its robust z-score (median and 1.4826 MAD). Flagged: "
-                f"zscore > {mem.z_threshold:g}. prediction_flip: removing the example would change its own "
-                "predicted label (its margin changes sign): it is predicted right only because it was trained on."
+                "removed and the model retrained. The rule: zscore = (log self_influence - median) / (1.4826 MAD of "
+                "log self_influence), pvalue its normal upper-tail probability; flagged when pvalue < "
+                f"false_positive_rate = {mem.false_positive_rate:g}, i.e. self_influence > {mem.threshold:.3g} "
+                f"{units}. An ordinary example (one of a log-normal bulk) is flagged with that probability, so about "
+                f"{mem.expected_false_positives:.1f} flags are expected by chance. prediction_flip: removing the "
+                "example would change its own predicted label (its margin changes sign): it is predicted right only "
+                "because it was trained on."
             ),
-            "z_threshold": mem.z_threshold,
-            "median": mem.median,
-            "mad": mem.mad,
+            "false_positive_rate": mem.false_positive_rate,
+            "threshold": mem.threshold,
+            "expected_false_positives": mem.expected_false_positives,
+            "log_median": mem.log_median,
+            "log_scale": mem.log_scale,
+            "median": float(np.median(mem.self_influence)),
             "n_flagged": int(mem.flagged.size),
             "flagged_indices": mem.flagged,
             "n_prediction_flips": None if mem.prediction_flip is None else int(mem.prediction_flip.sum()),
             "flagged": flagged_rows,
+            "confirmation": _confirm(ctx, mem, verify),
         }
         columns["self_influence"] = mem.self_influence
         columns["self_influence_zscore"] = mem.zscores
+        columns["self_influence_pvalue"] = mem.pvalues
+    split = spec.query_split
+    confirmation = (results.get("memorisation") or {}).get("confirmation") or {}
+    stopped = confirmation.get("status") == "interrupted"  # Ctrl-C means stop: no further retraining
+    query_data, query_scores, query_rows = split_scores(ctx, split, 0 if stopped else verify)
+    verification, arrays = verify_scores(
+        ctx,
+        verify,
+        query_data,
+        query_scores,
+        what=f"the score rows of {len(query_rows)} {split}() example(s) (the change of each one's loss, in {units}, "
+        "if a training example is removed), from which the fairness effects are combined"
+        if query_rows
+        else "the audit's scores need query() or validation() examples whose loss to measure, and the spec has "
+        "neither",
+        queries=query_rows,
+    )
+    if stopped:
+        verification = {
+            "status": "interrupted",
+            "verdict": None,
+            "n_retrains_finished": 0,
+            "reason": "not started: interrupted (Ctrl-C) while confirming memorised examples by retraining. Rerun "
+            "the same command to resume.",
+        }
+    results["verification"] = verification
     results.setdefault("fairness", None)
     results.setdefault("memorisation", None)
-    results["files"] = {"per_example": str(write_csv(ctx.out / "per_example.csv", columns))}
-    return ctx.finish(results, _report(ctx, results, fair, mem), _summary(ctx, results))
+    results["files"] = {
+        "per_example": str(ctx.defer("per_example.csv", lambda path: write_csv(path, columns)))
+    }
+    summary = "\n".join([_summary(ctx, results), *summary_lines(verification)])
+    return ctx.finish(results, _report(ctx, results, fair, mem, arrays), summary)
 
 
-def _report(ctx: Any, r: dict[str, Any], fair: Any, mem: Any) -> Any:
+def _confirm(ctx: Any, mem: Any, verify: int) -> dict[str, Any] | None:
+    """Retrain without up to ``verify`` flagged examples (``--verify``): does their own loss rise as estimated?"""
+    spec = ctx.spec
+    if not verify or not mem.flagged.size:
+        return None
+    if spec.train_fn is None:
+        return {"status": "not verified", "reason": f"the spec {spec.path.name} defines no train_fn(subset)."}
+    cache = cache_dir(ctx, verify, "memorisation", flagged=mem.flagged.tolist())
+    logger.info("retraining without up to %d flagged examples to confirm them (cache %s)", verify, cache)
+    t0 = time.perf_counter()
+    try:
+        result = confirm_memorisation(
+            mem,
+            ModuleTrainFn(spec.retrain_fn()),
+            spec.encoded("train"),
+            spec.task,
+            n_retrains=verify,
+            random_state=ctx.seed,
+            cache_dir=cache,
+            progress=ctx.progress,
+        )
+    except KeyboardInterrupt:
+        finished = n_cached(cache)
+        return {
+            "status": "interrupted",
+            "n_retrains_finished": finished,
+            "reason": f"interrupted (Ctrl-C) after {finished} finished retraining run(s), all kept in {cache}: "
+            "rerun the same command to resume.",
+        }
+    except (SpecError, UsageError):
+        raise
+    except Exception as err:
+        raise RuntimeError(
+            f"spec {spec.path}: confirming memorised examples failed while calling train_fn(subset): "
+            f"{type(err).__name__}: {err}. Fix: check train_fn, or drop --verify."
+        ) from err
+    ctx.timings["confirm_seconds"] = time.perf_counter() - t0
+    return {"status": "verified", **result.to_dict()}
+
+
+def _report(ctx: Any, r: dict[str, Any], fair: Any, mem: Any, arrays: Any = None) -> Any:
     spec, units = ctx.spec, ctx.spec.units
     parts = [p for p, x in (("fairness", fair), ("memorisation", mem)) if x is not None]
     report = Report(
@@ -279,6 +393,7 @@ def _report(ctx: Any, r: dict[str, Any], fair: Any, mem: Any) -> Any:
     report.add_heading("What the numbers mean")
     report.add_paragraph(conventions(units))
     report.add_key_values(setup_table(ctx), caption="Set-up")
+    add_verification(report, r["verification"], arrays, units)
     if fair is not None:
         f = r["fairness"]
         a, b = f["group_names"]
@@ -337,7 +452,7 @@ def _report(ctx: Any, r: dict[str, Any], fair: Any, mem: Any) -> Any:
         )
     if mem is not None:
         m = r["memorisation"]
-        report.add_heading("Memorisation: outlying self-influence")
+        report.add_heading("Memorisation: self-influence beyond the tail of its bulk")
         flips = (
             ""
             if m["n_prediction_flips"] is None
@@ -348,22 +463,60 @@ def _report(ctx: Any, r: dict[str, Any], fair: Any, mem: Any) -> Any:
         )
         report.add_paragraph(
             f"Self-influence estimates how much an example's own loss (in {units}) would rise if it were removed "
-            f"and the model retrained. Robust z-scores use the median ({m['median']:.3g} {units}) and the median "
-            f"absolute deviation ({m['mad']:.3g}). {m['n_flagged']} of {r['n_train']} training examples have a "
-            f"z-score above {m['z_threshold']:g}.{flips}"
+            f"and the model retrained (median {m['median']:.3g} {units}). It spans decades, so the rule works on "
+            "its logarithm: a normal distribution is fitted to the bulk (the median and 1.4826 x the median "
+            "absolute deviation of log self-influence, which the tail does not move) and an example is flagged when "
+            f"its upper-tail probability is below the false-positive rate {m['false_positive_rate']:g}, i.e. when "
+            f"its self-influence exceeds {m['threshold']:.3g} {units}. An ordinary example is flagged with that "
+            f"probability, so about {m['expected_false_positives']:.1f} of the {r['n_train']} would be flagged by "
+            f"chance (on data without planted outliers the measured rate is at most this). {m['n_flagged']} are "
+            f"flagged.{flips}"
         )
         report.add_figure(
             plot_histogram(
-                mem.zscores,
-                title="Robust z-score of self-influence",
-                xlabel="(self-influence - median) / (1.4826 MAD)",
-                marks={f"z = {m['z_threshold']:g}": m["z_threshold"]},
+                np.log10(np.where(mem.self_influence > 0, mem.self_influence, np.nan)),
+                title="Self-influence of every training example (log scale)",
+                xlabel=f"log10 self-influence ({units})",
+                marks={
+                    "median": float(np.log10(max(m["median"], 1e-300))),
+                    f"flagging threshold (false-positive rate {m['false_positive_rate']:g})": float(
+                        np.log10(m["threshold"])
+                    ),
+                },
                 log=True,
             ),
-            "Examples right of the dashed line are flagged.",
+            "Examples right of the threshold are flagged.",
         )
+        confirmation = m["confirmation"]
+        if confirmation is not None:
+            report.add_heading("Memorisation confirmed by retraining?", level=3)
+            if confirmation["status"] != "verified":
+                report.add_paragraph(f"Not confirmed: {confirmation['reason']}")
+            else:
+                report.add_paragraph(
+                    f"The model was retrained without each of {confirmation['n_checked']} flagged examples (of "
+                    f"{confirmation['n_flagged']}; a random sample when there are more), one at a time. "
+                    f"{confirmation['n_confirmed']} of {confirmation['n_checked']} are confirmed: their own loss "
+                    f"rose by at least {CONFIRM_SHARE:g} x the estimated rise. Median actual / estimated rise: "
+                    f"{confirmation['median_actual_over_estimated']:.3g} (1 = as estimated)."
+                )
+                if confirmation["n_checked"] >= 2:
+                    report.add_figure(
+                        plot_estimated_vs_actual(
+                            confirmation["estimated"],
+                            confirmation["actual"],
+                            title="Own loss of flagged examples: estimated vs actual rise",
+                            xlabel=f"actual rise of its own loss when removed ({units})",
+                            ylabel=f"self-influence ({units})",
+                        ),
+                        "One point per flagged example retrained without.",
+                    )
         rows = m["flagged"]
-        columns = [("self_influence", f"self-influence ({units})"), ("zscore", "z-score")]
+        columns = [
+            ("self_influence", f"self-influence ({units})"),
+            ("zscore", "z of log self-influence"),
+            ("pvalue", "upper-tail probability"),
+        ]
         if rows and "prediction_flip" in rows[0]:
             columns += [
                 ("margin", "own margin"),
@@ -374,10 +527,10 @@ def _report(ctx: Any, r: dict[str, Any], fair: Any, mem: Any) -> Any:
             report,
             spec,
             rows,
-            value_key="zscore",
+            value_key="self_influence",
             title="Most memorised training examples",
             examples_title=lambda shown: f"Most memorised training examples (top {shown})",
-            value_format=lambda x: f"z {x:.1f}",
+            value_format=lambda x: f"{x:.3g} {units}",
             columns=columns,
             caption=f"Flagged examples (top {len(rows)} of {m['n_flagged']})",
             max_tabular=8,
@@ -414,8 +567,9 @@ def _summary(ctx: Any, r: dict[str, Any]) -> str:
         lines += [
             "",
             f"Memorisation: self-influence is how much an example's own loss (in {units}) would rise if it",
-            f"were removed and the model retrained. {m['n_flagged']} examples have a robust z-score above "
-            f"{m['z_threshold']:g}"
+            f"were removed and the model retrained. {m['n_flagged']} examples lie beyond the tail of its bulk "
+            f"(above {m['threshold']:.3g} {units}; false-positive rate {m['false_positive_rate']:g}, about "
+            f"{m['expected_false_positives']:.1f} expected by chance)"
             + (
                 ""
                 if m["n_prediction_flips"] is None
@@ -423,8 +577,20 @@ def _summary(ctx: Any, r: dict[str, Any]) -> str:
             )
             + ".",
         ]
-        columns = [("index", "train index", ""), ("label", "label", ""), ("zscore", "z-score", ".1f")]
+        columns = [
+            ("index", "train index", ""),
+            ("label", "label", ""),
+            ("self_influence", "self-influence", ".3g"),
+        ]
         if m["flagged"] and "prediction_flip" in m["flagged"][0]:
             columns.append(("prediction_flip", "flips", ""))
         lines += format_rows(m["flagged"][:5], columns, "  ")
+        c = m["confirmation"]
+        if c is not None:
+            lines.append(
+                f"  Retrained without {c['n_checked']} of them: {c['n_confirmed']} confirmed (own loss rose by >= "
+                f"{CONFIRM_SHARE:g} x the estimate; median actual/estimated {c['median_actual_over_estimated']:.3g})."
+                if c["status"] == "verified"
+                else f"  Not confirmed by retraining: {c['reason']}"
+            )
     return "\n".join(lines)

@@ -9,8 +9,10 @@ made by :func:`start`, which also loads and checks the spec before any expensive
 2. fit an influence function (:meth:`Run.fit_influence`, :meth:`Context.fit` for a spec; timed, logged, a bad ``--curvature``/``--damping`` is a usage
    error),
 3. compute (the maths lives in :mod:`datatrace.apps`, not here),
-4. :meth:`Run.finish`: write ``report.html`` (:mod:`datatrace.cli.report`) and ``results.json``
-   (:func:`datatrace.fileio.write_json`) to ``--out`` and print a summary that says what the numbers mean.
+4. :meth:`Run.finish`: write ``report.html`` (:mod:`datatrace.cli.report`), ``results.json``
+   (:func:`datatrace.fileio.write_json`) and every table the command registered with :meth:`Run.defer`, all
+   together (:func:`datatrace.cli.files.publish`: a fresh folder swapped in at the end, so an interrupted run leaves
+   an earlier run's outputs whole), and print a summary that says what the numbers mean.
 
 The sign convention of every score is :data:`datatrace.scores.MEANING`.
 """
@@ -34,11 +36,12 @@ import torch
 from torch import nn
 
 from datatrace import __version__
+from datatrace.cli.files import publish
 from datatrace.cli.spec import load_spec
 from datatrace.cli.spec_model import Spec, curvature_arguments, fit_influence
 from datatrace.data import DataLike
 from datatrace.errors import UsageError
-from datatrace.fileio import jsonable, write_json
+from datatrace.fileio import atomic_write, jsonable, write_json
 from datatrace.tasks import Task
 
 __all__ = [
@@ -136,9 +139,11 @@ def common_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_command(function: Callable[..., Any], args: argparse.Namespace, **flags: Any) -> int:
-    """Call a command's ``run_<name>(args.spec, args.out, **flags, **common_options(args))``; returns exit code 0."""
-    function(args.spec, args.out, **flags, **common_options(args))
-    return 0
+    """Call a command's ``run_<name>(args.spec, args.out, **flags, **common_options(args))``; returns exit code 0,
+    or 130 when its ``--verify`` retraining was interrupted (the outputs are written and say so)."""
+    results = function(args.spec, args.out, **flags, **common_options(args))
+    verification = results.get("verification") if isinstance(results, dict) else None
+    return 130 if isinstance(verification, dict) and verification.get("status") == "interrupted" else 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -228,6 +233,13 @@ class Run:
     start: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
     influence: Any = None
+    outputs: dict[str, Callable[[Path], Any]] = field(default_factory=dict)
+
+    def defer(self, name: str, write: Callable[[Path], Any]) -> Path:
+        """Register output file ``name``, written by ``write(path)`` when :meth:`finish` publishes the run's outputs
+        together; returns its final path (``out / name``) for results.json."""
+        self.outputs[name] = write
+        return self.out / name
 
     def fit_influence(
         self, model: nn.Module, task: Task, train: DataLike, n_train: int, curvature: Any, damping: Any
@@ -266,10 +278,12 @@ class Run:
     def finish(
         self, results: dict[str, Any], report: Any, summary: str, time_parts: Sequence[str] = ("influence",)
     ) -> dict[str, Any]:
-        """Write report.html and results.json, print ``summary``; returns the JSON-ready results.
+        """Write report.html, results.json and the :meth:`defer`-ed files together, print ``summary``; returns the
+        JSON-ready results.
 
-        The printed trailer names the files and the total time, then the seconds of ``time_parts`` (keys of
-        :attr:`timings` without ``_seconds``).
+        The files appear in ``out`` together or not at all (:func:`datatrace.cli.files.publish`). The printed
+        trailer names the files and the total time, then the seconds of ``time_parts`` (keys of :attr:`timings`
+        without ``_seconds``).
         """
         t0 = time.perf_counter()
         report_path = self.out / "report.html"
@@ -277,12 +291,17 @@ class Run:
         files = dict(results.get("files", {}))
         files.update({"report": str(report_path), "results": str(json_path)})
         results["files"] = files
-        report.save(report_path)
-        # a command may have timed building the report already; saving it adds to that
+        text = report.to_html()
+        # a command may have timed building the report already; rendering it adds to that
         self.timings["report_seconds"] = self.timings.get("report_seconds", 0.0) + time.perf_counter() - t0
         self.timings["total_seconds"] = time.perf_counter() - self.start
         results["timings"] = dict(self.timings)
-        write_json(json_path, results)
+        writers = dict(self.outputs)
+        writers["report.html"] = lambda path: atomic_write(
+            path, lambda tmp: Path(tmp).write_text(text, "utf-8")
+        )
+        writers["results.json"] = lambda path: write_json(path, results)
+        publish(self.out, writers)
         parts = ", ".join(f"{part} {self.timings.get(f'{part}_seconds', 0):.1f} s" for part in time_parts)
         lines = [
             summary.rstrip("\n"),

@@ -42,6 +42,14 @@ from datatrace.cli.render import (
     setup_table,
 )
 from datatrace.cli.report import Report, plot_bars, plot_detection_curve, plot_histogram
+from datatrace.cli.verification import (
+    add_verification,
+    add_verify_argument,
+    check_verify,
+    split_scores,
+    summary_lines,
+    verify_scores,
+)
 from datatrace.errors import SpecError, UsageError
 from datatrace.verification.metrics import detection_curve
 
@@ -85,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="random removals of K examples to compare the harmful removal with (default: 3).",
     )
     add_top_flag(parser, 20, "examples listed per ranking in the report")
+    add_verify_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         remove_k=args.remove_k,
         n_random=args.n_random,
         top=args.top,
+        verify=args.verify,
     )
 
 
@@ -107,6 +117,7 @@ def run_debug(
     remove_k: int | None = None,
     n_random: int = 3,
     top: int = 20,
+    verify: int = 0,
     curvature: str | None = None,
     damping: Any = None,
     seed: int = 0,
@@ -117,6 +128,7 @@ def run_debug(
     """Debug the training data of the spec at ``spec_path``; returns the JSON-ready results."""
     top = check_int("--top", top, 1)
     n_random = check_int("--n-random", n_random, 0)
+    verify = check_verify(verify)
     if remove_k is not None:
         check_int("--remove-k", remove_k, 0)
     ctx = start(
@@ -196,6 +208,20 @@ def run_debug(
             ) from err
         ctx.timings["retrain_seconds"] = time.perf_counter() - t0
 
+    split = "validation" if has_val else spec.query_split
+    query_data, query_scores, query_rows = split_scores(ctx, split, verify)
+    verification, arrays = verify_scores(
+        ctx,
+        verify,
+        query_data,
+        query_scores,
+        what=f"the score rows of {len(query_rows)} {split}() example(s) (the change of each one's loss, in "
+        f"{units}, if a training example is removed), from which the validation influence is summed"
+        if query_rows
+        else "debug's scores need validation() or query() examples whose loss to measure, and the spec has neither",
+        queries=query_rows,
+    )
+
     # -- outputs -----------------------------------------------------------------------------------------------
     columns: dict[str, Any] = {
         "index": np.arange(n),
@@ -207,7 +233,7 @@ def run_debug(
         columns["validation_influence"] = result.validation_influence
     if mask is not None:
         columns["flagged"] = mask.astype(int)
-    per_example_path = write_csv(ctx.out / "per_example.csv", columns)
+    per_example_path = ctx.defer("per_example.csv", lambda path: write_csv(path, columns))
 
     def rows(order: np.ndarray) -> list[dict[str, Any]]:
         out = example_records(spec, "train", order[:top].tolist())
@@ -250,10 +276,11 @@ def run_debug(
             "flagged_file": None if flagged is None else str(flagged),
             "removal_check": None if check is None else check.to_dict(),
             "files": {"per_example": str(per_example_path)},
+            "verification": verification,
         }
     )
-    report = _report(ctx, results, result, mask, curves, check)
-    return ctx.finish(results, report, _summary(ctx, results))
+    report = _report(ctx, results, result, mask, curves, check, arrays)
+    return ctx.finish(results, report, "\n".join([_summary(ctx, results), *summary_lines(verification)]))
 
 
 def _report(
@@ -263,6 +290,7 @@ def _report(
     mask: np.ndarray | None,
     curves: dict[str, Any],
     check: Any,
+    arrays: Any = None,
 ) -> Any:
     spec, units = ctx.spec, ctx.spec.units
     n = results["n_train"]
@@ -282,6 +310,7 @@ def _report(
         + conventions(units, "validation example")
     )
     report.add_key_values(setup_table(ctx), caption="Set-up")
+    add_verification(report, results["verification"], arrays, units)
     flag_label = "flagged in --flagged"
 
     report.add_heading("Most suspicious: highest self-influence")

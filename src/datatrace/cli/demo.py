@@ -200,7 +200,8 @@ def _run_demo(run: Run, model: str, n_loo: int, flip_fraction: float, n_jobs: in
     timings["influence_seconds"] += time.perf_counter() - t0
     values = scores.values.numpy()
     scores.metadata.update({"demo": "digits", "model": model, "seed": seed, "flip_fraction": flip_fraction})
-    scores_path = scores.save(out / "scores.safetensors")
+    scores_path = run.defer("scores.safetensors", scores.save)
+    run.outputs["scores.safetensors.json"] = lambda path: None  # written by Scores.save beside the values
 
     config = {
         "model": model,
@@ -348,7 +349,7 @@ def _leave_one_out_check(
                 actual_self=actual_self,
             )
 
-    atomic_write(run.out / "loo.npz", write_npz)
+    run.defer("loo.npz", lambda path: atomic_write(path, write_npz))
     loo = {
         "indices": loo_idx,
         "n_query": n_test,

@@ -19,6 +19,13 @@ from datatrace.datasets import DIGITS_IMAGE_SHAPE, DigitsData
 __all__ = ["build_report", "format_summary"]
 
 
+#: what the per-retrain size ratio means and what a good value is (the demo's summary and report)
+SIZE_RATIO_MEANING = (
+    "1 means the scores have the right size in nats; 0.87 would mean they are 13% too small, 1.15 15% too "
+    "large. Between 0.8 and 1.25 the scores can be read in their units; far from 1, trust only their order."
+)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -52,6 +59,8 @@ def format_summary(results: dict[str, Any]) -> str:
         f"  per left-out image, across the {loo['n_query']} test losses: median Pearson "
         f"{loo['per_retrain_median_pearson']:.3f}, median size estimated/actual "
         f"{loo['per_retrain_median_size_ratio']:.2f}",
+        "    (size estimated/actual: for one left-out image, the mean |estimated change| of the test losses divided",
+        f"    by the mean |actual change|. {SIZE_RATIO_MEANING})",
     ]
     if loo["mean_pearson"] < 0.9:
         lines.append(
@@ -184,7 +193,9 @@ def build_report(
             ylabel="estimated change (influence function), nats",
         ),
         "One point per (test image, left-out training image) pair. Points on the red line are estimated exactly; "
-        "the title's correlations pool all pairs, the table above averages per test image.",
+        "the title's correlations pool all pairs, the table above averages per test image. Size estimated / actual "
+        "(per left-out image): the mean |estimated change| of the test losses divided by the mean |actual change|. "
+        + SIZE_RATIO_MEANING,
     )
     report.add_figure(
         plot_estimated_vs_actual(

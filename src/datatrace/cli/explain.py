@@ -39,6 +39,13 @@ from datatrace.cli.render import (
 )
 from datatrace.cli.report import Report
 from datatrace.cli.spec_model import take
+from datatrace.cli.verification import (
+    add_verification,
+    add_verify_argument,
+    check_verify,
+    summary_lines,
+    verify_scores,
+)
 from datatrace.errors import UsageError
 
 logger = logging.getLogger("datatrace.cli.explain")
@@ -65,11 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="row(s) of query() to explain (default: the misclassified query with the highest loss).",
     )
     add_top_flag(parser, 5, "proponents and opponents to show per query", flag="--k", metavar="K")
+    add_verify_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """``datatrace explain``: run :func:`run_explain` with the parsed flags."""
-    return run_command(run_explain, args, query_indices=args.query_index, k=args.k)
+    return run_command(run_explain, args, query_indices=args.query_index, k=args.k, verify=args.verify)
 
 
 def _default_queries(spec: Any, split: str) -> tuple[list[int], str]:
@@ -88,6 +96,7 @@ def run_explain(
     *,
     query_indices: list[int] | None = None,
     k: int = 5,
+    verify: int = 0,
     curvature: str | None = None,
     damping: Any = None,
     seed: int = 0,
@@ -97,6 +106,7 @@ def run_explain(
 ) -> dict[str, Any]:
     """Explain queries of the spec at ``spec_path``; returns the JSON-ready results (also in results.json)."""
     check_int("--k", k, 1, "Fix: pass e.g. --k 5.")
+    verify = check_verify(verify)
     ctx = start(
         "explain",
         spec_path,
@@ -124,12 +134,21 @@ def run_explain(
     else:
         chosen, chosen_as = _default_queries(spec, split)
     influence = ctx.fit()
+    units = spec.units
     logger.info("explaining %d %s example(s) with the top %d proponents and opponents", len(chosen), split, k)
     t0 = time.perf_counter()
-    explanations = explain(influence, take(spec.influence_data(split), chosen), k=k)
+    query_data = take(spec.influence_data(split), chosen)
+    explanations = explain(influence, query_data, k=k)
     ctx.timings["explain_seconds"] = time.perf_counter() - t0
+    verification, arrays = verify_scores(
+        ctx,
+        verify,
+        query_data,
+        np.stack([np.asarray(e.score_row, dtype=np.float64) for e in explanations]),
+        what=f"the scores of the {len(chosen)} explained {split}() example(s) ({units} of their loss)",
+        queries=chosen,
+    )
     preds = spec.predictions(split)
-    units = spec.units
     queries = []
     for explanation, q in zip(explanations, chosen):
         pro, opp = explanation.proponents, explanation.opponents
@@ -164,10 +183,11 @@ def run_explain(
             "k": k,
             "influence": ctx.influence_summary(),
             "queries": queries,
+            "verification": verification,
         }
     )
-    report = _report(ctx, queries)
-    return ctx.finish(results, report, _summary(ctx, queries))
+    report = _report(ctx, queries, verification, arrays)
+    return ctx.finish(results, report, "\n".join([_summary(ctx, queries), *summary_lines(verification)]))
 
 
 def _query_caption(q: dict[str, Any]) -> str:
@@ -177,7 +197,7 @@ def _query_caption(q: dict[str, Any]) -> str:
     return text
 
 
-def _report(ctx: Any, queries: list[dict[str, Any]]) -> Any:
+def _report(ctx: Any, queries: list[dict[str, Any]], verification: Any = None, arrays: Any = None) -> Any:
     spec, units = ctx.spec, ctx.spec.units
     report = Report(
         f"datatrace explain: {spec.name}",
@@ -187,6 +207,7 @@ def _report(ctx: Any, queries: list[dict[str, Any]]) -> Any:
     report.add_heading("What the numbers mean")
     report.add_paragraph(conventions(units))
     report.add_key_values(setup_table(ctx), caption="Set-up")
+    add_verification(report, verification, arrays, units)
     for q in queries:
         qi = q["query_index"]
         title = f"Query #{qi}"

@@ -400,6 +400,15 @@ def plot_image_grid(
     return figure
 
 
+#: colour, line style and marker of the curves of :func:`plot_detection_curve`, in order
+_CURVE_STYLES = (
+    ("#2f6db5", "-", "o"),
+    ("#e67e22", "--", "s"),
+    ("#8e44ad", "-.", "^"),
+    ("#c0392b", ":", "D"),
+)
+
+
 def plot_detection_curve(
     curves: Mapping[str, Any],
     *,
@@ -416,7 +425,10 @@ def plot_detection_curve(
             ``fraction_inspected`` and ``fraction_found``; its ``auc`` goes in the legend) or an ``(x, y)`` pair.
         flagged_fraction: share of examples that are flagged; draws the best possible curve.
         marks: inspected fractions to mark with a vertical dotted line.
-    The diagonal is the expected curve of a random inspection order.
+    The diagonal is the expected curve of a random inspection order. Rankings often find the same examples
+    (self-influence and training loss both start with the mislabelled ones), so their curves can coincide: each
+    curve gets its own colour, line style, width and markers, and earlier curves are drawn wider and underneath,
+    so every one stays visible where they overlap.
     """
     if not isinstance(curves, Mapping) or not curves:
         raise bad_value(
@@ -430,7 +442,7 @@ def plot_detection_curve(
         ax.plot(
             x, np.minimum(1.0, x / flagged_fraction), color="#27ae60", lw=1.0, ls=":", label="perfect order"
         )
-    for label, curve in curves.items():
+    for k, (label, curve) in enumerate(curves.items()):
         if hasattr(curve, "fraction_inspected") and hasattr(curve, "fraction_found"):
             x, y = np.asarray(curve.fraction_inspected), np.asarray(curve.fraction_found)
             auc = getattr(curve, "auc", None)
@@ -443,7 +455,19 @@ def plot_detection_curve(
                     f"curves[{label!r}]", curve, "expected a DetectionCurve or an (x, y) pair", "pass one"
                 ) from None
             name = str(label)
-        ax.plot(x, y, lw=1.8, label=name)
+        style = _CURVE_STYLES[k % len(_CURVE_STYLES)]
+        ax.plot(
+            x,
+            y,
+            color=style[0],
+            ls=style[1],
+            marker=style[2],
+            lw=max(1.2, 3.2 - 0.8 * k),
+            markersize=5,
+            markevery=(0.03 * k, 0.1),
+            zorder=2 + k,
+            label=name,
+        )
     for m in marks:
         ax.axvline(float(m), color="#c8ccd2", lw=0.8, ls=":")
     ax.set_xlim(0, 1)

@@ -30,6 +30,14 @@ from datatrace.cli.context import (
 )
 from datatrace.cli.render import add_ranked_section, add_timings, example_records, format_rows, setup_table
 from datatrace.cli.report import Report, plot_histogram
+from datatrace.cli.verification import (
+    add_verification,
+    add_verify_argument,
+    check_verify,
+    split_scores,
+    summary_lines,
+    verify_scores,
+)
 from datatrace.errors import UsageError
 
 logger = logging.getLogger("datatrace.cli.value")
@@ -54,11 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="file format of the values (default: csv; parquet needs pyarrow or fastparquet).",
     )
     add_top_flag(parser, 10, "most valuable and most harmful examples shown")
+    add_verify_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """``datatrace value``: run :func:`run_value` with the parsed flags."""
-    return run_command(run_value, args, format=args.format, top=args.top)
+    return run_command(run_value, args, format=args.format, top=args.top, verify=args.verify)
 
 
 def _parquet_available() -> bool:
@@ -75,6 +84,7 @@ def run_value(
     *,
     format: str = "csv",
     top: int = 10,
+    verify: int = 0,
     curvature: str | None = None,
     damping: Any = None,
     seed: int = 0,
@@ -91,6 +101,7 @@ def run_value(
             "pip install pyarrow, or use --format csv."
         )
     check_int("--top", top, 1)
+    verify = check_verify(verify)
     ctx = start(
         "value",
         spec_path,
@@ -110,11 +121,17 @@ def run_value(
     t0 = time.perf_counter()
     values = value_data(influence, spec.influence_data("validation"))
     ctx.timings["value_seconds"] = time.perf_counter() - t0
-    path = ctx.out / f"values.{format}"
-    if format == "csv":
-        values.to_csv(path)
-    else:
-        values.to_parquet(path)
+    path = ctx.defer(f"values.{format}", values.to_csv if format == "csv" else values.to_parquet)
+    query_data, query_scores, query_rows = split_scores(ctx, "validation", verify)
+    verification, arrays = verify_scores(
+        ctx,
+        verify,
+        query_data,
+        query_scores,
+        what=f"the score rows of {len(query_rows)} validation() example(s) (the change of each one's loss, in "
+        f"{units}, if a training example is removed), whose sums are the values",
+        queries=query_rows,
+    )
     v = values.values
     k = min(top, len(v))
     best = values.most_valuable(k)
@@ -152,12 +169,14 @@ def run_value(
             "most_harmful": example_records(spec, "train", worst.tolist(), v[worst], "value"),
             "format": format,
             "files": {"values": str(path)},
+            "verification": verification,
         }
     )
-    return ctx.finish(results, _report(ctx, results, v), _summary(ctx, results))
+    summary = "\n".join([_summary(ctx, results), *summary_lines(verification)])
+    return ctx.finish(results, _report(ctx, results, v, arrays), summary)
 
 
-def _report(ctx: Any, r: dict[str, Any], v: np.ndarray) -> Any:
+def _report(ctx: Any, r: dict[str, Any], v: np.ndarray, arrays: Any = None) -> Any:
     spec, units = ctx.spec, ctx.spec.units
     s = r["summary"]
     report = Report(
@@ -173,6 +192,7 @@ def _report(ctx: Any, r: dict[str, Any], v: np.ndarray) -> Any:
         "validation loss by about the sum of its members' values (check large sets by retraining)."
     )
     report.add_key_values(setup_table(ctx), caption="Set-up")
+    add_verification(report, r["verification"], arrays, units)
     report.add_heading("Distribution")
     report.add_key_values(
         {

@@ -32,7 +32,13 @@ from tqdm.auto import tqdm
 from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature, format_bytes
 from datatrace.curvature.registry import matrix_free_names
 from datatrace.data import DataSource
-from datatrace.errors import bad_value, check_choice, check_finite, check_nonnegative_float
+from datatrace.errors import (
+    bad_value,
+    check_choice,
+    check_finite,
+    check_nonnegative_float,
+    check_positive_int,
+)
 from datatrace.gradients.functional import FunctionalModel
 from datatrace.linalg import NEGATIVE_POLICIES, spectral_inverse
 
@@ -53,13 +59,16 @@ class DenseCurvature(Curvature):
         self.damping = damping
         self.negative = check_choice("negative", negative, NEGATIVE_POLICIES)
         self.rtol = rtol
-        self.max_bytes = max_bytes
+        self.max_bytes = check_positive_int("max_bytes", max_bytes)
 
     @abstractmethod
     def _matrix(self, fmodel: FunctionalModel, data: DataSource, progress: bool) -> torch.Tensor:
         """The ``p x p`` curvature matrix of the objective, regulariser included."""
 
     def check_size(self, fmodel: FunctionalModel) -> None:
+        """Refuse a ``p x p`` matrix (with its eigenvectors and workspace: ``3 p^2`` numbers) above ``max_bytes``.
+        Cheap (it needs only ``p`` and the dtype): :class:`~datatrace.InfluenceFunction` calls it before its
+        gradient pass, and :meth:`fit` again."""
         p = fmodel.num_params
         itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
         need = 3 * p * p * itemsize  # matrix, eigenvectors, workspace

@@ -45,7 +45,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from datatrace.data import DataLike, DataSource, batch_length, cast_batch, map_batch, take_examples
 from datatrace.distributed import distributed_per_example, distributed_sum
-from datatrace.errors import bad_value
+from datatrace.errors import bad_value, is_out_of_memory
 from datatrace.params import ParamSpace, select_parameters
 from datatrace.tasks import Task
 
@@ -179,7 +179,9 @@ class FunctionalModel:
         return self.call(self.measurement_module, theta, batch)
 
     def prepare(self, batch: tuple | dict) -> tuple | dict:
-        return cast_batch(batch, self.dtype, self.device)
+        """``batch`` cast to the working dtype and device, then checked by the task (:meth:`Task.check_batch`)
+        while its values are still concrete (the ``torch.func`` transforms cannot branch on them)."""
+        return self.task.check_batch(self.model, cast_batch(batch, self.dtype, self.device))
 
     # -- per-example gradients ---------------------------------------------------------------------------------
     def over_examples(self, fn: Callable[..., torch.Tensor], shared: tuple, batched: tuple) -> torch.Tensor:
@@ -196,6 +198,8 @@ class FunctionalModel:
             try:
                 return vmap(fn, in_dims=dims, chunk_size=self.chunk_size)(*shared, *batched)
             except RuntimeError as err:
+                if is_out_of_memory(err):  # memory, not a transform the model lacks
+                    raise
                 # the loop raises the model's (or task's) own error if it fails too
                 rows = self._loop_examples(fn, shared, batched)
                 self.vmap_examples = False
@@ -268,6 +272,8 @@ class FunctionalModel:
                 try:
                     return self._hvp_forward(vectors, b, n)
                 except RuntimeError as err:
+                    if is_out_of_memory(err):  # memory, not a transform the model lacks
+                        raise
                     first = str(err).splitlines()[0] if str(err) else type(err).__name__
                     rows = self._hvp_reverse(vectors, b, n, first)
                     self.hvp_mode = "reverse-over-reverse"
@@ -412,6 +418,19 @@ def batch_failure(task: Task, what: str, batch: tuple | dict, err: BaseException
     )
 
 
+def memory_failure(what: str, batch: tuple | dict, err: BaseException) -> MemoryError:
+    """The error for running out of memory on a batch: a size problem, never reported as a data mismatch."""
+    try:
+        size: int | str = batch_length(batch)
+    except ValueError:
+        size = "?"
+    return MemoryError(
+        f"ran out of memory computing the per-example rows of a batch of {size} {what} examples: {err}. This is "
+        "the machine's memory, not a problem with the data. Fix: lower batch_size (a batch holds batch_size x p "
+        "gradient numbers and their intermediates), restrict the parameters with params=, or free memory."
+    )
+
+
 def check_rows_finite(
     rows: torch.Tensor, indices: torch.Tensor, describe: Callable[[int], str], fix: str
 ) -> None:
@@ -439,6 +458,8 @@ def checked_rows(
     try:
         rows = fn(batch)
     except (RuntimeError, IndexError, KeyError, TypeError) as err:
+        if is_out_of_memory(err):  # the machine, not the data: say so
+            raise memory_failure(what, batch, err) from err
         raise batch_failure(task, what, batch, err) from err
     check_rows_finite(rows, indices, describe, fix)
     return rows
@@ -485,6 +506,7 @@ __all__ = [
     "check_working_dtype",
     "checked_rows",
     "eval_mode",
+    "memory_failure",
     "model_parameters_dtype",
     "per_example_rows",
     "prepare_model",

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from datatrace.data import DataLike, DataSource, as_data_source, map_batch, take_examples
 from datatrace.distributed import distributed_sum
-from datatrace.errors import bad_value, check_choice
+from datatrace.errors import bad_value, check_choice, is_out_of_memory
 from datatrace.gradients.functional import BoundFunction, FunctionalModel, second_order_kernels
 from datatrace.linalg import Operator, as_rows
 
@@ -82,6 +82,8 @@ def ggn_vp(fmodel: FunctionalModel, vectors: torch.Tensor, data: DataLike) -> to
             try:
                 return _ggn_forward(fmodel, out_module, rows, b) / n
             except RuntimeError as err:
+                if is_out_of_memory(err):  # memory, not a transform the model lacks
+                    raise
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
                 result = _ggn_reverse(fmodel, out_module, rows, b) / n
                 fmodel.hvp_mode = "reverse-over-reverse"

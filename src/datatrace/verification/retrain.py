@@ -26,7 +26,10 @@ config. ``backend=None`` (the default) uses the backend of the active ``parallel
 Long runs can be made resumable with ``cache_dir``: each finished retrain is saved as its own small ``.npy`` file
 (written atomically), and a rerun with the same ``cache_dir`` only trains what is missing. The cache records a
 sha256 of the training data's content and refuses other data; it cannot tell whether ``train_fn`` or ``evaluate``
-changed between runs: use a new ``cache_dir`` when they do.
+changed between runs: use a new ``cache_dir`` when they do. A cached result that was changed on disk (its sha256
+differs from the one recorded), truncated, or is not a plain finite float64 vector is retrained with a warning; a
+malformed manifest raises :class:`~datatrace.errors.RetrainCacheError` (see
+:mod:`datatrace.verification.retrain_cache`).
 """
 
 from __future__ import annotations
@@ -547,6 +550,7 @@ def _run_jobs(
                 bar.update(1)
     except BaseException:
         if cache is not None:
+            cache.flush()  # record the digests of the finished retrains, so that they are reused
             logger.warning(
                 "%s stopped after %d of %d new retrains; every finished retrain is saved in %s. Call again with "
                 "the same cache_dir to resume.",
@@ -556,6 +560,8 @@ def _run_jobs(
                 cache.path,
             )
         raise
+    if cache is not None:
+        cache.flush()
     return results
 
 
