@@ -31,6 +31,10 @@ class StoreCorruptedError(RuntimeError):
     """A file of the store is missing, truncated or does not match its recorded checksum."""
 
 
+class StoreLockedError(RuntimeError):
+    """Another process holds the store's fill lock (two fills of one store would both compute every chunk)."""
+
+
 class UsageError(ValueError):
     """A bad command-line value (reported by the CLI with exit code 2)."""
 
