@@ -48,6 +48,7 @@ __all__ = [
     "check_same",
     "checked_file",
     "mark_verified",
+    "new_manifest",
     "read_manifest",
     "recorded_files",
     "store_file",
@@ -195,19 +196,33 @@ def _check_accumulators(manifest_path: Path, entry: Any) -> None:
         raise _damaged(manifest_path, f"accumulators.names={names!r} is not a list of names")
 
 
+def new_manifest(
+    n: int, dim: int, dtype: str, chunk_size: int, fingerprints: dict[str, Any], metadata: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest of a new, empty store (no chunk written yet)."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "n": n,
+        "dim": dim,
+        "dtype": dtype,
+        "chunk_size": chunk_size,
+        "n_chunks": -(-n // chunk_size),
+        "fingerprints": fingerprints,
+        "metadata": metadata,
+        "chunks": {},
+        "accumulators": None,
+        "complete": False,
+    }
+
+
 def check_same(
-    directory: Path,
-    manifest: Mapping[str, Any],
-    *,
-    n: int,
-    dim: int,
-    dtype: str,
-    chunk_size: int,
-    fingerprints: dict,
+    directory: Path, manifest: Mapping[str, Any], settings: Mapping[str, Any], fingerprints: Mapping[str, Any]
 ) -> None:
-    """A StoreMismatchError naming what differs unless the store in ``directory`` was made with these settings and
-    fingerprints (so that its features may be reused or completed)."""
-    for key, fresh in (("n", n), ("dim", dim), ("dtype", dtype), ("chunk_size", chunk_size)):
+    """A StoreMismatchError naming what differs unless the store in ``directory`` was made with these
+    ``settings`` (``n``, ``dim``, ``dtype`` name, ``chunk_size``) and ``fingerprints`` (so that its features may be
+    reused or completed)."""
+    for key, fresh in settings.items():
         if manifest[key] != fresh:
             raise StoreMismatchError(
                 f"the GradientStore in {str(directory)!r} was written with {key}={manifest[key]!r} but this call "

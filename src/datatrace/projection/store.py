@@ -18,18 +18,14 @@ query set with a matrix product (Park et al. 2023; Choe et al. 2024). A :class:`
   whose fingerprints differ is refused with an error that names the fingerprint that differs.
 * **precision**: features can be stored as float32, float16 or bfloat16 (bfloat16 as raw 16-bit words, since
   numpy has no bfloat16); the scoring functions upcast them before every product.
-* **one writer**: a store is filled by one process at a time (readers may be many once it is complete):
-  :meth:`GradientStore.fill` takes a lock file naming its holder, and a second fill is refused with a
-  :class:`~datatrace.errors.StoreLockedError`; a stale lock (its process gone, or no heartbeat for hours) is taken
-  over, so a crashed run resumes (:mod:`datatrace.projection.lock`).
-* **trusted on every open**: the manifest is checked whole when a store is opened (types, chunks covering rows
-  ``0..n`` exactly, only the store's own plain file names: :mod:`datatrace.projection.manifest`); a damaged one is a
-  :class:`~datatrace.errors.StoreCorruptedError` naming the field, never a wrong answer or a file touched outside
-  the store folder.
-* **checksummed on first read**: each chunk and accumulator file is hashed the first time this store object reads
-  it (and again only if its size, modification time or inode change), so a damaged file is a
-  :class:`~datatrace.errors.StoreCorruptedError` naming it before any of its numbers is used, at the cost of
-  reading each file once more per process (the files this process wrote are known good and not re-hashed).
+* **one writer**: :meth:`GradientStore.fill` takes a lock file naming its holder; a second fill is refused with a
+  :class:`~datatrace.errors.StoreLockedError`, a stale lock (its process gone, or no heartbeat for hours) is taken
+  over so that a crashed run resumes (:mod:`datatrace.projection.lock`). Readers need no lock.
+* **never trusted blindly** (:mod:`datatrace.projection.manifest`): the manifest is checked whole on every open
+  (types, chunks covering rows ``0..n`` exactly, only the store's own plain file names), and each chunk and
+  accumulator file is hashed the first time this object reads it (again only if its size, mtime or inode change;
+  files this process wrote are known good), so damage is a :class:`~datatrace.errors.StoreCorruptedError` naming
+  the file before any of its numbers is used, never a wrong answer or a file touched outside the store folder.
 * **reading**: chunks are memory-mapped (``np.load(mmap_mode="c")``, never pickle), so a store larger than memory
   is read block by block. :meth:`GradientStore.verify` re-hashes every file, every time.
 
@@ -101,13 +97,12 @@ from datatrace.projection.features import FeatureBlock, FeatureSource
 from datatrace.projection.fingerprint import canonical_json
 from datatrace.projection.lock import STALE_SECONDS, StoreLock
 from datatrace.projection.manifest import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
     check_files_exist,
     check_same,
     checked_file,
     mark_verified,
+    new_manifest,
     read_manifest,
     store_file,
     verify_files,
@@ -268,28 +263,14 @@ class GradientStore(FeatureSource):
         path.mkdir(parents=True, exist_ok=True)
         if (path / MANIFEST).exists():
             store = cls(path)
-            check_same(
-                path,
-                store._manifest,
-                n=n,
-                dim=dim,
-                dtype=name,
-                chunk_size=chunk_size,
-                fingerprints=fingerprints,
-            )
+            settings = {"n": n, "dim": dim, "dtype": name, "chunk_size": chunk_size}
+            check_same(path, store._manifest, settings, fingerprints)
             check_files_exist(path, store._manifest)
-            done = len(store._manifest["chunks"])
-            if not is_main_process():
-                pass  # rank 0 already said it
-            elif store.complete:
-                logger.info("GradientStore %s is complete (%d chunks); reusing it.", path, store.n_chunks)
-            else:
-                logger.info(
-                    "GradientStore %s: resuming an interrupted write, %d of %d chunks already done.",
-                    path,
-                    done,
-                    store.n_chunks,
-                )
+            if is_main_process():  # rank 0 says it for all
+                done = f"complete ({store.n_chunks} chunks); reusing it"
+                if not store.complete:
+                    done = f"resuming an interrupted write, {len(store._manifest['chunks'])} of {store.n_chunks} done"
+                logger.info("GradientStore %s is %s.", path, done)
             return store
         leftovers = sorted(p.name for p in path.iterdir() if p.name.startswith("chunk-"))
         if leftovers:
@@ -297,23 +278,11 @@ class GradientStore(FeatureSource):
                 f"directory={str(path)!r} holds chunk files ({', '.join(leftovers[:3])}, ...) but no {MANIFEST}, "
                 "so it is unknown what they were computed from. Fix: use a new directory or empty this one."
             )
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "n": n,
-            "dim": dim,
-            "dtype": name,
-            "chunk_size": chunk_size,
-            "n_chunks": -(-n // chunk_size),
-            "fingerprints": fingerprints,
-            "metadata": canonical_json(dict(metadata or {})),
-            "chunks": {},
-            "accumulators": None,
-            "complete": False,
-        }
         store = cls.__new__(cls)
         store.path = path
-        store._manifest = manifest
+        store._manifest = new_manifest(
+            n, dim, name, chunk_size, fingerprints, canonical_json(dict(metadata or {}))
+        )
         store._accumulators = None
         store._verified = {}
         store._lock = None
