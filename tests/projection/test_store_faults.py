@@ -437,6 +437,18 @@ def test_the_data_fingerprint_changes_with_any_example_and_not_with_the_form():
     assert data_fingerprint(as_data_source(TensorDataset(X2, y), "train", 64)) != fp
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64])
+def test_in_memory_data_hashed_whole_equals_the_same_data_read_in_batches(dtype):
+    X = (torch.randn(50, 2, 3, generator=torch.Generator().manual_seed(1)) * 10).to(dtype)
+    y = torch.arange(50) % 3
+    whole = as_data_source((X, y), "train", 7)
+    assert whole.tensors is not None  # hashed whole, not batch by batch
+    assert whole.content_sha256() == as_data_source(TensorDataset(X, y), "train", 7).content_sha256()
+    X2 = X.clone()
+    X2[25, 1, 2] += 1
+    assert as_data_source((X2, y), "train", 7).content_sha256() != whole.content_sha256()
+
+
 def test_a_store_with_an_old_data_fingerprint_is_refused_by_name(tmp_path):
     old = {**FINGERPRINTS, "data": {"n": N, "sha256": "d" * 64, "hashed": "first and last 256 examples"}}
     GradientStore.create(tmp_path / "s", n=N, dim=DIM, chunk_size=CHUNK, fingerprints=old)

@@ -538,7 +538,7 @@ class GradientStore(FeatureSource):
         # manifest again under it); if it cannot, every rank raises.
         lock: StoreLock | None = None
         error: BaseException | None = None
-        if rank == 0:
+        if rank == 0 and not self.complete:  # a complete store is read, not written: no lock
             try:
                 lock = self._take_lock()
             except Exception as err:
