@@ -28,6 +28,7 @@ from datatrace.errors import bad_value
 
 __all__ = [
     "DATA_FINGERPRINT_SCHEME",
+    "SCHEME_DIFFERS",
     "canonical_json",
     "data_fingerprint",
     "fingerprint_difference",
@@ -36,6 +37,8 @@ __all__ = [
 
 #: how :func:`data_fingerprint` hashes a data set; a new way of hashing gets a new scheme
 DATA_FINGERPRINT_SCHEME = "datatrace-data/2: sha256 of every example's content"
+#: how :func:`fingerprint_difference` starts its text when two fingerprints were made by different schemes
+SCHEME_DIFFERS = "fingerprinted by another scheme"
 #: what a differing fingerprint means, in words
 _FINGERPRINT_WORDS = {
     "model": "a different model (its parameter values differ)",
@@ -117,7 +120,7 @@ def fingerprint_difference(stored: Mapping[str, Any], fresh: Mapping[str, Any]) 
         if isinstance(old, dict) and isinstance(new, dict) and old.get("scheme") != new.get("scheme"):
             made = old.get("scheme", "an older one, without a scheme")
             return key, (
-                f"fingerprinted by another scheme: its {key!r} fingerprint was made by {_short(made)!r}, this "
+                f"{SCHEME_DIFFERS}: its {key!r} fingerprint was made by {_short(made)!r}, this "
                 f"datatrace makes {_short(new.get('scheme', '<none>'))!r}, so it cannot tell whether the store "
                 "matches and never reuses it"
             )

@@ -83,7 +83,7 @@ class StoreLock:
             reason = self._stale_reason(content, age)
             if reason is None:
                 raise self._held_error(content, age)
-            self._break(content, reason)
+            self.break_stale(content, reason)
         content, age = self._read()
         raise self._held_error(content, age)
 
@@ -173,7 +173,7 @@ class StoreLock:
             return f"its holder has not touched it for {age / 3600:.1f} h (more than {self.stale_seconds / 3600:g} h)"
         return None
 
-    def _break(self, content: bytes | None, reason: str) -> None:
+    def break_stale(self, content: bytes | None, reason: str) -> None:
         """Remove a stale lock whose bytes are ``content``, unless another process replaced it meanwhile."""
         if content is None:
             return

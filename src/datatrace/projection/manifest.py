@@ -36,7 +36,7 @@ from typing import Any
 from datatrace.errors import StoreCorruptedError, StoreMismatchError
 from datatrace.fileio import sha256_file
 from datatrace.projection.chunks import STORAGE_DTYPES, chunk_file_name
-from datatrace.projection.fingerprint import fingerprint_difference
+from datatrace.projection.fingerprint import SCHEME_DIFFERS, fingerprint_difference
 
 __all__ = [
     "ACCUMULATOR_FILE",
@@ -232,10 +232,10 @@ def check_same(
     difference = fingerprint_difference(manifest["fingerprints"], fingerprints)
     if difference is not None:
         key, text = difference
+        reuse = "" if text.startswith(SCHEME_DIFFERS) else f", or pass the original {key} to reuse it"
         raise StoreMismatchError(
             f"the GradientStore in {str(directory)!r} was {text}; features of different origins must never be "
-            "mixed. Fix: use a new directory (store_dir=...) for this one, or delete the old store, or pass the "
-            f"original {key} to reuse it."
+            f"mixed. Fix: use a new directory (store_dir=...) for this one, or delete the old store{reuse}."
         )
 
 

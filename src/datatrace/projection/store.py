@@ -378,7 +378,7 @@ class GradientStore(FeatureSource):
         The chunk file and the new sums are written atomically and then recorded in the manifest in one atomic
         replace, so an interruption at any point leaves a store whose recorded chunks and sums agree. This process
         only (no collective): under ``torch.distributed`` use :meth:`fill`, which lets rank 0 alone write the
-        manifest.
+        manifest. Outside :meth:`fill` it takes the fill lock for the write and reads the manifest again under it.
         """
         chunk = self._check_chunk_index(chunk)
         lock = self._take_lock()
@@ -482,7 +482,9 @@ class GradientStore(FeatureSource):
         """Compute and write every missing chunk: ``compute(start, stop)`` returns the rows ``start:stop`` (and
         optionally a dict of float64 accumulators to add to the running sums). Returns ``self``, complete.
 
-        Completed chunks are never recomputed, so calling ``fill`` again after an interruption resumes.
+        Completed chunks are never recomputed, so calling ``fill`` again after an interruption resumes. An
+        incomplete store is filled under its lock (module docstring): if another process is filling it, a
+        :class:`~datatrace.errors.StoreLockedError` names that process; a stale lock is taken over.
 
         Under ``torch.distributed`` this is collective (module docstring): the missing chunks are dealt out
         round-robin over the ranks, each rank computes and writes only its own, rank 0 records them in the
