@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -291,12 +292,13 @@ def test_resuming_never_deletes_a_file_outside_the_store(tmp_path, name):
     store = create(tmp_path / "s")
     store.write_chunk(0, *compute(0, CHUNK))
     model_file = tmp_path / "my_model.safetensors"
-    model_file.write_bytes(b"precious weights")
+    save_file({"sum": torch.zeros(DIM, dtype=torch.float64)}, str(model_file))  # readable as the running sums
+    precious = model_file.read_bytes()
     target = name if not name.startswith("/tmp") else str(model_file)
     edit_manifest(tmp_path / "s", lambda m: m["accumulators"].update({"file": target}))
     with pytest.raises(StoreCorruptedError, match=r"accumulators.file=.*not the name of an accumulator file"):
         create(tmp_path / "s").fill(compute, progress=False)
-    assert model_file.read_bytes() == b"precious weights"
+    assert model_file.read_bytes() == precious
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "a\\b", "/etc/passwd", "x\0y", None, 3])
