@@ -471,3 +471,17 @@ def test_projected_influence_never_reuses_features_of_a_changed_example(tmp_path
     X2[300] += 1.0  # one example in the middle
     with pytest.raises(StoreMismatchError, match="different training data"):
         ProjectedInfluence(model, task, **kwargs).fit(TensorDataset(X2, y))
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    def full_disk(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("datatrace.projection.lock.os.write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        StoreLock(tmp_path).acquire()
+    monkeypatch.undo()
+    assert not (tmp_path / LOCK).exists()
+    with StoreLock(tmp_path) as lock:
+        assert lock.held and (tmp_path / LOCK).exists()
+    assert not (tmp_path / LOCK).exists()

@@ -132,8 +132,11 @@ class StoreLock:
         try:
             os.write(fd, content)
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            os.remove(self.path)  # never leave a lock that names no holder
+            raise
+        os.close(fd)
         self.held, self._content = True, content
         return True
 
