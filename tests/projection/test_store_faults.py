@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+from _dist_lock_worker import run as lock_worker
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -424,6 +426,29 @@ def test_a_lock_stolen_meanwhile_is_put_back(tmp_path):
 def test_a_complete_store_is_read_without_the_lock(store_dir):
     _write_lock(store_dir, 1, "another-host")  # a fill of something else may hold it: reading needs no lock
     assert create(store_dir).fill(compute, progress=False).complete
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_under_two_ranks_rank_0_alone_takes_the_lock(tmp_path):
+    ctx = mp.start_processes(
+        lock_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    stop = time.monotonic() + 120
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > stop:
+            for process in ctx.processes:
+                process.terminate()
+            pytest.fail("the 2 gloo ranks did not finish within 120 s (a collective hung)")
+    facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert facts[0]["held"].startswith(f"StoreLockedError: the GradientStore in {str(tmp_path / 'store')!r}")
+    assert f"process {os.getpid()} on host" in facts[0]["held"]
+    assert facts[1]["held"].startswith("RuntimeError") and "rank 0" in facts[1]["held"]
+    assert all(f["complete"] and f["equal"] and not f["lock_left"] for f in facts)
 
 
 # -- case 5: the data fingerprint sees every example ------------------------------------------------------------------
