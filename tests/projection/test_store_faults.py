@@ -510,3 +510,18 @@ def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch)
     with StoreLock(tmp_path) as lock:
         assert lock.held and (tmp_path / LOCK).exists()
     assert not (tmp_path / LOCK).exists()
+
+
+def test_chunks_read_ahead_come_in_order_and_a_reader_may_stop_early(store_dir):
+    store = GradientStore(store_dir)
+    blocks = store.blocks()
+    first = next(blocks)
+    blocks.close()  # the chunks opened ahead are waited for, not leaked
+    assert (first.chunk, first.start) == (0, 0) and torch.equal(first.values, feats()[:CHUNK])
+    assert [b.chunk for b in store.blocks([5, 1, 3])] == [5, 1, 3]
+    flip_last_byte(store_dir / "chunk-000004.npy")
+    seen = []
+    with pytest.raises(StoreCorruptedError, match=r"chunk-000004\.npy"):
+        for block in GradientStore(store_dir).blocks():
+            seen.append(block.chunk)
+    assert seen == [0, 1, 2, 3]  # every good chunk before the damaged one, then the error at its place

@@ -24,7 +24,7 @@ query set with a matrix product (Park et al. 2023; Choe et al. 2024). A :class:`
 * **never trusted blindly** (:mod:`datatrace.projection.manifest`): the manifest is checked whole on every open
   (types, chunks covering rows ``0..n`` exactly, only the store's own plain file names), and each chunk and
   accumulator file is hashed the first time this object reads it (again only if its size, mtime or inode change;
-  files this process wrote are known good), so damage is a :class:`~datatrace.errors.StoreCorruptedError` naming
+  files this process wrote are known good; chunks read in order are hashed a few ahead, in threads), so damage is a :class:`~datatrace.errors.StoreCorruptedError` naming
   the file before any of its numbers is used, never a wrong answer or a file touched outside the store folder.
 * **reading**: chunks are memory-mapped (``np.load(mmap_mode="c")``, never pickle), so a store larger than memory
   is read block by block. :meth:`GradientStore.verify` re-hashes every file, every time.
@@ -62,7 +62,10 @@ import json
 import logging
 import os
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +115,8 @@ logger = logging.getLogger(__name__)
 
 #: default chunk: about this many bytes of features per file
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
+#: chunks opened (and checksummed) ahead, in parallel, while a store is read in order
+READ_AHEAD = max(1, min(4, os.cpu_count() or 1))
 
 
 class GradientStore(FeatureSource):
@@ -668,9 +673,24 @@ class GradientStore(FeatureSource):
             order = [int(chunks)]
         else:
             order = list(chunks)
-        for i in order:
-            start, _ = self.rows(self._check_chunk_index(i))
-            yield FeatureBlock(int(i), start, self.chunk(int(i)))
+        order = [self._check_chunk_index(i) for i in order]
+        if len(order) < 2 or READ_AHEAD < 2:
+            for i in order:
+                yield FeatureBlock(i, self.rows(i)[0], self.chunk(i))
+            return
+        # the next READ_AHEAD chunks are opened (and hashed, the first time) by worker threads while the current one
+        # is used: hashlib and numpy release the GIL, so the checksums cost little more than one read on a multi-core
+        # machine; each block is still checked before it is yielded, in order
+        todo = iter(order)
+        with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="datatrace-store") as pool:
+            window = deque((i, pool.submit(self.chunk, i)) for i in islice(todo, READ_AHEAD))
+            while window:
+                i, future = window.popleft()
+                values = future.result()
+                following = next(todo, None)
+                if following is not None:
+                    window.append((following, pool.submit(self.chunk, following)))
+                yield FeatureBlock(i, self.rows(i)[0], values)
 
     def blocks(self, chunks: Sequence[int] | None = None) -> Iterator[FeatureBlock]:
         """The :class:`FeatureBlock` s of ``chunks`` (default all) of a complete store."""
