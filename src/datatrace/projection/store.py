@@ -62,10 +62,8 @@ import json
 import logging
 import os
 import secrets
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +94,7 @@ from datatrace.projection.chunks import (
     read_chunk_file,
     write_chunk_file,
 )
-from datatrace.projection.features import FeatureBlock, FeatureSource
+from datatrace.projection.features import FeatureBlock, FeatureSource, read_ahead
 from datatrace.projection.fingerprint import canonical_json
 from datatrace.projection.lock import STALE_SECONDS, StoreLock
 from datatrace.projection.manifest import (
@@ -386,8 +384,7 @@ class GradientStore(FeatureSource):
         manifest. Outside :meth:`fill` it takes the fill lock for the write and reads the manifest again under it.
         """
         chunk = self._check_chunk_index(chunk)
-        lock = self._take_lock()
-        try:
+        with self._filling():
             if str(chunk) in self._manifest["chunks"]:
                 raise ValueError(
                     f"chunk {chunk} of the GradientStore in {str(self.path)!r} is already written; a store is "
@@ -395,8 +392,6 @@ class GradientStore(FeatureSource):
                 )
             entry = self._write_chunk_file(chunk, features)
             self._record([(chunk, entry, accumulators)])
-        finally:
-            self._give_back_lock(lock)
 
     def _write_chunk_file(self, chunk: int, features: torch.Tensor) -> dict[str, Any]:
         """Check ``features`` and write them atomically to the chunk's file; return its manifest entry."""
@@ -460,23 +455,19 @@ class GradientStore(FeatureSource):
             self._accumulators = None
         self._manifest = fresh._manifest
 
-    def _take_lock(self) -> StoreLock | None:
-        """Take the fill lock (module docstring), or ``None`` if this object holds it already; then read the
-        manifest again, since another process may have written chunks before the lock was ours."""
+    @contextmanager
+    def _filling(self) -> Iterator[None]:
+        """Hold the fill lock (module docstring; nothing to do if this object holds it already) and read the
+        manifest again under it, since another process may have written chunks before the lock was ours."""
         if self._lock is not None:
-            return None
-        lock = StoreLock(self.path, self.lock_stale_seconds).acquire()
-        self._lock = lock
+            yield
+            return
+        self._lock = StoreLock(self.path, self.lock_stale_seconds).acquire()
         try:
             self._reload()
-        except BaseException:
-            self._give_back_lock(lock)
-            raise
-        return lock
-
-    def _give_back_lock(self, lock: StoreLock | None) -> None:
-        if lock is not None:
-            lock.release()
+            yield
+        finally:
+            self._lock.release()
             self._lock = None
 
     def fill(
@@ -501,17 +492,13 @@ class GradientStore(FeatureSource):
             return self._fill_distributed(compute, progress, rank, size)
         if self.complete:
             return self
-        lock = self._take_lock()
-        try:
-            return self._fill_here(compute, progress)
-        finally:
-            self._give_back_lock(lock)
+        with self._filling():
+            missing = self.missing_chunks()
+            self._fill_chunks(compute, progress, missing)
+        return self
 
-    def _fill_here(self, compute: Callable[[int, int], Any], progress: bool) -> GradientStore:
-        """:meth:`fill` in one process, holding the lock."""
-        missing = self.missing_chunks()
-        if not missing:
-            return self
+    def _fill_chunks(self, compute: Callable[[int, int], Any], progress: bool, missing: list[int]) -> None:
+        """Compute and write the ``missing`` chunks in this process, holding the lock."""
         done_rows = self.n - sum(self._rows_of(i) for i in missing)
         with tqdm(
             total=self.n, initial=done_rows, desc="gradient store", disable=not progress, leave=False
@@ -535,7 +522,6 @@ class GradientStore(FeatureSource):
                 if self._lock is not None:
                     self._lock.heartbeat()
                 bar.update(stop - start)
-        return self
 
     # -- writing under torch.distributed ---------------------------------------------------------------------------
     def _fill_distributed(
@@ -543,18 +529,15 @@ class GradientStore(FeatureSource):
     ) -> GradientStore:
         # The store has one writer whatever the number of ranks: rank 0 takes the fill lock (and reads the
         # manifest again under it); if it cannot, every rank raises.
-        lock: StoreLock | None = None
-        error: BaseException | None = None
+        held, error = ExitStack(), None
         if rank == 0 and not self.complete:  # a complete store is read, not written: no lock
             try:
-                lock = self._take_lock()
+                held.enter_context(self._filling())
             except Exception as err:
                 error = err
         raise_if_any_failed(error, f"the fill lock of the GradientStore {self.path}")
-        try:
+        with held:
             return self._fill_rounds(compute, progress, rank, size)
-        finally:
-            self._give_back_lock(lock)
 
     def _fill_rounds(
         self, compute: Callable[[int, int], Any], progress: bool, rank: int, size: int
@@ -673,24 +656,9 @@ class GradientStore(FeatureSource):
             order = [int(chunks)]
         else:
             order = list(chunks)
-        order = [self._check_chunk_index(i) for i in order]
-        if len(order) < 2 or READ_AHEAD < 2:
-            for i in order:
-                yield FeatureBlock(i, self.rows(i)[0], self.chunk(i))
-            return
-        # the next READ_AHEAD chunks are opened (and hashed, the first time) by worker threads while the current one
-        # is used: hashlib and numpy release the GIL, so the checksums cost little more than one read on a multi-core
-        # machine; each block is still checked before it is yielded, in order
-        todo = iter(order)
-        with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="datatrace-store") as pool:
-            window = deque((i, pool.submit(self.chunk, i)) for i in islice(todo, READ_AHEAD))
-            while window:
-                i, future = window.popleft()
-                values = future.result()
-                following = next(todo, None)
-                if following is not None:
-                    window.append((following, pool.submit(self.chunk, following)))
-                yield FeatureBlock(i, self.rows(i)[0], values)
+        # the next chunks are opened (and hashed, the first time) ahead in threads; each is checked before use
+        for i, values in read_ahead([self._check_chunk_index(i) for i in order], self.chunk, READ_AHEAD):
+            yield FeatureBlock(i, self.rows(i)[0], values)
 
     def blocks(self, chunks: Sequence[int] | None = None) -> Iterator[FeatureBlock]:
         """The :class:`FeatureBlock` s of ``chunks`` (default all) of a complete store."""
