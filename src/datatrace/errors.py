@@ -43,6 +43,10 @@ class RetrainCacheError(ValueError):
     files inside the cache folder: the message names the file and the fix (use a new ``cache_dir``)."""
 
 
+class StoreLockedError(RuntimeError):
+    """Another process holds the store's fill lock (two fills of one store would both compute every chunk)."""
+
+
 class UsageError(ValueError):
     """A bad command-line value (reported by the CLI with exit code 2)."""
 
