@@ -370,11 +370,6 @@ def test_cli_loo_cache_manifest_damaged_fails_cleanly(tmp_path):
     assert "Traceback" not in stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verify() passes cache_dir / 'loo' to leave_one_out without checking that it is a real folder inside "
-    "cache_dir: a link there makes the retrain cache write outside (verification/verify.py, owned elsewhere)",
-)
 def test_verify_subfolder_replaced_by_a_link_is_not_followed(regression_problem, tmp_path, outside):
     p = regression_problem
     influence = datatrace.InfluenceFunction(p.model, p.task, progress=False).fit(p.train)

@@ -175,12 +175,14 @@ class DataSource:
         changes when any example changes. Reads the data once.
         """
         parts: dict[Any, tuple[str, Any]] = {}  # position or key -> (signature, running sha256 of its bytes)
-        for _, batch in self.batches():
+        # tensors in memory are hashed whole: the same bytes, in the same order, as batch by batch below
+        batches = [(None, self.tensors)] if self.tensors is not None else self.batches()
+        for _, batch in batches:
             for position, value in batch.items() if isinstance(batch, Mapping) else enumerate(batch):
                 if isinstance(value, torch.Tensor):
                     flat = value.detach().cpu().contiguous()
                     signature = f"{flat.dtype}:{tuple(flat.shape[1:])}"
-                    data = flat.reshape(-1).view(torch.uint8).numpy().tobytes()
+                    data = flat.reshape(-1).view(torch.uint8).numpy()  # a buffer: hashed without a copy
                 else:
                     signature, data = type(value).__name__, repr(value).encode()
                 if position not in parts:

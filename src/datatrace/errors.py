@@ -5,6 +5,8 @@ Every error raised for bad user input names the argument, the value received, wh
 
 from __future__ import annotations
 
+import operator
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +41,10 @@ class ScoresFileError(ValueError):
 class RetrainCacheError(ValueError):
     """A retraining cache (``cache_dir``) whose manifest or result files are malformed, tampered with or not plain
     files inside the cache folder: the message names the file and the fix (use a new ``cache_dir``)."""
+
+
+class StoreLockedError(RuntimeError):
+    """Another process holds the store's fill lock (two fills of one store would both compute every chunk)."""
 
 
 class UsageError(ValueError):
@@ -86,7 +92,40 @@ def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (numpy's included), else the project's error naming ``name``."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise bad_value(name, value, "expected True or False", f"pass {name}=True or {name}=False")
+
+
+def check_random_state(random_state: Any) -> int:
+    """An ``int`` seed (not a bool), with the project's error message otherwise."""
+    try:
+        if isinstance(random_state, bool):
+            raise TypeError
+        seed = operator.index(random_state)
+        if seed < 0:
+            raise TypeError
+        return seed
+    except TypeError:
+        raise bad_value(
+            "random_state", random_state, "expected an int seed >= 0", "pass e.g. random_state=0"
+        ) from None
+
+
+def check_folder(name: str, value: Any) -> Any:
+    """``None`` or a folder path (``str`` / ``os.PathLike``), else the project's error naming ``name``."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return value
+    raise bad_value(
+        name, value, "expected a folder path (str or os.PathLike) or None", f"pass e.g. {name}='out'"
+    )
+
+
 def check_nonnegative_float(name: str, value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise bad_value(name, value, "expected a non-negative number, not a bool", "pass a float >= 0")
     try:
         out = float(value)
     except (TypeError, ValueError):

@@ -12,7 +12,7 @@ import torch
 from datatrace.data import as_data_source
 from datatrace.errors import StoreCorruptedError, StoreMismatchError
 from datatrace.projection.features import FeatureSource, InMemoryFeatures, as_feature_source
-from datatrace.projection.fingerprint import data_fingerprint, model_fingerprint
+from datatrace.projection.fingerprint import DATA_FINGERPRINT_SCHEME, data_fingerprint, model_fingerprint
 from datatrace.projection.scoring import score_against_store, top_k_against_store
 from datatrace.projection.store import GradientStore
 
@@ -113,7 +113,7 @@ def test_verify_detects_a_corrupted_chunk(tmp_path):
 def test_a_truncated_chunk_is_reported_on_read(tmp_path):
     store = make_store(tmp_path, features())
     (tmp_path / "store" / "chunk-000001.npy").write_bytes(b"\x93NUMPY garbage")
-    with pytest.raises(StoreCorruptedError, match="cannot be read"):
+    with pytest.raises(StoreCorruptedError, match=r"chunk 1 .*chunk-000001\.npy has sha256 .* Fix: delete"):
         store.chunk(1)
 
 
@@ -309,6 +309,6 @@ def test_fingerprints_change_with_the_model_and_the_data():
     assert model_fingerprint(model) != before
     X, y = features(10, 3), torch.arange(10) % 2
     fp = data_fingerprint(as_data_source((X, y), "train", 4))
-    assert fp["n"] == 10 and fp["hashed"] == "all"
+    assert fp["n"] == 10 and fp["scheme"] == DATA_FINGERPRINT_SCHEME
     assert fp == data_fingerprint(as_data_source((X.clone(), y.clone()), "train", 4))
     assert fp != data_fingerprint(as_data_source((X, 1 - y), "train", 4))

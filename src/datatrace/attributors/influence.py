@@ -56,7 +56,14 @@ from datatrace.distributed import (
     shard_indices,
     world,
 )
-from datatrace.errors import bad_value, check_finite, check_indices, check_positive_int, is_out_of_memory
+from datatrace.errors import (
+    bad_value,
+    check_bool,
+    check_finite,
+    check_indices,
+    check_positive_int,
+    is_out_of_memory,
+)
 from datatrace.gradients.functional import (
     FunctionalModel,
     check_model_and_task,
@@ -127,6 +134,9 @@ class InfluenceFunction(Attributor):
         check_model_and_task(model, task, dtype)
         if max_bytes is not None:
             check_positive_int("max_bytes", max_bytes)
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
+        check_bool("progress", progress)
         self.model = model
         self.task = task
         self.curvature = curvature

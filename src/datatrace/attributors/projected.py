@@ -106,10 +106,13 @@ from datatrace.distributed import (
 )
 from datatrace.errors import (
     bad_value,
+    check_bool,
     check_choice,
     check_finite,
+    check_folder,
     check_nonnegative_float,
     check_positive_int,
+    check_random_state,
 )
 from datatrace.gradients.functional import (
     FunctionalModel,
@@ -218,13 +221,23 @@ class ProjectedInfluence(Attributor):
                 "dtype", dtype, "expected a floating torch dtype", "pass torch.float32 or torch.float64"
             )
         if feature_dtype is not None:
-            dtype_name(feature_dtype)  # validates
+            if not isinstance(feature_dtype, torch.dtype):
+                raise bad_value(
+                    "feature_dtype",
+                    feature_dtype,
+                    "expected a torch dtype or None",
+                    "pass e.g. torch.float16",
+                )
+            dtype_name(feature_dtype)  # validates the storage dtypes
         if ggn_samples is not None:
             check_positive_int("ggn_samples", ggn_samples)
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
         if chunk_size is not None:
             check_positive_int("chunk_size", chunk_size)
+        check_random_state(random_state)
+        check_folder("store_dir", store_dir)
+        check_bool("progress", progress)
         self.model = model
         self.task = task
         self.projector = projector

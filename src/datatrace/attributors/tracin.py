@@ -64,7 +64,7 @@ from torch import nn
 
 from datatrace.attributors.base import Attributor, Measurement
 from datatrace.data import DataLike, DataSource, as_data_source
-from datatrace.errors import bad_value, check_finite, check_positive_int, describe
+from datatrace.errors import bad_value, check_bool, check_finite, check_positive_int, describe
 from datatrace.gradients.functional import (
     FunctionalModel,
     check_model_and_task,
@@ -300,6 +300,7 @@ class TracIn(Attributor):
             )
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
+        check_bool("progress", progress)
         self.model = model
         self.task = task
         self.checkpoints = list(checkpoints)

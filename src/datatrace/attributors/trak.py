@@ -26,7 +26,7 @@ from torch import nn
 from datatrace.attributors.base import Attributor, Measurement
 from datatrace.attributors.projected import ProjectedInfluence
 from datatrace.data import DataLike
-from datatrace.errors import bad_value, check_positive_int
+from datatrace.errors import bad_value, check_folder, check_positive_int
 from datatrace.projection import Projector
 from datatrace.projection.scoring import StreamingTopK
 from datatrace.scores import Scores, TopK
@@ -66,7 +66,7 @@ class TRAK(Attributor):
         self.models = list(models)
         self.task = task
         self.projector = projector
-        self.store_dir = store_dir
+        self.store_dir = check_folder("store_dir", store_dir)
         self.kwargs = kwargs
         self.members = [
             ProjectedInfluence(

@@ -17,14 +17,13 @@ holds at least ``route`` and ``damping`` (the damping actually used).
 
 from __future__ import annotations
 
-import operator
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 
 from datatrace.data import DataSource
-from datatrace.errors import NotFittedError, bad_value, check_nonnegative_float
+from datatrace.errors import NotFittedError, bad_value, check_nonnegative_float, check_random_state
 from datatrace.gradients.functional import FunctionalModel
 from datatrace.linalg import as_rows
 
@@ -96,16 +95,17 @@ def check_damping(damping: Any) -> float | str:
     return check_nonnegative_float("damping", damping)
 
 
-def check_random_state(random_state: Any) -> int:
-    """An ``int`` seed (not a bool), with the project's error message otherwise."""
-    try:
-        if isinstance(random_state, bool):
-            raise TypeError
-        return operator.index(random_state)
-    except TypeError:
+def check_rtol(rtol: Any) -> float | None:
+    """``None`` (the default tolerance, :func:`datatrace.linalg.zero_tolerance`) or a relative tolerance in
+    ``[0, 1)``, with the project's error message otherwise."""
+    if rtol is None:
+        return None
+    value = check_nonnegative_float("rtol", rtol)
+    if value >= 1:
         raise bad_value(
-            "random_state", random_state, "expected an int seed", "pass e.g. random_state=0"
-        ) from None
+            "rtol", rtol, "expected a relative tolerance in [0, 1)", "pass e.g. rtol=1e-10 or None"
+        )
+    return value
 
 
 def format_bytes(size: float) -> str:
@@ -122,5 +122,6 @@ __all__ = [
     "Curvature",
     "check_damping",
     "check_random_state",
+    "check_rtol",
     "format_bytes",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature, check_damping
+from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature, check_damping, check_rtol
 from datatrace.data import DataSource, as_data_source
 from datatrace.errors import check_choice, check_finite, check_positive_int
 from datatrace.gradients.functional import FunctionalModel
@@ -67,7 +67,7 @@ class BlockDiagonal(Curvature):
         self.damping = check_damping(damping)
         self.negative = check_choice("negative", negative, NEGATIVE_POLICIES)
         self.blocks = check_choice("blocks", blocks, ("module", "tensor"))
-        self.rtol = rtol
+        self.rtol = check_rtol(rtol)
         self.max_bytes = check_positive_int("max_bytes", max_bytes)
 
     def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> BlockDiagonal:

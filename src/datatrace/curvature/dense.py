@@ -29,7 +29,7 @@ from abc import abstractmethod
 import torch
 from tqdm.auto import tqdm
 
-from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature, format_bytes
+from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature, check_rtol, format_bytes
 from datatrace.curvature.registry import matrix_free_names
 from datatrace.data import DataSource
 from datatrace.errors import (
@@ -58,7 +58,7 @@ class DenseCurvature(Curvature):
             damping = check_nonnegative_float("damping", damping)
         self.damping = damping
         self.negative = check_choice("negative", negative, NEGATIVE_POLICIES)
-        self.rtol = rtol
+        self.rtol = check_rtol(rtol)
         self.max_bytes = check_positive_int("max_bytes", max_bytes)
 
     @abstractmethod

@@ -244,9 +244,11 @@ class KFAC(Curvature):
             damping = check_nonnegative_float("damping", damping)
         self.damping = damping
         self.n_samples = check_positive_int("n_samples", n_samples)
-        if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
+        if random_state is not None and (
+            isinstance(random_state, bool) or not isinstance(random_state, int) or random_state < 0
+        ):
             raise bad_value(
-                "random_state", random_state, "expected an int or None", "pass e.g. random_state=0"
+                "random_state", random_state, "expected an int >= 0 or None", "pass e.g. random_state=0"
             )
         self.random_state = random_state
 

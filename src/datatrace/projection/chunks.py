@@ -31,6 +31,8 @@ __all__ = [
     "STORAGE_DTYPES",
     "Layout",
     "accumulator_layout",
+    "add_accumulators",
+    "check_chunk_features",
     "chunk_file_name",
     "decode_reports",
     "dtype_name",
@@ -70,6 +72,27 @@ def dtype_name(dtype: torch.dtype) -> str:
 def chunk_file_name(chunk: int) -> str:
     """The file name of chunk ``chunk`` in the store's directory."""
     return f"chunk-{chunk:06d}.npy"
+
+
+def check_chunk_features(features: object, chunk: int, start: int, stop: int, dim: int) -> torch.Tensor:
+    """``features`` as a tensor after checking that they are the finite ``(stop - start, dim)`` rows of chunk
+    ``chunk`` (a ValueError naming the shape, or a FloatingPointError naming the first non-finite row)."""
+    if not isinstance(features, torch.Tensor):
+        features = torch.as_tensor(np.asarray(features))
+    if features.shape != (stop - start, dim):
+        raise bad_value(
+            "features",
+            features,
+            f"chunk {chunk} holds rows {start}:{stop}, so it needs shape ({stop - start}, {dim})",
+            "return one row of dim features per example of the chunk",
+        )
+    if not bool(torch.isfinite(features).all()):
+        bad = int((~torch.isfinite(features).all(dim=1)).nonzero()[0, 0]) + start
+        raise FloatingPointError(
+            f"the features of row {bad} (chunk {chunk}) are not finite. Fix: check that training example, the "
+            "model's outputs on it, and use float32 features if float16 overflowed (|x| > 65504)."
+        )
+    return features
 
 
 def write_chunk_file(path: str | os.PathLike, chunk: int, features: torch.Tensor, dtype: str) -> str:
@@ -120,6 +143,20 @@ def read_chunk_file(path: str | os.PathLike, rows: int, dim: int, dtype: str) ->
 
 
 # -- the report to rank 0 ------------------------------------------------------------------------------------------
+
+
+def add_accumulators(running: dict[str, torch.Tensor], accumulators: Mapping[str, torch.Tensor]) -> None:
+    """Add a chunk's ``accumulators`` to the float64 ``running`` sums in place (a ValueError if a shape differs)."""
+    for key, value in accumulators.items():
+        value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+        if key in running and running[key].shape != value.shape:
+            raise bad_value(
+                f"accumulators[{key!r}]",
+                value,
+                f"the running sum has shape {tuple(running[key].shape)}",
+                "pass the same shape for every chunk",
+            )
+        running[key] = running[key] + value if key in running else value.clone()
 
 
 def accumulator_layout(accumulators: Mapping[str, torch.Tensor]) -> Layout | None:

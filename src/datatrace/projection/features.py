@@ -18,8 +18,11 @@ is wrapped once at their entry by :func:`as_feature_source`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,6 +36,7 @@ __all__ = [
     "InMemoryFeatures",
     "as_feature_source",
     "my_chunks",
+    "read_ahead",
 ]
 
 #: elements of a block of the score matrix computed at once (queries x feature rows <= this), and of a default
@@ -158,3 +162,24 @@ def my_chunks(source: FeatureSource) -> range | None:
     if not distributed or not source.sharded:
         return None
     return source.chunks_for_rank(rank, size)
+
+
+def read_ahead(order: Sequence[int], load: Callable[[int], Any], depth: int) -> Iterator[tuple[int, Any]]:
+    """``(i, load(i))`` for every ``i`` of ``order``, in order, while worker threads already run ``load`` on the
+    next ``depth`` items: a chunk of a store is read (and checksummed) while the one before is used, since numpy
+    and hashlib release the GIL. An error of ``load(i)`` is raised at ``i``'s place; a reader that stops early
+    waits only for the loads already started."""
+    if len(order) < 2 or depth < 2:
+        for i in order:
+            yield i, load(i)
+        return
+    todo = iter(order)
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="datatrace-read-ahead") as pool:
+        window = deque((i, pool.submit(load, i)) for i in islice(todo, depth))
+        while window:
+            i, future = window.popleft()
+            value = future.result()
+            following = next(todo, None)
+            if following is not None:
+                window.append((following, pool.submit(load, following)))
+            yield i, value

@@ -4,6 +4,13 @@ Features ``phi_i = P^T grad l(z_i, theta_hat)`` depend on the model's parameters
 projection ``P``, the task and the settings. A :class:`~datatrace.projection.store.GradientStore` records a JSON
 *fingerprint* of each (sha256 digests, facts) and refuses to mix features whose fingerprints differ, naming the
 one that differs, in the spirit of the content-addressed caches of TRAK (Park et al. 2023) and kronfluence.
+
+The data fingerprint hashes the content of *every* example (:meth:`~datatrace.data.DataSource.content_sha256`:
+one read of the data, far cheaper than the gradient pass that fills a store), so a single changed example anywhere
+makes a stored set of features stale. It records the ``scheme`` it was made with
+(:data:`DATA_FINGERPRINT_SCHEME`); a fingerprint made by another scheme (for example by an older datatrace, which
+hashed only the first and last examples of a large or lazily loaded data set) cannot be compared, so a store
+carrying one is refused with a message that says so, never matched.
 """
 
 from __future__ import annotations
@@ -19,10 +26,19 @@ from torch import nn
 from datatrace.data import DataSource
 from datatrace.errors import bad_value
 
-__all__ = ["canonical_json", "data_fingerprint", "fingerprint_difference", "model_fingerprint"]
+__all__ = [
+    "DATA_FINGERPRINT_SCHEME",
+    "SCHEME_DIFFERS",
+    "canonical_json",
+    "data_fingerprint",
+    "fingerprint_difference",
+    "model_fingerprint",
+]
 
-#: data sets up to this many bytes are fingerprinted by hashing all their tensors
-_HASH_ALL_BYTES = 2**30
+#: how :func:`data_fingerprint` hashes a data set; a new way of hashing gets a new scheme
+DATA_FINGERPRINT_SCHEME = "datatrace-data/2: sha256 of every example's content"
+#: how :func:`fingerprint_difference` starts its text when two fingerprints were made by different schemes
+SCHEME_DIFFERS = "fingerprinted by another scheme"
 #: what a differing fingerprint means, in words
 _FINGERPRINT_WORDS = {
     "model": "a different model (its parameter values differ)",
@@ -54,23 +70,10 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def data_fingerprint(source: DataSource) -> dict[str, Any]:
-    """Identity of a data set: sha256 of all its tensors when they are in memory and at most 1 GiB; otherwise of its
-    first and last batches plus its length."""
-    digest = hashlib.sha256()
-    n = len(source)
-    if (
-        source.tensors is not None
-        and sum(t.numel() * t.element_size() for t in source.tensors) <= _HASH_ALL_BYTES
-    ):
-        for i, t in enumerate(source.tensors):
-            _hash_tensor(digest, str(i), t)
-        return {"n": n, "sha256": digest.hexdigest(), "hashed": "all"}
-    bs = min(n, 256)
-    for label, idx in (("first", torch.arange(bs)), ("last", torch.arange(n - bs, n))):
-        for i, t in enumerate(source.get(idx)):
-            if isinstance(t, torch.Tensor):
-                _hash_tensor(digest, f"{label}{i}", t)
-    return {"n": n, "sha256": digest.hexdigest(), "hashed": f"first and last {bs} examples"}
+    """Identity of a data set: its length and the sha256 of every example's content (dtype, shape and bytes of
+    each element, in order; :meth:`~datatrace.data.DataSource.content_sha256`), whatever its form (tensors,
+    arrays or a Dataset) and batch size, with the ``scheme`` that made it."""
+    return {"scheme": DATA_FINGERPRINT_SCHEME, "n": len(source), "sha256": source.content_sha256()}
 
 
 # -- comparing fingerprints ----------------------------------------------------------------------------------------
@@ -114,6 +117,13 @@ def fingerprint_difference(stored: Mapping[str, Any], fresh: Mapping[str, Any]) 
     ``None`` when they are the same."""
     for key in sorted(set(stored) | set(fresh)):
         old, new = stored.get(key, "<missing>"), fresh.get(key, "<missing>")
+        if isinstance(old, dict) and isinstance(new, dict) and old.get("scheme") != new.get("scheme"):
+            made = old.get("scheme", "an older one, without a scheme")
+            return key, (
+                f"{SCHEME_DIFFERS}: its {key!r} fingerprint was made by {_short(made)!r}, this "
+                f"datatrace makes {_short(new.get('scheme', '<none>'))!r}, so it cannot tell whether the store "
+                "matches and never reuses it"
+            )
         if old != new:
             words = _FINGERPRINT_WORDS.get(key, f"a different {key!r}")
             details = "; ".join(_differences(old, new)[:4])

@@ -261,7 +261,7 @@ class RandomProjector(Projector):
         self.eps = eps
         self.max_dim = check_positive_int("max_dim", max_dim)
         self.density = check_density(density)
-        self.max_cached_bytes = max_cached_bytes
+        self.max_cached_bytes = check_positive_int("max_cached_bytes", max_cached_bytes, minimum=0)
 
     def __repr__(self) -> str:
         return (

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datatrace.distributed import all_gather_rows, is_main_process, raise_if_any_failed
-from datatrace.errors import bad_value, check_positive_int
+from datatrace.errors import StoreCorruptedError, bad_value, check_positive_int
 from datatrace.projection.features import (
     DEFAULT_BLOCK_ELEMENTS,
     FeatureBlock,
@@ -80,6 +80,19 @@ def _prepare_queries(
     return q.to(compute), n, dim
 
 
+def _check_tiling(
+    source: FeatureSource, start: int, rows: int, covered: int, n: int, end: bool = False
+) -> None:
+    """A StoreCorruptedError unless a block of ``rows`` rows at ``start`` continues the first ``covered`` of ``n``
+    rows (or, at the ``end``, they are all covered): a source must yield every row once, in order."""
+    if start != covered or covered + rows > n or (end and covered != n):
+        raise StoreCorruptedError(
+            f"the training features {source!r} hold n={n} rows but their chunks cover rows 0:{covered} and then "
+            f"{'nothing more' if end else f'{start}:{start + rows}'}: a score for every training example cannot be "
+            "computed. Fix: delete the store and compute it again."
+        )
+
+
 def score_against_store(
     query_features: torch.Tensor,
     store: FeatureSource | torch.Tensor,
@@ -110,11 +123,17 @@ def score_against_store(
     if mine is None:
         q, n, _ = _prepare_queries(query_features, source, transform)
         out = torch.empty(q.shape[0], n, dtype=q.dtype, device=q.device)
+        covered = (
+            0  # the blocks must tile the columns 0..n in order, or `out` would keep uninitialised memory
+        )
         for block in tqdm(
             source.blocks(), total=source.n_chunks, desc="scoring", disable=not progress, leave=False
         ):
             values = block.values.to(device=q.device, dtype=q.dtype)
+            _check_tiling(source, block.start, values.shape[0], covered, n)
             out[:, block.start : block.start + values.shape[0]] = q @ values.T
+            covered += values.shape[0]
+        _check_tiling(source, covered, 0, covered, n, end=True)
         return out
     local: torch.Tensor | None = None
     error: BaseException | None = None
@@ -138,6 +157,7 @@ def score_against_store(
     gathered = all_gather_rows(local)
     if gathered is None:  # pragma: no cover - an invariant of the code above
         raise RuntimeError("internal error: gathered is missing")
+    _check_tiling(source, gathered.shape[0], 0, gathered.shape[0], len(source), end=True)
     return gathered.T.contiguous()
 
 

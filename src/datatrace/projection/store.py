@@ -18,9 +18,16 @@ query set with a matrix product (Park et al. 2023; Choe et al. 2024). A :class:`
   whose fingerprints differ is refused with an error that names the fingerprint that differs.
 * **precision**: features can be stored as float32, float16 or bfloat16 (bfloat16 as raw 16-bit words, since
   numpy has no bfloat16); the scoring functions upcast them before every product.
-* **one writer**: a store is filled by one process at a time (readers may be many once it is complete).
+* **one writer**: :meth:`GradientStore.fill` takes a lock file naming its holder; a second fill is refused with a
+  :class:`~datatrace.errors.StoreLockedError`, a stale lock (its process gone, or no heartbeat for hours) is taken
+  over so that a crashed run resumes (:mod:`datatrace.projection.lock`). Readers need no lock.
+* **never trusted blindly** (:mod:`datatrace.projection.manifest`): the manifest is checked whole on every open
+  (types, chunks covering rows ``0..n`` exactly, only the store's own plain file names), and each chunk and
+  accumulator file is hashed the first time this object reads it (again only if its size, mtime or inode change;
+  files this process wrote are known good; chunks read in order are hashed a few ahead, in threads), so damage is a :class:`~datatrace.errors.StoreCorruptedError` naming
+  the file before any of its numbers is used, never a wrong answer or a file touched outside the store folder.
 * **reading**: chunks are memory-mapped (``np.load(mmap_mode="c")``, never pickle), so a store larger than memory
-  is read block by block. :meth:`GradientStore.verify` re-hashes every file.
+  is read block by block. :meth:`GradientStore.verify` re-hashes every file, every time.
 
 **Under torch.distributed** (a process group initialised by the caller, e.g. with ``torchrun``;
 :mod:`datatrace.distributed`), :meth:`GradientStore.create` and :meth:`GradientStore.fill` are *collective*: every
@@ -56,6 +63,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +73,20 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from datatrace.distributed import all_gather_rows, is_main_process, raise_if_any_failed, world
-from datatrace.errors import StoreCorruptedError, StoreMismatchError, bad_value, check_positive_int
-from datatrace.fileio import atomic_write, sha256_file
+from datatrace.errors import (
+    StoreCorruptedError,
+    StoreLockedError,
+    StoreMismatchError,
+    bad_value,
+    check_positive_int,
+)
+from datatrace.fileio import atomic_write
 from datatrace.projection.chunks import (
     STORAGE_DTYPES,
     Layout,
     accumulator_layout,
+    add_accumulators,
+    check_chunk_features,
     chunk_file_name,
     decode_reports,
     dtype_name,
@@ -78,16 +94,27 @@ from datatrace.projection.chunks import (
     read_chunk_file,
     write_chunk_file,
 )
-from datatrace.projection.features import FeatureBlock, FeatureSource
-from datatrace.projection.fingerprint import canonical_json, fingerprint_difference
+from datatrace.projection.features import FeatureBlock, FeatureSource, read_ahead
+from datatrace.projection.fingerprint import canonical_json
+from datatrace.projection.lock import STALE_SECONDS, StoreLock
+from datatrace.projection.manifest import (
+    MANIFEST,
+    check_files_exist,
+    check_same,
+    checked_file,
+    mark_verified,
+    new_manifest,
+    read_manifest,
+    store_file,
+    verify_files,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "datatrace.GradientStore"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 #: default chunk: about this many bytes of features per file
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
+#: chunks opened (and checksummed) ahead, in parallel, while a store is read in order
+READ_AHEAD = max(1, min(4, os.cpu_count() or 1))
 
 
 class GradientStore(FeatureSource):
@@ -104,6 +131,8 @@ class GradientStore(FeatureSource):
     """
 
     sharded = True
+    #: a fill lock whose heartbeat is older than this (seconds) is stale and taken over (datatrace.projection.lock)
+    lock_stale_seconds: float = STALE_SECONDS
 
     def __init__(self, directory: str | os.PathLike) -> None:
         try:
@@ -116,24 +145,11 @@ class GradientStore(FeatureSource):
                 f"directory={str(self.path)!r} holds no {MANIFEST}, so it is not a GradientStore. Fix: pass the "
                 "directory a store was written to, or create one with GradientStore.create(...)."
             )
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as err:
-            raise StoreCorruptedError(
-                f"{manifest_path} cannot be read ({err}). Fix: delete the directory and compute the store again."
-            ) from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(
-                f"{manifest_path} is not a datatrace GradientStore manifest (format="
-                f"{manifest.get('format') if isinstance(manifest, dict) else None!r}). Fix: use another directory."
-            )
-        if manifest.get("version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{manifest_path} was written by store format version {manifest.get('version')!r}; this datatrace "
-                f"reads version {FORMAT_VERSION}. Fix: compute the store again with this version."
-            )
-        self._manifest = manifest
+        self._manifest = read_manifest(manifest_path)
         self._accumulators: dict[str, torch.Tensor] | None = None
+        #: (file name, sha256) -> (size, mtime_ns, inode) of the files whose digest this object checked or wrote
+        self._verified: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._lock: StoreLock | None = None
 
     # -- creation --------------------------------------------------------------------------------------------------
     @classmethod
@@ -250,19 +266,14 @@ class GradientStore(FeatureSource):
         path.mkdir(parents=True, exist_ok=True)
         if (path / MANIFEST).exists():
             store = cls(path)
-            store._check_same(n=n, dim=dim, dtype=name, chunk_size=chunk_size, fingerprints=fingerprints)
-            done = len(store._manifest["chunks"])
-            if not is_main_process():
-                pass  # rank 0 already said it
-            elif store.complete:
-                logger.info("GradientStore %s is complete (%d chunks); reusing it.", path, store.n_chunks)
-            else:
-                logger.info(
-                    "GradientStore %s: resuming an interrupted write, %d of %d chunks already done.",
-                    path,
-                    done,
-                    store.n_chunks,
-                )
+            settings = {"n": n, "dim": dim, "dtype": name, "chunk_size": chunk_size}
+            check_same(path, store._manifest, settings, fingerprints)
+            check_files_exist(path, store._manifest)
+            if is_main_process():  # rank 0 says it for all
+                done = f"complete ({store.n_chunks} chunks); reusing it"
+                if not store.complete:
+                    done = f"resuming an interrupted write, {len(store._manifest['chunks'])} of {store.n_chunks} done"
+                logger.info("GradientStore %s is %s.", path, done)
             return store
         leftovers = sorted(p.name for p in path.iterdir() if p.name.startswith("chunk-"))
         if leftovers:
@@ -270,44 +281,16 @@ class GradientStore(FeatureSource):
                 f"directory={str(path)!r} holds chunk files ({', '.join(leftovers[:3])}, ...) but no {MANIFEST}, "
                 "so it is unknown what they were computed from. Fix: use a new directory or empty this one."
             )
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "n": n,
-            "dim": dim,
-            "dtype": name,
-            "chunk_size": chunk_size,
-            "n_chunks": -(-n // chunk_size),
-            "fingerprints": fingerprints,
-            "metadata": canonical_json(dict(metadata or {})),
-            "chunks": {},
-            "accumulators": None,
-            "complete": False,
-        }
         store = cls.__new__(cls)
         store.path = path
-        store._manifest = manifest
+        store._manifest = new_manifest(
+            n, dim, name, chunk_size, fingerprints, canonical_json(dict(metadata or {}))
+        )
         store._accumulators = None
+        store._verified = {}
+        store._lock = None
         store._write_manifest()
         return store
-
-    def _check_same(self, *, n: int, dim: int, dtype: str, chunk_size: int, fingerprints: dict) -> None:
-        m = self._manifest
-        for key, fresh in (("n", n), ("dim", dim), ("dtype", dtype), ("chunk_size", chunk_size)):
-            if m.get(key) != fresh:
-                raise StoreMismatchError(
-                    f"the GradientStore in {str(self.path)!r} was written with {key}={m.get(key)!r} but this call "
-                    f"has {key}={fresh!r}. Fix: use a new directory for these settings (or delete this one), or "
-                    f"call with {key}={m.get(key)!r} to reuse it."
-                )
-        difference = fingerprint_difference(m.get("fingerprints", {}), fingerprints)
-        if difference is not None:
-            key, text = difference
-            raise StoreMismatchError(
-                f"the GradientStore in {str(self.path)!r} was {text}; features of different origins must never be "
-                "mixed. Fix: use a new directory (store_dir=...) for this one, or delete the old store, or pass the "
-                f"original {key} to reuse it."
-            )
 
     # -- properties ------------------------------------------------------------------------------------------------
     @property
@@ -398,37 +381,25 @@ class GradientStore(FeatureSource):
         The chunk file and the new sums are written atomically and then recorded in the manifest in one atomic
         replace, so an interruption at any point leaves a store whose recorded chunks and sums agree. This process
         only (no collective): under ``torch.distributed`` use :meth:`fill`, which lets rank 0 alone write the
-        manifest.
+        manifest. Outside :meth:`fill` it takes the fill lock for the write and reads the manifest again under it.
         """
         chunk = self._check_chunk_index(chunk)
-        if str(chunk) in self._manifest["chunks"]:
-            raise ValueError(
-                f"chunk {chunk} of the GradientStore in {str(self.path)!r} is already written; a store is written "
-                "once. Fix: write only missing_chunks(), or use a new directory."
-            )
-        entry = self._write_chunk_file(chunk, features)
-        self._record([(chunk, entry, accumulators)])
+        with self._filling():
+            if str(chunk) in self._manifest["chunks"]:
+                raise ValueError(
+                    f"chunk {chunk} of the GradientStore in {str(self.path)!r} is already written; a store is "
+                    "written once. Fix: write only missing_chunks(), or use a new directory."
+                )
+            entry = self._write_chunk_file(chunk, features)
+            self._record([(chunk, entry, accumulators)])
 
     def _write_chunk_file(self, chunk: int, features: torch.Tensor) -> dict[str, Any]:
         """Check ``features`` and write them atomically to the chunk's file; return its manifest entry."""
         start, stop = self.rows(chunk)
-        if not isinstance(features, torch.Tensor):
-            features = torch.as_tensor(np.asarray(features))
-        if features.shape != (stop - start, self.dim):
-            raise bad_value(
-                "features",
-                features,
-                f"chunk {chunk} holds rows {start}:{stop}, so it needs shape ({stop - start}, {self.dim})",
-                "return one row of dim features per example of the chunk",
-            )
-        if not bool(torch.isfinite(features).all()):
-            bad = int((~torch.isfinite(features).all(dim=1)).nonzero()[0, 0]) + start
-            raise FloatingPointError(
-                f"the features of row {bad} (chunk {chunk}) are not finite. Fix: check that training example, the "
-                "model's outputs on it, and use float32 features if float16 overflowed (|x| > 65504)."
-            )
+        features = check_chunk_features(features, chunk, start, stop, self.dim)
         name = chunk_file_name(chunk)
         digest = write_chunk_file(self.path / name, chunk, features, self._manifest["dtype"])
+        mark_verified(self.path, name, digest, self._verified)
         return {"file": name, "rows": stop - start, "sha256": digest}
 
     def _record(
@@ -445,16 +416,7 @@ class GradientStore(FeatureSource):
                 continue
             if running is None:
                 running = self._load_accumulators()
-            for key, value in accumulators.items():
-                value = torch.as_tensor(value).detach().to("cpu", torch.float64)
-                if key in running and running[key].shape != value.shape:
-                    raise bad_value(
-                        f"accumulators[{key!r}]",
-                        value,
-                        f"the running sum has shape {tuple(running[key].shape)}",
-                        "pass the same shape for every chunk",
-                    )
-                running[key] = running[key] + value if key in running else value.clone()
+            add_accumulators(running, accumulators)
         if running is not None:
             last = written[-1][0]
             acc_name = f"accumulators-{last:06d}-{secrets.token_hex(4)}.safetensors"
@@ -464,6 +426,9 @@ class GradientStore(FeatureSource):
                 lambda tmp: save_file({k: v.contiguous() for k, v in sums.items()}, tmp),
                 checksum=True,
             )
+            if acc_digest is None:  # pragma: no cover - atomic_write returns it with checksum=True
+                raise RuntimeError("internal error: digest is missing")
+            mark_verified(self.path, acc_name, acc_digest, self._verified)
             old = self._manifest.get("accumulators")
             old_acc_file = old["file"] if old else None
             self._manifest["accumulators"] = {
@@ -478,15 +443,32 @@ class GradientStore(FeatureSource):
         self._write_manifest()
         if old_acc_file is not None:
             try:
-                os.remove(self.path / old_acc_file)
+                os.remove(store_file(self.path, old_acc_file))
             except OSError:
                 pass
 
     def _reload(self) -> None:
-        """Read the manifest again from disk (after another rank wrote it)."""
+        """Read the manifest again from disk (after another rank or process wrote it); the accumulators in memory
+        are kept if the manifest still records the same file, and so are the digests already checked."""
         fresh = type(self)(self.path)
+        if fresh._manifest["accumulators"] != self._manifest["accumulators"]:
+            self._accumulators = None
         self._manifest = fresh._manifest
-        self._accumulators = None
+
+    @contextmanager
+    def _filling(self) -> Iterator[None]:
+        """Hold the fill lock (module docstring; nothing to do if this object holds it already) and read the
+        manifest again under it, since another process may have written chunks before the lock was ours."""
+        if self._lock is not None:
+            yield
+            return
+        self._lock = StoreLock(self.path, self.lock_stale_seconds).acquire()
+        try:
+            self._reload()
+            yield
+        finally:
+            self._lock.release()
+            self._lock = None
 
     def fill(
         self,
@@ -496,7 +478,9 @@ class GradientStore(FeatureSource):
         """Compute and write every missing chunk: ``compute(start, stop)`` returns the rows ``start:stop`` (and
         optionally a dict of float64 accumulators to add to the running sums). Returns ``self``, complete.
 
-        Completed chunks are never recomputed, so calling ``fill`` again after an interruption resumes.
+        Completed chunks are never recomputed, so calling ``fill`` again after an interruption resumes. An
+        incomplete store is filled under its lock (module docstring): if another process is filling it, a
+        :class:`~datatrace.errors.StoreLockedError` names that process; a stale lock is taken over.
 
         Under ``torch.distributed`` this is collective (module docstring): the missing chunks are dealt out
         round-robin over the ranks, each rank computes and writes only its own, rank 0 records them in the
@@ -506,9 +490,15 @@ class GradientStore(FeatureSource):
         rank, size, distributed = world()
         if distributed:
             return self._fill_distributed(compute, progress, rank, size)
-        missing = self.missing_chunks()
-        if not missing:
+        if self.complete:
             return self
+        with self._filling():
+            missing = self.missing_chunks()
+            self._fill_chunks(compute, progress, missing)
+        return self
+
+    def _fill_chunks(self, compute: Callable[[int, int], Any], progress: bool, missing: list[int]) -> None:
+        """Compute and write the ``missing`` chunks in this process, holding the lock."""
         done_rows = self.n - sum(self._rows_of(i) for i in missing)
         with tqdm(
             total=self.n, initial=done_rows, desc="gradient store", disable=not progress, leave=False
@@ -529,13 +519,30 @@ class GradientStore(FeatureSource):
                     raise
                 features, acc = out if isinstance(out, tuple) else (out, None)
                 self.write_chunk(chunk, features, acc)
+                if self._lock is not None:
+                    self._lock.heartbeat()
                 bar.update(stop - start)
-        return self
 
     # -- writing under torch.distributed ---------------------------------------------------------------------------
     def _fill_distributed(
         self, compute: Callable[[int, int], Any], progress: bool, rank: int, size: int
     ) -> GradientStore:
+        # The store has one writer whatever the number of ranks: rank 0 takes the fill lock (and reads the
+        # manifest again under it); if it cannot, every rank raises.
+        held, error = ExitStack(), None
+        if rank == 0 and not self.complete:  # a complete store is read, not written: no lock
+            try:
+                held.enter_context(self._filling())
+            except Exception as err:
+                error = err
+        raise_if_any_failed(error, f"the fill lock of the GradientStore {self.path}")
+        with held:
+            return self._fill_rounds(compute, progress, rank, size)
+
+    def _fill_rounds(
+        self, compute: Callable[[int, int], Any], progress: bool, rank: int, size: int
+    ) -> GradientStore:
+        """:meth:`fill` under torch.distributed, rank 0 holding the lock (module docstring)."""
         # Rank 0's manifest is the plan: every rank takes its list of missing chunks (one small gather).
         mask = None
         if rank == 0:
@@ -582,6 +589,8 @@ class GradientStore(FeatureSource):
                     try:
                         layout = layout or accumulator_layout(self._load_accumulators())
                         self._record(self._decode_round(rows, layout))
+                        if self._lock is not None:
+                            self._lock.heartbeat()
                         bar.update(sum(self._rows_of(int(r[0])) for r in rows))
                     except Exception as err:
                         logger.error("GradientStore %s: rank 0 failed to record chunks: %s", self.path, err)
@@ -635,7 +644,8 @@ class GradientStore(FeatureSource):
             raise RuntimeError(
                 f"chunk {chunk} of the GradientStore in {str(self.path)!r} is not written yet. Fix: fill the store."
             )
-        return read_chunk_file(self.path / entry["file"], entry["rows"], self.dim, self._manifest["dtype"])
+        path = checked_file(self.path, f"chunk {chunk}", entry, self._verified)
+        return read_chunk_file(path, entry["rows"], self.dim, self._manifest["dtype"])
 
     def features(self, chunks: int | Sequence[int] | None = None) -> Iterator[FeatureBlock]:
         """Iterate over :class:`FeatureBlock` s (``chunk``, ``start``, ``values``) of the given chunks (default all)."""
@@ -646,9 +656,9 @@ class GradientStore(FeatureSource):
             order = [int(chunks)]
         else:
             order = list(chunks)
-        for i in order:
-            start, _ = self.rows(self._check_chunk_index(i))
-            yield FeatureBlock(int(i), start, self.chunk(int(i)))
+        # the next chunks are opened (and hashed, the first time) ahead in threads; each is checked before use
+        for i, values in read_ahead([self._check_chunk_index(i) for i in order], self.chunk, READ_AHEAD):
+            yield FeatureBlock(i, self.rows(i)[0], values)
 
     def blocks(self, chunks: Sequence[int] | None = None) -> Iterator[FeatureBlock]:
         """The :class:`FeatureBlock` s of ``chunks`` (default all) of a complete store."""
@@ -665,7 +675,7 @@ class GradientStore(FeatureSource):
             if not entry:
                 self._accumulators = {}
             else:
-                path = self.path / entry["file"]
+                path = checked_file(self.path, "the accumulators", entry, self._verified)
                 try:
                     self._accumulators = dict(load_file(str(path)))
                 except Exception as err:  # safetensors raises its own error types
@@ -687,29 +697,8 @@ class GradientStore(FeatureSource):
     def verify(self) -> GradientStore:
         """Re-hash every chunk file and the accumulators against the manifest; raise :class:`StoreCorruptedError`
         naming every file that is missing or altered. Returns ``self`` when all is well."""
-        problems = []
-        entries = [
-            (f"chunk {k}", v) for k, v in sorted(self._manifest["chunks"].items(), key=lambda kv: int(kv[0]))
-        ]
-        if self._manifest.get("accumulators"):
-            entries.append(("accumulators", self._manifest["accumulators"]))
-        for what, entry in entries:
-            path = self.path / entry["file"]
-            if not path.exists():
-                problems.append(f"{what}: {entry['file']} is missing")
-                continue
-            digest = sha256_file(path)
-            if digest != entry["sha256"]:
-                problems.append(
-                    f"{what}: {entry['file']} has sha256 {digest[:12]}... but the manifest says {entry['sha256'][:12]}..."
-                )
-        if problems:
-            raise StoreCorruptedError(
-                f"the GradientStore in {str(self.path)!r} is damaged: {len(problems)} file(s) do not match the "
-                f"manifest: {'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}. Fix: delete the store and "
-                "compute it again (or restore the files from a copy)."
-            )
+        verify_files(self.path, self._manifest)
         return self
 
 
-__all__ = ["GradientStore", "StoreCorruptedError", "StoreMismatchError", "dtype_name"]
+__all__ = ["GradientStore", "StoreCorruptedError", "StoreLockedError", "StoreMismatchError", "dtype_name"]

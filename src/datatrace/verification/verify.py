@@ -37,7 +37,15 @@ from typing import Any
 import numpy as np
 
 from datatrace.data import DataLike, as_data_source
-from datatrace.errors import bad_value, check_choice, check_positive_int
+from datatrace.errors import (
+    RetrainCacheError,
+    bad_value,
+    check_bool,
+    check_choice,
+    check_nonnegative_float,
+    check_positive_int,
+    check_random_state,
+)
 from datatrace.verification.metrics import lds, loo_correlation
 from datatrace.verification.retrain import LOOResult, SubsetResult, evaluator, leave_one_out, subsets
 
@@ -148,6 +156,13 @@ def verify(
         a :class:`Verification` with the method, the agreement, the verdict and its explanation.
     """
     method = check_choice("method", method, ("auto", "leave-one-out", "subsets"))
+    noise_ratio = check_nonnegative_float("noise_ratio", noise_ratio)
+    random_state = check_random_state(random_state)
+    progress = check_bool("progress", progress)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise bad_value(
+            "cache_dir", cache_dir, "expected a folder path (str or os.PathLike)", "pass e.g. 'verify-cache'"
+        )
     n_retrains = check_positive_int("n_retrains", n_retrains, minimum=4)
     n_seeds = check_positive_int("n_seeds", n_seeds)
     loo_max_n = check_positive_int("loo_max_n", loo_max_n)
@@ -357,4 +372,14 @@ def _fmt(x: float | None) -> str:
 
 
 def _sub(cache: Path | None, name: str) -> Path | None:
-    return None if cache is None else cache / name
+    """``cache / name``, refused if it is a link or leads outside ``cache`` (a sub-cache stays inside its folder)."""
+    if cache is None:
+        return None
+    path = cache / name
+    if path.is_symlink() or (path.exists() and not path.resolve().is_relative_to(cache.resolve())):
+        raise RetrainCacheError(
+            f"cache_dir={str(cache)!r}: its sub-cache {name!r} is a link to {str(path.resolve())!r}; verify keeps "
+            "every retrain cache inside cache_dir and never writes through a link. Fix: remove the link, or use a "
+            "new cache_dir."
+        )
+    return path
