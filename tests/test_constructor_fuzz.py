@@ -340,10 +340,6 @@ KNOWN: dict[tuple[str, str], tuple[set[str], str]] = {
         {"bool", "list", "nan", "negative", "object", "string"},
         "ValueError without the argument's name (string); TypeError without the argument's name (bool, negative, nan, list, object)",
     ),
-    ("make_curvature[auto]", "max_bytes"): (
-        {"bool", "list", "nan", "negative", "none", "object", "string"},
-        "TypeError without the argument's name (none, string, list, object); accepted in silence (bool, negative, nan)",
-    ),
 }
 
 

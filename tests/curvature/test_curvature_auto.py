@@ -108,3 +108,9 @@ def test_auto_does_not_pick_ekfac_for_dict_batches():
     torch.testing.assert_close(
         inf.score(_DictDataset(X[:3], y[:3])).values, tuples.score((X[:3], y[:3])).values
     )
+
+
+@pytest.mark.parametrize("bad", [None, "4GB", True, -1, float("nan")])
+def test_auto_max_bytes_is_checked_by_name(bad):
+    with pytest.raises(ValueError, match=r"max_bytes=.*Fix: pass an integer >= 1"):
+        AutoCurvature(max_bytes=bad)

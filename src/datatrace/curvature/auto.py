@@ -26,7 +26,7 @@ from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature
 from datatrace.curvature.kfac import find_layers
 from datatrace.curvature.registry import make_curvature
 from datatrace.data import DataSource
-from datatrace.errors import check_nonnegative_float
+from datatrace.errors import check_nonnegative_float, check_positive_int
 from datatrace.gradients.functional import FunctionalModel
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class AutoCurvature(Curvature):
         if damping != "auto":
             damping = check_nonnegative_float("damping", damping)
         self.damping = damping
-        self.max_bytes = max_bytes
+        self.max_bytes = check_positive_int("max_bytes", max_bytes)
 
     def __getattr__(self, name: str) -> Any:
         """Fitted attributes of the chosen route (``damping_``, ``evals_``, ...) read through ``auto``."""
