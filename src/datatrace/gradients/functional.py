@@ -17,8 +17,9 @@ remembered by the object and logged once with the reason:
   (:meth:`FunctionalModel.over_examples`) is then computed one example at a time, which gives the same rows.
 * **double backward.** Forward-mode AD is missing for some kernels (the fused CPU attention of
   ``F.scaled_dot_product_attention``, hence ``nn.MultiheadAttention``); ``H v`` is then the reverse-over-reverse
-  product ``d/dtheta (grad L . v)`` (Pearlmutter 1994, the same matrix), computed with the attention's reference
-  ("math") kernel, whose operations all have second derivatives (:func:`second_order_kernels`).
+  product ``d/dtheta (grad L . v)`` (Pearlmutter 1994, the same matrix), computed with the reference kernels
+  (attention's "math" kernel; recurrent layers without cuDNN), whose operations all have second derivatives
+  (:func:`second_order_kernels`). The per-example loop runs with them too.
 
 Everything is computed with the module's other parameters and buffers fixed (``functional_call``), with the
 model in eval mode (dropout off, batch-norm statistics frozen) so that influence refers to one deterministic
@@ -62,14 +63,19 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def second_order_kernels() -> contextlib.AbstractContextManager:
-    """A context in which ``F.scaled_dot_product_attention`` uses its reference ("math") kernel.
+    """A context in which the reference kernels run: ``F.scaled_dot_product_attention``'s "math" kernel, and
+    recurrent layers without cuDNN.
 
-    The fused kernels (flash attention on CPU) have neither forward-mode AD nor a double backward; the math kernel
-    is composed of matrix products and a softmax, so both exist. The result is the same function.
+    The fused attention kernels (flash attention on CPU) have neither forward-mode AD nor a double backward, and
+    cuDNN's RNN has no double backward (nor a backward in eval mode); the reference kernels are composed of
+    ordinary differentiable operations, so both exist. The result is the same function. (The cuDNN part only
+    matters on a GPU.)
     """
-    if sdpa_kernel is None:  # pragma: no cover
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
+    stack = contextlib.ExitStack()
+    if sdpa_kernel is not None:
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+    return stack
 
 
 def check_working_dtype(dtype: torch.dtype, explicit: bool = True) -> None:
@@ -215,7 +221,8 @@ class FunctionalModel:
     @staticmethod
     def _loop_examples(fn: Callable[..., torch.Tensor], shared: tuple, batched: tuple) -> torch.Tensor:
         count = batch_length(batched)
-        return torch.stack([fn(*shared, *take_examples(batched, i)) for i in range(count)])
+        with second_order_kernels():  # cuDNN's RNN has no backward in eval mode
+            return torch.stack([fn(*shared, *take_examples(batched, i)) for i in range(count)])
 
     def _per_example(self, module: nn.Module, batch: tuple | dict) -> torch.Tensor:
         def single(theta: torch.Tensor, example: tuple | dict) -> torch.Tensor:
