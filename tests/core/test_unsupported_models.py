@@ -361,6 +361,19 @@ def test_dict_batches_give_the_scores_of_the_tuple_form(curvature, make_mlp, cla
     torch.testing.assert_close(dicts.self_influence(), tuples.self_influence())
 
 
+@pytest.mark.parametrize("route", ["kfac", "ekfac", "projected"])
+def test_routes_that_read_tuple_batches_refuse_dict_batches_by_name(route, make_mlp, classification_data):
+    X, y = classification_data
+    if route == "projected":
+        attributor = datatrace.ProjectedInfluence(make_mlp(), DictTask(weight_decay=WD), progress=False)
+    else:
+        attributor = datatrace.InfluenceFunction(
+            make_mlp(), DictTask(weight_decay=WD), curvature=route, progress=False
+        )
+    with pytest.raises(ValueError, match=r"dict batches.*Fix: use .*'exact'"):
+        attributor.fit(DictDataset(X, y))
+
+
 def test_dict_batches_with_a_tuple_task_name_the_form_and_the_fix(make_mlp, classification_data):
     X, y = classification_data
     inf = datatrace.InfluenceFunction(make_mlp(), datatrace.ClassificationTask(), progress=False)

@@ -269,6 +269,14 @@ class KFAC(Curvature):
                 "loss_from_outputs(outputs, batch), which the Gauss-Newton and sampled Fisher need",
                 "define both methods on the task, or use fisher='empirical'",
             )
+        if data.yields_mappings():
+            raise bad_value(
+                "data",
+                data.name,
+                f"{self.name} reads tuple batches; this data set yields dict batches (a Dataset of dicts)",
+                "use curvature='exact', 'gauss-newton', 'cg', 'lissa', 'arnoldi' or 'diagonal' (they pass dict "
+                "batches to the task), or a Dataset that returns tuples",
+            )
         layers = find_layers(fmodel)
         seed = self.random_state if self.random_state is not None else int(torch.randint(0, 2**62, ()).item())
         self._seed = seed
