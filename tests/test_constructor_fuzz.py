@@ -331,16 +331,7 @@ for _entry in ENTRIES:  # progress flags: True is valid
     VALID.setdefault((_entry, "progress"), set()).add("bool")
 
 # cases that fail today in modules owned elsewhere: (entry, argument) -> (bad value ids, what happens today)
-KNOWN: dict[tuple[str, str], tuple[set[str], str]] = {
-    ("GradientStore.create", "fingerprints"): (
-        {"bool", "list", "nan", "negative", "object", "string"},
-        "ValueError without the argument's name (string); TypeError without the argument's name (bool, negative, nan, list, object)",
-    ),
-    ("GradientStore.create", "metadata"): (
-        {"bool", "list", "nan", "negative", "object", "string"},
-        "ValueError without the argument's name (string); TypeError without the argument's name (bool, negative, nan, list, object)",
-    ),
-}
+KNOWN: dict[tuple[str, str], tuple[set[str], str]] = {}
 
 
 def _cases():

@@ -188,6 +188,14 @@ class GradientStore(FeatureSource):
                 start where a single process's batches start); ignored when ``chunk_size`` is given or the store
                 exists.
         """
+        for name, value in (("fingerprints", fingerprints), ("metadata", metadata)):
+            if value is not None and not isinstance(value, Mapping):
+                raise bad_value(
+                    name,
+                    value,
+                    "expected a dict of JSON values or None",
+                    f"pass e.g. {name}={{'model': 'v1'}}",
+                )
         kwargs = {
             "n": n,
             "dim": dim,
