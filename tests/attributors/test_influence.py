@@ -674,3 +674,14 @@ def test_scores_metadata_is_json_ready(logreg, tmp_path):
     scores.save(tmp_path / "s.safetensors")
     back = Scores.load(tmp_path / "s.safetensors")
     assert back.metadata == meta
+
+
+def test_auto_says_its_route_and_why_before_the_work_and_is_silenced_with_progress(logreg_problem, capsys):
+    p = logreg_problem
+    InfluenceFunction(p.model, p.task, progress=True).fit(p.train)
+    err = capsys.readouterr().err
+    line = "datatrace: curvature='auto' chose 'exact' (15 parameters: the dense Hessian needs"
+    assert line in err
+    assert err.index(line) < err.index("training gradients")  # before the long work starts
+    InfluenceFunction(p.model, p.task, progress=False).fit(p.train)
+    assert "curvature='auto'" not in capsys.readouterr().err

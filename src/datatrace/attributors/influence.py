@@ -32,6 +32,7 @@ first use (a collective).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -166,6 +167,14 @@ class InfluenceFunction(Attributor):
         check_size = getattr(curvature, "check_size", None)
         if callable(check_size):  # e.g. the dense routes' p x p matrix: refuse before minutes of gradients
             check_size(fmodel)
+        choose = getattr(curvature, "choose", None)
+        if callable(choose):  # curvature="auto": say which route and why before the long work
+            route, reason = choose(fmodel, source)
+            if self.progress and world()[0] == 0:
+                tqdm.write(f"datatrace: curvature='auto' chose {route.name!r} ({reason})", file=sys.stderr)
+            route_size = getattr(route, "check_size", None)
+            if callable(route_size):
+                route_size(fmodel)
         self._check_memory(fmodel, len(shard_indices(len(source))))
         local_indices, local_grads = self._local_training_gradients(fmodel, source)
         self._check_stationary(fmodel, local_grads, len(source))

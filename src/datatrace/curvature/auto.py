@@ -78,9 +78,17 @@ class AutoCurvature(Curvature):
         matrix = "gauss-newton" if fmodel.task.has_outputs else "hessian"
         return make_curvature("cg", matrix=matrix, damping=self.damping), reason
 
+    def choose(self, fmodel: FunctionalModel, data: DataSource) -> tuple[Curvature, str]:
+        """Choose the route for ``fmodel`` and ``data`` (no work beyond reading sizes) and keep the choice for
+        :meth:`fit`; returns the unfitted route and the reason in words, so callers can say it before the work."""
+        if getattr(self, "choice_", None) is None or self.choice_[0] is not fmodel:
+            route, reason = self._choose(fmodel, data)
+            logger.info("curvature='auto' chose %r: %s", route.name, reason)
+            self.choice_ = (fmodel, route, reason)
+        return self.choice_[1], self.choice_[2]
+
     def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> AutoCurvature:
-        route, reason = self._choose(fmodel, data)
-        logger.info("curvature='auto' chose %r: %s", route.name, reason)
+        route, reason = self.choose(fmodel, data)
         route.fit(fmodel, data, progress=progress)
         self.route_ = route
         self.info_ = {**route.info, "auto_choice": route.name, "auto_reason": reason}
