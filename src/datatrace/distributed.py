@@ -55,6 +55,7 @@ __all__ = [
     "all_gather_rows",
     "all_reduce_sum",
     "barrier",
+    "collective_part",
     "distributed_per_example",
     "distributed_sum",
     "is_main_process",
@@ -489,6 +490,20 @@ def raise_if_any_failed(
             raise error
         return
     _exchange_meta(None, error, group, what, "status")
+
+
+def collective_part(part: Callable[[], Any], what: str, group: Any = None) -> Any:
+    """Collective: run this rank's ``part()`` and return its result; if the part raised on any rank, every rank
+    raises (:func:`raise_if_any_failed`), so no rank waits in a later collective. Single process: ``part()``."""
+    if not world(group)[2]:
+        return part()
+    result, error = None, None
+    try:
+        result = part()
+    except Exception as err:
+        error = err
+    raise_if_any_failed(error, what, group)
+    return result
 
 
 def barrier(group: Any = None) -> None:

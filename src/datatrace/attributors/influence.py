@@ -53,6 +53,7 @@ from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
 from datatrace.distributed import (
     all_gather_rows,
     all_reduce_sum,
+    collective_part,
     raise_if_any_failed,
     shard_indices,
     world,
@@ -386,15 +387,9 @@ class InfluenceFunction(Attributor):
             if self._solve_everywhere():
                 self._train_ihvp = self.curvature_.solve(self.train_grads_)
             else:  # a local solve can fail on one rank only (e.g. memory): tell every rank
-                solved, error = None, None
-                try:
-                    solved = self.curvature_.solve(self.local_grads_)
-                except Exception as err:
-                    if not world()[2]:
-                        raise
-                    error = err
-                raise_if_any_failed(error, "H^{-1} g of the training gradients")
-                self._train_ihvp = solved
+                self._train_ihvp = collective_part(
+                    lambda: self.curvature_.solve(self.local_grads_), "H^{-1} g of the training gradients"
+                )
         return self._train_ihvp
 
     def self_influence(self) -> torch.Tensor:

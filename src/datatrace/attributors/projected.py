@@ -99,6 +99,7 @@ from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import (
     all_gather_rows,
     all_reduce_sum,
+    collective_part,
     is_main_process,
     raise_if_any_failed,
     shard_bounds,
@@ -635,13 +636,9 @@ class ProjectedInfluence(Attributor):
         if mine is None:
             return self._self_influence(source, None)
         # under torch.distributed: each rank a contiguous range of chunks, gathered in order
-        local: torch.Tensor | None = None
-        error: BaseException | None = None
-        try:
-            local = self._self_influence(source, mine)
-        except Exception as err:
-            error = err
-        raise_if_any_failed(error, "self-influence against the GradientStore")
+        local = collective_part(
+            lambda: self._self_influence(source, mine), "self-influence against the GradientStore"
+        )
         out = all_gather_rows(local)
         if out is None:  # pragma: no cover - an invariant of the code above
             raise RuntimeError("internal error: out is missing")

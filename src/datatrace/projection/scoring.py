@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from datatrace.distributed import all_gather_rows, is_main_process, raise_if_any_failed
+from datatrace.distributed import all_gather_rows, collective_part, is_main_process
 from datatrace.errors import StoreCorruptedError, bad_value, check_positive_int
 from datatrace.projection.features import (
     DEFAULT_BLOCK_ELEMENTS,
@@ -135,9 +135,8 @@ def score_against_store(
             covered += values.shape[0]
         _check_tiling(source, covered, 0, covered, n, end=True)
         return out
-    local: torch.Tensor | None = None
-    error: BaseException | None = None
-    try:
+
+    def my_columns() -> torch.Tensor:
         q, _, _ = _prepare_queries(query_features, source, transform)
         parts = [
             q @ block.values.to(device=q.device, dtype=q.dtype).T
@@ -150,11 +149,9 @@ def score_against_store(
             )
         ]
         # one row per training example of this rank's chunks: gathered in rank order = column order
-        local = torch.cat(parts, dim=1).T if parts else q.new_zeros(0, q.shape[0])
-    except Exception as err:
-        error = err
-    raise_if_any_failed(error, "scores against the GradientStore")
-    gathered = all_gather_rows(local)
+        return torch.cat(parts, dim=1).T if parts else q.new_zeros(0, q.shape[0])
+
+    gathered = all_gather_rows(collective_part(my_columns, "scores against the GradientStore"))
     if gathered is None:  # pragma: no cover - an invariant of the code above
         raise RuntimeError("internal error: gathered is missing")
     _check_tiling(source, gathered.shape[0], 0, gathered.shape[0], len(source), end=True)
@@ -238,24 +235,21 @@ def top_k_against_store(
         query_block = _query_block(source, k, query_block)
         (pi, pv), (ni, nv) = _local_top_k(q, source.blocks, k, query_block, progress)
         return StreamingTopK(TopK(pi, pv), TopK(ni, nv))
-    values: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
-    error: BaseException | None = None
-    try:
+
+    def my_candidates() -> tuple[torch.Tensor, torch.Tensor, int]:
         q, n, _ = _prepare_queries(query_features, source, transform)
-        k = min(k, n)
-        query_block = _query_block(source, k, query_block)
+        kept = min(k, n)
         (pi, pv), (ni, nv) = _local_top_k(
-            q, lambda: source.blocks(mine), k, query_block, progress and is_main_process()
+            q,
+            lambda: source.blocks(mine),
+            kept,
+            _query_block(source, kept, query_block),
+            progress and is_main_process(),
         )
         # candidates as rows (k_rank, m, 2): proponents and opponents side by side, gathered over the ranks
-        values = torch.stack([pv.T, nv.T], dim=2)
-        indices = torch.stack([pi.T, ni.T], dim=2)
-    except Exception as err:
-        error = err
-    raise_if_any_failed(error, "the top-k against the GradientStore")
-    if values is None or indices is None:  # pragma: no cover - an invariant of the code above
-        raise RuntimeError("internal error: values or indices is missing")
+        return torch.stack([pv.T, nv.T], dim=2), torch.stack([pi.T, ni.T], dim=2), kept
+
+    values, indices, k = collective_part(my_candidates, "the top-k against the GradientStore")
     all_values, all_indices = all_gather_rows(values), all_gather_rows(indices)
     if not (
         all_values is not None and all_indices is not None
