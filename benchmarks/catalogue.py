@@ -1,0 +1,410 @@
+"""The realistic-model catalogue: models trained the way people train them, with retraining ground truth.
+
+Every problem here is a float32 model trained by :func:`datatrace.verification.training.fit_minibatch` (Adam on
+shuffled minibatches for a fixed number of epochs, dropout and BatchNorm in train mode), on data that ships with
+an installed package (scikit-learn's digits and breast cancer sets; the standard library's own docstrings as
+text). None of them sits at a minimum of its objective, which is the normal case the defaults must handle. The
+float64 L-BFGS problems of :mod:`common` stay as exactness oracles.
+
+Each :class:`Problem` gives its data, a model built from an init seed, the task (mean cross-entropy plus the L2
+term the training used, so that influence and training see the same objective), the training recipe, and the
+ground truth: :func:`ground_truth` retrains on ``n_subsets`` random half subsets with ``n_seeds`` seeds each
+(:func:`datatrace.verification.retrain.subsets`, cached under ``benchmarks/results/cache/``; the seeds give the
+split-half noise ceiling of the LDS). ``scale="ci"`` builds the same problem at a size the test suite can afford.
+
+Units and signs are datatrace's: ``score[q, i] ~ f_q(theta_{-i}) - f_q(theta_hat)``, the measurement being query
+``q``'s loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import datatrace
+from datatrace.verification import retrain
+from datatrace.verification.training import fit_minibatch
+
+CACHE_DIR = Path(__file__).resolve().parent / "results" / "cache"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data (all offline)
+# --------------------------------------------------------------------------------------------------------------
+def _split(n: int, n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if n_train + n_test > n:
+        raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the {n} examples available.")
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[:n_train], perm[n_train : n_train + n_test]
+
+
+def digits_data(n_train: int, n_test: int, seed: int, image: bool = False) -> tuple[tuple, tuple]:
+    """scikit-learn's 8x8 digits, pixels ``X / 16`` in float32 (``(n, 1, 8, 8)`` when ``image``), labels int64."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    tr, te = _split(len(X), n_train, n_test, seed)
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    if image:
+        X = X.reshape(-1, 1, 8, 8)
+    y = torch.tensor(y, dtype=torch.int64)
+    return (X[tr], y[tr]), (X[te], y[te])
+
+
+def breast_cancer_data(n_train: int, n_test: int, seed: int) -> tuple[tuple, tuple]:
+    """scikit-learn's breast cancer set (30 features, 2 classes), standardised with the training split's moments."""
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    tr, te = _split(len(X), n_train, n_test, seed)
+    mean, std = X[tr].mean(0), X[tr].std(0) + 1e-12
+    X = torch.tensor((X - mean) / std, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.int64)
+    return (X[tr], y[tr]), (X[te], y[te])
+
+
+#: the text classes: the standard library's modules grouped by what they do; an example is one docstring
+DOCSTRING_GROUPS: dict[str, tuple[str, ...]] = {
+    "files": ("os", "os.path", "pathlib", "shutil", "tempfile", "glob", "fnmatch", "filecmp", "zipfile", "tarfile"),
+    "text": ("re", "string", "textwrap", "difflib", "unicodedata", "codecs", "html", "html.parser"),
+    "numbers": ("math", "cmath", "statistics", "decimal", "fractions", "random", "numbers", "operator"),
+    "network": ("socket", "ssl", "http.client", "http.server", "urllib.request", "urllib.parse", "email.message",
+                "smtplib", "ftplib", "ipaddress"),
+    "concurrency": ("threading", "multiprocessing", "asyncio", "concurrent.futures", "queue", "subprocess",
+                    "selectors", "signal"),
+    "data": ("json", "csv", "pickle", "sqlite3", "collections", "itertools", "functools", "heapq", "bisect",
+             "dataclasses", "enum", "datetime", "calendar"),
+}  # fmt: skip
+
+
+def _docstrings() -> list[tuple[str, int]]:
+    """(lower-case words of a docstring, class) for every distinct docstring of the groups' public objects."""
+    seen: set[str] = set()
+    out: list[tuple[str, int]] = []
+    for label, modules in enumerate(DOCSTRING_GROUPS.values()):
+        for module_name in modules:
+            module = importlib.import_module(module_name)
+            for name, obj in sorted(vars(module).items()):
+                if name.startswith("_"):
+                    continue
+                objects = [obj]
+                if inspect.isclass(obj):
+                    objects += [v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and callable(v)]
+                for item in objects:
+                    if not (inspect.isroutine(item) or inspect.isclass(item)):
+                        continue
+                    doc = inspect.getdoc(item)
+                    words = re.findall(r"[a-z]+", (doc or "").lower())
+                    key = " ".join(words[:64])
+                    if len(words) < 5 or key in seen:
+                        continue
+                    seen.add(key)
+                    out.append((key, label))
+    return out
+
+
+def docstring_data(n_train: int, n_test: int, seed: int, vocab: int, length: int) -> tuple[tuple, tuple]:
+    """The standard library's docstrings labelled by module group (:data:`DOCSTRING_GROUPS`), as token ids.
+
+    Tokens are lower-case words; the ``vocab - 2`` most frequent words of the training split get ids ``2..``
+    (0 pads, 1 is any other word); each docstring keeps its first ``length`` words. Returns ``((ids, labels),
+    (ids, labels))`` with ids ``(n, length)`` int64. The texts depend on the Python version: the ground-truth
+    cache is keyed by a hash of the data, so another version computes its own.
+    """
+    examples = _docstrings()
+    tr, te = _split(len(examples), n_train, n_test, seed)
+    counts = Counter(w for i in tr for w in examples[i][0].split()[:length])
+    ids = {w: k + 2 for k, (w, _) in enumerate(sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[: vocab - 2])}
+
+    def encode(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.zeros(len(rows), length, dtype=torch.int64)
+        for r, i in enumerate(rows):
+            words = examples[i][0].split()[:length]
+            tokens[r, : len(words)] = torch.tensor([ids.get(w, 1) for w in words])
+        return tokens, torch.tensor([examples[i][1] for i in rows], dtype=torch.int64)
+
+    return encode(tr), encode(te)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+class DigitsCNN(nn.Module):
+    """Conv(1->c1, 3x3) -> BatchNorm -> ReLU -> max-pool 2 -> Conv(c1->c2) -> BatchNorm -> ReLU -> dropout -> Linear."""
+
+    def __init__(self, c1: int = 8, c2: int = 16, dropout: float = 0.1, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+        )
+        self.head = nn.Linear(c2 * 16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class TextEncoder(nn.Module):
+    """Token + position embeddings -> one Transformer encoder layer (self-attention with the padding mask, LayerNorm,
+    feed-forward, dropout) -> mean over the real tokens -> Linear. Token id 0 is padding."""
+
+    def __init__(self, vocab: int, length: int, dim: int = 32, heads: int = 2, classes: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(length, dim) * 0.02)
+        self.encoder = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.1, batch_first=True
+        )
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens == 0
+        h = self.encoder(self.embed(tokens) + self.position[: tokens.shape[-1]], src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(-2) / keep.sum(-2).clamp_min(1.0))
+
+
+def _mlp(sizes: tuple[int, ...]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=False):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained: :func:`fit_minibatch`'s settings (the task's L2 term is ``weight_decay``)."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One catalogue problem: a data set, an architecture, a recipe. ``arch`` holds the architecture's settings."""
+
+    name: str
+    data_kind: str  # "digits" | "digits-image" | "breast-cancer" | "docstrings"
+    model_kind: str  # "mlp" | "cnn" | "text"
+    arch: tuple = ()
+    n_train: int = 1000
+    n_test: int = 200
+    split_seed: int = 0
+    recipe: Recipe = field(default_factory=Recipe)
+    description: str = ""
+
+    # -- identity --------------------------------------------------------------------------------------------
+    def key(self) -> str:
+        """A short cache name: the problem's name, sizes and a hash of every setting."""
+        settings = asdict(self)
+        settings.pop("description")
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return f"{self.name}-{self.n_train}-{self.n_test}-{digest}"
+
+    # -- pieces ----------------------------------------------------------------------------------------------
+    def data(self) -> tuple[tuple, tuple]:
+        if self.data_kind == "digits":
+            return digits_data(self.n_train, self.n_test, self.split_seed)
+        if self.data_kind == "digits-image":
+            return digits_data(self.n_train, self.n_test, self.split_seed, image=True)
+        if self.data_kind == "breast-cancer":
+            return breast_cancer_data(self.n_train, self.n_test, self.split_seed)
+        if self.data_kind == "docstrings":
+            vocab, length = self.arch[0], self.arch[1]
+            return docstring_data(self.n_train, self.n_test, self.split_seed, vocab, length)
+        raise ValueError(f"unknown data_kind {self.data_kind!r}")
+
+    def task(self) -> datatrace.ClassificationTask:
+        return datatrace.ClassificationTask(weight_decay=self.recipe.weight_decay)
+
+    def build_model(self, seed: int) -> nn.Module:
+        """A freshly initialised float32 model (PyTorch's default init under ``torch.manual_seed(seed)``)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self.model_kind == "mlp":
+                return _mlp(self.arch)
+            if self.model_kind == "cnn":
+                return DigitsCNN(*self.arch)
+            if self.model_kind == "text":
+                vocab, length, dim, heads, classes = self.arch
+                return TextEncoder(vocab, length, dim, heads, classes)
+        raise ValueError(f"unknown model_kind {self.model_kind!r}")
+
+    def train_fn(self) -> Trainer:
+        return Trainer(self)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.build_model(0).parameters())
+
+    def summary(self) -> str:
+        return f"{self.name}: {self.description} ({self.num_params():,} parameters, {self.n_train} train / {self.n_test} test)"
+
+
+class Trainer:
+    """Picklable ``train_fn(data, seed) -> model``: a fresh model from ``seed``, trained by the problem's recipe."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+
+    def __call__(self, data: Any, seed: int = 0) -> nn.Module:
+        r = self.problem.recipe
+        with torch.random.fork_rng(devices=[]):
+            torch.set_num_threads(1)
+            model = self.problem.build_model(seed)
+            return fit_minibatch(
+                model,
+                self.problem.task(),
+                data,
+                epochs=r.epochs,
+                batch_size=r.batch_size,
+                lr=r.lr,
+                optimizer=r.optimizer,
+                seed=seed,
+                copy_model=False,
+            )
+
+
+def _digits_mlp(name: str, hidden: tuple[int, ...], description: str, **kw: Any) -> Problem:
+    return Problem(name, "digits", "mlp", (64, *hidden, 10), description=description, **kw)
+
+
+#: the catalogue, full size (benchmarks)
+CATALOGUE: dict[str, Problem] = {
+    p.name: p
+    for p in (
+        _digits_mlp("mlp-small", (32,), "digits, MLP 64-32-10 ReLU, Adam 30 epochs, batch 32"),
+        _digits_mlp("mlp-large", (128,), "digits, MLP 64-128-10 ReLU, Adam 30 epochs, batch 32"),
+        Problem(
+            "tabular",
+            "breast-cancer",
+            "mlp",
+            (30, 64, 32, 2),
+            n_train=400,
+            n_test=169,
+            recipe=Recipe(epochs=40),
+            description="breast cancer (30 standardised features), MLP 30-64-32-2 ReLU, Adam 40 epochs, batch 32",
+        ),
+        Problem(
+            "cnn",
+            "digits-image",
+            "cnn",
+            (8, 16, 0.1, 10),
+            recipe=Recipe(epochs=20, lr=3e-3),
+            description="digits 8x8 images, Conv-BN-ReLU-pool-Conv-BN-ReLU-dropout-Linear, Adam 20 epochs, batch 32",
+        ),
+        Problem(
+            "text",
+            "docstrings",
+            "text",
+            (1000, 32, 32, 2, len(DOCSTRING_GROUPS)),
+            n_train=1200,
+            n_test=200,
+            recipe=Recipe(epochs=15, lr=2e-3),
+            description="stdlib docstrings by module group (6 classes), Embedding + Transformer encoder layer "
+            "(attention with padding mask, LayerNorm, dropout) + mean pooling, Adam 15 epochs, batch 32",
+        ),
+    )
+}
+
+
+def problem(name: str, scale: str = "full") -> Problem:
+    """A catalogue problem by name; ``scale="ci"`` shrinks the data and the budget for the test suite."""
+    if name not in CATALOGUE:
+        raise ValueError(f"unknown catalogue problem {name!r}; expected one of {sorted(CATALOGUE)}")
+    full = CATALOGUE[name]
+    if scale == "full":
+        return full
+    if scale != "ci":
+        raise ValueError(f"scale must be 'full' or 'ci', got {scale!r}")
+    small = {"n_train": min(full.n_train, 120), "n_test": min(full.n_test, 16)}
+    recipe = Recipe(**{**asdict(full.recipe), "epochs": 3})
+    return Problem(**{**asdict(full), **small, "recipe": recipe, "name": full.name + "-ci"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trained models and ground truth (cached)
+# --------------------------------------------------------------------------------------------------------------
+def trained(p: Problem, seed: int = 0) -> nn.Module:
+    """The model trained on all of ``p``'s training data from ``seed``, cached as a state dict (safetensors)."""
+    from safetensors.torch import load_file, save_file
+
+    path = CACHE_DIR / p.key() / f"model-seed{seed}.safetensors"
+    model = p.build_model(seed)
+    if path.exists():
+        model.load_state_dict(load_file(path))
+        return model.eval()
+    model = p.train_fn()(p.data()[0], seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)
+    return model.eval()
+
+
+def ground_truth(
+    p: Problem, n_subsets: int = 50, n_seeds: int = 2, n_jobs: int = 2, progress: bool = True
+) -> retrain.SubsetResult:
+    """Query losses of models retrained from scratch on ``n_subsets`` random half subsets x ``n_seeds`` seeds."""
+    train, query = p.data()
+    return retrain.subsets(
+        p.train_fn(),
+        train,
+        retrain.evaluator(p.task(), query),
+        n_subsets=n_subsets,
+        fraction=0.5,
+        n_seeds=n_seeds,
+        random_state=0,
+        n_jobs=n_jobs,
+        cache_dir=CACHE_DIR / p.key() / f"subsets-{n_subsets}x{n_seeds}",
+        progress=progress,
+    )
+
+
+def accuracy(model: nn.Module, data: tuple) -> float:
+    with torch.no_grad():
+        return float((model(data[0]).argmax(-1) == data[1]).float().mean())
+
+
+Score = Callable[[np.ndarray], float]
+
+__all__ = [
+    "CATALOGUE",
+    "DOCSTRING_GROUPS",
+    "DigitsCNN",
+    "Problem",
+    "Recipe",
+    "TextEncoder",
+    "Trainer",
+    "accuracy",
+    "breast_cancer_data",
+    "digits_data",
+    "docstring_data",
+    "ground_truth",
+    "problem",
+    "trained",
+]
