@@ -10,7 +10,13 @@ callable mapping rows ``(m, p)`` to rows ``A v``) and return tensors or numbers.
   - zero eigenvalues (``|e| <= zero_tolerance * max|e|``) get ``phi = 0``: a pseudo-inverse;
   - negative eigenvalues follow ``negative=``: ``"clip"`` sets them to 0, ``"abs"`` uses ``|e|`` (saddle-free
     Newton, Dauphin et al. 2014), ``"keep"`` uses them as they are;
-  - damping ``"auto"`` is 0 when no eigenvalue is negative and otherwise ``0.01 * mean |e|`` (Levenberg-Marquardt).
+  - damping ``"auto"`` at a minimum of the training objective is 0 when no eigenvalue is negative and otherwise
+    ``0.01 * mean |e|`` (Levenberg-Marquardt); away from a minimum (``dof_target`` given) it is
+    :func:`dof_damping`.
+
+* :func:`dof_damping`: the damping whose ridge keeps a stated number of effective directions,
+  ``sum_j e_j / (e_j + lambda) = target`` (the effective degrees of freedom of a ridge estimator; Hastie,
+  Tibshirani & Friedman, *Elements of Statistical Learning*, eq. 3.50).
 
 * :func:`lanczos` and :func:`estimate_spectrum`: a Krylov basis with full reorthogonalisation, its extreme Ritz
   values (Kaniel-Paige) and stochastic Lanczos quadrature of ``mean |e|`` (Ubaru, Chen & Saad 2017).
@@ -49,6 +55,8 @@ NEGATIVE_RTOL = 1e-6
 SHIFT_SAFETY = 1.1
 #: Levenberg-Marquardt fraction of ``mean |e|``, as in the dense routes
 LM_FRACTION = 0.01
+#: away from a minimum, ``damping="auto"`` keeps this many effective curvature directions per model output
+DOF_PER_OUTPUT = 10
 #: a Krylov step whose new direction is below this fraction of ``||A||`` found an invariant subspace
 BREAKDOWN_RTOL = 1e-10
 
@@ -82,21 +90,73 @@ def as_rows(vectors: Any, p: int, dtype: torch.dtype, device: torch.device) -> t
 
 
 # -- eigenvalue policy ---------------------------------------------------------------------------------------------
+def dof_damping(
+    evals: torch.Tensor, target: float, multiplicity: torch.Tensor | None = None, extra: float = 0.0
+) -> float:
+    """The damping ``lambda >= 0`` with ``sum_j m_j e_j / (e_j + lambda) = target`` (negative ``e`` count as 0).
+
+    ``sum_j e_j / (e_j + lambda)`` is the effective number of directions a ridge ``(C + lambda I)^{-1}`` still
+    resolves (the degrees of freedom of ridge regression): ``p`` at ``lambda = 0`` falling to 0 as ``lambda``
+    grows. ``multiplicity`` ``m_j`` counts repeated eigenvalues (e.g. the isotropic complement of a truncated
+    spectrum); ``extra`` is added to the left side (directions known to be resolved whatever the damping).
+    Returns 0 when fewer than ``target`` directions have positive curvature. Solved by bisection on
+    ``log lambda`` (the left side is decreasing in ``lambda``) to a relative precision of about 1e-6.
+
+    Why: a model trained for a budget (Adam, early stopping) is not at a minimum, and the curvature at its end
+    point describes the response to removing an example only along its largest directions; small eigenvalues
+    (examples already fitted, directions training never moved along) make ``C^{-1}`` explode. Keeping a fixed
+    number of directions per model output is scale-free (it does not change when the loss or the parameters are
+    rescaled), unlike an absolute damping.
+    """
+    e = evals.detach().to(torch.float64).clamp(min=0.0)
+    m = torch.ones_like(e) if multiplicity is None else multiplicity.detach().to(torch.float64)
+    positive = e > 0
+    if float((m * positive).sum()) + extra <= target or not bool(positive.any()):
+        return 0.0
+
+    def dof(lam: float) -> float:
+        return float((m * e / (e + lam)).sum()) + extra
+
+    top = float(e.max())
+    lo, hi = top * 1e-16, top * 1e6
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        if dof(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1.0 + 1e-6:
+            break
+    return math.sqrt(lo * hi)
+
+
 def spectral_inverse(
-    evals: torch.Tensor, damping: float | str, negative: str, rtol: float | None, name: str
+    evals: torch.Tensor,
+    damping: float | str,
+    negative: str,
+    rtol: float | None,
+    name: str,
+    dof_target: float | None = None,
+    multiplicity: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float, dict[str, Any]]:
     """The eigenvalue policy (module docstring) applied to eigenvalues ``evals``: returns ``phi(e)`` (0 where an
     eigenvalue is dropped), the damping used and the facts for a route's ``info`` (``name`` is the route).
 
-    ``rtol=None`` uses :func:`zero_tolerance` for ``evals.numel()`` eigenvalues.
+    ``rtol=None`` uses :func:`zero_tolerance` for ``evals.numel()`` eigenvalues. ``dof_target`` (the model is away
+    from a minimum, see :func:`dof_damping`) makes ``damping="auto"`` keep that many effective directions,
+    counting eigenvalue ``j`` ``multiplicity[j]`` times.
     """
     scale = float(evals.abs().max()) if evals.numel() else 0.0
     rtol = rtol if rtol is not None else zero_tolerance(evals.numel(), evals.dtype)
     tol = rtol * scale
     zero = evals.abs() <= tol
     is_negative = (evals < -tol) & ~zero
-    if damping == "auto":
+    rule = "given"
+    if damping == "auto" and dof_target is not None:
+        used, rule = dof_damping(evals, dof_target, multiplicity), f"dof={dof_target:g}"
+    elif damping == "auto":
         used = 0.0 if not bool(is_negative.any()) else LM_FRACTION * float(evals.abs().mean())
+        rule = "at-minimum"
     else:
         used = float(damping)
     if negative == "clip":
@@ -114,6 +174,7 @@ def spectral_inverse(
         "route": name,
         "num_params": int(evals.numel()),
         "damping": used,
+        "damping_rule": rule,
         "negative_policy": negative,
         "eigenvalue_max": float(evals.max()),
         "eigenvalue_min": float(evals.min()),
@@ -419,6 +480,7 @@ __all__ = [
     "lanczos",
     "mean_abs_eigenvalue",
     "positive_definite_damping",
+    "dof_damping",
     "raised_damping",
     "spectral_inverse",
     "zero_tolerance",

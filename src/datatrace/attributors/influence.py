@@ -48,7 +48,7 @@ from datatrace.attributors.base import (
     json_scalars,
 )
 from datatrace.curvature import Curvature, make_curvature
-from datatrace.curvature.base import format_bytes
+from datatrace.curvature.base import TrainingState, format_bytes, output_size
 from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
 from datatrace.distributed import (
     all_gather_rows,
@@ -178,7 +178,8 @@ class InfluenceFunction(Attributor):
                 route_size(fmodel)
         self._check_memory(fmodel, len(shard_indices(len(source))))
         local_indices, local_grads = self._local_training_gradients(fmodel, source)
-        self._check_stationary(fmodel, local_grads, len(source))
+        ratio = self._check_stationary(fmodel, local_grads, len(source))
+        curvature.training_state = TrainingState(ratio, output_size(fmodel, source))
         curvature.fit(fmodel, source, progress=self.progress)
         self.fmodel_ = fmodel
         self.train_ = source
@@ -275,15 +276,16 @@ class InfluenceFunction(Attributor):
             self._all_grads = all_gather_rows(self.local_grads_)
         return self._all_grads
 
-    def _check_stationary(self, fmodel: FunctionalModel, local_grads: torch.Tensor, n: int) -> None:
+    def _check_stationary(self, fmodel: FunctionalModel, local_grads: torch.Tensor, n: int) -> float:
+        """Warn when far from a stationary point; return ``||grad L|| / mean_i ||grad l_i||``."""
         sums = all_reduce_sum(
             torch.cat([local_grads.sum(dim=0), local_grads.norm(dim=1).sum().reshape(1)]).to(torch.float64)
         )
         full = (sums[:-1] / n).to(fmodel.dtype) + fmodel.regularizer * fmodel.theta
         self.gradient_norm_ = float(full.norm())
-        check_stationary(
-            self.gradient_norm_, float(sums[-1]) / n or 1.0, "||grad L||", "per-example gradient norm"
-        )
+        typical = float(sums[-1]) / n or 1.0
+        check_stationary(self.gradient_norm_, typical, "||grad L||", "per-example gradient norm")
+        return self.gradient_norm_ / typical
 
     def check_is_fitted(self) -> None:
         """:class:`~datatrace.errors.NotFittedError` before ``fit``; a RuntimeError when used by another number of

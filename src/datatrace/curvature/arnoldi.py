@@ -15,7 +15,14 @@ from datatrace.data import DataSource
 from datatrace.errors import bad_value, check_choice, check_positive_int
 from datatrace.gradients.functional import FunctionalModel
 from datatrace.gradients.products import MATRICES
-from datatrace.linalg import LM_FRACTION, NEGATIVE_POLICIES, lanczos, mean_abs_eigenvalue, spectral_inverse
+from datatrace.linalg import (
+    LM_FRACTION,
+    NEGATIVE_POLICIES,
+    dof_damping,
+    lanczos,
+    mean_abs_eigenvalue,
+    spectral_inverse,
+)
 
 
 class Arnoldi(MatrixFree):
@@ -43,7 +50,8 @@ class Arnoldi(MatrixFree):
 
     ``damping="auto"``: the dense rule, 0 when no kept eigenvalue is negative and otherwise ``0.01 mean |e|``
     over all ``p`` eigenvalues (exact with a complete basis, else estimated by stochastic Lanczos quadrature on
-    the same run).
+    the same run); away from a minimum, the dense routes' effective-directions rule
+    (:func:`datatrace.linalg.dof_damping`) on the kept eigenvalues plus ``p - rank`` copies of the complement.
 
     Args:
         matrix: ``"hessian"`` or ``"gauss-newton"``.
@@ -116,8 +124,27 @@ class Arnoldi(MatrixFree):
         keep = torch.argsort(ritz.abs(), descending=True)[:rank]
         evals = ritz[keep]
         evecs = krylov.basis.T @ vectors[:, keep]  # (p, rank), float64
-        inv, damping, spectral_info = spectral_inverse(evals, self.damping, self.negative, None, self.name)
-        if self.damping == "auto" and spectral_info["num_negative"] and not (krylov.complete and rank == p):
+        complete = krylov.complete and rank == p
+        rest_value = 0.0
+        if not complete and rank < p:  # the mean of the eigenvalues outside the kept ones, capped by them
+            rest = (p * mean_abs - float(evals.abs().sum())) / (p - rank)
+            rest_value = min(max(rest, 0.0), float(evals.abs().min()))
+        target = self.dof_target(p)
+        if self.damping == "auto" and target is not None:
+            # the effective directions count the complement too: p - rank copies of its value
+            counted = self.complement == "mean" and not complete
+            values = torch.cat([evals, evals.new_tensor([rest_value])]) if counted else evals
+            weights = torch.ones_like(values)
+            if counted:
+                weights[-1] = p - rank
+            used = dof_damping(values, target, weights)
+            if used == 0.0 and not complete:  # the kept directions hold fewer than the target: damp at their floor
+                used = float(evals.abs().min())
+            inv, damping, spectral_info = spectral_inverse(evals, used, self.negative, None, self.name)
+            spectral_info["damping_rule"] = f"dof={target:g}"
+        else:
+            inv, damping, spectral_info = spectral_inverse(evals, self.damping, self.negative, None, self.name)
+        if self.damping == "auto" and target is None and spectral_info["num_negative"] and not complete:
             # the dense rule's mean |e| runs over all p eigenvalues, not only the kept ones
             inv, damping, spectral_info = spectral_inverse(
                 evals, LM_FRACTION * mean_abs, self.negative, None, self.name
@@ -128,13 +155,10 @@ class Arnoldi(MatrixFree):
         self.damping_ = damping
         self.complement_value_ = 0.0
         self.complement_inv_ = 0.0
-        if self.complement == "mean" and not (krylov.complete and rank == p) and rank < p:
-            kept_abs = evals.abs()
-            rest = (p * mean_abs - float(kept_abs.sum())) / (p - rank)
-            value = min(max(rest, 0.0), float(kept_abs.min()))
-            if value + self.damping_ > 0:
-                self.complement_value_ = value
-                self.complement_inv_ = 1.0 / (value + self.damping_)
+        if self.complement == "mean" and not complete and rank < p:
+            if rest_value + self.damping_ > 0:
+                self.complement_value_ = rest_value
+                self.complement_inv_ = 1.0 / (rest_value + self.damping_)
         info = dict(spectral_info)
         info.update(
             {

@@ -89,6 +89,7 @@ class AutoCurvature(Curvature):
 
     def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> AutoCurvature:
         route, reason = self.choose(fmodel, data)
+        route.training_state = self.training_state
         route.fit(fmodel, data, progress=progress)
         self.route_ = route
         self.info_ = {**route.info, "auto_choice": route.name, "auto_reason": reason}

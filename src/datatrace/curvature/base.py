@@ -18,6 +18,7 @@ holds at least ``route`` and ``damping`` (the damping actually used).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,10 +26,38 @@ import torch
 from datatrace.data import DataSource
 from datatrace.errors import NotFittedError, bad_value, check_nonnegative_float, check_random_state
 from datatrace.gradients.functional import FunctionalModel
-from datatrace.linalg import as_rows
+from datatrace.linalg import DOF_PER_OUTPUT, as_rows
 
 #: default budget for dense curvature: the p x p matrix plus its eigenvectors and workspace
 DEFAULT_MAX_DENSE_BYTES = 4 * 1024**3
+#: a model counts as at a minimum when ``||grad L|| <= AT_MINIMUM_RTOL * (mean per-example gradient norm)``
+AT_MINIMUM_RTOL = 1e-3
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """What an attributor learned about the trained model before fitting the curvature, for ``damping="auto"``.
+
+    ``gradient_ratio`` is ``||grad L(theta_hat)|| / mean_i ||grad l_i||`` (0 at a stationary point; a model
+    trained by Adam for a budget sits at a few percent); ``outputs`` is the number of model outputs per example
+    (classes, or 1). At a minimum (ratio ``<= AT_MINIMUM_RTOL``) the influence function is the exact first-order
+    answer and the routes' ``"auto"`` damping stays the minimal one (0 on a convex objective). Away from one the
+    routes that know their spectrum keep :data:`~datatrace.linalg.DOF_PER_OUTPUT` effective directions per output
+    (:func:`~datatrace.linalg.dof_damping`), at most half of the parameters.
+    """
+
+    gradient_ratio: float
+    outputs: int = 1
+
+    @property
+    def at_minimum(self) -> bool:
+        return self.gradient_ratio <= AT_MINIMUM_RTOL
+
+    def dof_target(self, num_params: int) -> float | None:
+        """The effective directions ``damping="auto"`` keeps, or None at a minimum (the minimal damping)."""
+        if self.at_minimum:
+            return None
+        return float(min(DOF_PER_OUTPUT * max(self.outputs, 1), num_params / 2))
 
 
 class Curvature(ABC):
@@ -39,9 +68,17 @@ class Curvature(ABC):
     #: True when ``solve`` itself passes over the training data (CG, LiSSA): under torch.distributed those passes
     #: are collectives, so every rank must then solve the same rows in the same order
     collective_solve: bool = False
+    #: set by the attributor before ``fit`` (:class:`TrainingState`); None, for a route fitted on its own, is read
+    #: as "at a minimum"
+    training_state: TrainingState | None = None
 
     def __init__(self) -> None:
         self.info_: dict[str, Any] = {}
+
+    def dof_target(self, num_params: int) -> float | None:
+        """The effective directions ``damping="auto"`` keeps (:meth:`TrainingState.dof_target`), None at a
+        minimum or when no attributor said."""
+        return None if self.training_state is None else self.training_state.dof_target(num_params)
 
     @abstractmethod
     def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> Curvature:
@@ -83,6 +120,16 @@ class Curvature(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def output_size(fmodel: FunctionalModel, data: DataSource) -> int:
+    """The number of model outputs per example (``task.outputs`` on the first example; 1 without outputs)."""
+    if not fmodel.task.has_outputs or len(data) == 0:
+        return 1
+    _, batch = next(data.batches(batch_size=1))
+    with torch.no_grad():
+        outputs = fmodel.task.outputs(fmodel.model, fmodel.prepare(batch))
+    return max(1, int(outputs[0].numel()))
 
 
 # -- settings checks shared by the routes ----------------------------------------------------------------------------

@@ -13,9 +13,12 @@ with the eigenvalue policy of :func:`datatrace.linalg.spectral_inverse`, all its
   to zero, so with ``damping`` they are treated as flat directions and with no damping they are dropped;
   ``"abs"`` uses ``|e|`` (saddle-free Newton); ``"keep"`` uses them as they are (the literal Newton step, which
   can explode near zero).
-* **damping** ``lambda_d >= 0`` added to every kept eigenvalue. ``"auto"``: 0 when no eigenvalue is negative (a
-  convex objective, where the exact inverse is the right answer) and otherwise ``0.01 * mean(|e|)``, a
-  Levenberg-Marquardt style choice that keeps the inverse well away from the noise of small eigenvalues.
+* **damping** ``lambda_d >= 0`` added to every kept eigenvalue. ``"auto"`` at a minimum of the objective (or when
+  no attributor says otherwise): 0 when no eigenvalue is negative (a convex objective, where the exact inverse is
+  the right answer) and otherwise ``0.01 * mean(|e|)``, a Levenberg-Marquardt style choice that keeps the inverse
+  well away from the noise of small eigenvalues. Away from a minimum (a model trained for a budget, see
+  :class:`~datatrace.curvature.base.TrainingState`): the damping that keeps ten effective directions per model
+  output (:func:`datatrace.linalg.dof_damping`).
 
 Koh & Liang (2017) use the exact Hessian; the Gauss-Newton matrix (Martens 2020) is positive semi-definite for
 convex losses and is what Bae et al. (2022) show influence functions on networks actually approximate (the
@@ -96,7 +99,9 @@ class DenseCurvature(Curvature):
         return self
 
     def _set_spectrum(self, evals: torch.Tensor, evecs: torch.Tensor, fmodel: FunctionalModel) -> None:
-        inv, damping, info = spectral_inverse(evals, self.damping, self.negative, self.rtol, self.name)
+        inv, damping, info = spectral_inverse(
+            evals, self.damping, self.negative, self.rtol, self.name, self.dof_target(fmodel.num_params)
+        )
         self.evals_, self.evecs_, self.inv_evals_ = evals, evecs, inv
         self.damping_ = damping
         self.info_ = info
