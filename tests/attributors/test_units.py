@@ -50,13 +50,17 @@ def test_counter_counts_a_planted_violation_and_tolerates_rounding():
     losses = torch.tensor([0.5, 0.0, 1.0, 2.0], dtype=torch.float64)
     values = torch.zeros(4, 5, dtype=torch.float64)
     values[0, 2] = -0.6  # below -0.5: a violation
-    values[1, 1] = -1e-15  # loss 0, score a rounding error below 0: tolerated
+    values[1, 1] = -1e-9  # loss 0, a score a millionth of the largest |score| below 0: tolerated
     values[2, 3] = -0.99999999  # just above -1.0: allowed
     values[3, 0] = -1.999  # allowed
     values[3, 4] = -2.5  # a violation
     assert count_below_minus_loss(values, losses) == 2
-    values[1, 0] = -1e-6  # loss 0 and a real negative score: a violation
+    values[1, 0] = -1e-3  # loss 0 and a real negative score: a violation
     assert count_below_minus_loss(values, losses) == 3
+    # an overshoot far below the scale of the scores (largest |score| 2.5) is not counted
+    near_zero = torch.tensor([1e-8], dtype=torch.float64)
+    assert count_below_minus_loss(torch.tensor([[-3e-8, 2.5]], dtype=torch.float64), near_zero) == 0
+    assert count_below_minus_loss(torch.tensor([[-3e-8, 2.5e-3]], dtype=torch.float64), near_zero) == 1
 
 
 def test_score_counts_the_planted_violations_and_warns(logreg_problem, caplog):

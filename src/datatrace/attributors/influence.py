@@ -25,12 +25,14 @@ route with one block), ``"rank-only"`` for those whose scale is known to differ 
 K-FAC, EK-FAC, several blocks): an approximation that smears the curvature over directions the gradients do not
 take underestimates it along the gradients and inflates the scores, so use their order, not their size.
 ``"unknown"`` for a route datatrace does not know. When the measurement is the task's loss (the default), removing
-one example cannot take a query's loss below zero, so ``score[q, i] >= -loss_q`` holds for a non-negative
-loss (every built-in task's) and for actual retraining. A first-order estimate with the exact curvature rarely
-breaks it for cross-entropy (its first-order change is about ``(1 - p)`` times a logit change, its loss about
-``1 - p``); an inflated one often does. Under a squared error a query fitted almost exactly can break it with any
-curvature (the change ``2 r d + d^2`` is linearised to ``2 r d``, below ``-r^2`` once ``d < -r/2``). ``metadata["below_minus_loss"]`` counts the queries having a score below ``-loss_q`` (and
-``"below_minus_loss_fraction"``), and a warning names the likely cause when more than
+one example cannot take a query's loss below zero, so ``score[q, i] >= -loss_q`` holds for actual retraining
+with a non-negative loss (every built-in task's). A first-order estimate with the exact curvature rarely breaks
+it for cross-entropy (its first-order change is about ``(1 - p)`` times a logit change, its loss about
+``1 - p``, so the logit must move by more than one); an inflated one often does. Near a perfect fit the
+linearisation itself can overshoot (under a squared error ``2 r d + d^2`` becomes ``2 r d``, below ``-r^2`` once
+``d < -r/2``), whatever the curvature. ``metadata["below_minus_loss"]`` counts the queries having a score below
+``-loss_q`` (within :func:`count_below_minus_loss`'s tolerance, tiny against the largest score) and
+``"below_minus_loss_fraction"`` their share; a warning names the likely cause when more than
 :data:`BELOW_MINUS_LOSS_WARN` of the queries do.
 
 **Under torch.distributed** (a process group the caller initialised, e.g. with ``torchrun``; every rank makes the
@@ -151,8 +153,9 @@ ROUTE_UNITS: dict[str, tuple[str, str]] = {
 BELOW_MINUS_LOSS_WARN = 0.05
 #: relative tolerance of the bound score >= -loss (rounding of the loss and of the scores)
 BELOW_MINUS_LOSS_RTOL = 1e-6
-#: absolute tolerance of that bound (a query with a loss of exactly zero)
-BELOW_MINUS_LOSS_ATOL = 1e-12
+#: absolute tolerance of that bound, relative to the largest |score| of the matrix: a query fitted with a loss of
+#: ~1e-8 can overshoot to a score of ~-2e-8 at first order, which is no statement about the scale of the scores
+BELOW_MINUS_LOSS_ATOL = 1e-6
 
 
 def route_units(route: str, info: dict[str, Any]) -> tuple[str, str]:
@@ -171,12 +174,15 @@ def route_units(route: str, info: dict[str, Any]) -> tuple[str, str]:
 
 
 def count_below_minus_loss(values: torch.Tensor, losses: torch.Tensor) -> int:
-    """How many rows (queries) of ``values`` have a score below ``-losses[q]`` (less a relative tolerance
-    :data:`BELOW_MINUS_LOSS_RTOL`): impossible for leave-one-out changes of a non-negative loss, since the
-    retrained loss ``loss_q + score`` cannot be negative."""
+    """How many rows (queries) of ``values`` have a score below ``-losses[q]``: impossible for leave-one-out changes
+    of a non-negative loss, since the retrained loss ``loss_q + score`` cannot be negative. Tolerance:
+    :data:`BELOW_MINUS_LOSS_RTOL` of the loss plus :data:`BELOW_MINUS_LOSS_ATOL` of the largest ``|score|`` (so
+    that first-order overshoots of losses near zero, far below the scale of the scores, do not count)."""
+    v = values.to(torch.float64)
     loss = losses.to(torch.float64).reshape(-1, 1)
-    floor = -loss * (1.0 + BELOW_MINUS_LOSS_RTOL) - BELOW_MINUS_LOSS_ATOL
-    return int((values.to(torch.float64) < floor).any(dim=1).sum())
+    scale = float(v.abs().max()) if v.numel() else 0.0
+    floor = -loss * (1.0 + BELOW_MINUS_LOSS_RTOL) - BELOW_MINUS_LOSS_ATOL * scale
+    return int((v < floor).any(dim=1).sum())
 
 
 class InfluenceFunction(Attributor):
@@ -495,8 +501,8 @@ class InfluenceFunction(Attributor):
                 "(its scores are rank-only)"
                 if rank_only
                 else "the first-order estimate itself: a model far from a minimum of its objective, near-zero "
-                "eigenvalues without damping, or queries fitted almost exactly under a squared error (a quadratic "
-                "loss, a linear first-order change)",
+                "eigenvalues without damping, or queries fitted almost exactly (a first-order change of a loss "
+                "near zero can overshoot it)",
                 "use a dense or matrix-free route (curvature='gauss-newton', 'exact' or 'cg') and read these scores "
                 "as a ranking"
                 if rank_only
