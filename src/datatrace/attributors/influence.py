@@ -461,7 +461,8 @@ class InfluenceFunction(Attributor):
             values = (solved @ self.local_grads_.T) / self.n_train_
         metadata = self.metadata()
         if measurement is None and type(self.task).measurement is Task.measurement:
-            metadata.update(self._loss_bound(values, self._query_losses(query), metadata))
+            losses = self._query_losses(self.prepare_data(query, "query"))
+            metadata.update(self._loss_bound(values, losses, metadata))
         return Scores(values, self.describe_measurement(measurement), metadata)
 
     def _query_losses(self, query: DataLike) -> torch.Tensor:
