@@ -172,3 +172,9 @@ def test_projected_influence_states_its_units(logreg_problem):
         meta = inf.score(problem.query).metadata
         assert meta["units"] == units
         assert meta["units_reason"]
+
+
+def test_arnoldi_reason_says_how_much_of_the_spectrum_it_keeps():
+    units, reason = route_units("arnoldi", {"captured_fraction": 0.5, "exact": False})
+    assert units == LEAVE_ONE_OUT and "50%" in reason
+    assert "%" not in route_units("arnoldi", {"captured_fraction": 1.0, "exact": True})[1]

@@ -168,6 +168,10 @@ def route_units(route: str, info: dict[str, Any]) -> tuple[str, str]:
         return route_units(info["auto_choice"], info)
     if route == "block-diagonal" and info.get("num_blocks") == 1:
         return LEAVE_ONE_OUT, "one dense block covering every parameter in scope, solved exactly"
+    if route == "arnoldi" and isinstance(info.get("captured_fraction"), float) and not info.get("exact"):
+        units, reason = ROUTE_UNITS[route]
+        share = info["captured_fraction"]
+        return units, f"{reason}; the kept eigenpairs hold an estimated {share:.0%} of the spectrum's mass"
     if route in ROUTE_UNITS:
         return ROUTE_UNITS[route]
     return "unknown", f"datatrace does not know whether the route {route!r} keeps leave-one-out units"
