@@ -494,24 +494,28 @@ class InfluenceFunction(Attributor):
         count = count_below_minus_loss(values, losses)
         fraction = count / losses.numel()
         if fraction > BELOW_MINUS_LOSS_WARN:
-            info = self.curvature_.info
-            rank_only = metadata.get("units") == RANK_ONLY
+            route = self.curvature_.info.get("auto_choice", metadata.get("route"))
+            if metadata.get("units") == RANK_ONLY:
+                cause = f"the {route!r} curvature underestimates the curvature along the gradients (rank-only scores)"
+                fix = (
+                    "for leave-one-out sizes use curvature='gauss-newton', 'exact' or 'cg' (or more damping, which "
+                    "shrinks every score); the order of these scores can still be used"
+                )
+            else:
+                cause = (
+                    "the first-order estimate itself: a model far from a minimum of its objective, near-zero "
+                    "eigenvalues without damping, or queries fitted almost exactly (a first-order change of a loss "
+                    "near zero can overshoot it)"
+                )
+                fix = "raise damping (e.g. damping=1e-3), or train closer to a minimum"
             logger.warning(
                 "%d of %d queries (%.0f%%) have a score below minus their own loss, which no retraining can "
                 "give (a loss cannot fall below zero): the scores are too large. Likely cause: %s. Fix: %s.",
                 count,
                 losses.numel(),
                 100 * fraction,
-                f"the {info.get('auto_choice', metadata.get('route'))!r} curvature underestimates the curvature along the gradients "
-                "(its scores are rank-only)"
-                if rank_only
-                else "the first-order estimate itself: a model far from a minimum of its objective, near-zero "
-                "eigenvalues without damping, or queries fitted almost exactly (a first-order change of a loss "
-                "near zero can overshoot it)",
-                "use a dense or matrix-free route (curvature='gauss-newton', 'exact' or 'cg') and read these scores "
-                "as a ranking"
-                if rank_only
-                else "raise damping (e.g. damping=1e-3), or train closer to a minimum",
+                cause,
+                fix,
             )
         return {"below_minus_loss": count, "below_minus_loss_fraction": fraction}
 
