@@ -18,6 +18,23 @@ With the training objective ``L(theta) = (1/n) sum_i l(z_i, theta) + sum_b lambd
 
 Removing a set ``S`` is, to first order, the sum of the individual scores.
 
+**Units, checked where it is cheap.** Every :class:`~datatrace.Scores` says whether its route keeps those units
+(``metadata["units"]``, with ``metadata["units_reason"]`` in one sentence): ``"leave-one-out"`` for the routes that
+solve with the Hessian or Gauss-Newton matrix itself (exact, gauss-newton, cg, lissa, arnoldi, a block-diagonal
+route with one block), ``"rank-only"`` for those whose scale is known to differ from it (identity, diagonal,
+K-FAC, EK-FAC, several blocks): an approximation that smears the curvature over directions the gradients do not
+take underestimates it along the gradients and inflates the scores, so use their order, not their size.
+``"unknown"`` for a route datatrace does not know. When the measurement is the task's loss (the default), removing
+one example cannot take a query's loss below zero, so ``score[q, i] >= -loss_q`` holds for actual retraining
+with a non-negative loss (every built-in task's). A first-order estimate with the exact curvature rarely breaks
+it for cross-entropy (its first-order change is about ``(1 - p)`` times a logit change, its loss about
+``1 - p``, so the logit must move by more than one); an inflated one often does. Near a perfect fit the
+linearisation itself can overshoot (under a squared error ``2 r d + d^2`` becomes ``2 r d``, below ``-r^2`` once
+``d < -r/2``), whatever the curvature. ``metadata["below_minus_loss"]`` counts the queries having a score below
+``-loss_q`` (within :func:`count_below_minus_loss`'s tolerance, tiny against the largest score) and
+``"below_minus_loss_fraction"`` their share; a warning names the likely cause when more than
+:data:`BELOW_MINUS_LOSS_WARN` of the queries do.
+
 **Under torch.distributed** (a process group the caller initialised, e.g. with ``torchrun``; every rank makes the
 same calls) each rank computes and keeps only the training gradients of its own contiguous shard
 (:func:`datatrace.distributed.shard_indices`): memory per rank is ``n / world_size`` rows. ``score`` multiplies the
@@ -78,10 +95,98 @@ from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InfluenceFunction", "Measurement"]
+__all__ = [
+    "BELOW_MINUS_LOSS_WARN",
+    "LEAVE_ONE_OUT",
+    "RANK_ONLY",
+    "ROUTE_UNITS",
+    "InfluenceFunction",
+    "Measurement",
+    "count_below_minus_loss",
+    "route_units",
+]
 
 #: what a training or query gradient row failing the finiteness check should prompt
 _ROW_FIX = "check that example's inputs and label, and the model's outputs on it."
+
+LEAVE_ONE_OUT = "leave-one-out"
+RANK_ONLY = "rank-only"
+#: per curvature route: whether its scores are in first-order leave-one-out units, and why (one sentence)
+ROUTE_UNITS: dict[str, tuple[str, str]] = {
+    "exact": (LEAVE_ONE_OUT, "the dense Hessian of the training objective, solved exactly"),
+    "gauss-newton": (
+        LEAVE_ONE_OUT,
+        "the dense Gauss-Newton matrix of the training objective, solved exactly",
+    ),
+    "cg": (LEAVE_ONE_OUT, "conjugate gradient on the Hessian or Gauss-Newton matrix itself (at convergence)"),
+    "lissa": (
+        LEAVE_ONE_OUT,
+        "a Neumann series of the Hessian or Gauss-Newton matrix itself (at convergence)",
+    ),
+    "arnoldi": (
+        LEAVE_ONE_OUT,
+        "the exact inverse on the top eigenpairs of the Hessian or Gauss-Newton matrix (at convergence)",
+    ),
+    "block-diagonal": (
+        RANK_ONLY,
+        "several dense blocks without the curvature between them: it underestimates the curvature along the "
+        "gradients and inflates the scores",
+    ),
+    "diagonal": (
+        RANK_ONLY,
+        "a diagonal curvature ignores the correlations between parameters, so its scale is not that of "
+        "leave-one-out",
+    ),
+    "kfac": (
+        RANK_ONLY,
+        "the Kronecker factorisation (and the blocks per layer) smears the curvature over directions the "
+        "gradients do not take, which inflates the scores against the Gauss-Newton matrix",
+    ),
+    "ekfac": (
+        RANK_ONLY,
+        "the Kronecker eigenbasis (and the blocks per layer) smears the curvature over directions the gradients "
+        "do not take, which inflates the scores against the Gauss-Newton matrix, even with exact eigenvalues",
+    ),
+    "identity": (RANK_ONLY, "H ~ I: gradient dot products, not in any loss units"),
+}
+#: above this share of queries with a score below minus their own loss, score() logs a warning
+BELOW_MINUS_LOSS_WARN = 0.05
+#: relative tolerance of the bound score >= -loss (rounding of the loss and of the scores)
+BELOW_MINUS_LOSS_RTOL = 1e-6
+#: absolute tolerance of that bound, relative to the largest |score| of the matrix: a query fitted with a loss of
+#: ~1e-8 can overshoot to a score of ~-2e-8 at first order, which is no statement about the scale of the scores
+BELOW_MINUS_LOSS_ATOL = 1e-6
+
+
+def route_units(route: str, info: dict[str, Any]) -> tuple[str, str]:
+    """``(units, reason)`` of a fitted curvature route by its name and ``info``: ``"leave-one-out"``,
+    ``"rank-only"`` or ``"unknown"`` (a route not in :data:`ROUTE_UNITS`), with one sentence why.
+
+    ``"auto"`` takes its chosen route's; a block-diagonal route with a single block is the dense one.
+    """
+    if route == "auto" and isinstance(info.get("auto_choice"), str):
+        return route_units(info["auto_choice"], info)
+    if route == "block-diagonal" and info.get("num_blocks") == 1:
+        return LEAVE_ONE_OUT, "one dense block covering every parameter in scope, solved exactly"
+    if route == "arnoldi" and isinstance(info.get("captured_fraction"), float) and not info.get("exact"):
+        units, reason = ROUTE_UNITS[route]
+        share = info["captured_fraction"]
+        return units, f"{reason}; the kept eigenpairs hold an estimated {share:.0%} of the spectrum's mass"
+    if route in ROUTE_UNITS:
+        return ROUTE_UNITS[route]
+    return "unknown", f"datatrace does not know whether the route {route!r} keeps leave-one-out units"
+
+
+def count_below_minus_loss(values: torch.Tensor, losses: torch.Tensor) -> int:
+    """How many rows (queries) of ``values`` have a score below ``-losses[q]``: impossible for leave-one-out changes
+    of a non-negative loss, since the retrained loss ``loss_q + score`` cannot be negative. Tolerance:
+    :data:`BELOW_MINUS_LOSS_RTOL` of the loss plus :data:`BELOW_MINUS_LOSS_ATOL` of the largest ``|score|`` (so
+    that first-order overshoots of losses near zero, far below the scale of the scores, do not count)."""
+    v = values.to(torch.float64)
+    loss = losses.to(torch.float64).reshape(-1, 1)
+    scale = float(v.abs().max()) if v.numel() else 0.0
+    floor = -loss * (1.0 + BELOW_MINUS_LOSS_RTOL) - BELOW_MINUS_LOSS_ATOL * scale
+    return int((v < floor).any(dim=1).sum())
 
 
 class InfluenceFunction(Attributor):
@@ -360,17 +465,75 @@ class InfluenceFunction(Attributor):
             values = all_gather_rows(self.local_grads_ @ solved.T).T.contiguous() / self.n_train_
         else:  # one process: the (n_query, n) product directly, row-major, no gather and no copy
             values = (solved @ self.local_grads_.T) / self.n_train_
-        return Scores(values, self.describe_measurement(measurement), self.metadata())
+        metadata = self.metadata()
+        if measurement is None and type(self.task).measurement is Task.measurement:
+            losses = self._query_losses(self.prepare_data(query, "query"))
+            metadata.update(self._loss_bound(values, losses, metadata))
+        return Scores(values, self.describe_measurement(measurement), metadata)
+
+    def _query_losses(self, query: DataLike) -> torch.Tensor:
+        """Every query's own loss at ``theta_hat``, shape ``(n_query,)`` (one forward pass per batch)."""
+        fmodel = self.fmodel_
+
+        def rows(batch: tuple) -> torch.Tensor:
+            with torch.no_grad():
+                return fmodel.losses(fmodel.theta, fmodel.prepare(batch)).reshape(-1, 1)
+
+        source = as_data_source(query, "query", self.batch_size)
+        losses = per_example_rows(
+            rows, source, self.task, "query", lambda i: f"loss of query example {i}", _ROW_FIX
+        )
+        return losses.reshape(-1)
+
+    def _loss_bound(
+        self, values: torch.Tensor, losses: torch.Tensor, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``below_minus_loss`` (queries with a score below minus their own loss) and its fraction; a warning
+        naming the likely cause above :data:`BELOW_MINUS_LOSS_WARN`. Nothing when a query loss is negative (a
+        custom loss the bound does not hold for)."""
+        if losses.numel() == 0 or bool((losses < 0).any()):
+            return {"below_minus_loss": None, "below_minus_loss_fraction": None}
+        count = count_below_minus_loss(values, losses)
+        fraction = count / losses.numel()
+        if fraction > BELOW_MINUS_LOSS_WARN:
+            route = self.curvature_.info.get("auto_choice", metadata.get("route"))
+            if metadata.get("units") == RANK_ONLY:
+                cause = f"the {route!r} curvature underestimates the curvature along the gradients (rank-only scores)"
+                fix = (
+                    "for leave-one-out sizes use curvature='gauss-newton', 'exact' or 'cg' (or more damping, which "
+                    "shrinks every score); the order of these scores can still be used"
+                )
+            else:
+                cause = (
+                    "the first-order estimate itself: a model far from a minimum of its objective, near-zero "
+                    "eigenvalues without damping, or queries fitted almost exactly (a first-order change of a loss "
+                    "near zero can overshoot it)"
+                )
+                fix = "raise damping (e.g. damping=1e-3), or train closer to a minimum"
+            logger.warning(
+                "%d of %d queries (%.0f%%) have a score below minus their own loss, which no retraining can "
+                "give (a loss cannot fall below zero): the scores are too large. Likely cause: %s. Fix: %s.",
+                count,
+                losses.numel(),
+                100 * fraction,
+                cause,
+                fix,
+            )
+        return {"below_minus_loss": count, "below_minus_loss_fraction": fraction}
 
     def metadata(self) -> dict[str, Any]:
         """``Scores.metadata`` of this attributor (:meth:`Attributor.scores_metadata`)."""
         self.check_is_fitted()
         info = {k: v for k, v in self.curvature_.info.items() if isinstance(v, (int, float, str, bool))}
         info = json_scalars(info)
+        route = str(getattr(self.curvature_, "name", ""))
+        units, reason = route_units(route, self.curvature_.info)
         return self.scores_metadata(
             damping=info.get("damping"),
             estimator="InfluenceFunction",
-            route=str(getattr(self.curvature_, "name", "")),
+            route=route,
+            units=units,
+            units_reason=reason,
             curvature=info,
             num_params=self.fmodel_.num_params,
             dtype=str(self.fmodel_.dtype),

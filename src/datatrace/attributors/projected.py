@@ -667,7 +667,16 @@ class ProjectedInfluence(Attributor):
         flat = json_scalars(info)
         flat["projector"] = info["projector"]
         route = "projected Gauss-Newton" if self.fisher == "ggn" else "projected empirical Fisher"
-        return self.scores_metadata(route=route, **flat)
+        if self.fisher == "ggn":
+            units = "leave-one-out"
+            reason = "the influence function of the projected model with its exact Gauss-Newton matrix"
+        else:
+            units = "rank-only"
+            reason = (
+                "the empirical Fisher (gradients of the labels) is the Gauss-Newton matrix only at a perfect fit, "
+                "so its scale is not that of leave-one-out"
+            )
+        return self.scores_metadata(route=route, **flat, units=units, units_reason=reason)
 
 
 def largest_magnitude(extremes: StreamingTopK, k: int) -> TopK:

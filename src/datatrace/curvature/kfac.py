@@ -89,6 +89,20 @@ are the best diagonal in K-FAC's eigenbasis (its trace equals the true block's);
 features have uneven scales. Use ``curvature="exact"`` or ``"gauss-newton"`` when the model is small enough, and
 K-FAC/EK-FAC for rankings on models where nothing denser fits (benchmarks/README.md has the measured agreement).
 
+**Scale: rankings, not leave-one-out units.** Gradients lie mostly along the directions of largest curvature
+(the Gauss-Newton matrix is an average of outer products of the same kind of vectors), and any approximation
+that spreads that curvature over other directions, here the Kronecker factorisation, K-FAC's eigenbasis (also
+under EK-FAC's exact eigenvalues, the diagonal of the true block in that basis) and the blocks per layer,
+underestimates it along the gradients: the scores come out larger than the Gauss-Newton ones, and more so for
+convolutions (output gradients correlated across locations) and for layers whose inputs are large where the
+model is confident. Nothing in the factors is mis-scaled: on one dense layer K-FAC equals its closed form
+``E[L L^T] (x) E[a a^T]`` and EK-FAC's eigenvalues the exact diagonal (tests/curvature/test_curvature_kfac.py).
+So :class:`~datatrace.InfluenceFunction` marks these scores ``metadata["units"] = "rank-only"`` and counts the
+queries whose scores fall below minus their own loss. One regime is exact: with two softmax classes every
+example's output Hessian is ``p1 p2 u u^T`` with the same ``u = (1, -1)``, so the last layer's block is exactly
+``u u^T (x) (1/n) sum_i p1 p2 a_i a_i^T``, which ``input_factor="weighted"`` reproduces and the mean factor
+does not (for such a model prefer ``input_factor="weighted"`` or EK-FAC).
+
 **Under torch.distributed** (a process group the caller initialised, e.g. with ``torchrun``): each rank passes
 over its own contiguous shard of the data (:func:`datatrace.distributed.shard_indices`) for the factors and for
 EK-FAC's eigenvalues, and the sums (``A``, ``S``, the weights, the eigenvalues, the example counts) are
