@@ -9,7 +9,9 @@ what works.
 Data: scikit-learn's digits (``X / 16``), the stratified split of :func:`datatrace.datasets.flipped_digits` (1,000
 train), 10% of the training labels changed to another random class; one flip draw per seed
 (``flip_seed=[seed, 1]``), and the model trained from the same seed. Models: ``mlp-small`` (64-32-10),
-``mlp-large`` (64-128-10), ``cnn`` (DigitsCNN on ``(n, 1, 8, 8)`` images).
+``mlp-large`` (64-128-10), ``cnn`` (DigitsCNN on ``(n, 1, 8, 8)`` images), and ``mlp-large-long``: the 64-128-10 MLP
+trained for 200 epochs instead of 30, long enough to fit most flipped labels (memorisation, the regime in which
+self-influence is meant to see what the loss no longer does).
 
 Rankings (higher = inspect first), each scored by the share of the flips found in the top 10% and by the area
 under the detection curve (:func:`datatrace.verification.metrics.detection_curve`; random: 0.1 and 0.5):
@@ -27,9 +29,11 @@ Per-example gradients are computed once per model (one ``InfluenceFunction(curva
 route's curvature is fitted on the same functional model and solved against them; the seconds of a route are the
 gradient pass plus its curvature fit and solve, i.e. what ``InfluenceFunction(curvature=route)`` plus
 ``self_influence()`` costs. The dense routes (``exact``, ``gauss-newton``) are skipped on ``mlp-large`` (9,610
-parameters: a 0.7 GiB matrix and its eigendecomposition) unless ``--dense-large``.
+parameters: a 0.7 GiB matrix and its eigendecomposition), and the exact Hessian (3,866 ``p``-long Hessian-vector
+products over the data) on the CNN, unless ``--dense-large``. Each (model, seed) result is cached under
+``benchmarks/results/cache/mislabel/`` (keyed by the problem, the seed, the training size and the routes).
 
-    python benchmarks/bench_mislabel.py               # 3 flip seeds x 3 models (~10 min on 2 shared CPU cores)
+    python benchmarks/bench_mislabel.py               # 3 flip seeds x 4 models (~15 min on 2 shared CPU cores)
     python benchmarks/bench_mislabel.py --quick       # smoke run: 1 seed, 300 train, no dense routes
 
 Writes ``benchmarks/results/mislabel.json`` (``mislabel_quick.json`` with ``--quick``).
@@ -38,6 +42,8 @@ Writes ``benchmarks/results/mislabel.json`` (``mislabel_quick.json`` with ``--qu
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import platform
 import time
@@ -56,8 +62,25 @@ from datatrace.verification.metrics import detection_curve
 
 FLIP = 0.1
 TOP = 0.1
-MODELS = ("mlp-small", "mlp-large", "cnn")
+#: the catalogue's problems, and the large MLP trained long enough to memorise
+PROBLEMS: dict[str, catalogue.Problem] = {
+    **{name: catalogue.CATALOGUE[name] for name in ("mlp-small", "mlp-large", "cnn")},
+    "mlp-large-long": dataclasses.replace(
+        catalogue.CATALOGUE["mlp-large"],
+        name="mlp-large-long",
+        recipe=catalogue.Recipe(epochs=200),
+        description="digits, MLP 64-128-10 ReLU, Adam 200 epochs, batch 32",
+    ),
+}
+MODELS = tuple(PROBLEMS)
+#: dense routes too costly for a shared two-core machine, run only with --dense-large
+COSTLY = {
+    "mlp-large": ("exact", "gauss-newton"),
+    "mlp-large-long": ("exact", "gauss-newton"),
+    "cnn": ("exact",),
+}
 DENSE = ("exact", "gauss-newton")
+CACHE = RESULTS_DIR / "cache" / "mislabel-v2"  # per-example values of each run
 ROUTES = ("exact", "gauss-newton", "ekfac", "kfac", "identity", "projected")
 KFAC = ("ekfac", "kfac")
 #: K-FAC covers Linear and Conv layers only: on the CNN its routes score the conv and linear weights (BatchNorm's
@@ -70,7 +93,7 @@ logger = logging.getLogger("benchmarks.mislabel")
 def data(name: str, seed: int, n_train: int) -> tuple[tuple, tuple, np.ndarray]:
     """Train (labels flipped) and test sets in float32 for catalogue problem ``name``, and the flip mask."""
     d = flipped_digits(seed=0, flip_fraction=FLIP, n_train=n_train, n_test=300, flip_seed=[seed, 1])
-    image = catalogue.CATALOGUE[name].data_kind == "digits-image"
+    image = PROBLEMS[name].data_kind == "digits-image"
 
     def pixels(X: np.ndarray) -> torch.Tensor:
         x = torch.tensor(X, dtype=torch.float32)
@@ -89,27 +112,37 @@ def rank01(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def cached_run(name: str, seed: int, n_train: int, routes: tuple[str, ...]) -> dict[str, Any]:
+    """:func:`run_one`, cached as JSON (written atomically) under :data:`CACHE`."""
+    path = CACHE / f"{PROBLEMS[name].key()}-seed{seed}-n{n_train}-{'+'.join(routes)}.json"
+    if path.exists():
+        logger.info("%s seed %d: cached (%s)", name, seed, path.name)
+        return json.loads(path.read_text())
+    run = run_one(name, seed, n_train, routes)
+    write_json(path, run)
+    return run
+
+
 def run_one(name: str, seed: int, n_train: int, routes: tuple[str, ...]) -> dict[str, Any]:
-    """Train one model on one flip draw and score every ranking."""
-    problem = catalogue.CATALOGUE[name]
+    """Train one model on one flip draw; the per-example values every ranking is built from, and their seconds."""
+    problem = PROBLEMS[name]
     train, test, flipped = data(name, seed, n_train)
     t0 = time.perf_counter()
     model = catalogue.Trainer(problem)(train, seed=seed).eval()
     train_seconds = time.perf_counter() - t0
     with torch.no_grad():
         pred = model(train[0]).argmax(-1)
-    fitted_flips = float((pred[flipped] == train[1][flipped]).float().mean())
     task = problem.task()
     n = len(train[1])
 
     t0 = time.perf_counter()
     base = datatrace.InfluenceFunction(model, task, curvature="identity", progress=False).fit(train)
     grads = base.train_grads_
-    grad_seconds = time.perf_counter() - t0
-    sq = (grads * grads).sum(1)
+    seconds = {"gradients": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    loss = per_example(base.fitted_model, task.loss, base.training_data, "train")
-    loss_seconds = time.perf_counter() - t0
+    values = {"loss": per_example(base.fitted_model, task.loss, base.training_data, "train")}
+    seconds["loss"] = time.perf_counter() - t0
+    values["grad_sq"] = (grads * grads).sum(1).numpy()
 
     layered = None
     if name in KFAC_PARAMS and any(r in KFAC for r in routes):
@@ -117,62 +150,79 @@ def run_one(name: str, seed: int, n_train: int, routes: tuple[str, ...]) -> dict
         layered = datatrace.InfluenceFunction(
             model, task, curvature="identity", params=KFAC_PARAMS[name], progress=False
         ).fit(train)
-        layered_seconds = time.perf_counter() - t0
-
-    measures: dict[str, tuple[np.ndarray, float]] = {
-        "loss": (loss, loss_seconds),
-        "grad-norm": (sq.sqrt().numpy(), grad_seconds),
-    }
+        seconds["layer_gradients"] = time.perf_counter() - t0
     for route in routes:
         t0 = time.perf_counter()
         if route == "projected":
             si = datatrace.ProjectedInfluence(model, task, progress=False).fit(train).self_influence()
-            seconds = time.perf_counter() - t0
+            seconds[route] = time.perf_counter() - t0
         else:
-            fit, g, g_seconds = (
-                (layered, layered.train_grads_, layered_seconds)
-                if (layered is not None and route in KFAC)
-                else (base, grads, grad_seconds)
-            )
+            own = layered is not None and route in KFAC
+            fit = layered if own else base
+            g = fit.train_grads_
             curv = make_curvature(route, "auto").fit(fit.functional_model, fit.training_data, progress=False)
             si = (curv.solve(g) * g).sum(1) / n
-            seconds = g_seconds + time.perf_counter() - t0
-        si = si.detach().to(torch.float64).cpu().numpy()
-        measures[f"SI {route}"] = (si, seconds)
-        if route != "identity":  # identity: s_i / ||g_i||^2 = 1/n for every example
-            g2 = (g * g).sum(1).numpy() if route in KFAC and layered is not None else sq.numpy()
-            measures[f"RelSI {route}"] = (si / np.maximum(g2, 1e-300), seconds)
-        measures[f"rank(loss)+rank(SI {route})"] = (rank01(loss) + rank01(si), seconds + loss_seconds)
-        measures[f"loss*SI {route}"] = (loss * np.maximum(si, 0.0), seconds + loss_seconds)
-        logger.info("%s seed %d: %s done in %.1f s", name, seed, route, seconds)
-
-    rows = {}
-    for key, (values, seconds) in measures.items():
-        curve = detection_curve(values, flipped)
-        rows[key] = {"top10": float(curve.found_at(TOP)), "auc": float(curve.auc), "seconds": seconds}
+            seconds[route] = seconds["layer_gradients" if own else "gradients"] + time.perf_counter() - t0
+            if own:
+                values[f"grad_sq {route}"] = (g * g).sum(1).numpy()
+        values[f"SI {route}"] = si.detach().to(torch.float64).cpu().numpy()
+        logger.info("%s seed %d: %s done in %.1f s", name, seed, route, seconds[route])
     return {
         "seed": seed,
+        "routes": list(routes),
         "train_seconds": train_seconds,
         "train_accuracy_on_given_labels": float((pred == train[1]).float().mean()),
-        "flips_fitted": fitted_flips,
+        "flips_fitted": float((pred[flipped] == train[1][flipped]).float().mean()),
         "test_accuracy": catalogue.accuracy(model, test),
         "num_params": int(grads.shape[1]),
-        "measures": rows,
+        "flipped": flipped,
+        "values": values,
+        "seconds": seconds,
     }
 
 
+def measures(run: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Every ranking of one run, scored: share of the flips in the top 10%, detection AUC, seconds."""
+    v = {k: np.asarray(a, dtype=np.float64) for k, a in run["values"].items()}
+    sec = run["seconds"]
+    loss = v["loss"]
+    out: dict[str, tuple[np.ndarray, float]] = {
+        "loss": (loss, sec["loss"]),
+        "grad-norm": (np.sqrt(v["grad_sq"]), sec["gradients"]),
+    }
+    for route in run["routes"]:
+        si, t = v[f"SI {route}"], sec[route]
+        out[f"SI {route}"] = (si, t)
+        if route != "identity":  # identity: s_i / ||g_i||^2 = 1/n for every example
+            out[f"RelSI {route}"] = (si / np.maximum(v.get(f"grad_sq {route}", v["grad_sq"]), 1e-300), t)
+        out[f"loss+SI {route}"] = (loss + si, t + sec["loss"])
+        out[f"rank(loss)+rank(SI {route})"] = (rank01(loss) + rank01(si), t + sec["loss"])
+        out[f"loss*SI {route}"] = (loss * np.maximum(si, 0.0), t + sec["loss"])
+    flipped = np.asarray(run["flipped"], dtype=bool)
+    rows = {}
+    for key, (values, seconds) in out.items():
+        curve = detection_curve(values, flipped)
+        rows[key] = {"top10": float(curve.found_at(TOP)), "auc": float(curve.auc), "seconds": seconds}
+    return rows
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over the seeds of every measure."""
+    """Mean and standard deviation over the seeds of every measure, and its paired difference from the loss."""
+    scored = [measures(r) for r in runs]
     out = []
-    for key in runs[0]["measures"]:
-        top = np.array([r["measures"][key]["top10"] for r in runs])
-        auc = np.array([r["measures"][key]["auc"] for r in runs])
-        sec = np.array([r["measures"][key]["seconds"] for r in runs])
+    for key in scored[0]:
+        top = np.array([m[key]["top10"] for m in scored])
+        auc = np.array([m[key]["auc"] for m in scored])
+        sec = np.array([m[key]["seconds"] for m in scored])
+        diff = top - np.array([m["loss"]["top10"] for m in scored])
         out.append(
             {
                 "measure": key,
                 "top10_mean": float(top.mean()),
                 "top10_std": float(top.std(ddof=1)) if len(top) > 1 else 0.0,
+                "top10_minus_loss": float(diff.mean()),
+                "seeds_better_than_loss": int((diff > 0).sum()),
+                "seeds_worse_than_loss": int((diff < 0).sum()),
                 "auc_mean": float(auc.mean()),
                 "auc_std": float(auc.std(ddof=1)) if len(auc) > 1 else 0.0,
                 "seconds": float(sec.mean()),
@@ -186,7 +236,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 300 train, no dense routes")
     parser.add_argument("--seeds", type=int, default=3, help="flip seeds (default 3)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--dense-large", action="store_true", help="exact / gauss-newton on mlp-large too")
+    parser.add_argument(
+        "--dense-large",
+        action="store_true",
+        help="the costly dense routes too (mlp-large's, the CNN's Hessian)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("datatrace").setLevel(logging.WARNING)
@@ -198,13 +252,17 @@ def main() -> None:
         routes = tuple(
             r
             for r in ROUTES
-            if r not in DENSE or (not args.quick and (name != "mlp-large" or args.dense_large))
+            if not (args.quick and r in DENSE) and (args.dense_large or r not in COSTLY.get(name, ()))
         )
-        runs = [run_one(name, s, n_train, routes) for s in seeds]
+        runs = [cached_run(name, s, n_train, routes) for s in seeds]
         summary = summarise(runs)
-        results[name] = {"problem": catalogue.CATALOGUE[name].summary(), "runs": runs, "summary": summary}
+        results[name] = {
+            "problem": PROBLEMS[name].summary(),
+            "runs": [{k: v for k, v in r.items() if k not in ("values", "flipped")} for r in runs],
+            "summary": summary,
+        }
         fits = ", ".join(f"{r['flips_fitted']:.2f}" for r in runs)
-        print(f"\n{catalogue.CATALOGUE[name].summary()}")
+        print(f"\n{PROBLEMS[name].summary()}")
         print(
             f"flips fitted (model predicts the flipped label): {fits}; test accuracy "
             + ", ".join(f"{r['test_accuracy']:.3f}" for r in runs)
@@ -213,17 +271,20 @@ def main() -> None:
             {
                 "measure": s["measure"],
                 "top10": f"{s['top10_mean']:.3f} +- {s['top10_std']:.3f}",
+                "vs_loss": f"{s['top10_minus_loss']:+.3f} ({s['seeds_better_than_loss']}/{s['seeds_worse_than_loss']})",
                 "auc": f"{s['auc_mean']:.3f} +- {s['auc_std']:.3f}",
                 "seconds": s["seconds"],
             }
             for s in summary
         ]
-        print(
-            table(
-                rows,
-                [("measure", "ranking"), ("top10", "flips in top 10%"), ("auc", "AUC"), ("seconds", "s")],
-            )
-        )
+        columns = [
+            ("measure", "ranking"),
+            ("top10", "flips in top 10%"),
+            ("vs_loss", "minus loss (seeds +/-)"),
+            ("auc", "AUC"),
+            ("seconds", "s"),
+        ]
+        print(table(rows, columns))
     payload = {
         "benchmark": "bench_mislabel",
         "quick": args.quick,

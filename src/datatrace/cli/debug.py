@@ -513,7 +513,7 @@ def _summary(ctx: Any, r: dict[str, Any]) -> str:
     ]
     ranked = r["ranked_by"]
     if r["ranking_note"]:
-        lines += [*textwrap.wrap(r["ranking_note"], 110), ""]
+        lines += [*textwrap.wrap(r["ranking_note"], 110, break_on_hyphens=False), ""]
     lines.append(f"Most suspicious (highest {WHAT[ranked]}; median {r[ranked]['median']:.3g} {units}):")
     columns = [
         ("index", "train index", ""),
