@@ -92,3 +92,16 @@ def test_bad_rankings_name_the_argument(planted):
             harmful_order=None,
             ranked_by="margin",
         )
+
+
+def test_leave_one_out_loss_is_the_loss_plus_self_influence(planted):
+    """``l(z_i, theta_{-i}) ~ l_i + s_i`` to first order: the ranking "loo_loss" orders by that sum."""
+    result = debug_data(planted["inf"], rank_by="loo_loss")
+    assert result.ranked_by == "loo_loss" and "leave-one-out" in result.ranking_meaning
+    loo = result.training_loss + result.self_influence
+    np.testing.assert_array_equal(result.values("loo_loss"), loo)
+    assert np.all(np.diff(loo[result.suspicious_order]) <= 0)
+    assert set(result.suspicious_order[: len(FLIPS)].tolist()) == set(FLIPS)
+    summary = detection_summary(result, planted["flipped"])
+    assert summary["ranked_by"] == "loo_loss" and "loo_loss" in summary["rankings"]
+    assert "loo_loss" not in detection_summary(debug_data(planted["inf"]), planted["flipped"])["rankings"]

@@ -219,20 +219,29 @@ def test_debug_usage_errors(tmp_path):
     assert code == 2 and "--rank-by" in stderr and "training_loss" in stderr
 
 
-def test_debug_rank_by_self_influence(tmp_path):
-    """--rank-by self_influence: the suspicious list follows self-influence, and the outputs name the measure."""
-    out = tmp_path / "si"
+@pytest.mark.parametrize(
+    ("rank_by", "words", "reference"),
+    [("self_influence", "self-influence", "Koh & Liang"), ("loo_loss", "leave-one-out loss", "jackknife")],
+)
+def test_debug_rank_by(tmp_path, rank_by, words, reference):
+    """--rank-by: the suspicious list follows the chosen measure, and the outputs name it."""
+    out = tmp_path / rank_by
     code, stdout, stderr = run_main(
-        ["debug", CANCER, "--out", out, "--rank-by", "self_influence", "--remove-k", "0", *FAST]
+        ["debug", CANCER, "--out", out, "--rank-by", rank_by, "--remove-k", "0", *FAST]
     )
     assert code == 0, stderr
     results = check_common_json(out, "debug")
-    assert results["ranked_by"] == "self_influence" and "Koh & Liang" in results["ranking"]
+    assert results["ranked_by"] == rank_by and reference in results["ranking"]
     assert results["ranking_note"] is None
-    values = [r["self_influence"] for r in results["suspicious"]]
+    values = [r[rank_by] for r in results["suspicious"]]
     assert values == sorted(values, reverse=True)
-    assert "Most suspicious (highest self-influence" in stdout and "Ranked by the training loss" not in stdout
-    assert "Most suspicious: highest self-influence" in check_html(out)
+    if rank_by == "loo_loss":
+        assert all(
+            r["loo_loss"] == pytest.approx(r["training_loss"] + r["self_influence"])
+            for r in results["suspicious"]
+        )
+    assert f"Most suspicious (highest {words}" in stdout and "Ranked by the training loss" not in stdout
+    assert f"Most suspicious: highest {words}" in check_html(out)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -3,19 +3,26 @@
 Rankings of the training examples (sign convention of :mod:`datatrace.scores`: ``score[q, i] ~ f_q(theta_{-i}) -
 f_q(theta_hat)``), named in :data:`RANKINGS`:
 
-* **training loss** ``l(z_i, theta_hat)``, highest first: the default order of :attr:`DebugResult.suspicious_order`.
-  A mislabelled example disagrees with what the model learnt from the rest of the data, so its loss is high; the
-  "small-loss" criterion of learning with noisy labels (Arpit et al. 2017; Han et al. 2018, co-teaching). It is
-  the default because it is what works: on networks trained as people train them (Adam, minibatches, float32,
-  weight decay; two MLPs and a CNN on digits with 10% of the labels flipped, several flip seeds), no
-  self-influence route, nor the relative influence ``s_i / ||g_i||^2`` of Barshan et al. (2020), nor a
-  combination of either with the loss, found more flips in its top 10% than the loss did
-  (``benchmarks/bench_mislabel.py``, ``benchmarks/README.md``).
+* **training loss** ``l_i = l(z_i, theta_hat)``, highest first: the default order of
+  :attr:`DebugResult.suspicious_order`. A mislabelled example disagrees with what the model learnt from the rest
+  of the data, so its loss is high: the small-loss criterion of learning with noisy labels (Arpit et al. 2017;
+  Han et al. 2018). It is the default because nothing measured beats it everywhere: on networks trained as people
+  train them (Adam, minibatches, float32, weight decay; two MLPs and a CNN on digits with 10% of the labels
+  flipped, several flip seeds; ``benchmarks/bench_mislabel.py``, ``benchmarks/README.md``) it found the most flips
+  on the models that fit few of their wrong labels, every self-influence route found fewer there, and the relative
+  influence ``s_i / ||g_i||^2`` of Barshan et al. (2020), which discounts exactly the large-gradient examples a
+  flipped label produces, found far fewer everywhere. It needs no curvature.
 * **self-influence** ``s_i = (1/n) g_i^T H^{-1} g_i``: the estimated rise of example ``i``'s own loss if it were
-  removed and the model retrained (Koh & Liang 2017, section 5.4; Pruthi et al. 2020). The model fits a
-  mislabelled or atypical example mostly by memorising it, so removing it raises its loss a lot. Always computed
-  and kept (``rank_by="self_influence"`` orders by it): it is a leave-one-out estimate in the loss's units, and on a
-  model trained to a tight minimum that fits every label it finds as many flips as the loss.
+  removed and the model retrained (Koh & Liang 2017, section 5.4; Pruthi et al. 2020). A model fits a mislabelled
+  example it has memorised with a low loss, but removing it would raise that loss a lot. Always computed and kept
+  (``rank_by="self_influence"``). On the benchmark's models that fit many of their flipped labels (trained long,
+  or the CNN), self-influence from K-FAC / EK-FAC found a few more flips than the loss; from the Gauss-Newton
+  matrix or the projected route it did not (the exact Hessian was too costly to run there).
+* **leave-one-out loss** ``l_i + s_i``: to first order, the loss of example ``i`` under the model retrained
+  without it (``l(z_i, theta_{-i}) ~ l(z_i, theta_hat) + s_i`` by the definition of ``s_i``): an approximate
+  leave-one-out cross-validation loss (Giordano et al. 2019, the infinitesimal jackknife). ``rank_by="loo_loss"``;
+  it keeps most of self-influence's gain where the model memorises and most of the loss's where it does not, and
+  it assumes ``s_i`` in leave-one-out units (not the ``identity`` route's gradient dot products).
 * **validation influence** ``v_i = sum_q score[q, i]`` over a validation set: the estimated change of the *total*
   validation loss if ``i`` were removed. ``v_i < 0``: removing ``i`` would *lower* the validation loss, so ``i``
   is harmful; the most negative first is the order in which to inspect or drop examples.
@@ -60,6 +67,7 @@ __all__ = [
     "RemovalCheck",
     "debug_data",
     "detection_summary",
+    "ranking_values",
     "removal_check",
 ]
 
@@ -70,9 +78,12 @@ RANKINGS: dict[str, str] = {
     "and Han et al. 2018)",
     "self_influence": "self-influence, highest first: the estimated rise of the example's own loss if it were "
     "removed and the model retrained (Koh & Liang 2017, section 5.4; Pruthi et al. 2020)",
+    "loo_loss": "the leave-one-out loss, highest first: training loss plus self-influence, the first-order "
+    "estimate of the example's loss under the model retrained without it (approximate leave-one-out "
+    "cross-validation; Koh & Liang 2017; Giordano et al. 2019, the infinitesimal jackknife)",
 }
-#: what :func:`debug_data` ranks by unless told: measured best on the realistic catalogue
-#: (``benchmarks/bench_mislabel.py``: no self-influence route beat the loss at finding flipped labels)
+#: what :func:`debug_data` ranks by unless told (module docstring: no self-influence route, relative influence or
+#: combination beat the training loss on every realistic model in ``benchmarks/bench_mislabel.py``)
 DEFAULT_RANKING = "training_loss"
 
 DEBUG_MEANING = (
@@ -86,6 +97,18 @@ DEBUG_MEANING = (
 # --------------------------------------------------------------------------------------------------------------
 # debug_data
 # --------------------------------------------------------------------------------------------------------------
+def ranking_values(by: str, training_loss: np.ndarray, self_influence: np.ndarray) -> np.ndarray:
+    """The per-example values of ranking ``by`` (a key of :data:`RANKINGS`), higher = more suspicious:
+    ``l_i``, ``s_i``, or the leave-one-out loss ``l_i + s_i`` (``l(z_i, theta_{-i}) ~ l(z_i, theta_hat) + s_i``
+    to first order, by the definition of self-influence)."""
+    check_choice("by", by, RANKINGS)
+    if by == "training_loss":
+        return training_loss
+    if by == "self_influence":
+        return self_influence
+    return training_loss + self_influence
+
+
 @dataclass
 class DebugResult:
     """Per-training-example diagnostics from :func:`debug_data` (see :data:`DEBUG_MEANING` for the signs).
@@ -124,8 +147,7 @@ class DebugResult:
 
     def values(self, by: str) -> np.ndarray:
         """The per-example values of ranking ``by`` (a key of :data:`RANKINGS`), higher = more suspicious."""
-        check_choice("by", by, RANKINGS)
-        return self.training_loss if by == "training_loss" else self.self_influence
+        return ranking_values(by, self.training_loss, self.self_influence)
 
     def order(self, by: str) -> np.ndarray:
         """Example indices by decreasing ranking ``by`` (a key of :data:`RANKINGS`; ties: lower index first),
@@ -158,8 +180,8 @@ def debug_data(
         train: the training data, needed only for attributors that do not keep it (an
             :class:`~datatrace.InfluenceFunction` does).
         rank_by: what :attr:`DebugResult.suspicious_order` ranks by, a key of :data:`RANKINGS`: the training loss
-            (default, :data:`DEFAULT_RANKING`: it found the most flipped labels on realistic networks, module
-            docstring) or ``"self_influence"``. Both values are computed and kept either way.
+            (default, :data:`DEFAULT_RANKING`; module docstring), ``"self_influence"`` or ``"loo_loss"`` (their
+            sum). Loss and self-influence are computed and kept either way.
 
     Returns:
         :class:`DebugResult`.
@@ -183,7 +205,7 @@ def debug_data(
     if validation is not None:
         val_inf = as_numpy(influence.score(validation).total()).reshape(-1)
         harmful_order = np.argsort(val_inf, kind="stable")
-    suspicious = np.argsort(-(training_loss if rank_by == "training_loss" else self_inf), kind="stable")
+    suspicious = np.argsort(-ranking_values(rank_by, training_loss, self_inf), kind="stable")
     logger.info(
         "debug_data: %d training examples ranked by %s; self-influence max %.3g, median %.3g%s",
         n,
@@ -207,8 +229,8 @@ def detection_summary(
 ) -> dict[str, Any]:
     """How many of the ``flagged`` examples (e.g. known-mislabelled) each ranking finds in its top fractions.
 
-    Rankings compared: ``"self_influence"`` (high first), ``"training_loss"`` (high first),
-    ``"validation_harm"`` (most negative validation influence first; only with validation data) and
+    Rankings compared: ``"self_influence"`` (high first), ``"training_loss"`` (high first), ``"loo_loss"`` (only
+    when it is ``result.ranked_by``), ``"validation_harm"`` (most negative validation influence first; only with validation data) and
     ``"random"`` (the expectation of a uniformly random order). Uses :func:`datatrace.verification.metrics.detection_curve`.
 
     Returns:
@@ -230,8 +252,9 @@ def detection_summary(
     if not fracs or any(not 0.0 < f <= 1.0 for f in fracs):
         raise bad_value("fractions", fractions, "expected numbers in (0, 1]", "pass e.g. (0.05, 0.1, 0.2)")
     rankings: dict[str, np.ndarray] = {
-        "self_influence": result.self_influence,
-        "training_loss": result.training_loss,
+        name: result.values(name)
+        for name in RANKINGS
+        if name in ("self_influence", "training_loss") or name == result.ranked_by
     }
     if result.validation_influence is not None:
         rankings["validation_harm"] = -result.validation_influence

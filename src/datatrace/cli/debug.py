@@ -2,11 +2,11 @@
 
 With :func:`datatrace.apps.debug.debug_data`:
 
-* **the most suspicious examples**, ranked by ``--rank-by``: the **training loss** (default,
-  :data:`datatrace.apps.debug.DEFAULT_RANKING`: on networks trained with Adam on digits with 10% flipped labels no
-  self-influence route found more flips than the loss, ``benchmarks/bench_mislabel.py``) or **self-influence** (the
-  estimated rise of an example's own loss if it were removed and the model retrained). Both are reported for every
-  example.
+* **the most suspicious examples**, ranked by ``--rank-by`` (:data:`datatrace.apps.debug.RANKINGS`): the
+  **training loss** (default, :data:`datatrace.apps.debug.DEFAULT_RANKING`: nothing measured beat it on every
+  realistic model, ``benchmarks/bench_mislabel.py``), **self-influence** (the estimated rise of an example's own loss
+  if it were removed and the model retrained) or the **leave-one-out loss** (their sum: the example's estimated
+  loss under the model retrained without it). Loss and self-influence are reported for every example.
 * with ``validation()``: **validation influence**, the estimated change of the *total* validation loss if the
   example were removed. Negative = removing it would lower the validation loss: a harmful example.
 * with ``--flagged FILE`` (indices of known-bad examples, e.g. labels flipped on purpose): how fast each ranking
@@ -61,22 +61,26 @@ logger = logging.getLogger("datatrace.cli.debug")
 
 HELP = "find mislabelled, atypical and harmful training examples (training loss, self-influence, validation harm)"
 DESCRIPTION = (
-    "Load SPEC, fit influence functions on train() and rank every training example by its training loss (default) "
-    "or its self-influence (--rank-by; the estimated rise of its own loss if removed), both high for mislabelled "
-    "or atypical examples, and, with "
-    "validation(), by its estimated effect on the total validation loss if removed (negative: harmful). With "
+    "Load SPEC, fit influence functions on train() and rank every training example by its training loss (default), "
+    "its self-influence (the estimated rise of its own loss if removed) or their sum, the leave-one-out loss "
+    "(--rank-by), all high for mislabelled or atypical examples, and, with validation(), by its estimated effect on the total validation loss if removed (negative: harmful). With "
     "--flagged FILE, measure how many known-bad examples each ranking finds. With train_fn(subset), retrain "
     "without the --remove-k most harmful examples and without as many random ones, and compare the actual "
     "validation loss. Writes report.html, results.json and per_example.csv to --out." + " " + SPEC_WARNING
 )
 FRACTIONS = (0.05, 0.1, 0.2)
 #: how each ranking is named in the outputs
-WHAT = {"training_loss": "training loss", "self_influence": "self-influence"}
+WHAT = {
+    "training_loss": "training loss",
+    "self_influence": "self-influence",
+    "loo_loss": "leave-one-out loss",
+}
 #: why the default ranks by the loss, said wherever the ranking is shown
 WHY_LOSS = (
     "Ranked by the training loss: on networks trained with Adam on digits with 10% of the labels flipped, no "
-    "self-influence route found more of the flips in its top 10% than the training loss did "
-    "(benchmarks/bench_mislabel.py, benchmarks/README.md). --rank-by self_influence ranks by self-influence."
+    "self-influence route found more of the flips than the training loss on every model "
+    "(benchmarks/bench_mislabel.py, benchmarks/README.md). Where the model fits many of its wrong labels (long "
+    "training), K-FAC / EK-FAC self-influence found a few more: try --rank-by loo_loss --curvature ekfac."
 )
 
 
@@ -109,8 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rank-by",
         default=DEFAULT_RANKING,
         choices=sorted(RANKINGS),
-        help="what the most suspicious examples are ranked by (default: %(default)s, which found the most flipped "
-        "labels on realistic networks; self_influence: the estimated rise of the example's own loss if removed).",
+        help="what the most suspicious examples are ranked by (default: %(default)s: nothing measured beat it on "
+        "every realistic network; self_influence: the estimated rise of the example's own loss if removed; "
+        "loo_loss: their sum, the example's estimated loss under the model retrained without it).",
     )
     add_top_flag(parser, 20, "examples listed per ranking in the report")
     add_verify_argument(parser)
@@ -202,8 +207,9 @@ def run_debug(
     curves: dict[str, Any] = {}
     if mask is not None:
         detection = detection_summary(result, mask, FRACTIONS)
-        for name in sorted(WHAT, key=lambda k: k != rank_by):  # the ranking used first
-            curves[WHAT[name]] = detection_curve(result.values(name), mask)
+        for name in sorted(detection["rankings"], key=lambda k: k != rank_by):  # the ranking used first
+            if name in WHAT:
+                curves[WHAT[name]] = detection_curve(result.values(name), mask)
         if result.validation_influence is not None:
             curves["validation harm"] = detection_curve(-result.validation_influence, mask)
 
@@ -270,6 +276,8 @@ def run_debug(
             i = r["index"]
             r["self_influence"] = float(result.self_influence[i])
             r["training_loss"] = float(result.training_loss[i])
+            if rank_by == "loo_loss":
+                r["loo_loss"] = float(result.training_loss[i] + result.self_influence[i])
             if result.validation_influence is not None:
                 r["validation_influence"] = float(result.validation_influence[i])
             if mask is not None:
@@ -289,16 +297,9 @@ def run_debug(
             "ranked_by": rank_by,
             "ranking": RANKINGS[rank_by],
             "ranking_note": WHY_LOSS if rank_by == "training_loss" else None,
-            "training_loss": {
-                "mean": float(result.training_loss.mean()),
-                "median": float(np.median(result.training_loss)),
-                "max": float(result.training_loss.max()),
-            },
-            "self_influence": {
-                "mean": float(result.self_influence.mean()),
-                "median": float(np.median(result.self_influence)),
-                "max": float(result.self_influence.max()),
-            },
+            "ranking_values": _stats(result.values(rank_by)),
+            "training_loss": _stats(result.training_loss),
+            "self_influence": _stats(result.self_influence),
             "suspicious": suspicious,
             "validation": None
             if val_inf is None
@@ -364,9 +365,11 @@ def _report(
         plot_histogram(
             values,
             title=f"{WHAT[ranked].capitalize()} of every training example",
-            xlabel=f"its loss under the trained model ({units})"
-            if ranked == "training_loss"
-            else f"estimated rise of its own loss if removed ({units})",
+            xlabel={
+                "training_loss": f"its loss under the trained model ({units})",
+                "self_influence": f"estimated rise of its own loss if removed ({units})",
+                "loo_loss": f"its estimated loss under the model retrained without it ({units})",
+            }[ranked],
             marks=marks,
             log=True,
         ),
@@ -478,6 +481,8 @@ def _show(
     if not rows:
         return
     columns = [("self_influence", f"self-influence ({units})"), ("training_loss", f"training loss ({units})")]
+    if key == "loo_loss":
+        columns.insert(0, ("loo_loss", f"leave-one-out loss ({units})"))
     if "validation_influence" in rows[0]:
         columns.append(("validation_influence", f"validation influence ({units})"))
     if mask is not None:
@@ -500,6 +505,10 @@ def _show(
     )
 
 
+def _stats(values: np.ndarray) -> dict[str, float]:
+    return {"mean": float(values.mean()), "median": float(np.median(values)), "max": float(values.max())}
+
+
 def _summary(ctx: Any, r: dict[str, Any]) -> str:
     spec, units = ctx.spec, ctx.spec.units
     lines = [
@@ -514,7 +523,9 @@ def _summary(ctx: Any, r: dict[str, Any]) -> str:
     ranked = r["ranked_by"]
     if r["ranking_note"]:
         lines += [*textwrap.wrap(r["ranking_note"], 110, break_on_hyphens=False), ""]
-    lines.append(f"Most suspicious (highest {WHAT[ranked]}; median {r[ranked]['median']:.3g} {units}):")
+    lines.append(
+        f"Most suspicious (highest {WHAT[ranked]}; median {r['ranking_values']['median']:.3g} {units}):"
+    )
     columns = [
         ("index", "train index", ""),
         ("label", "label", ""),
