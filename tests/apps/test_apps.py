@@ -174,12 +174,14 @@ def test_debug_data_fields_and_detection_summary(logreg):
     result = debug_data(inf)
     np.testing.assert_allclose(result.self_influence, inf.self_influence().numpy())
     np.testing.assert_allclose(result.training_loss, losses(logreg["model"], task, (X, y)), rtol=1e-10)
-    assert np.all(np.diff(result.self_influence[result.suspicious_order]) <= 0)
+    assert result.ranked_by == "training_loss"  # the default: bench_mislabel.py
+    assert np.all(np.diff(result.training_loss[result.suspicious_order]) <= 0)
     assert result.validation_influence is None and result.harmful_order is None
     with pytest.raises(ValueError, match="validation"):
         result.harmful()
-    # the three flipped labels are among the six (10%) most self-influential examples
+    # the three flipped labels are among the six (10%) most suspicious by either ranking
     assert {4, 20, 41} <= set(result.suspicious_order[:6].tolist())
+    assert {4, 20, 41} <= set(result.order("self_influence")[:6].tolist())
     summary = detection_summary(result, logreg["flipped"].numpy(), fractions=(0.05, 0.1))
     assert summary["n"] == 60 and summary["n_flagged"] == 3
     assert summary["rankings"]["self_influence"]["found_at"]["0.1"] == 1.0

@@ -187,6 +187,11 @@ def test_debug_finds_flipped_labels(debug_digits):
     assert self_inf["auc"] > 0.9
     assert self_inf["found_count"]["0.1"] > 3 * det["rankings"]["random"]["found_count"]["0.1"]
     assert len(results["suspicious"]) == 20 and results["suspicious"][0]["flagged"] in (True, False)
+    # issue 10: ranked by the training loss (it found the most flips on realistic networks), and says so
+    assert results["ranked_by"] == "training_loss" and "loss" in results["ranking"]
+    losses = [r["training_loss"] for r in results["suspicious"]]
+    assert losses == sorted(losses, reverse=True) and losses[-1] >= results["training_loss"]["median"]
+    assert "Ranked by the training loss" in stdout and "Most suspicious (highest training loss" in stdout
     assert all(r["validation_influence"] < 0 for r in results["harmful"][:5])
     # the counterfactual check: retrained without the 30 most harmful, and without 30 random examples
     check = results["removal_check"]
@@ -210,6 +215,33 @@ def test_debug_usage_errors(tmp_path):
         ["debug", CANCER, "--out", tmp_path / "y", "--flagged", tmp_path / "no.txt", *FAST]
     )
     assert code == 2 and "no such file" in stderr
+    code, _, stderr = run_main(["debug", CANCER, "--out", tmp_path / "z", "--rank-by", "margin", *FAST])
+    assert code == 2 and "--rank-by" in stderr and "training_loss" in stderr
+
+
+@pytest.mark.parametrize(
+    ("rank_by", "words", "reference"),
+    [("self_influence", "self-influence", "Koh & Liang"), ("loo_loss", "leave-one-out loss", "jackknife")],
+)
+def test_debug_rank_by(tmp_path, rank_by, words, reference):
+    """--rank-by: the suspicious list follows the chosen measure, and the outputs name it."""
+    out = tmp_path / rank_by
+    code, stdout, stderr = run_main(
+        ["debug", CANCER, "--out", out, "--rank-by", rank_by, "--remove-k", "0", *FAST]
+    )
+    assert code == 0, stderr
+    results = check_common_json(out, "debug")
+    assert results["ranked_by"] == rank_by and reference in results["ranking"]
+    assert results["ranking_note"] is None
+    values = [r[rank_by] for r in results["suspicious"]]
+    assert values == sorted(values, reverse=True)
+    if rank_by == "loo_loss":
+        assert all(
+            r["loo_loss"] == pytest.approx(r["training_loss"] + r["self_influence"])
+            for r in results["suspicious"]
+        )
+    assert f"Most suspicious (highest {words}" in stdout and "Ranked by the training loss" not in stdout
+    assert f"Most suspicious: highest {words}" in check_html(out)
 
 
 # --------------------------------------------------------------------------------------------------------------

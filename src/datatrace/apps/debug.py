@@ -1,12 +1,28 @@
 """Debug training data: find mislabelled, atypical and harmful training examples, and check by retraining.
 
-Two rankings come out of one fitted attributor (sign convention of :mod:`datatrace.scores`: ``score[q, i] ~
-f_q(theta_{-i}) - f_q(theta_hat)``):
+Rankings of the training examples (sign convention of :mod:`datatrace.scores`: ``score[q, i] ~ f_q(theta_{-i}) -
+f_q(theta_hat)``), named in :data:`RANKINGS`:
 
-* **self-influence** ``s_i = score of i on its own loss``: the estimated rise of example ``i``'s own loss if it
-  were removed and the model retrained. The model can only fit a mislabelled or atypical example by memorising
-  it, so removing it raises its loss a lot: these examples rank high (Koh & Liang 2017, section 5.4; Pruthi et al.
-  2020). Unlike the training loss, self-influence still separates them when the model fits every label.
+* **training loss** ``l_i = l(z_i, theta_hat)``, highest first: the default order of
+  :attr:`DebugResult.suspicious_order`. A mislabelled example disagrees with what the model learnt from the rest
+  of the data, so its loss is high: the small-loss criterion of learning with noisy labels (Arpit et al. 2017;
+  Han et al. 2018). It is the default because nothing measured beats it everywhere: on networks trained as people
+  train them (Adam, minibatches, float32, weight decay; two MLPs and a CNN on digits with 10% of the labels
+  flipped, several flip seeds; ``benchmarks/bench_mislabel.py``, ``benchmarks/README.md``) it found the most flips
+  on the models that fit few of their wrong labels, every self-influence route found fewer there, and the relative
+  influence ``s_i / ||g_i||^2`` of Barshan et al. (2020), which discounts exactly the large-gradient examples a
+  flipped label produces, found far fewer everywhere. It needs no curvature.
+* **self-influence** ``s_i = (1/n) g_i^T H^{-1} g_i``: the estimated rise of example ``i``'s own loss if it were
+  removed and the model retrained (Koh & Liang 2017, section 5.4; Pruthi et al. 2020). A model fits a mislabelled
+  example it has memorised with a low loss, but removing it would raise that loss a lot. Always computed and kept
+  (``rank_by="self_influence"``). On the benchmark's models that fit many of their flipped labels (trained long,
+  or the CNN), self-influence from K-FAC / EK-FAC found a few more flips than the loss; from the Gauss-Newton
+  matrix or the projected route it did not (the exact Hessian was too costly to run there).
+* **leave-one-out loss** ``l_i + s_i``: to first order, the loss of example ``i`` under the model retrained
+  without it (``l(z_i, theta_{-i}) ~ l(z_i, theta_hat) + s_i`` by the definition of ``s_i``): an approximate
+  leave-one-out cross-validation loss (Giordano et al. 2019, the infinitesimal jackknife). ``rank_by="loo_loss"``;
+  it keeps most of self-influence's gain where the model memorises and most of the loss's where it does not, and
+  it assumes ``s_i`` in leave-one-out units (not the ``identity`` route's gradient dot products).
 * **validation influence** ``v_i = sum_q score[q, i]`` over a validation set: the estimated change of the *total*
   validation loss if ``i`` were removed. ``v_i < 0``: removing ``i`` would *lower* the validation loss, so ``i``
   is harmful; the most negative first is the order in which to inspect or drop examples.
@@ -16,7 +32,7 @@ f_q(theta_{-i}) - f_q(theta_hat)``):
 
 Example:
     >>> result = debug_data(influence, validation=(X_val, y_val))  # doctest: +SKIP
-    >>> result.suspicious_order[:10]  # the ten examples most worth a look  # doctest: +SKIP
+    >>> result.ranked_by, result.suspicious_order[:10]  # the ten examples most worth a look  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -39,12 +55,36 @@ from datatrace.apps.common import (
 )
 from datatrace.attributors.base import Attributor
 from datatrace.data import DataLike, as_data_source
-from datatrace.errors import bad_value, check_positive_int
+from datatrace.errors import bad_value, check_choice, check_positive_int
 from datatrace.verification.metrics import detection_curve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DebugResult", "RemovalCheck", "debug_data", "detection_summary", "removal_check"]
+__all__ = [
+    "DEFAULT_RANKING",
+    "RANKINGS",
+    "DebugResult",
+    "RemovalCheck",
+    "debug_data",
+    "detection_summary",
+    "ranking_values",
+    "removal_check",
+]
+
+#: the orders :func:`debug_data` can rank training examples by (``rank_by=``): name -> the measure, in words
+RANKINGS: dict[str, str] = {
+    "training_loss": "the training loss of each example under the trained model, highest first (a mislabelled "
+    "example disagrees with what the model learnt from the rest; the small-loss criterion of Arpit et al. 2017 "
+    "and Han et al. 2018)",
+    "self_influence": "self-influence, highest first: the estimated rise of the example's own loss if it were "
+    "removed and the model retrained (Koh & Liang 2017, section 5.4; Pruthi et al. 2020)",
+    "loo_loss": "the leave-one-out loss, highest first: training loss plus self-influence, the first-order "
+    "estimate of the example's loss under the model retrained without it (approximate leave-one-out "
+    "cross-validation; Koh & Liang 2017; Giordano et al. 2019, the infinitesimal jackknife)",
+}
+#: what :func:`debug_data` ranks by unless told (module docstring: no self-influence route, relative influence or
+#: combination beat the training loss on every realistic model in ``benchmarks/bench_mislabel.py``)
+DEFAULT_RANKING = "training_loss"
 
 DEBUG_MEANING = (
     "self_influence[i] estimates how much training example i's own loss would rise if it were removed and the "
@@ -57,6 +97,18 @@ DEBUG_MEANING = (
 # --------------------------------------------------------------------------------------------------------------
 # debug_data
 # --------------------------------------------------------------------------------------------------------------
+def ranking_values(by: str, training_loss: np.ndarray, self_influence: np.ndarray) -> np.ndarray:
+    """The per-example values of ranking ``by`` (a key of :data:`RANKINGS`), higher = more suspicious:
+    ``l_i``, ``s_i``, or the leave-one-out loss ``l_i + s_i`` (``l(z_i, theta_{-i}) ~ l(z_i, theta_hat) + s_i``
+    to first order, by the definition of self-influence)."""
+    check_choice("by", by, RANKINGS)
+    if by == "training_loss":
+        return training_loss
+    if by == "self_influence":
+        return self_influence
+    return training_loss + self_influence
+
+
 @dataclass
 class DebugResult:
     """Per-training-example diagnostics from :func:`debug_data` (see :data:`DEBUG_MEANING` for the signs).
@@ -66,9 +118,10 @@ class DebugResult:
         validation_influence: ``(n,)`` estimated change of the *total* validation loss if ``i`` were removed
             (``Scores.total()``); negative = harmful. ``None`` without validation data.
         training_loss: ``(n,)`` each example's loss under the trained model.
-        suspicious_order: ``(n,)`` example indices by decreasing self-influence.
+        suspicious_order: ``(n,)`` example indices by decreasing ``ranked_by`` (ties: lower index first).
         harmful_order: ``(n,)`` example indices by increasing validation influence (most harmful first), or
             ``None``.
+        ranked_by: the measure ``suspicious_order`` follows, a key of :data:`RANKINGS`.
         meaning: the conventions in words.
     """
 
@@ -77,11 +130,29 @@ class DebugResult:
     training_loss: np.ndarray
     suspicious_order: np.ndarray
     harmful_order: np.ndarray | None
+    ranked_by: str = DEFAULT_RANKING
     meaning: str = field(default=DEBUG_MEANING, repr=False)
+
+    def __post_init__(self) -> None:
+        check_choice("ranked_by", self.ranked_by, RANKINGS)
 
     @property
     def n(self) -> int:
         return int(self.self_influence.shape[0])
+
+    @property
+    def ranking_meaning(self) -> str:
+        """What :attr:`suspicious_order` ranks by, in words (:data:`RANKINGS`)."""
+        return RANKINGS[self.ranked_by]
+
+    def values(self, by: str) -> np.ndarray:
+        """The per-example values of ranking ``by`` (a key of :data:`RANKINGS`), higher = more suspicious."""
+        return ranking_values(by, self.training_loss, self.self_influence)
+
+    def order(self, by: str) -> np.ndarray:
+        """Example indices by decreasing ranking ``by`` (a key of :data:`RANKINGS`; ties: lower index first),
+        e.g. ``order("self_influence")`` whatever :attr:`ranked_by` is."""
+        return np.argsort(-self.values(by), kind="stable")
 
     def harmful(self) -> np.ndarray:
         """Indices whose removal is estimated to lower the total validation loss (``validation_influence < 0``),
@@ -95,19 +166,27 @@ class DebugResult:
 
 
 def debug_data(
-    influence: Attributor, validation: DataLike | None = None, train: DataLike | None = None
+    influence: Attributor,
+    validation: DataLike | None = None,
+    train: DataLike | None = None,
+    rank_by: str = DEFAULT_RANKING,
 ) -> DebugResult:
-    """Self-influence, training loss and (with ``validation``) validation influence of every training example.
+    """Training loss, self-influence and (with ``validation``) validation influence of every training example,
+    and the order in which to inspect them.
 
     Args:
         influence: a fitted attributor with ``self_influence()`` and ``score(query)``.
         validation: held-out data ``(X, y)``; its scores are summed over the validation examples.
         train: the training data, needed only for attributors that do not keep it (an
             :class:`~datatrace.InfluenceFunction` does).
+        rank_by: what :attr:`DebugResult.suspicious_order` ranks by, a key of :data:`RANKINGS`: the training loss
+            (default, :data:`DEFAULT_RANKING`; module docstring), ``"self_influence"`` or ``"loo_loss"`` (their
+            sum). Loss and self-influence are computed and kept either way.
 
     Returns:
         :class:`DebugResult`.
     """
+    check_choice("rank_by", rank_by, RANKINGS)
     check_attributor(influence, "expected a fitted attributor with self_influence() and score(query)")
     self_inf = as_numpy(influence.self_influence()).reshape(-1)
     n = self_inf.shape[0]
@@ -126,10 +205,11 @@ def debug_data(
     if validation is not None:
         val_inf = as_numpy(influence.score(validation).total()).reshape(-1)
         harmful_order = np.argsort(val_inf, kind="stable")
-    suspicious = np.argsort(-self_inf, kind="stable")
+    suspicious = np.argsort(-ranking_values(rank_by, training_loss, self_inf), kind="stable")
     logger.info(
-        "debug_data: %d training examples; self-influence max %.3g, median %.3g%s",
+        "debug_data: %d training examples ranked by %s; self-influence max %.3g, median %.3g%s",
         n,
+        rank_by,
         float(self_inf.max()),
         float(np.median(self_inf)),
         "" if val_inf is None else f"; {int((val_inf < 0).sum())} estimated harmful to the validation loss",
@@ -140,6 +220,7 @@ def debug_data(
         training_loss=training_loss,
         suspicious_order=suspicious,
         harmful_order=harmful_order,
+        ranked_by=rank_by,
     )
 
 
@@ -148,13 +229,14 @@ def detection_summary(
 ) -> dict[str, Any]:
     """How many of the ``flagged`` examples (e.g. known-mislabelled) each ranking finds in its top fractions.
 
-    Rankings compared: ``"self_influence"`` (high first), ``"training_loss"`` (high first),
-    ``"validation_harm"`` (most negative validation influence first; only with validation data) and
+    Rankings compared: ``"self_influence"`` (high first), ``"training_loss"`` (high first), ``"loo_loss"`` (only
+    when it is ``result.ranked_by``), ``"validation_harm"`` (most negative validation influence first; only with validation data) and
     ``"random"`` (the expectation of a uniformly random order). Uses :func:`datatrace.verification.metrics.detection_curve`.
 
     Returns:
-        ``{"n": n, "n_flagged": m, "fractions": [...], "rankings": {name: {"auc": float, "found_at": {str(f):
-        fraction of flagged found in the top ceil(f n)}, "found_count": {str(f): count}}}}``.
+        ``{"n": n, "n_flagged": m, "fractions": [...], "ranked_by": the ranking of result.suspicious_order,
+        "rankings": {name: {"auc": float, "found_at": {str(f): fraction of flagged found in the top ceil(f n)},
+        "found_count": {str(f): count}}}}``.
     """
     if not isinstance(result, DebugResult):
         raise bad_value("result", result, "expected a DebugResult", "pass the output of debug_data(...)")
@@ -170,12 +252,13 @@ def detection_summary(
     if not fracs or any(not 0.0 < f <= 1.0 for f in fracs):
         raise bad_value("fractions", fractions, "expected numbers in (0, 1]", "pass e.g. (0.05, 0.1, 0.2)")
     rankings: dict[str, np.ndarray] = {
-        "self_influence": result.self_influence,
-        "training_loss": result.training_loss,
+        name: result.values(name)
+        for name in RANKINGS
+        if name in ("self_influence", "training_loss") or name == result.ranked_by
     }
     if result.validation_influence is not None:
         rankings["validation_harm"] = -result.validation_influence
-    out: dict[str, Any] = {"n": result.n, "fractions": fracs, "rankings": {}}
+    out: dict[str, Any] = {"n": result.n, "fractions": fracs, "ranked_by": result.ranked_by, "rankings": {}}
     curves = {name: detection_curve(ranking, flags) for name, ranking in rankings.items()}
     for name, curve in curves.items():
         out["rankings"][name] = {
