@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import realistic as catalogue
 import common
 import datatrace
+import realistic as catalogue
 from datatrace.verification import metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,7 +58,9 @@ class Method:
     max_params: int | None = None
 
 
-SUPPORTED_ONLY = "supported"  # params= the layers K-FAC supports (Linear, Conv) - what a user must write today
+SUPPORTED_ONLY = (
+    "supported"  # params= the layers K-FAC supports (Linear, Conv) - what a user must write today
+)
 
 METHODS = [
     Method("auto", "influence", {"curvature": "auto"}, "the default"),
@@ -123,7 +125,12 @@ def run_influence(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
     influence.fit(ctx["train"])
     fit = time.perf_counter() - start
     scores = influence.score(ctx["test"])
-    return {"scores": scores.values, "fit_seconds": fit, "info": influence.curvature_.info, "meta": scores.metadata}
+    return {
+        "scores": scores.values,
+        "fit_seconds": fit,
+        "info": influence.curvature_.info,
+        "meta": scores.metadata,
+    }
 
 
 def run_projected(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +147,9 @@ def run_projected(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
 
 def run_trak(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
     problem = ctx["problem"]
-    models = [ctx["model"]] + [catalogue.trained(problem, seed=s) for s in range(1, method.options["members"])]
+    models = [ctx["model"]] + [
+        catalogue.trained(problem, seed=s) for s in range(1, method.options["members"])
+    ]
     attributor = datatrace.TRAK(models, ctx["task"], progress=False)
     start = time.perf_counter()
     attributor.fit(ctx["train"])
@@ -165,7 +174,11 @@ def run_kronfluence(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
     peer = bench_curvature.Method(method.label, "kronfluence", method.options["strategy"],
                                   {"damping": method.options["damping"]})  # fmt: skip
     out = bench_curvature.run_kronfluence(peer, _peer_ctx(ctx))
-    return {"scores": out["raw"] / len(ctx["train"][0]), "fit_seconds": out["fit_seconds"], "settings": out["settings"]}
+    return {
+        "scores": out["raw"] / len(ctx["train"][0]),
+        "fit_seconds": out["fit_seconds"],
+        "settings": out["settings"],
+    }
 
 
 def run_pydvl(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -174,19 +187,29 @@ def run_pydvl(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
     options = dict(method.options)
     peer = bench_curvature.Method(method.label, "pydvl", options.pop("target"), options)
     out = bench_curvature.run_pydvl(peer, _peer_ctx(ctx))
-    return {"scores": out["raw"] / len(ctx["train"][0]), "fit_seconds": out["fit_seconds"], "settings": out["settings"]}
+    return {
+        "scores": out["raw"] / len(ctx["train"][0]),
+        "fit_seconds": out["fit_seconds"],
+        "settings": out["settings"],
+    }
 
 
 def run_dattri(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
     import bench_curvature
 
     if ctx["train"][0].dtype in (torch.int64, torch.int32):
-        raise bench_curvature.Unavailable("dattri's loss casts the inputs to the model's float dtype: token ids break")
+        raise bench_curvature.Unavailable(
+            "dattri's loss casts the inputs to the model's float dtype: token ids break"
+        )
     options = dict(method.options)
     options["dtype"] = "float32"
     peer = bench_curvature.Method(method.label, "dattri", options.pop("target"), options)
     out = bench_curvature.run_dattri(peer, _peer_ctx(ctx))
-    return {"scores": out["raw"] / len(ctx["train"][0]), "fit_seconds": out["fit_seconds"], "settings": out["settings"]}
+    return {
+        "scores": out["raw"] / len(ctx["train"][0]),
+        "fit_seconds": out["fit_seconds"],
+        "settings": out["settings"],
+    }
 
 
 def run_dattri_trak(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -263,9 +286,13 @@ def worker(problem_name: str, label: str, out_path: str, threads: int) -> None:
             seconds = time.perf_counter() - start
             scores = torch.as_tensor(out.pop("scores")).detach().to(torch.float64).numpy()
             if scores.shape != (problem.n_test, problem.n_train):
-                raise ValueError(f"scores have shape {scores.shape}, expected {(problem.n_test, problem.n_train)}")
+                raise ValueError(
+                    f"scores have shape {scores.shape}, expected {(problem.n_test, problem.n_train)}"
+                )
             np.save(out_path + ".npy", scores)
-            result.update(seconds=seconds, fwd_bwd_seconds=fb, **{k: v for k, v in out.items() if k != "meta"})
+            result.update(
+                seconds=seconds, fwd_bwd_seconds=fb, **{k: v for k, v in out.items() if k != "meta"}
+            )
             meta = out.get("meta") or {}
             result["route"] = meta.get("curvature_info", {}).get("auto_choice") or meta.get("curvature")
             result["units"] = meta.get("units")
@@ -277,10 +304,21 @@ def worker(problem_name: str, label: str, out_path: str, threads: int) -> None:
     Path(out_path + ".json").write_text(json.dumps(common.to_jsonable(result), default=str))
 
 
-def run_in_subprocess(problem: catalogue.Problem, method: Method, timeout: float, threads: int) -> dict[str, Any]:
+def run_in_subprocess(
+    problem: catalogue.Problem, method: Method, timeout: float, threads: int
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
-        cmd = [sys.executable, __file__, "--worker", problem.name, method.label, out, "--threads", str(threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            problem.name,
+            method.label,
+            out,
+            "--threads",
+            str(threads),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -338,8 +376,10 @@ COLUMNS = [
 def print_tables(payload: dict[str, Any], markdown: bool = False) -> None:
     for name, entry in payload["problems"].items():
         print(f"\n### {name}: {entry['summary']}")
-        print(f"noise ceiling {common.fmt(entry.get('ceiling'))} (best LDS to hope for about "
-              f"{common.fmt(entry.get('correlation_ceiling'))}), test accuracy {common.fmt(entry.get('accuracy'))}\n")
+        print(
+            f"noise ceiling {common.fmt(entry.get('ceiling'))} (best LDS to hope for about "
+            f"{common.fmt(entry.get('correlation_ceiling'))}), test accuracy {common.fmt(entry.get('accuracy'))}\n"
+        )
         rows = []
         for label, row in entry["methods"].items():
             r = {"method": label, **row}
@@ -353,7 +393,9 @@ def print_tables(payload: dict[str, Any], markdown: bool = False) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--problems", default=",".join(catalogue.CATALOGUE))
     parser.add_argument("--methods", default="*")
     parser.add_argument("--timeout", type=float, default=600.0)

@@ -2,7 +2,7 @@
 
 Issue 10, item 5: on an MLP trained with Adam on digits with 10% flipped labels, self-influence found fewer flips
 in its top 10% than the plain training loss. This benchmark measures every ranking the library can produce on the
-catalogue's realistic models (``benchmarks/catalogue.py``: float32, Adam, minibatches of 32, a fixed number of
+catalogue's realistic models (``benchmarks/realistic.py``: float32, Adam, minibatches of 32, a fixed number of
 epochs, weight decay 1e-4 in the task; the CNN with BatchNorm and dropout), so that ``datatrace debug`` ranks by
 what works.
 
@@ -57,8 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import catalogue
 import datatrace
+import realistic as catalogue
 from common import RESULTS_DIR, table, versions, write_json
 from datatrace.apps.common import per_example
 from datatrace.curvature import make_curvature

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import re
 from collections import Counter
@@ -101,7 +102,9 @@ def _docstrings() -> list[tuple[str, int]]:
                     continue
                 objects = [obj]
                 if inspect.isclass(obj):
-                    objects += [v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and callable(v)]
+                    objects += [
+                        v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and callable(v)
+                    ]
                 for item in objects:
                     if not (inspect.isroutine(item) or inspect.isclass(item)):
                         continue
@@ -126,7 +129,10 @@ def docstring_data(n_train: int, n_test: int, seed: int, vocab: int, length: int
     examples = _docstrings()
     tr, te = _split(len(examples), n_train, n_test, seed)
     counts = Counter(w for i in tr for w in examples[i][0].split()[:length])
-    ids = {w: k + 2 for k, (w, _) in enumerate(sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[: vocab - 2])}
+    ids = {
+        w: k + 2
+        for k, (w, _) in enumerate(sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[: vocab - 2])
+    }
 
     def encode(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.zeros(len(rows), length, dtype=torch.int64)
@@ -185,7 +191,7 @@ class TextEncoder(nn.Module):
 
 def _mlp(sizes: tuple[int, ...]) -> nn.Module:
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=False):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import realistic as catalogue  # noqa: E402
-
-import datatrace  # noqa: E402
+import datatrace
+import realistic as catalogue
 
 
 @pytest.mark.parametrize("name", sorted(catalogue.CATALOGUE))

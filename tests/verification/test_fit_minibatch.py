@@ -28,7 +28,7 @@ def test_same_seed_same_model_other_seed_other_model(optimizer: str) -> None:
     a = fit_minibatch(_model(), task, data, epochs=3, batch_size=16, optimizer=optimizer, lr=1e-2, seed=1)
     b = fit_minibatch(_model(), task, data, epochs=3, batch_size=16, optimizer=optimizer, lr=1e-2, seed=1)
     c = fit_minibatch(_model(), task, data, epochs=3, batch_size=16, optimizer=optimizer, lr=1e-2, seed=2)
-    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
+    for pa, pb, _pc in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
     assert not a.training  # returned in eval mode
@@ -54,7 +54,9 @@ def test_one_sgd_step_is_the_minibatch_objective_with_the_task_l2() -> None:
     expected = copy.deepcopy(model)
     loss = task.loss(expected, (x, y)).mean() + 0.25 * sum((p * p).sum() for p in expected.parameters())
     grads = torch.autograd.grad(loss, list(expected.parameters()))
-    trained = fit_minibatch(model, task, (x, y), epochs=1, batch_size=8, lr=0.1, optimizer="sgd", momentum=0.0)
+    trained = fit_minibatch(
+        model, task, (x, y), epochs=1, batch_size=8, lr=0.1, optimizer="sgd", momentum=0.0
+    )
     for p, e, g in zip(trained.parameters(), expected.parameters(), grads, strict=True):
         torch.testing.assert_close(p, e - 0.1 * g)
 
@@ -68,7 +70,9 @@ def test_init_reinitialises_under_the_seed() -> None:
                 layer.reset_parameters()
 
     a = fit_minibatch(_model(), task, data, epochs=1, init=init, seed=3)
-    b = fit_minibatch(nn.Sequential(*[copy.deepcopy(m) for m in _model()]), task, data, epochs=1, init=init, seed=3)
+    b = fit_minibatch(
+        nn.Sequential(*[copy.deepcopy(m) for m in _model()]), task, data, epochs=1, init=init, seed=3
+    )
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
 

@@ -138,12 +138,16 @@ class Arnoldi(MatrixFree):
             if counted:
                 weights[-1] = p - rank
             used = dof_damping(values, target, weights)
-            if used == 0.0 and not complete:  # the kept directions hold fewer than the target: damp at their floor
+            if (
+                used == 0.0 and not complete
+            ):  # the kept directions hold fewer than the target: damp at their floor
                 used = float(evals.abs().min())
             inv, damping, spectral_info = spectral_inverse(evals, used, self.negative, None, self.name)
             spectral_info["damping_rule"] = f"dof={target:g}"
         else:
-            inv, damping, spectral_info = spectral_inverse(evals, self.damping, self.negative, None, self.name)
+            inv, damping, spectral_info = spectral_inverse(
+                evals, self.damping, self.negative, None, self.name
+            )
         if self.damping == "auto" and target is None and spectral_info["num_negative"] and not complete:
             # the dense rule's mean |e| runs over all p eigenvalues, not only the kept ones
             inv, damping, spectral_info = spectral_inverse(
