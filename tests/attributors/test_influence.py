@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from datatrace import ClassificationTask, InfluenceFunction, NotFittedError, RegressionTask, Scores, Task
 from datatrace.curvature import ExactHessian, GaussNewton
+from datatrace.linalg import dof_damping
 from datatrace.verification.training import fit_full_batch
 
 F64 = torch.float64
@@ -416,7 +417,12 @@ def test_negative_eigenvalue_policies_match_hand_built_eigen_inverse(
     e, U = torch.linalg.eigh(H)
     assert e.min() < -1e-3 * e.max()  # really indefinite
     tol = max(len(e), 10) * torch.finfo(F64).eps * 10 * float(e.abs().max())
-    d = 0.01 * float(e.abs().mean()) if damping == "auto" else damping
+    d = damping
+    if damping == "auto":  # away from a minimum: the effective-directions rule on the eigenvalues
+        state = inf.curvature_.training_state
+        assert not state.at_minimum and state.outputs == 3
+        d = dof_damping(e, state.dof_target(len(e)))
+        assert inf.curvature_.info["damping_rule"] == f"dof={state.dof_target(len(e)):g}"
     effective = {"clip": e.clamp(min=0), "abs": e.abs(), "keep": e}[negative] + d
     keep = (e.abs() > tol) & (effective.abs() > tol)
     assert (effective[keep].abs() > 1e-4).all()  # the comparison below is well conditioned
