@@ -204,6 +204,17 @@ def test_auto_without_a_time_budget_keeps_the_memory_rule(mlp_problem, monkeypat
     assert calls == [] and probes == []
 
 
+def test_auto_falls_back_to_the_memory_rule_when_the_probe_fails(mlp_problem, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the timing probe failed: a model error")
+
+    monkeypatch.setattr(auto_module, "measure_probe", broken)
+    fmodel, data = _fmodel_and_data(mlp_problem)
+    route, reason = AutoCurvature(time_budget=30.0).choose(fmodel, data)
+    assert route.name == auto_module.AUTO_ORDER[0]
+    assert "the timing probe failed (RuntimeError), so memory alone decides" in reason
+
+
 def test_auto_time_budget_and_cost_model_are_checked_by_name():
     with pytest.raises(ValueError, match=r"time_budget=.*Fix"):
         AutoCurvature(time_budget=-1.0)

@@ -45,7 +45,7 @@ from datatrace.curvature.cost import ARNOLDI_OVERSAMPLING, DEFAULT_QUERIES, Prob
 from datatrace.curvature.kfac import find_layers
 from datatrace.curvature.registry import make_curvature
 from datatrace.data import DataSource
-from datatrace.distributed import local_only
+from datatrace.distributed import all_reduce_sum, local_only, world
 from datatrace.errors import bad_value, check_nonnegative_float, check_positive_int, is_out_of_memory
 from datatrace.gradients.functional import FunctionalModel
 
@@ -116,13 +116,66 @@ def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFA
       marginal cost of a vector.
 
     A model without second derivatives gets infinite Hessian-vector costs (the routes that need them are then
-    predicted never to finish)."""
+    predicted never to finish).
+
+    Under torch.distributed every rank times its own probe and the timings are averaged over the ranks (one
+    all-reduce), so that every rank predicts, and chooses, the same route; a probe that fails on any rank raises
+    on every rank."""
     n = len(data)
     size = min(n, PROBE_EXAMPLES)
     quarter = max(1, size // 4)
+    calls = math.ceil(n / data.batch_size)
+    error: Exception | None = None
+    outputs = None
+    try:
+        timings = _timings(fmodel, data, size, quarter)
+        if fmodel.task.has_outputs:
+            with torch.no_grad():
+                first = fmodel.task.outputs(fmodel.model, fmodel.prepare(data.get([0])))
+            outputs = max(1, int(first[0].numel()))
+    except Exception as err:  # reported on every rank below
+        error, timings = err, [0.0] * 6
+    _, world_size, distributed = world()
+    values = torch.tensor([*timings, float(error is not None)], dtype=torch.float64)
+    if distributed:
+        values = all_reduce_sum(values)
+        values[:-1] /= world_size
+    if bool(values[-1] > 0):
+        raise RuntimeError(f"the timing probe failed: {error or 'on another rank'}") from error
+    t_small, t_tiny, t_rows, t_one, t_several, matmul = (float(v) for v in values[:-1])
+    # t = call + work * marginal; timing noise can make a difference tiny or negative: keep a tenth as a floor
+    per_example = max(t_small - t_tiny, 0.1 * t_small) / max(size - quarter, 1)
+    call = max(t_small - per_example * size, 0.0)
+    per_row = max(t_rows - call, 0.1 * t_rows) / size
+    marginal, hvp_call = math.inf, math.inf  # no Hessian-vector products for this model
+    if math.isfinite(t_one) and math.isfinite(t_several):
+        marginal = max(t_several - t_one, 0.1 * t_several) / (PROBE_VECTORS - 1) / size
+        hvp_call = max(t_one - marginal * size, 0.0)
+    layers = None
+    if ekfac_obstacle(fmodel, data) is None:
+        layers = tuple((layer.a_dim, layer.out_dim) for layer in find_layers(fmodel))
+    return Probe(
+        num_params=fmodel.num_params,
+        n_train=n,
+        outputs=outputs,
+        batch_size=data.batch_size,
+        grad_seconds=calls * call + n * per_example,
+        per_example_seconds=calls * call + n * per_row,
+        hvp_call_seconds=hvp_call,
+        hvp_vector_seconds=marginal * n,
+        matmul_flops=matmul,
+        eigh_flops=matmul / EIGH_SLOWDOWN,
+        layers=layers,
+        arnoldi_rank=ARNOLDI_RANK,
+        queries=queries,
+    )
+
+
+def _timings(fmodel: FunctionalModel, data: DataSource, size: int, quarter: int) -> list[float]:
+    """This process's probe timings (:func:`measure_probe`) and its matrix-product rate, no collective."""
     small, tiny = probe_source(data, size), probe_source(data, quarter)
     batch = small.get(list(range(size)))
-    device, p, calls = fmodel.device, fmodel.num_params, math.ceil(n / data.batch_size)
+    device, p = fmodel.device, fmodel.num_params
     with local_only():
         t_small = _best(lambda: fmodel.objective_grad(small), 2, device)
         t_tiny = _best(lambda: fmodel.objective_grad(tiny), 2, device)
@@ -137,36 +190,7 @@ def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFA
                 raise
             logger.info("curvature='auto': no Hessian-vector products for this model (%s)", err)
             t_one = t_several = math.inf
-    # t = call + work * marginal; timing noise can make a difference tiny or negative: keep a tenth as a floor
-    per_example = max(t_small - t_tiny, 0.1 * t_small) / max(size - quarter, 1)
-    call = max(t_small - per_example * size, 0.0)
-    per_row = max(t_rows - call, 0.1 * t_rows) / size
-    marginal = max(t_several - t_one, 0.1 * t_several) / (PROBE_VECTORS - 1) / size
-    hvp_call = max(t_one - marginal * size, 0.0) if math.isfinite(t_one) else math.inf
-    outputs = None
-    if fmodel.task.has_outputs:
-        with torch.no_grad():
-            first = fmodel.task.outputs(fmodel.model, fmodel.prepare(small.get([0])))
-        outputs = max(1, int(first[0].numel()))
-    layers = None
-    if ekfac_obstacle(fmodel, data) is None:
-        layers = tuple((layer.a_dim, layer.out_dim) for layer in find_layers(fmodel))
-    matmul, eigh = machine_rates()
-    return Probe(
-        num_params=p,
-        n_train=n,
-        outputs=outputs,
-        batch_size=data.batch_size,
-        grad_seconds=calls * call + n * per_example,
-        per_example_seconds=calls * call + n * per_row,
-        hvp_call_seconds=hvp_call,
-        hvp_vector_seconds=marginal * n,
-        matmul_flops=matmul,
-        eigh_flops=eigh,
-        layers=layers,
-        arnoldi_rank=ARNOLDI_RANK,
-        queries=queries,
-    )
+    return [t_small, t_tiny, t_rows, t_one, t_several, machine_rates()[0]]
 
 
 def ekfac_obstacle(fmodel: FunctionalModel, data: DataSource) -> str | None:
@@ -275,9 +299,7 @@ class AutoCurvature(Curvature):
             return self._build(fitting[0], fmodel), f"{head}: {'; '.join(notes)}", {}
         try:
             probe = measure_probe(fmodel, data)
-        except Exception as err:  # the gradient pass reports the model's error with the example's index
-            if is_out_of_memory(err):
-                raise
+        except RuntimeError as err:  # the gradient pass reports the model's error with the example's index
             notes.append(
                 f"the timing probe failed ({type(err).__name__}), so memory alone decides: {fitting[0]}"
             )
