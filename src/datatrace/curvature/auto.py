@@ -13,7 +13,7 @@ finish within ``time_budget`` seconds is chosen:
 * **fits time**: :func:`datatrace.curvature.cost.predict_seconds` (or the ``cost_model`` given) on a
   :class:`~datatrace.curvature.cost.Probe` that :func:`measure_probe` takes in well under a second: a few
   gradient and Hessian-vector products on one small batch, timed and scaled to the data, and the machine's
-  matrix-product and ``eigh`` rates, timed once per process. Without the budget (``time_budget=None``) no probe
+  matrix-product rate, timed once per process. Without the budget (``time_budget=None``) no probe
   is taken and the choice is by memory alone, the rule ``auto`` had before it predicted time.
 
 When no candidate fits the budget, the predicted-fastest one that fits memory is taken, and the reason says so.
@@ -61,9 +61,10 @@ PROBE_EXAMPLES = 64
 PROBE_VECTORS = 16
 #: side of the matrix product that measures the flop rate
 RATE_SIZE = 512
-#: how many times slower than a matrix product a large float64 ``eigh`` runs, per ``cost.EIGH_FLOPS m^3`` flop
-#: (LAPACK's ``syevd``: the tridiagonal reduction is memory-bound matrix-vector work)
-EIGH_SLOWDOWN = 4.0
+#: how many times slower than the ``RATE_SIZE`` product a large float64 ``eigh`` runs, per ``cost.EIGH_FLOPS m^3``
+#: flop: about as fast (a large product runs several times faster than this medium one, but LAPACK's ``syevd``
+#: spends half its time in memory-bound matrix-vector work, which cancels that gain)
+EIGH_SLOWDOWN = 1.0
 
 #: ``(route_name, probe) -> predicted seconds``
 CostModel = Callable[[str, Probe], float]
@@ -74,9 +75,9 @@ _RATES: dict[str, float] = {}
 def machine_rates() -> tuple[float, float]:
     """``(matmul_flops, eigh_flops)``: the float64 matrix-product rate, timed once per process on a
     ``RATE_SIZE``-square product (tens of milliseconds) and cached, and the ``eigh`` rate taken as
-    ``1 / EIGH_SLOWDOWN`` of it. ``eigh`` is not timed itself: its tridiagonal reduction is half matrix-vector
-    work, so a small one runs far below the rate of the large ones it must predict, and it is the kernel that
-    suffers most when other processes share the cores."""
+    ``1 / EIGH_SLOWDOWN`` of it. ``eigh`` is not timed itself: a small one runs far below the rate of the large
+    ones it must predict (its tridiagonal reduction is a sequence of small matrix-vector steps), and it is the
+    kernel that suffers most when other processes share the cores."""
     if not _RATES:
         gen = torch.Generator().manual_seed(0)
         a = torch.randn(RATE_SIZE, RATE_SIZE, dtype=torch.float64, generator=gen)
@@ -105,7 +106,8 @@ def probe_source(data: DataSource, size: int) -> DataSource:
 
 def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFAULT_QUERIES) -> Probe:
     """The :class:`~datatrace.curvature.cost.Probe` of ``fmodel`` on ``data``: sizes, and timings on the first
-    ``PROBE_EXAMPLES`` examples (local to this process, no collective), each the shorter of two calls:
+    ``PROBE_EXAMPLES`` examples (local to this process, no collective), each the shorter of two calls (the first
+    of a kind may pay one-time set-up), ten calls in all:
 
     * batch gradients of ``PROBE_EXAMPLES / 4`` and of ``PROBE_EXAMPLES`` examples: ``t(b) = call + b * m``
       separates the fixed cost of a call from the cost per example, so a pass over the data in batches of ``B``
@@ -143,13 +145,17 @@ def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFA
     if bool(values[-1] > 0):
         raise RuntimeError(f"the timing probe failed: {error or 'on another rank'}") from error
     t_small, t_tiny, t_rows, t_one, t_several, matmul = (float(v) for v in values[:-1])
-    # t = call + work * marginal; timing noise can make a difference tiny or negative: keep a tenth as a floor
-    per_example = max(t_small - t_tiny, 0.1 * t_small) / max(size - quarter, 1)
+    # t = call + work * marginal. Timing noise can make a difference tiny or negative (keep a tenth of the call as
+    # a floor) or larger than the call itself (cap at the whole call per unit of work, the naive scaling)
+    per_example = min(max(t_small - t_tiny, 0.1 * t_small) / max(size - quarter, 1), t_small / size)
     call = max(t_small - per_example * size, 0.0)
     per_row = max(t_rows - call, 0.1 * t_rows) / size
     marginal, hvp_call = math.inf, math.inf  # no Hessian-vector products for this model
     if math.isfinite(t_one) and math.isfinite(t_several):
-        marginal = max(t_several - t_one, 0.1 * t_several) / (PROBE_VECTORS - 1) / size
+        marginal = (
+            min(max(t_several - t_one, 0.1 * t_several) / (PROBE_VECTORS - 1), t_several / PROBE_VECTORS)
+            / size
+        )
         hvp_call = max(t_one - marginal * size, 0.0)
     layers = None
     if ekfac_obstacle(fmodel, data) is None:
@@ -184,7 +190,7 @@ def _timings(fmodel: FunctionalModel, data: DataSource, size: int, quarter: int)
         several = torch.zeros(PROBE_VECTORS, p, dtype=fmodel.dtype, device=device)
         try:
             t_one = _best(lambda: fmodel.hvp(one, small), 2, device)
-            t_several = _best(lambda: fmodel.hvp(several, small), 1, device)
+            t_several = _best(lambda: fmodel.hvp(several, small), 2, device)
         except RuntimeError as err:
             if is_out_of_memory(err):
                 raise
