@@ -265,7 +265,7 @@ def test_the_probe_reads_a_few_batches_whatever_the_data_size():
     reads, calls = counts[0]
     # ten timed calls, on one batch or a quarter of it; one example for the outputs, one for EK-FAC's check
     assert reads <= 8 * auto_module.PROBE_EXAMPLES + 2
-    assert calls <= 20
+    assert calls <= 30
 
 
 def test_cost_formulas():
