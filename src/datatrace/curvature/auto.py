@@ -11,9 +11,9 @@ finish within ``time_budget`` seconds is chosen:
   workspace), Arnoldi a float64 basis of ``steps x p`` twice; EK-FAC (per-layer factors) and CG (a few vectors)
   are bounded and always fit;
 * **fits time**: :func:`datatrace.curvature.cost.predict_seconds` (or the ``cost_model`` given) on a
-  :class:`~datatrace.curvature.cost.Probe` that :func:`measure_probe` takes in well under a second: a few
-  gradient and Hessian-vector products on one small batch, timed and scaled to the data, and the machine's
-  matrix-product rate, timed once per process. Without the budget (``time_budget=None``) no probe
+  :class:`~datatrace.curvature.cost.Probe` that :func:`measure_probe` takes with ten small calls whatever the
+  size of the data: gradient and Hessian-vector products on one small batch, timed and scaled to the data, and
+  the device's matrix-product rate, timed once per process. Without the budget (``time_budget=None``) no probe
   is taken and the choice is by memory alone, the rule ``auto`` had before it predicted time.
 
 When no candidate fits the budget, the predicted-fastest one that fits memory is taken, and the reason says so.
@@ -72,26 +72,31 @@ CostModel = Callable[[str, Probe], float]
 _RATES: dict[str, float] = {}
 
 
-def machine_rates() -> tuple[float, float]:
-    """``(matmul_flops, eigh_flops)``: the float64 matrix-product rate, timed once per process on a
-    ``RATE_SIZE``-square product (tens of milliseconds) and cached, and the ``eigh`` rate taken as
+def machine_rates(device: torch.device | str = "cpu") -> tuple[float, float]:
+    """``(matmul_flops, eigh_flops)`` on ``device``: the float64 matrix-product rate, timed once per process and
+    device on a ``RATE_SIZE``-square product (tens of milliseconds) and cached, and the ``eigh`` rate taken as
     ``1 / EIGH_SLOWDOWN`` of it. ``eigh`` is not timed itself: a small one runs far below the rate of the large
     ones it must predict (its tridiagonal reduction is a sequence of small matrix-vector steps), and it is the
     kernel that suffers most when other processes share the cores."""
-    if not _RATES:
+    device = torch.device(device)
+    key = str(device)
+    if key not in _RATES:
         gen = torch.Generator().manual_seed(0)
-        a = torch.randn(RATE_SIZE, RATE_SIZE, dtype=torch.float64, generator=gen)
-        _RATES["matmul"] = 2 * RATE_SIZE**3 / _best(lambda: a @ a, 2)
-    return _RATES["matmul"], _RATES["matmul"] / EIGH_SLOWDOWN
+        a = torch.randn(RATE_SIZE, RATE_SIZE, dtype=torch.float64, generator=gen).to(device)
+        _RATES[key] = 2 * RATE_SIZE**3 / _best(lambda: a @ a, 2, device)
+    return _RATES[key], _RATES[key] / EIGH_SLOWDOWN
 
 
 def _best(fn: Callable[[], Any], repeats: int, device: torch.device | None = None) -> float:
     """The shortest of ``repeats`` timings of ``fn`` (the first call may pay one-time set-up), at least 1 us."""
+    cuda = device is not None and device.type == "cuda"
     times = []
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
-        if device is not None and device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return max(min(times), 1e-6)
@@ -106,8 +111,8 @@ def probe_source(data: DataSource, size: int) -> DataSource:
 
 def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFAULT_QUERIES) -> Probe:
     """The :class:`~datatrace.curvature.cost.Probe` of ``fmodel`` on ``data``: sizes, and timings on the first
-    ``PROBE_EXAMPLES`` examples (local to this process, no collective), each the shorter of two calls (the first
-    of a kind may pay one-time set-up), ten calls in all:
+    ``PROBE_EXAMPLES`` examples, each the shorter of two calls (the first of a kind may pay one-time set-up), ten
+    calls in all:
 
     * batch gradients of ``PROBE_EXAMPLES / 4`` and of ``PROBE_EXAMPLES`` examples: ``t(b) = call + b * m``
       separates the fixed cost of a call from the cost per example, so a pass over the data in batches of ``B``
@@ -196,7 +201,7 @@ def _timings(fmodel: FunctionalModel, data: DataSource, size: int, quarter: int)
                 raise
             logger.info("curvature='auto': no Hessian-vector products for this model (%s)", err)
             t_one = t_several = math.inf
-    return [t_small, t_tiny, t_rows, t_one, t_several, machine_rates()[0]]
+    return [t_small, t_tiny, t_rows, t_one, t_several, machine_rates(device)[0]]
 
 
 def ekfac_obstacle(fmodel: FunctionalModel, data: DataSource) -> str | None:
