@@ -212,8 +212,10 @@ def ekfac_obstacle(fmodel: FunctionalModel, data: DataSource) -> str | None:
         return "the batches are dicts, which EK-FAC's sampled Fisher does not read"
     try:
         find_layers(fmodel)
-    except ValueError as err:  # a parameter outside the layers EK-FAC supports
-        return str(err).split(". Fix")[0]
+    except ValueError as err:  # a parameter outside the layers EK-FAC supports: name them, briefly
+        message = str(err).split(". Fix")[0]
+        names = message.split("are not: ")
+        return f"parameters outside the layers it supports: {names[1]}" if len(names) == 2 else message
     return None
 
 
