@@ -675,7 +675,7 @@ def test_scores_metadata_is_json_ready(logreg, tmp_path):
     scores = inf.score((X[:2], y[:2]))
     meta = scores.metadata
     assert meta["estimator"] == "InfluenceFunction" and meta["n_train"] == len(X) and meta["num_params"] == 12
-    assert meta["dtype"] == "torch.float64" and meta["curvature"]["route"] == "exact"
+    assert meta["dtype"] == "torch.float64" and meta["curvature"]["route"] == "gauss-newton"  # auto's first
     assert all(v is None or not isinstance(v, float) or math.isfinite(v) for v in meta["curvature"].values())
     scores.save(tmp_path / "s.safetensors")
     back = Scores.load(tmp_path / "s.safetensors")
@@ -686,7 +686,7 @@ def test_auto_says_its_route_and_why_before_the_work_and_is_silenced_with_progre
     p = logreg_problem
     InfluenceFunction(p.model, p.task, progress=True).fit(p.train)
     err = capsys.readouterr().err
-    line = "datatrace: curvature='auto' chose 'exact' (15 parameters: the dense Hessian needs"
+    line = "datatrace: curvature='auto' chose 'gauss-newton' (15 parameters: gauss-newton predicted"
     assert line in err
     assert err.index(line) < err.index("training gradients")  # before the long work starts
     InfluenceFunction(p.model, p.task, progress=False).fit(p.train)

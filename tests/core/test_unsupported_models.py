@@ -154,15 +154,15 @@ def test_attention_hvp_falls_back_to_double_backward_and_matches_finite_differen
     torch.testing.assert_close(hv, V @ fd_hessian(model, X, y), rtol=1e-6, atol=1e-7)
 
 
-def test_auto_on_multihead_attention_gives_the_exact_influence():
+def test_exact_on_multihead_attention_gives_the_exact_influence():
     torch.manual_seed(0)
     X, y = sequences()
     model = trained(Attention(), (X, y))
     H = fd_hessian(model, X, y)
     assert torch.linalg.eigvalsh(H).min() > 0  # a true minimum: the exact answer needs no damping
-    inf = datatrace.InfluenceFunction(model, datatrace.ClassificationTask(weight_decay=WD), progress=False)
-    inf.fit((X, y))
-    assert inf.curvature_.info["auto_choice"] == "exact" and inf.curvature_.info["damping"] == 0.0
+    task = datatrace.ClassificationTask(weight_decay=WD)
+    inf = datatrace.InfluenceFunction(model, task, curvature="exact", progress=False).fit((X, y))
+    assert inf.curvature_.info["damping"] == 0.0
     torch.testing.assert_close(inf.fmodel_.dense_hessian(inf.train_), H, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(
         inf.score((X, y)).values, influence_oracle(model, X, y, H), rtol=1e-5, atol=1e-8

@@ -31,7 +31,7 @@ OPTIONS = {
 #: route -> the dense matrix its solve equals on these problems (``None``: an approximation)
 DENSE = {
     "exact": "hessian",
-    "auto": "hessian",  # the dense Hessian fits in memory: auto picks "exact"
+    "auto": "gauss-newton",  # the dense matrix fits and is fast: auto picks AUTO_ORDER[0], "gauss-newton"
     "cg": "hessian",
     "arnoldi": "hessian",  # rank 200 >= p: a complete Krylov basis
     "lissa": "hessian",  # full batch: a deterministic series, truncated at depth 150

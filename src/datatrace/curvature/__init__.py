@@ -12,7 +12,7 @@ name               route
 ``"diagonal"``     diagonal of the Gauss-Newton, empirical Fisher or Hessian (:class:`Diagonal`)
 ``"kfac"``         Kronecker-factored Gauss-Newton/Fisher per Linear/Conv2d/Conv1D layer (:class:`KFAC`)
 ``"ekfac"``        K-FAC eigenbases with eigenvalues refitted per example (:class:`EKFAC`)
-``"auto"``         exact when it fits in memory, else EK-FAC, else CG; logs the choice (:class:`AutoCurvature`)
+``"auto"``         the most accurate route within memory and time budget; logs why (:class:`AutoCurvature`)
 ``"identity"``     H ~ I: gradient dot products, a baseline, not in leave-one-out units (:class:`Identity`)
 =================  ==========================================================================================
 

@@ -53,11 +53,12 @@ class TrainingState:
     def at_minimum(self) -> bool:
         return self.gradient_ratio <= AT_MINIMUM_RTOL
 
-    def dof_target(self, num_params: int) -> float | None:
-        """The effective directions ``damping="auto"`` keeps, or None at a minimum (the minimal damping)."""
+    def dof_target(self, num_params: int, per_output: float = DOF_PER_OUTPUT) -> float | None:
+        """The effective directions ``damping="auto"`` keeps (``per_output`` per model output, at most half of
+        the parameters), or None at a minimum (the minimal damping)."""
         if self.at_minimum:
             return None
-        return float(min(DOF_PER_OUTPUT * max(self.outputs, 1), num_params / 2))
+        return float(min(per_output * max(self.outputs, 1), num_params / 2))
 
 
 class Curvature(ABC):
@@ -75,10 +76,12 @@ class Curvature(ABC):
     def __init__(self) -> None:
         self.info_: dict[str, Any] = {}
 
-    def dof_target(self, num_params: int) -> float | None:
+    def dof_target(self, num_params: int, per_output: float = DOF_PER_OUTPUT) -> float | None:
         """The effective directions ``damping="auto"`` keeps (:meth:`TrainingState.dof_target`), None at a
         minimum or when no attributor said."""
-        return None if self.training_state is None else self.training_state.dof_target(num_params)
+        if self.training_state is None:
+            return None
+        return self.training_state.dof_target(num_params, per_output)
 
     @abstractmethod
     def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> Curvature:

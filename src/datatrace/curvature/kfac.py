@@ -75,7 +75,11 @@ regulariser is already in the eigenvalues, damping is not needed to make the inv
 directions whose approximate eigenvalue is near zero. ``"auto"`` therefore uses **0** where every parameter of the
 layer is penalised (``lambda > 0``) and ``1e-3`` times the layer's mean eigenvalue otherwise. Zero eigenvalues
 (e.g. the softmax's shift direction of an unpenalised bias, with damping 0) are dropped: a pseudo-inverse, as in
-the dense routes.
+the dense routes. Away from a minimum of the objective (told by the attributor,
+:class:`~datatrace.curvature.base.TrainingState`) ``"auto"`` is instead one damping for every layer that keeps
+``KFAC_DOF_PER_OUTPUT`` effective directions per model output over all layers' eigenvalues together
+(:func:`datatrace.linalg.dof_damping`): without it a model trained for a budget, with most examples fitted,
+gets near-zero eigenvalues whose inverse turns the scores into noise.
 
 Where ``lambda > 0`` extra damping only shrinks the scores and lowers their agreement with the exact Hessian;
 with ``lambda = 0`` small fractions of the mean eigenvalue (up to ``1e-3``) are indistinguishable from each other
@@ -154,7 +158,7 @@ from datatrace.data import DataSource
 from datatrace.distributed import all_reduce_sum, distributed_sum, world
 from datatrace.errors import bad_value, check_choice, check_nonnegative_float, check_positive_int
 from datatrace.gradients.functional import FunctionalModel
-from datatrace.linalg import zero_tolerance
+from datatrace.linalg import dof_damping, zero_tolerance
 from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -163,6 +167,9 @@ FISHER_TYPES = ("ggn", "sampled", "empirical")
 INPUT_FACTORS = ("weighted", "mean")
 #: fisher="ggn" backpropagates one pseudo-gradient per output; above this many outputs use fisher="sampled"
 MAX_GGN_OUTPUTS = 1024
+#: away from a minimum, K-FAC/EK-FAC's "auto" damping keeps this many effective directions per model output (more
+#: than the dense routes' ten: the Kronecker eigenvalues spread the spectrum, so the same count damps too much)
+KFAC_DOF_PER_OUTPUT = 50
 #: "auto" damping, as a fraction of the layer's mean eigenvalue, used when the regulariser does not bound the
 #: eigenvalues away from zero
 AUTO_DAMPING_FRACTION = 1e-3
@@ -489,6 +496,15 @@ class KFAC(Curvature):
         """Per layer: regulariser, damping and the (pseudo-)inverse eigenvalues, plus the Woodbury bias term."""
         dampings = []
         summary: dict[str, Any] = {}
+        target = self.dof_target(fmodel.num_params, KFAC_DOF_PER_OUTPUT) if self.damping == "auto" else None
+        shared = None
+        if target is not None:  # away from a minimum: one damping for all layers from all their eigenvalues
+            curvatures = []
+            for layer in layers:
+                lam = weight_decay_per_tensor(fmodel, layer.params, "K-FAC")
+                lam_w = lam[layer.weight] if layer.weight is not None else lam[layer.bias]
+                curvatures.append((layer.eigenvalues.clamp(min=0.0) + lam_w).reshape(-1))
+            shared = dof_damping(torch.cat(curvatures), target) if curvatures else 0.0
         for layer in layers:
             lam = weight_decay_per_tensor(fmodel, layer.params, "K-FAC")
             lam_w = lam[layer.weight] if layer.weight is not None else lam[layer.bias]
@@ -499,7 +515,9 @@ class KFAC(Curvature):
             tol = zero_tolerance(max(ev.shape), torch.float64) * top
             ev = torch.where(ev > tol, ev, torch.zeros_like(ev))
             layer.eigenvalues = ev
-            if self.damping == "auto":
+            if shared is not None:
+                damping = shared
+            elif self.damping == "auto":
                 floor = min(lam_w, lam_b) if layer.bias is not None and layer.weight is not None else lam_w
                 mean = float(ev.mean()) if ev.numel() else 0.0
                 damping = 0.0 if floor > 0 else AUTO_DAMPING_FRACTION * mean
@@ -553,6 +571,9 @@ class KFAC(Curvature):
             "num_params": fmodel.num_params,
             "num_layers": len(layers),
             "damping": self.damping if self.damping != "auto" else "auto",
+            "damping_rule": (
+                f"dof={target:g}" if target is not None else "at-minimum" if self.damping == "auto" else "given"
+            ),
             "damping_min": min(dampings) if dampings else 0.0,
             "damping_max": max(dampings) if dampings else 0.0,
             "num_zero_dropped": sum(int(layer.info["num_dropped"]) for layer in layers),
