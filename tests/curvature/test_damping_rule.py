@@ -83,3 +83,22 @@ def test_away_from_a_minimum_the_dense_route_keeps_the_target_directions(mlp_pro
     assert not route.training_state.at_minimum
     target = route.training_state.dof_target(len(route.evals_))
     assert _dof(route.evals_, route.damping_) == pytest.approx(target, rel=1e-4)
+
+
+def test_projected_influence_uses_the_rule_away_from_a_minimum(mlp_problem) -> None:
+    import copy
+
+    from datatrace import ProjectedInfluence
+
+    p = mlp_problem
+    at_min = ProjectedInfluence(p.model, p.task, progress=False).fit(p.train)
+    assert at_min.info["damping_rule"] == "at-minimum"
+    model = copy.deepcopy(p.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    away = ProjectedInfluence(model, p.task, progress=False).fit(p.train)
+    rule = away.info["damping_rule"]
+    assert rule.startswith("dof=")
+    target = float(rule.split("=")[1])
+    assert _dof(torch.linalg.eigvalsh(away.curvature_matrix_), away.damping_) == pytest.approx(target, rel=1e-4)

@@ -59,7 +59,8 @@ def test_model_far_from_a_minimum_gets_a_worse_verdict(mlp_problem):
     influence = datatrace.InfluenceFunction(far, p.task, curvature="exact", progress=False).fit(p.train)
     result = verify(influence, p.train, train_fn, p.query, n_retrains=12, progress=False)
     assert result.verdict in ("use rankings only", "not trustworthy here"), result.explanation
-    assert "What to try" in result.explanation
+    if result.verdict == "not trustworthy here":
+        assert "What to try" in result.explanation
 
 
 def test_subsets_give_lds_with_its_ceiling(mlp_problem):

@@ -39,8 +39,11 @@ unprojected Gauss-Newton scores and retraining.
 then ``P^T diag(lambda) P`` already bounds every eigenvalue of ``G_P`` away from zero and the undamped solve is the
 influence function of the projected model; otherwise ``AUTO_DAMPING_FRACTION`` (1e-3) times the mean eigenvalue of
 ``G_P``, a Levenberg-Marquardt style floor against the noise of tiny eigenvalues. Zero eigenvalues (``k > p``)
-are dropped, a pseudo-inverse. A float is used as given. The value is reported in ``info`` and in
-``Scores.metadata``.
+are dropped, a pseudo-inverse. Away from a minimum (the projected gradient of the objective above
+:data:`~datatrace.curvature.base.AT_MINIMUM_RTOL` of the typical projected per-example gradient), with the
+Gauss-Newton Fisher, ``"auto"`` is the dense routes' rule instead: keep ten effective directions per model output
+(:func:`datatrace.linalg.dof_damping` on the eigenvalues of ``G_P``). A float is used as given. The value is
+reported in ``info`` and in ``Scores.metadata``.
 
 **Solver.** ``G_P + damping I`` is factored by Cholesky when the regulariser or the damping bounds it away from
 zero and ``k <= p``; otherwise (``k > p``, or neither weight decay nor damping) by an eigendecomposition with a
@@ -95,6 +98,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from datatrace.attributors.base import Attributor, Measurement, check_stationary, json_scalars
+from datatrace.curvature.base import TrainingState, output_size
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import (
     all_gather_rows,
@@ -122,7 +126,7 @@ from datatrace.gradients.functional import (
     per_example_rows,
     prepare_model,
 )
-from datatrace.linalg import spectral_inverse
+from datatrace.linalg import dof_damping, spectral_inverse
 from datatrace.projection.chunks import dtype_name
 from datatrace.projection.factorized import FactorizedProjector, supports_factorized
 from datatrace.projection.features import FeatureSource, as_feature_source, my_chunks
@@ -338,7 +342,7 @@ class ProjectedInfluence(Attributor):
             features, acc = self._compute_in_memory(compute, source)
             self.store_ = None
             self.train_features_ = features
-        self._fit_curvature(acc)
+        self._fit_curvature(acc, output_size(self.fmodel_, source))
         logger.info("fitted ProjectedInfluence on %d examples, dim %d: %s", n, k, self.info)
         return self
 
@@ -455,7 +459,7 @@ class ProjectedInfluence(Attributor):
             return out[:, 0], out[:, 1:]
         return projector.project_vjps(batch, "loss")[:, 0], out
 
-    def _fit_curvature(self, acc: dict[str, torch.Tensor]) -> None:
+    def _fit_curvature(self, acc: dict[str, torch.Tensor], outputs: int) -> None:
         n, fmodel, projector = self.n_train_, self.fmodel_, self.projector_
         device = fmodel.device
         reg = projector.regularizer_matrix(rescaled=self.regularizer == "rescaled").to(device)
@@ -471,7 +475,24 @@ class ProjectedInfluence(Attributor):
         )
         lam = fmodel.regularizer
         k = self.dim_
-        if self.damping == "auto":
+        # stationarity in the projected space: P^T grad L = mean phi_i + P^T (lambda * theta)
+        reg_grad = projector.project((lam * fmodel.theta)[None])[0].to(torch.float64).to(device)
+        full = acc["grad"].to(device) / n + reg_grad
+        self.gradient_norm_ = float(full.norm())
+        typical = float(acc["norm"]) / n or 1.0
+        check_stationary(
+            self.gradient_norm_,
+            typical,
+            "the projected ||P^T grad L||",
+            "projected per-example gradient norm",
+        )
+        target = TrainingState(self.gradient_norm_ / typical, outputs).dof_target(k)
+        rule = "given"
+        if self.damping == "auto" and target is not None and self.fisher == "ggn":
+            # away from a minimum: the dense routes' rule on the projected curvature's eigenvalues
+            damping, rule = dof_damping(torch.linalg.eigvalsh(matrix), target), f"dof={target:g}"
+        elif self.damping == "auto":
+            rule = "at-minimum"
             all_penalised = bool((lam > 0).all())
             mean_eigenvalue = float(torch.diagonal(matrix).sum()) / k  # trace / k, no decomposition needed
             damping = 0.0 if all_penalised else AUTO_DAMPING_FRACTION * mean_eigenvalue
@@ -503,16 +524,6 @@ class ProjectedInfluence(Attributor):
         else:
             extra |= {"num_zero_dropped": 0}
 
-        # stationarity in the projected space: P^T grad L = mean phi_i + P^T (lambda * theta)
-        reg_grad = projector.project((lam * fmodel.theta)[None])[0].to(torch.float64).to(device)
-        full = acc["grad"].to(device) / n + reg_grad
-        self.gradient_norm_ = float(full.norm())
-        check_stationary(
-            self.gradient_norm_,
-            float(acc["norm"]) / n or 1.0,
-            "the projected ||P^T grad L||",
-            "projected per-example gradient norm",
-        )
         self.info_ = {
             "estimator": "ProjectedInfluence",
             "projector": projector.fingerprint(),
@@ -523,6 +534,7 @@ class ProjectedInfluence(Attributor):
             "ggn_samples": self.ggn_samples,
             "damping": damping,
             "damping_policy": self.damping if self.damping != "auto" else "auto",
+            "damping_rule": rule,
             "regularizer": self.regularizer,
             "regularizer_trace": float(torch.diagonal(reg).sum()),
             **extra,

@@ -572,7 +572,11 @@ class KFAC(Curvature):
             "num_layers": len(layers),
             "damping": self.damping if self.damping != "auto" else "auto",
             "damping_rule": (
-                f"dof={target:g}" if target is not None else "at-minimum" if self.damping == "auto" else "given"
+                f"dof={target:g}"
+                if target is not None
+                else "at-minimum"
+                if self.damping == "auto"
+                else "given"
             ),
             "damping_min": min(dampings) if dampings else 0.0,
             "damping_max": max(dampings) if dampings else 0.0,
