@@ -91,6 +91,7 @@ import copy
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -342,7 +343,7 @@ class ProjectedInfluence(Attributor):
             features, acc = self._compute_in_memory(compute, source)
             self.store_ = None
             self.train_features_ = features
-        self._fit_curvature(acc, output_size(self.fmodel_, source))
+        self._fit_curvature(acc, lambda: output_size(self.fmodel_, source))
         logger.info("fitted ProjectedInfluence on %d examples, dim %d: %s", n, k, self.info)
         return self
 
@@ -459,7 +460,9 @@ class ProjectedInfluence(Attributor):
             return out[:, 0], out[:, 1:]
         return projector.project_vjps(batch, "loss")[:, 0], out
 
-    def _fit_curvature(self, acc: dict[str, torch.Tensor], outputs: int) -> None:
+    def _fit_curvature(self, acc: dict[str, torch.Tensor], outputs: Callable[[], int]) -> None:
+        """The projected curvature and its damping; ``outputs()`` (one forward pass of one example) gives the model
+        outputs per example, asked only when the damping rule needs it."""
         n, fmodel, projector = self.n_train_, self.fmodel_, self.projector_
         device = fmodel.device
         reg = projector.regularizer_matrix(rescaled=self.regularizer == "rescaled").to(device)
@@ -486,9 +489,11 @@ class ProjectedInfluence(Attributor):
             "the projected ||P^T grad L||",
             "projected per-example gradient norm",
         )
-        target = TrainingState(self.gradient_norm_ / typical, outputs).dof_target(k)
+        at_minimum = TrainingState(self.gradient_norm_ / typical).at_minimum
+        use_rule = self.damping == "auto" and not at_minimum and self.fisher == "ggn"
+        target = TrainingState(self.gradient_norm_ / typical, outputs()).dof_target(k) if use_rule else None
         rule = "given"
-        if self.damping == "auto" and target is not None and self.fisher == "ggn":
+        if target is not None:
             # away from a minimum: the dense routes' rule on the projected curvature's eigenvalues
             damping, rule = dof_damping(torch.linalg.eigvalsh(matrix), target), f"dof={target:g}"
         elif self.damping == "auto":
