@@ -22,6 +22,7 @@ Scores are cached per (problem, method, datatrace version) under ``results/cache
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import json
 import os
@@ -80,7 +81,6 @@ METHODS = [
     Method("kronfluence-ekfac-heuristic", "kronfluence", {"strategy": "ekfac", "damping": None}),
     Method("kronfluence-ekfac", "kronfluence", {"strategy": "ekfac", "damping": "wd"}),
     Method("pydvl-ekfac", "pydvl", {"target": "ekfac", "hessian_regularization": "wd", "update_diagonal": True}),
-    Method("dattri-trak", "dattri-trak", {"proj_dim": 2048}, "dattri TRAK, 1 model"),
 ]  # fmt: skip
 
 
@@ -179,6 +179,10 @@ def run_pydvl(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
 
     options = dict(method.options)
     peer = bench_curvature.Method(method.label, "pydvl", options.pop("target"), options)
+    # pyDVL's EK-FAC allocates its factors in the default dtype (float64 in its runner): give it a float64 copy
+    ctx = {**ctx, "model": copy.deepcopy(ctx["model"]).double()}
+    ctx["train"] = tuple(t.double() if t.is_floating_point() else t for t in ctx["train"])
+    ctx["test"] = tuple(t.double() if t.is_floating_point() else t for t in ctx["test"])
     out = bench_curvature.run_pydvl(peer, _peer_ctx(ctx))
     return {
         "scores": out["raw"] / len(ctx["train"][0]),
@@ -187,69 +191,12 @@ def run_pydvl(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_dattri(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
-    import bench_curvature
-
-    if ctx["train"][0].dtype in (torch.int64, torch.int32):
-        raise bench_curvature.Unavailable(
-            "dattri's loss casts the inputs to the model's float dtype: token ids break"
-        )
-    options = dict(method.options)
-    options["dtype"] = "float32"
-    peer = bench_curvature.Method(method.label, "dattri", options.pop("target"), options)
-    out = bench_curvature.run_dattri(peer, _peer_ctx(ctx))
-    return {
-        "scores": out["raw"] / len(ctx["train"][0]),
-        "fit_seconds": out["fit_seconds"],
-        "settings": out["settings"],
-    }
-
-
-def run_dattri_trak(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
-    import bench_curvature
-
-    try:
-        from dattri.algorithm.trak import TRAKAttributor
-        from dattri.task import AttributionTask
-    except ImportError as error:
-        raise bench_curvature.Unavailable(f"dattri TRAK not importable: {error}") from None
-    import torch.nn.functional as F
-
-    model = ctx["model"]
-
-    def loss_func(params: Any, data: tuple) -> torch.Tensor:
-        x, y = data
-        out = torch.func.functional_call(model, params, x.unsqueeze(0))
-        return F.cross_entropy(out, y.unsqueeze(0).long())
-
-    def correct_probability(params: Any, data: tuple) -> torch.Tensor:
-        x, y = data
-        out = torch.func.functional_call(model, params, x.unsqueeze(0))
-        return torch.exp(-F.cross_entropy(out, y.unsqueeze(0).long()))
-
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*ctx["train"]), batch_size=100)
-    test_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*ctx["test"]), batch_size=100)
-    task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
-    start = time.perf_counter()
-    attributor = TRAKAttributor(task=task, correct_probability_func=correct_probability, device="cpu",
-                                projector_kwargs={"proj_dim": method.options["proj_dim"], "device": "cpu"})  # fmt: skip
-    attributor.cache(loader)
-    fit = time.perf_counter() - start
-    with torch.no_grad():
-        raw = attributor.attribute(test_loader).detach().to(torch.float64).numpy().T
-    # TRAK scores the *upweighting* of the margin f = log(p / (1 - p)), positive = helpful: the same sign as
-    # datatrace's removal score of the loss; units differ (rank-only), the LDS is scale-free.
-    return {"scores": raw, "fit_seconds": fit, "settings": {"proj_dim": method.options["proj_dim"]}}
-
-
 RUNNERS = {
     "influence": run_influence,
     "projected": run_projected,
     "trak": run_trak,
     "kronfluence": run_kronfluence,
     "pydvl": run_pydvl,
-    "dattri": run_dattri,
-    "dattri-trak": run_dattri_trak,
 }
 
 

@@ -169,7 +169,7 @@ INPUT_FACTORS = ("weighted", "mean")
 MAX_GGN_OUTPUTS = 1024
 #: away from a minimum, K-FAC/EK-FAC's "auto" damping keeps this many effective directions per model output (more
 #: than the dense routes' ten: the Kronecker eigenvalues spread the spectrum, so the same count damps too much)
-KFAC_DOF_PER_OUTPUT = 50
+KFAC_DOF_PER_OUTPUT = 75
 #: "auto" damping, as a fraction of the layer's mean eigenvalue, used when the regulariser does not bound the
 #: eigenvalues away from zero
 AUTO_DAMPING_FRACTION = 1e-3
