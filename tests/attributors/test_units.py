@@ -140,8 +140,9 @@ def test_leave_one_out_routes_say_so(logreg_problem, route):
 
 def test_auto_takes_the_units_of_its_choice(logreg_problem):
     scores = fitted(logreg_problem, curvature="auto").score(logreg_problem.query)
-    assert scores.metadata["curvature"]["auto_choice"] == "exact"
-    assert scores.metadata["units"] == LEAVE_ONE_OUT
+    choice = scores.metadata["curvature"]["auto_choice"]
+    assert choice in ("gauss-newton", "exact")  # a dense route on this small convex problem
+    assert scores.metadata["units"] == route_units(choice, scores.metadata["curvature"])[0] == LEAVE_ONE_OUT
     assert route_units("auto", {"auto_choice": "ekfac"})[0] == RANK_ONLY
 
 
