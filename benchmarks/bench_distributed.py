@@ -123,6 +123,8 @@ def worker(out: Path, n: int, width: int) -> None:
         if is_main_process():
             torch.save({k: t.detach().clone() for k, t in scores.items()}, out / "scores.pt")
             (out / "times.json").write_text(json.dumps({"world_size": world()[1], **times}))
+        if dist.is_initialized():
+            dist.barrier()  # leave together: a rank tearing down while another works can abort inside gloo
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("gloo")  # "nccl" when the model is on CUDA
     try:
         run(Path(args.out), args.n_train, args.n_query)
+        if dist.is_initialized():
+            # Every rank waits for the others before tearing down: a rank that leaves while another still works can
+            # abort inside gloo's connection threads ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

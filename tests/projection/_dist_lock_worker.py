@@ -59,6 +59,7 @@ def run(rank: int, world_size: int, port: int, outdir: str) -> None:
         facts["equal"] = bool(torch.equal(store.to_tensor(), feats))
         barrier()
         facts["lock_left"] = lock.exists()
+        barrier()  # leave together: a rank tearing down while another works can abort inside gloo
     finally:
         dist.destroy_process_group()
     (Path(outdir) / f"rank{rank}.json").write_text(json.dumps(facts))

@@ -46,6 +46,7 @@ def run_rank(rank: int, world_size: int, port: int, outdir: str, program: Progra
     )
     try:
         tensors, facts = program()
+        dist.barrier()  # leave together: a rank tearing down while another works can abort inside gloo
     finally:
         dist.destroy_process_group()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(outdir) / f"rank{rank}.safetensors"))

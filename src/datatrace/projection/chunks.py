@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import zlib
 from collections.abc import Mapping
 
@@ -121,11 +122,18 @@ def write_chunk_file(path: str | os.PathLike, chunk: int, features: torch.Tensor
     return digest
 
 
+# np.load parses the .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not thread-safe
+# (python/cpython gh-106905: "SystemError: AST constructor recursion depth mismatch" when two threads parse at
+# once). The store's read-ahead threads open chunk files concurrently, so the header parse is serialised.
+_HEADER_LOCK = threading.Lock()
+
+
 def read_chunk_file(path: str | os.PathLike, rows: int, dim: int, dtype: str) -> torch.Tensor:
     """The ``(rows, dim)`` features of the chunk file ``path`` in the storage dtype named ``dtype``, as a tensor
     backed by a copy-on-write memory map; a StoreCorruptedError if the file cannot be read or does not match."""
     try:
-        array = np.load(path, mmap_mode="c", allow_pickle=False)
+        with _HEADER_LOCK:  # only the header is read here; the rows are paged in later, outside the lock
+            array = np.load(path, mmap_mode="c", allow_pickle=False)
     except (OSError, ValueError) as err:
         raise StoreCorruptedError(
             f"chunk file {path} cannot be read ({err}). Fix: store.verify() lists every damaged file; delete "
