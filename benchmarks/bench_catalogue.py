@@ -59,10 +59,6 @@ class Method:
     max_params: int | None = None
 
 
-SUPPORTED_ONLY = (
-    "supported"  # params= the layers K-FAC supports (Linear, Conv) - what a user must write today
-)
-
 METHODS = [
     Method("auto", "influence", {"curvature": "auto"}, "the default"),
     Method("exact", "influence", {"curvature": "exact"}, "Hessian, damping auto", max_params=3000),
@@ -71,8 +67,8 @@ METHODS = [
     Method("arnoldi-gn-100", "influence", {"curvature": "arnoldi", "matrix": "gauss-newton", "rank": 100},
            max_params=10000),
     Method("cg-gn", "influence", {"curvature": "cg", "matrix": "gauss-newton"}, max_params=3000),
-    Method("ekfac", "influence", {"curvature": "ekfac", "params": SUPPORTED_ONLY}),
-    Method("kfac", "influence", {"curvature": "kfac", "params": SUPPORTED_ONLY}),
+    Method("ekfac", "influence", {"curvature": "ekfac"}),
+    Method("kfac", "influence", {"curvature": "kfac"}),
     Method("diagonal", "influence", {"curvature": "diagonal"}),
     Method("identity", "influence", {"curvature": "identity"}, "gradient dot product"),
     Method("projected", "projected", {}, "ProjectedInfluence defaults"),
@@ -87,24 +83,8 @@ METHODS = [
 # ==============================================================================================================
 # Runners: each returns (n_query, n_train) scores in datatrace units and sign
 # ==============================================================================================================
-def supported_params(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters of the Linear / Conv layers (what K-FAC / EK-FAC and LoGra cover)."""
-    names = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
-            names += [f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters()]
-    return names
-
-
-def _options(options: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    out = dict(options)
-    if out.get("params") == SUPPORTED_ONLY:
-        out["params"] = supported_params(model)
-    return out
-
-
 def run_influence(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
-    options = _options(method.options, ctx["model"])
+    options = dict(method.options)
     curvature = options.pop("curvature")
     params = options.pop("params", None)
     damping = options.pop("damping", "auto")
@@ -127,7 +107,7 @@ def run_influence(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_projected(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
-    options = _options(method.options, ctx["model"])
+    options = dict(method.options)
     if options.get("projector") == "factorized":
         options["projector"] = datatrace.FactorizedProjector()
     attributor = datatrace.ProjectedInfluence(ctx["model"], ctx["task"], progress=False, **options)

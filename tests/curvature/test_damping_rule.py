@@ -101,4 +101,6 @@ def test_projected_influence_uses_the_rule_away_from_a_minimum(mlp_problem) -> N
     rule = away.info["damping_rule"]
     assert rule.startswith("dof=")
     target = float(rule.split("=")[1])
-    assert _dof(torch.linalg.eigvalsh(away.curvature_matrix_), away.damping_) == pytest.approx(target, rel=1e-4)
+    assert _dof(torch.linalg.eigvalsh(away.curvature_matrix_), away.damping_) == pytest.approx(
+        target, rel=1e-4
+    )

@@ -19,7 +19,11 @@ finish within ``time_budget`` seconds is chosen:
   the device's matrix-product rate, timed once per process. Without the budget (``time_budget=None``) no probe
   is taken and the choice is by memory alone, the rule ``auto`` had before it predicted time.
 
-When no candidate fits the budget, the predicted-fastest one that fits memory is taken, and the reason says so.
+When no candidate fits the budget and the user left the parameters to datatrace (``params=None``) on a model with
+parameters EK-FAC does not cover (LayerNorm, embeddings, attention's packed projections), EK-FAC on the layers it
+supports is taken if it fits the budget or beats the fastest full candidate (the attributor then narrows the scope
+to them and says which parameters it leaves out: :mod:`datatrace.capture.scope`). Otherwise the predicted-fastest
+candidate that fits memory is taken, and the reason says so.
 CG, which needs no structure and bounded memory, is the last resort when nothing else can run.
 
 Models the default products cannot transform are handled below this level (:mod:`datatrace.gradients.functional`):
@@ -43,6 +47,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
+from datatrace.capture.scope import Scope, supported_scope
 from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature, format_bytes
 from datatrace.curvature.cost import ARNOLDI_OVERSAMPLING, DEFAULT_QUERIES, Probe, predict_seconds
 from datatrace.curvature.kfac import find_layers
@@ -222,6 +227,19 @@ def ekfac_obstacle(fmodel: FunctionalModel, data: DataSource) -> str | None:
     return None
 
 
+def supported_part(fmodel: FunctionalModel, data: DataSource) -> Scope | None:
+    """The part of a default-scope model (``params=None``) that EK-FAC covers when it cannot cover all of it: its
+    :class:`~datatrace.capture.scope.Scope`, or ``None`` when the user chose the parameters, EK-FAC cannot run
+    for another reason, or no supported layer runs."""
+    if not (fmodel.default_scope and fmodel.task.has_outputs) or data.yields_mappings():
+        return None
+    try:
+        part = supported_scope(fmodel, data, "EK-FAC", "choose the parameters with params=")
+    except ValueError:  # e.g. a grouped convolution
+        return None
+    return part if part.covered else None
+
+
 def route_bytes(name: str, fmodel: FunctionalModel) -> int:
     """Memory a candidate keeps that grows faster than ``p``: the dense routes' ``3 p^2`` numbers, Arnoldi's
     float64 basis; 0 for the bounded routes (EK-FAC's factors, CG's vectors)."""
@@ -297,11 +315,12 @@ class AutoCurvature(Curvature):
         p = fmodel.num_params
         fitting, notes = [], []
         ekfac_reason = ekfac_obstacle(fmodel, data)
+        part = None if ekfac_reason is None else supported_part(fmodel, data)
         for name in AUTO_ORDER:
             if name == "gauss-newton" and not fmodel.task.has_outputs:
                 notes.append(f"gauss-newton needs task outputs ({type(fmodel.task).__name__} has none)")
             elif name == "ekfac" and ekfac_reason is not None:
-                notes.append(f"EK-FAC cannot cover them ({ekfac_reason})")
+                notes.append(f"EK-FAC cannot cover them all ({ekfac_reason})")
             elif route_bytes(name, fmodel) > self.max_bytes:
                 need = format_bytes(route_bytes(name, fmodel))
                 notes.append(f"{name} needs {need} > max_bytes {format_bytes(self.max_bytes)}")
@@ -328,6 +347,17 @@ class AutoCurvature(Curvature):
                 return self._build(name, fmodel), f"{head}: {'; '.join(notes)}", predicted
             notes.append(f"{name} predicted {_seconds(predicted[name])} > budget {self.time_budget:g} s")
         fastest = min(fitting, key=lambda name: predicted[name])
+        if part is not None:  # EK-FAC on the layers it supports, the rest of the model held fixed
+            narrowed = FunctionalModel(fmodel.model, fmodel.task, list(part.covered), fmodel.chunk_size)
+            layers = tuple((layer.a_dim, layer.out_dim) for layer in find_layers(narrowed))
+            seconds = float(cost("ekfac", dataclasses.replace(probe, layers=layers)))
+            predicted["ekfac"] = seconds
+            if seconds <= self.time_budget or seconds < predicted[fastest]:
+                notes.append(
+                    f"none on all parameters fits the budget: EK-FAC on its {len(part.covered)} supported "
+                    f"parameter tensors ({narrowed.num_params:,} of {p:,} values), predicted {_seconds(seconds)}"
+                )
+                return self._build("ekfac", fmodel), f"{head}: {'; '.join(notes)}", predicted
         if not math.isfinite(predicted[fastest]):
             fastest = fitting[0]
         notes.append(f"none fits the budget: the predicted-fastest, {fastest}")
@@ -337,10 +367,12 @@ class AutoCurvature(Curvature):
         """Choose the route for ``fmodel`` and ``data`` (sizes and a probe of well under a second) and keep the
         choice for :meth:`fit`; returns the unfitted route and the reason in words, so callers can say it before
         the work."""
-        if getattr(self, "choice_", None) is None or self.choice_[0] is not fmodel:
+        # keyed by the model copy, not ``fmodel``: the attributor may narrow the scope of the chosen route
+        # (EK-FAC on its supported layers) and fit it on a new FunctionalModel of the same model
+        if getattr(self, "choice_", None) is None or self.choice_[0] is not fmodel.model:
             route, reason, predicted = self._choose(fmodel, data)
             logger.info("curvature='auto' chose %r: %s", route.name, reason)
-            self.choice_ = (fmodel, route, reason, predicted)
+            self.choice_ = (fmodel.model, route, reason, predicted)
         return self.choice_[1], self.choice_[2]
 
     def fit(self, fmodel: FunctionalModel, data: DataSource, progress: bool = True) -> AutoCurvature:
@@ -380,4 +412,12 @@ class AutoCurvature(Curvature):
         return f"AutoCurvature(damping={self.damping!r}, time_budget={self.time_budget!r})"
 
 
-__all__ = ["ARNOLDI_RANK", "AUTO_ORDER", "AutoCurvature", "CostModel", "ekfac_obstacle", "measure_probe"]
+__all__ = [
+    "ARNOLDI_RANK",
+    "AUTO_ORDER",
+    "AutoCurvature",
+    "CostModel",
+    "ekfac_obstacle",
+    "measure_probe",
+    "supported_part",
+]

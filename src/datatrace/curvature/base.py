@@ -69,6 +69,9 @@ class Curvature(ABC):
     #: True when ``solve`` itself passes over the training data (CG, LiSSA): under torch.distributed those passes
     #: are collectives, so every rank must then solve the same rows in the same order
     collective_solve: bool = False
+    #: True when the route covers only the layers of :mod:`datatrace.capture.kinds` (K-FAC, EK-FAC): with the
+    #: default scope the attributor then narrows it to them (:mod:`datatrace.capture.scope`)
+    layers_only: bool = False
     #: set by the attributor before ``fit`` (:class:`TrainingState`); None, for a route fitted on its own, is read
     #: as "at a minimum"
     training_state: TrainingState | None = None

@@ -245,6 +245,7 @@ class KFAC(Curvature):
     """
 
     name = "kfac"
+    layers_only = True
     _refit_eigenvalues = False
     _default_input_factor = "mean"
 

@@ -150,6 +150,9 @@ class FunctionalModel:
                     "model.named_parameters() (a misspelt name would silently get no weight decay)."
                 )
         selected = select_parameters(model, params)
+        #: True when the user did not choose the parameters (``params=None``: every trainable one), so a route
+        #: that covers only some layers may narrow the scope (:mod:`datatrace.capture.scope`)
+        self.default_scope = params is None
         self.space = ParamSpace.from_tensors(selected)
         self.theta = self.space.flatten({n: p.detach() for n, p in selected.items()})
         self.dtype = self.theta.dtype

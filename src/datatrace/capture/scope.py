@@ -1,0 +1,93 @@
+"""The default scope of the layer-structured routes: the parameters they can cover, and why the others are left out.
+
+K-FAC and EK-FAC model the curvature of the layers of :mod:`datatrace.capture.kinds` (Linear, Conv2d, Conv1d,
+transformers' Conv1D) from their inputs and output gradients, caught by hooks on the module's ``forward``. On a
+real network some parameters lie elsewhere: LayerNorm and BatchNorm scales, embeddings, a bare ``nn.Parameter``,
+``nn.MultiheadAttention``'s packed input projection, or a Linear whose weight is used functionally (the
+attention's ``out_proj``, whose ``forward`` never runs). When the user did not choose the parameters
+(``params=None``), these routes cover the supported layers whose ``forward`` runs and leave the rest out, the
+usual practice of the field (Grosse et al. 2023 restrict EK-FAC to the MLP and attention projections; kronfluence
+tracks only the modules it supports). The influence is then that of the covered parameters: the scores are the
+exact definition restricted to that block of the model (the other parameters held fixed).
+
+Whether a module's ``forward`` runs is observed, not guessed: one forward pass on one training example with
+hooks on every candidate, the parameters requiring gradients as in the real pass (PyTorch's inference fast paths,
+e.g. ``nn.TransformerEncoderLayer`` in eval mode without gradients, skip the submodules' ``forward``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from datatrace.capture.engine import find_layers
+from datatrace.data import DataSource
+from datatrace.gradients.functional import FunctionalModel
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The in-scope parameters a layer-structured route covers, and the others with the reason for each."""
+
+    covered: tuple[str, ...]
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    def describe(self, limit: int = 6) -> str:
+        """The left-out parameters in a line: their count, their numbers of values, the first few with reasons."""
+        if not self.left_out:
+            return "none left out"
+        shown = "; ".join(f"{name} ({why})" for name, why in list(self.left_out.items())[:limit])
+        more = f"; and {len(self.left_out) - limit} more" if len(self.left_out) > limit else ""
+        return f"{len(self.left_out)} parameter tensors left out: {shown}{more}"
+
+
+def _owner_type(model: torch.nn.Module, name: str) -> str:
+    module_name = name.rpartition(".")[0]
+    try:
+        return type(model.get_submodule(module_name)).__name__ if module_name else type(model).__name__
+    except AttributeError:
+        return "an unknown module"
+
+
+def supported_scope(fmodel: FunctionalModel, data: DataSource, who: str, fix: str) -> Scope:
+    """Which parameters in scope of ``fmodel`` a layer-structured route (``who``, e.g. ``"EK-FAC"``) covers on
+    ``data``: those of supported layers whose own ``forward`` runs on the first training example.
+
+    ``fix`` ends the error raised when a supported module cannot be handled (a grouped convolution)."""
+    layers, uncovered = find_layers(fmodel, who, fix)
+    called: set[str] = set()
+    handles = [
+        layer.module.register_forward_hook(lambda *_, name=layer.name: called.add(name)) for layer in layers
+    ]
+    try:
+        theta = fmodel.theta.detach().requires_grad_(True)  # as in the real pass: no inference fast paths
+        with torch.enable_grad():
+            fmodel.losses(theta, fmodel.prepare(data.get([0])))
+    finally:
+        for handle in handles:
+            handle.remove()
+    covered: list[str] = []
+    left_out: dict[str, str] = {}
+    for entry in uncovered:  # a name, or "name (shared by modules [...])"
+        name, _, shared = entry.partition(" (")
+        left_out[name] = (
+            shared.rstrip(")") if shared else f"in {_owner_type(fmodel.model, name)}, not supported"
+        )
+    for layer in layers:
+        names = [n for n in (layer.weight, layer.bias) if n is not None]
+        if layer.name in called:
+            covered.extend(names)
+        else:
+            for name in names:
+                left_out[name] = (
+                    f"{type(layer.module).__name__} whose forward never runs: its weight is used functionally"
+                )
+    order = {name: i for i, name in enumerate(fmodel.space.names)}
+    return Scope(
+        covered=tuple(sorted(covered, key=order.__getitem__)),
+        left_out={name: left_out[name] for name in sorted(left_out, key=order.__getitem__)},
+    )
+
+
+__all__ = ["Scope", "supported_scope"]
