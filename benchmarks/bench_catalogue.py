@@ -94,16 +94,16 @@ def run_influence(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
     influence = datatrace.InfluenceFunction(
         ctx["model"], ctx["task"], curvature=curvature, damping=damping, params=params, progress=False
     )
+    return {**_fit_and_score(influence, ctx), "info": influence.curvature_.info}
+
+
+def _fit_and_score(attributor: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Fit ``attributor`` on the training data (timed) and score the test set."""
     start = time.perf_counter()
-    influence.fit(ctx["train"])
+    attributor.fit(ctx["train"])
     fit = time.perf_counter() - start
-    scores = influence.score(ctx["test"])
-    return {
-        "scores": scores.values,
-        "fit_seconds": fit,
-        "info": influence.curvature_.info,
-        "meta": scores.metadata,
-    }
+    scores = attributor.score(ctx["test"])
+    return {"scores": scores.values, "fit_seconds": fit, "meta": scores.metadata}
 
 
 def run_projected(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -111,11 +111,7 @@ def run_projected(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
     if options.get("projector") == "factorized":
         options["projector"] = datatrace.FactorizedProjector()
     attributor = datatrace.ProjectedInfluence(ctx["model"], ctx["task"], progress=False, **options)
-    start = time.perf_counter()
-    attributor.fit(ctx["train"])
-    fit = time.perf_counter() - start
-    scores = attributor.score(ctx["test"])
-    return {"scores": scores.values, "fit_seconds": fit, "meta": scores.metadata}
+    return _fit_and_score(attributor, ctx)
 
 
 def run_trak(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -124,16 +120,7 @@ def run_trak(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
         catalogue.trained(problem, seed=s) for s in range(1, method.options["members"])
     ]
     attributor = datatrace.TRAK(models, ctx["task"], progress=False)
-    start = time.perf_counter()
-    attributor.fit(ctx["train"])
-    fit = time.perf_counter() - start
-    scores = attributor.score(ctx["test"])
-    return {
-        "scores": scores.values,
-        "fit_seconds": fit,
-        "note": "time excludes training the extra models",
-        "meta": scores.metadata,
-    }
+    return {**_fit_and_score(attributor, ctx), "note": "time excludes training the extra models"}
 
 
 def _peer_ctx(ctx: dict[str, Any]) -> dict[str, Any]:
