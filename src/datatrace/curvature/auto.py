@@ -315,7 +315,6 @@ class AutoCurvature(Curvature):
         p = fmodel.num_params
         fitting, notes = [], []
         ekfac_reason = ekfac_obstacle(fmodel, data)
-        part = None if ekfac_reason is None else supported_part(fmodel, data)
         for name in AUTO_ORDER:
             if name == "gauss-newton" and not fmodel.task.has_outputs:
                 notes.append(f"gauss-newton needs task outputs ({type(fmodel.task).__name__} has none)")
@@ -347,6 +346,7 @@ class AutoCurvature(Curvature):
                 return self._build(name, fmodel), f"{head}: {'; '.join(notes)}", predicted
             notes.append(f"{name} predicted {_seconds(predicted[name])} > budget {self.time_budget:g} s")
         fastest = min(fitting, key=lambda name: predicted[name])
+        part = None if ekfac_reason is None else supported_part(fmodel, data)
         if part is not None:  # EK-FAC on the layers it supports, the rest of the model held fixed
             narrowed = FunctionalModel(fmodel.model, fmodel.task, list(part.covered), fmodel.chunk_size)
             layers = tuple((layer.a_dim, layer.out_dim) for layer in find_layers(narrowed))
