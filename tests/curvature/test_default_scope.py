@@ -33,16 +33,18 @@ class TinyEncoder(nn.Module):
 
 
 class FunctionalWeight(nn.Module):
-    """``side``'s weight is used with F.linear, so its forward never runs (like attention's out_proj)."""
+    """``side``'s weight is used with F.linear, so its forward never runs (like attention's out_proj); the
+    LayerNorm is outside the supported layers, which is what makes the scope look at which forwards run."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
         self.side = nn.Linear(4, 4)
         self.head = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.body(x))
+        h = self.norm(torch.tanh(self.body(x)))
         return self.head(h + 0.1 * nn.functional.linear(h, self.side.weight, self.side.bias))
 
 
@@ -96,8 +98,20 @@ def test_functionally_used_linear_is_left_out():
     X, y = torch.randn(30, 4, dtype=torch.float64), torch.arange(30) % 2
     fmodel = FunctionalModel(prepare_model(model, None), datatrace.ClassificationTask())
     scope = supported_scope(fmodel, as_data_source((X, y)), "EK-FAC", "fix")
-    assert set(scope.left_out) == {"side.weight", "side.bias"}
+    assert set(scope.left_out) == {"side.weight", "side.bias", "norm.weight", "norm.bias"}
+    assert "forward never runs" in scope.left_out["side.weight"]
     assert scope.covered == ("body.weight", "body.bias", "head.weight", "head.bias")
+
+
+def test_a_model_of_supported_layers_only_is_taken_whole_without_a_forward_pass():
+    calls = []
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    model.register_forward_hook(lambda *_: calls.append(1))
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.arange(10) % 2
+    fmodel = FunctionalModel(model, datatrace.ClassificationTask())
+    scope = supported_scope(fmodel, as_data_source((X, y)), "EK-FAC", "fix")
+    assert scope.covered == fmodel.space.names and scope.left_out == {}
+    assert calls == []
 
 
 @pytest.mark.parametrize("route", ["ekfac", "kfac"])
@@ -171,3 +185,30 @@ def test_auto_keeps_all_parameters_the_user_chose(encoder_problem):
     ).fit(train)
     assert inf.curvature_.info["auto_choice"] != "ekfac"
     assert inf.score((train[0][:2], train[1][:2])).metadata["num_params"] == 8 + 8 + 27
+
+
+def test_factorized_projection_covers_the_supported_layers_by_default(encoder_problem, tmp_path):
+    model, task, train = encoder_problem
+    query = (train[0][:3], train[1][:3])
+    covered = [n for n, _ in model.named_parameters() if n not in LEFT_OUT]
+
+    def fit(params, store):
+        projector = datatrace.FactorizedProjector(random_state=0)
+        return datatrace.ProjectedInfluence(
+            model, task, projector=projector, params=params, store_dir=store, progress=False
+        ).fit(train)
+
+    default = fit(None, tmp_path / "default")
+    scores = default.score(query)
+    assert set(scores.metadata["params_left_out"]) == LEFT_OUT
+    torch.testing.assert_close(fit(covered, tmp_path / "explicit").score(query).values, scores.values)
+    again = fit(None, tmp_path / "default")  # the stored features are reused: same scope, same fingerprints
+    assert again.info["train_examples_processed"] == 0
+    torch.testing.assert_close(again.score(query).values, scores.values)
+
+
+def test_random_projection_keeps_every_parameter(encoder_problem):
+    model, task, train = encoder_problem
+    inf = datatrace.ProjectedInfluence(model, task, progress=False).fit(train)  # projector="auto": random here
+    meta = inf.score((train[0][:2], train[1][:2])).metadata
+    assert meta["params_left_out"] == []

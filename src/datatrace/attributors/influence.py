@@ -64,8 +64,7 @@ from datatrace.attributors.base import (
     default_memory_budget,
     json_scalars,
 )
-from datatrace.capture.kinds import SUPPORTED_LAYERS
-from datatrace.capture.scope import supported_scope
+from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature import Curvature, make_curvature
 from datatrace.curvature.base import TrainingState, format_bytes, output_size
 from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
@@ -312,29 +311,19 @@ class InfluenceFunction(Attributor):
 
     def _narrow_scope(self, fmodel: FunctionalModel, source: DataSource, route: Curvature) -> FunctionalModel:
         """``fmodel``, or, for a route that covers only supported layers (K-FAC, EK-FAC) with the default scope,
-        the same model restricted to the parameters it covers, said in one line (:mod:`datatrace.capture.scope`);
+        the same model restricted to the parameters it covers (:func:`datatrace.capture.scope.narrow_to_supported`);
         ``params_left_out_`` names the others with the reason for each."""
         self.params_left_out_: dict[str, str] = {}
         if not (route.layers_only and fmodel.default_scope):
             return fmodel
-        scope = supported_scope(fmodel, source, route.name, "choose the parameters with params=")
-        if not scope.left_out:
-            return fmodel
-        if not scope.covered:
-            raise ValueError(
-                f"curvature={route.name!r} covers {SUPPORTED_LAYERS} layers whose forward runs, and this model "
-                f"has none: {scope.describe()}. Fix: use curvature='auto', 'cg' or 'arnoldi' (any parameters), or "
-                "ProjectedInfluence."
-            )
-        self.params_left_out_ = dict(scope.left_out)
-        message = (
-            f"datatrace: {route.name} covers the {len(scope.covered)} parameter tensors of its supported layers; "
-            f"{scope.describe()}. Pass params= to choose them."
+        fmodel, self.params_left_out_ = narrow_to_supported(
+            fmodel,
+            source,
+            f"curvature={route.name!r}",
+            "use curvature='auto', 'cg' or 'arnoldi' (any parameters), or ProjectedInfluence",
+            announce=self.progress and world()[0] == 0,
         )
-        logger.info(message)
-        if self.progress and world()[0] == 0:
-            tqdm.write(message, file=sys.stderr)
-        return FunctionalModel(fmodel.model, self.task, list(scope.covered), chunk_size=fmodel.chunk_size)
+        return fmodel
 
     def _local_training_gradients(
         self, fmodel: FunctionalModel, source: DataSource

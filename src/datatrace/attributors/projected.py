@@ -99,6 +99,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from datatrace.attributors.base import Attributor, Measurement, check_stationary, json_scalars
+from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature.base import TrainingState, output_size
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import (
@@ -296,7 +297,17 @@ class ProjectedInfluence(Attributor):
         fmodel = FunctionalModel(prepare_model(self.model, self.dtype), self.task, self.params)
         check_finite(fmodel.theta, "the model's parameters", "Fix: pass a model whose weights are finite.")
         n = len(source)
-        projector = self._make_projector(fmodel).fit(fmodel, n)
+        projector = self._make_projector(fmodel)
+        self.params_left_out_: dict[str, str] = {}
+        if isinstance(projector, FactorizedProjector) and fmodel.default_scope:
+            fmodel, self.params_left_out_ = narrow_to_supported(
+                fmodel,
+                source,
+                "FactorizedProjector",
+                "use RandomProjector (any parameters)",
+                announce=self.progress and world()[0] == 0,
+            )
+        projector = projector.fit(fmodel, n)
         k = projector.dim_
         self.fmodel_ = fmodel
         self.projector_ = projector
@@ -306,15 +317,17 @@ class ProjectedInfluence(Attributor):
         compute = self._chunk_computer(source)
 
         if self.store_dir is not None:
+            # the parameters projected: the covered ones when the default scope was narrowed, else as given
+            scope = self.params if self.params is None or isinstance(self.params, str) else list(self.params)
+            if self.params_left_out_:
+                scope = list(fmodel.space.names)
             fingerprints = {
                 "model": model_fingerprint(self.model),
                 "data": data_fingerprint(source),
                 "projection": projector.fingerprint(),
                 "task": f"{type(self.task).__module__}.{type(self.task).__qualname__}: {self.task!r}",
                 "config": {
-                    "params": self.params
-                    if self.params is None or isinstance(self.params, str)
-                    else list(self.params),
+                    "params": scope,
                     "dtype": str(self.dtype),
                     "fisher": self.fisher,
                     "ggn_samples": self.ggn_samples,
@@ -693,7 +706,10 @@ class ProjectedInfluence(Attributor):
                 "the empirical Fisher (gradients of the labels) is the Gauss-Newton matrix only at a perfect fit, "
                 "so its scale is not that of leave-one-out"
             )
-        return self.scores_metadata(route=route, **flat, units=units, units_reason=reason)
+        left_out = sorted(getattr(self, "params_left_out_", {}))
+        return self.scores_metadata(
+            route=route, **flat, params_left_out=left_out, units=units, units_reason=reason
+        )
 
 
 def largest_magnitude(extremes: StreamingTopK, k: int) -> TopK:

@@ -10,20 +10,27 @@ usual practice of the field (Grosse et al. 2023 restrict EK-FAC to the MLP and a
 tracks only the modules it supports). The influence is then that of the covered parameters: the scores are the
 exact definition restricted to that block of the model (the other parameters held fixed).
 
-Whether a module's ``forward`` runs is observed, not guessed: one forward pass on one training example with
-hooks on every candidate, the parameters requiring gradients as in the real pass (PyTorch's inference fast paths,
-e.g. ``nn.TransformerEncoderLayer`` in eval mode without gradients, skip the submodules' ``forward``).
+Whether a module's ``forward`` runs is observed, not guessed, once some parameter is outside the supported layers
+(a model made of supported layers only is taken whole, with no extra pass): one forward pass on one training
+example with hooks on every candidate, the parameters requiring gradients as in the real pass (PyTorch's inference
+fast paths, e.g. ``nn.TransformerEncoderLayer`` in eval mode without gradients, skip the submodules' ``forward``).
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from datatrace.capture.engine import find_layers
+from datatrace.capture.kinds import SUPPORTED_LAYERS
 from datatrace.data import DataSource
 from datatrace.gradients.functional import FunctionalModel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,9 @@ def supported_scope(fmodel: FunctionalModel, data: DataSource, who: str, fix: st
 
     ``fix`` ends the error raised when a supported module cannot be handled (a grouped convolution)."""
     layers, uncovered = find_layers(fmodel, who, fix)
+    if not uncovered:  # every parameter in a supported layer: no probe (a weight used outside its module's
+        # forward is still caught by the routes' first-batch check of the hook gradients against autograd)
+        return Scope(covered=tuple(fmodel.space.names))
     called: set[str] = set()
     handles = [
         layer.module.register_forward_hook(lambda *_, name=layer.name: called.add(name)) for layer in layers
@@ -90,4 +100,32 @@ def supported_scope(fmodel: FunctionalModel, data: DataSource, who: str, fix: st
     )
 
 
-__all__ = ["Scope", "supported_scope"]
+def narrow_to_supported(
+    fmodel: FunctionalModel, data: DataSource, who: str, fix: str, announce: bool
+) -> tuple[FunctionalModel, dict[str, str]]:
+    """``fmodel`` restricted to the parameters the layer-structured ``who`` covers, and the left-out parameters
+    with the reason for each; ``fmodel`` itself (and ``{}``) when nothing is left out.
+
+    Said in one log line, and on stderr too when ``announce``; a ValueError (ending with ``fix``: the routes that
+    take any parameter) when no supported layer runs. Call it only for the default scope
+    (``fmodel.default_scope``): parameters the user chose are never dropped."""
+    scope = supported_scope(fmodel, data, who, fix)
+    if not scope.left_out:
+        return fmodel, {}
+    if not scope.covered:
+        raise ValueError(
+            f"{who} covers {SUPPORTED_LAYERS} layers whose forward runs, and this model has none: "
+            f"{scope.describe()}. Fix: {fix}."
+        )
+    message = (
+        f"datatrace: {who} covers the {len(scope.covered)} parameter tensors of its supported layers; "
+        f"{scope.describe()}. Pass params= to choose them."
+    )
+    logger.info(message)
+    if announce:
+        tqdm.write(message, file=sys.stderr)
+    narrowed = FunctionalModel(fmodel.model, fmodel.task, list(scope.covered), chunk_size=fmodel.chunk_size)
+    return narrowed, dict(scope.left_out)
+
+
+__all__ = ["Scope", "narrow_to_supported", "supported_scope"]
