@@ -209,6 +209,8 @@ def test_factorized_projection_covers_the_supported_layers_by_default(encoder_pr
 
 def test_random_projection_keeps_every_parameter(encoder_problem):
     model, task, train = encoder_problem
-    inf = datatrace.ProjectedInfluence(model, task, progress=False).fit(train)  # projector="auto": random here
+    inf = datatrace.ProjectedInfluence(model, task, progress=False).fit(
+        train
+    )  # projector="auto": random here
     meta = inf.score((train[0][:2], train[1][:2])).metadata
     assert meta["params_left_out"] == []
