@@ -41,7 +41,7 @@ class Scope:
     left_out: dict[str, str] = field(default_factory=dict)
 
     def describe(self, limit: int = 6) -> str:
-        """The left-out parameters in a line: their count, their numbers of values, the first few with reasons."""
+        """The left-out parameters in a line: their count and the first ``limit`` with their reasons."""
         if not self.left_out:
             return "none left out"
         shown = "; ".join(f"{name} ({why})" for name, why in list(self.left_out.items())[:limit])
