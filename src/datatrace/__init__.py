@@ -5,13 +5,16 @@ default its loss) if training example i were removed and the model retrained, in
 """
 
 from datatrace.attributors.influence import InfluenceFunction
+from datatrace.attributors.metagradient import Metagradient
 from datatrace.attributors.projected import ProjectedInfluence
 from datatrace.attributors.sklearn import SklearnInfluence, from_sklearn
 from datatrace.attributors.tracin import TracIn
+from datatrace.attributors.tracin_recorded import RecordedTracIn
 from datatrace.attributors.trak import TRAK
 from datatrace.errors import NotFittedError
 from datatrace.projection import FactorizedProjector, RandomProjector
 from datatrace.projection.store import GradientStore
+from datatrace.run.recording import Recorder, Recording
 from datatrace.scores import Scores, TopK
 from datatrace.tasks import ClassificationTask, RegressionTask, Task
 from datatrace.verification import metrics, retrain, training
@@ -25,9 +28,13 @@ __all__ = [
     "FactorizedProjector",
     "GradientStore",
     "InfluenceFunction",
+    "Metagradient",
     "NotFittedError",
     "ProjectedInfluence",
     "RandomProjector",
+    "RecordedTracIn",
+    "Recorder",
+    "Recording",
     "RegressionDiagnostics",
     "RegressionTask",
     "Scores",

@@ -300,26 +300,11 @@ def subsets(
     random_state = _check_seed("random_state", random_state)
     n_jobs = _check_n_jobs(n_jobs)
     progress = _check_bool("progress", progress)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)):
-        raise bad_value("fraction", fraction, "expected a number strictly between 0 and 1", "pass e.g. 0.5")
-    fraction = float(fraction)
-    if not 0.0 < fraction < 1.0:
-        raise bad_value("fraction", fraction, "expected a number strictly between 0 and 1", "pass e.g. 0.5")
     source = as_data_source(train, "train")
     n = len(source)
-    k = round(fraction * n)
-    if not 1 <= k < n:
-        raise bad_value(
-            "fraction",
-            fraction,
-            f"round(fraction * n_train) = {k} with n_train={n}, but a subset needs between 1 and {n - 1} examples",
-            f"pass a fraction between {1 / n:.3g} and {(n - 1) / n:.3g}, or more training data",
-        )
+    fraction, k = _subset_size(fraction, n)
 
-    rng = np.random.default_rng(random_state)
-    masks = np.zeros((n_subsets, n), dtype=bool)
-    for s in range(n_subsets):
-        masks[s, rng.choice(n, size=k, replace=False)] = True
+    masks = _draw_masks(n, k, n_subsets, random_state)
     seeds = np.random.default_rng([random_state, 1]).integers(0, _SEED_HIGH, size=(n_subsets, n_seeds))
     seeds = seeds.astype(np.int64)
     pass_seed = _accepts_seed(train_fn)
@@ -369,6 +354,129 @@ def subsets(
     )
     outputs = np.stack([results[job.key] for job in jobs]).reshape(n_subsets, n_seeds, -1)
     return SubsetResult(masks=masks, outputs=np.ascontiguousarray(outputs, dtype=np.float64), seeds=seeds)
+
+
+def _subset_size(fraction: Any, n: int) -> tuple[float, int]:
+    """``(fraction, round(fraction * n))`` after checking that the subsets are neither empty nor whole."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)):
+        raise bad_value("fraction", fraction, "expected a number strictly between 0 and 1", "pass e.g. 0.5")
+    fraction = float(fraction)
+    if not 0.0 < fraction < 1.0:
+        raise bad_value("fraction", fraction, "expected a number strictly between 0 and 1", "pass e.g. 0.5")
+    k = round(fraction * n)
+    if not 1 <= k < n:
+        raise bad_value(
+            "fraction",
+            fraction,
+            f"round(fraction * n_train) = {k} with n_train={n}, but a subset needs between 1 and {n - 1} examples",
+            f"pass a fraction between {1 / n:.3g} and {(n - 1) / n:.3g}, or more training data",
+        )
+    return fraction, k
+
+
+def _draw_masks(n: int, k: int, n_subsets: int, random_state: int) -> np.ndarray:
+    """``(n_subsets, n)`` bool: subsets of ``k`` examples drawn without replacement from ``default_rng(random_state)``."""
+    rng = np.random.default_rng(random_state)
+    masks = np.zeros((n_subsets, n), dtype=bool)
+    for s in range(n_subsets):
+        masks[s, rng.choice(n, size=k, replace=False)] = True
+    return masks
+
+
+def single_model_subsets(
+    model: Any,
+    task: Any,
+    recording: Any,
+    train: DataLike,
+    evaluate: Callable[[Any], Any],
+    *,
+    n_subsets: int = 100,
+    fraction: float = 0.5,
+    random_state: int = 0,
+    n_jobs: int | None = 1,
+    backend: Any = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> SubsetResult:
+    """Single-model subset ground truth: the *recorded* run replayed with the left-out examples removed.
+
+    Draws the same subsets as :func:`subsets` (same ``random_state``, ``fraction``) and, for each, replays the
+    recording (:class:`datatrace.Recorder`) from its initial state with the same minibatch order, seeds and
+    normalisers, the loss terms of the examples outside the subset weighted 0 (:mod:`datatrace.run.replay`).
+    ``outputs[s, 0, q] = f_q(theta_T(mask_s))``. This is what the metagradient
+    (:class:`datatrace.attributors.metagradient.Metagradient`) estimates to first order, with training noise
+    (initialisation, order, dropout) held fixed; :func:`subsets` with several seeds averages it out instead
+    (Park et al. 2023's seed-averaged LDS). Both feed :func:`datatrace.verification.metrics.lds` alike.
+
+    Args:
+        model: a model of the recorded architecture; task: the task the run minimised.
+        recording: a :class:`~datatrace.run.recording.Recording` or its folder.
+        train, evaluate, n_subsets, fraction, random_state, n_jobs, backend, cache_dir, progress: as in
+            :func:`subsets`.
+    """
+    from datatrace.run.recording import Recording
+
+    _check_callable("evaluate", evaluate)
+    n_subsets = check_positive_int("n_subsets", n_subsets)
+    random_state = _check_seed("random_state", random_state)
+    n_jobs = _check_n_jobs(n_jobs)
+    progress = _check_bool("progress", progress)
+    recording = recording if isinstance(recording, Recording) else Recording(recording)
+    source = as_data_source(
+        train.dataset if isinstance(train, torch.utils.data.DataLoader) else train, "train"
+    )
+    n = len(source)
+    fraction, k = _subset_size(fraction, n)
+    masks = _draw_masks(n, k, n_subsets, random_state)
+    seeds = np.full((n_subsets, 1), int(recording.manifest["seed"]), dtype=np.int64)
+    jobs = [
+        _Job(f"subset-{s:05d}-seed-0", f"the replay without the examples outside subset {s}", masks[s], None)
+        for s in range(n_subsets)
+    ]
+    config = {
+        "kind": "single-model-subsets",
+        "n_train": n,
+        "train_sha256": source.content_sha256() if cache_dir is not None else None,
+        "recording_steps_sha256": recording.manifest["steps_sha256"],
+        "recording_final_sha256": recording.manifest["final"]["sha256"],
+        "n_subsets": n_subsets,
+        "fraction": fraction,
+        "random_state": random_state,
+        "masks_sha256": _sha256(np.packbits(masks, axis=1)),
+    }
+    results = _run_jobs(
+        jobs,
+        source=source,
+        train_fn=_ReplayWithout(model, task, str(recording.folder), train),
+        evaluate=evaluate,
+        pass_seed=False,
+        n_jobs=n_jobs,
+        backend=backend,
+        cache_dir=cache_dir,
+        config=config,
+        progress=progress,
+        desc="single-model replays",
+        data_for=lambda job: job.drop_or_mask,
+    )
+    outputs = np.stack([results[job.key] for job in jobs]).reshape(n_subsets, 1, -1)
+    return SubsetResult(masks=masks, outputs=np.ascontiguousarray(outputs, dtype=np.float64), seeds=seeds)
+
+
+class _ReplayWithout:
+    """Picklable ``train_fn(mask) -> model``: the recorded run replayed with the examples outside ``mask``
+    weighted 0, as a model in eval mode."""
+
+    def __init__(self, model: Any, task: Any, folder: str, train: DataLike) -> None:
+        self.model, self.task, self.folder, self.train = model, task, folder, train
+
+    def __call__(self, mask: np.ndarray) -> Any:
+        from datatrace.run.recording import Recording
+        from datatrace.run.replay import Replay
+
+        replay = Replay(self.model, self.task, Recording(self.folder), self.train)
+        weights = torch.as_tensor(mask, dtype=replay.dtype, device=replay.device)
+        state = replay.run(replay.initial(), replay.n_steps, weights)
+        return replay.model_at(state)
 
 
 def evaluator(
@@ -502,8 +610,10 @@ def _run_jobs(
     config: dict[str, Any],
     progress: bool,
     desc: str,
+    data_for: Callable[[_Job], Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run (or reuse from ``cache_dir``) every job and return ``{key: outputs}``."""
+    """Run (or reuse from ``cache_dir``) every job and return ``{key: outputs}``. ``train_fn`` receives
+    ``data_for(job)`` (default: the job's subset of the training data in the user's form)."""
     cache = None if cache_dir is None else RetrainCache(cache_dir, config)
     checker = _OutputChecker(None if cache is None else cache.n_query, None if cache is None else cache.path)
     results: dict[str, np.ndarray] = {}
@@ -529,7 +639,13 @@ def _run_jobs(
     n = len(source)
     calls = (
         delayed(_train_and_evaluate)(
-            job.key, job.label, train_fn, evaluate, source.subset(job.keep(n)), job.seed, pass_seed
+            job.key,
+            job.label,
+            train_fn,
+            evaluate,
+            source.subset(job.keep(n)) if data_for is None else data_for(job),
+            job.seed,
+            pass_seed,
         )
         for job in todo
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -106,6 +107,9 @@ def fit_minibatch(
     seed: int = 0,
     init: Callable[[nn.Module], None] | None = None,
     copy_model: bool = True,
+    record_to: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 100,
+    gradient_dim: int | None = None,
 ) -> nn.Module:
     """Train ``model`` on ``data`` with minibatches for a fixed budget, deterministically given ``seed``.
 
@@ -116,6 +120,12 @@ def fit_minibatch(
     ``seed``; dropout masks come from the same seed. ``init(model)``, when given, re-initialises the parameters
     under that seed first (a retrain from scratch); otherwise training continues from ``model``'s parameters.
     Returns the trained model (a copy unless ``copy_model=False``) in eval mode.
+
+    ``record_to``: a folder where a :class:`datatrace.Recorder` records the run (for
+    :class:`~datatrace.attributors.metagradient.Metagradient` and single-model ground truth), with a state saved
+    every ``checkpoint_every`` steps, and with ``gradient_dim`` the projected per-example gradients of every step
+    (for :class:`~datatrace.attributors.tracin_recorded.RecordedTracIn`). The recorder seeds every step itself (dropout masks then differ from an
+    unrecorded run with the same ``seed``; the order of the examples does not).
     """
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -139,10 +149,27 @@ def fit_minibatch(
             opt = torch.optim.Adam(trainable, lr=lr)
         model.train()
         n = len(source)
+        recorder = None
+        if record_to is not None:
+            from datatrace.run.recording import Recorder
+
+            recorder = Recorder(
+                record_to,
+                model,
+                opt,
+                n_train=n,
+                seed=seed,
+                checkpoint_every=checkpoint_every,
+                overwrite=True,
+                task=task,
+                gradient_dim=gradient_dim,
+            )
         for _ in range(epochs):
             perm = torch.randperm(n, generator=order_rng)
             for start in range(0, n, batch_size):
                 batch = cast_batch(source.get(perm[start : start + batch_size]), first.dtype, first.device)
+                if recorder is not None:
+                    recorder.begin_step(perm[start : start + batch_size], batch)
                 loss = task.loss(model, batch).mean()
                 for p, lam in decays:
                     if lam:
@@ -150,6 +177,8 @@ def fit_minibatch(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+        if recorder is not None:
+            recorder.finish()
     model.eval()
     for p in trainable:
         p.grad = None

@@ -1,0 +1,207 @@
+"""Metagradient attribution on the realistic catalogue: LDS against single-model and seed-averaged retraining.
+
+For each problem (``realistic.py``; float32, Adam on shuffled minibatches for a budget), the model is trained once
+with :func:`datatrace.verification.training.fit_minibatch` and once more with ``record_to=`` (the recorder's
+overhead is the ratio), then every route attributes the *recorded* final model on the first ``--queries`` test
+examples:
+
+* ``metagradient``: :class:`datatrace.attributors.metagradient.Metagradient` (reverse-mode through the run);
+* ``auto`` and ``ekfac``: :class:`datatrace.InfluenceFunction` with the default curvature and with EK-FAC.
+
+Ground truths (LDS, Park et al. 2023; ``metrics.lds``):
+
+* **single-model**: the recorded run replayed with the left-out examples' loss terms removed (same initialisation,
+  order, minibatches, dropout seeds; ``retrain.single_model_subsets``), for each ``--fractions`` kept share;
+* **seed-averaged**: the catalogue's own ground truth (50 half subsets x 2 fresh seeds, cached by
+  ``bench_catalogue.py``), with its split-half noise ceiling.
+
+Time is reported as a multiple of one (unrecorded) training run on the same machine in the same process; memory
+as the largest number of training states the reverse pass held, times one state's bytes. Writes
+``results/metagradient.json``.
+
+    python benchmarks/bench_metagradient.py --problems mlp-small,cnn --queries 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import common
+import datatrace
+import realistic
+from datatrace.attributors.metagradient import Metagradient
+from datatrace.run.recording import Recording
+from datatrace.verification import metrics, retrain
+from datatrace.verification.training import fit_minibatch
+
+
+def train(problem: realistic.Problem, record_to: Path | None) -> tuple[torch.nn.Module, float]:
+    r = problem.recipe
+    model = problem.build_model(0)
+    train_data = problem.data()[0]
+    start = time.perf_counter()
+    trained = fit_minibatch(
+        model,
+        problem.task(),
+        train_data,
+        epochs=r.epochs,
+        batch_size=r.batch_size,
+        lr=r.lr,
+        optimizer=r.optimizer,
+        seed=0,
+        record_to=record_to,
+        checkpoint_every=100,
+    )
+    return trained, time.perf_counter() - start
+
+
+def state_bytes(recording: Recording) -> int:
+    state = recording.state(recording.n_steps)
+    tensors = list(state.params.values()) + list(state.buffers.values())
+    tensors += [v for entry in state.opt.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def lds_result(scores: np.ndarray, truth: retrain.SubsetResult, n_query: int) -> metrics.LDSResult:
+    return metrics.lds(scores, truth.masks, truth.outputs[..., :n_query])
+
+
+def lds(scores: np.ndarray, truth: retrain.SubsetResult, n_query: int) -> float:
+    return float(lds_result(scores, truth, n_query).mean)
+
+
+def run_problem(
+    name: str, n_query: int, n_subsets: int, fractions: list[float], n_jobs: int
+) -> dict[str, Any]:
+    problem = realistic.problem(name)
+    train_data, test = problem.data()
+    query = (test[0][:n_query], test[1][:n_query])
+    task = problem.task()
+    cache = realistic.CACHE_DIR / problem.key()
+    folder = cache / "recording-seed0"
+    train(problem, None)  # warm-up (first calls, allocator)
+    plain_times, recorded_times = [], []
+    for _ in range(2):
+        plain_times.append(train(problem, None)[1])
+        with tempfile.TemporaryDirectory() as tmp:
+            recorded_times.append(train(problem, Path(tmp))[1])
+    _, _ = train(problem, folder)
+    t_train = min(plain_times)
+    recording = Recording(folder)
+    out: dict[str, Any] = {
+        "problem": problem.summary(),
+        "steps": recording.n_steps,
+        "n_query": n_query,
+        "train_seconds": t_train,
+        "recorded_train_seconds": min(recorded_times),
+        "recorder_overhead": min(recorded_times) / t_train - 1,
+        "routes": {},
+    }
+
+    scores: dict[str, np.ndarray] = {}
+    attributor = Metagradient(problem.build_model(0), task, recording, progress=False).fit(train_data)
+    start = time.perf_counter()
+    values = attributor.score(query).values
+    seconds = time.perf_counter() - start
+    scores["metagradient"] = values.double().numpy()
+    run = attributor.last_run_
+    out["routes"]["metagradient"] = {
+        "seconds": seconds,
+        "x_training": seconds / t_train,
+        "max_states_held": run["max_states_held"],
+        "segment": run["segment"],
+        "held_bytes": run["max_states_held"] * state_bytes(recording),
+        "replay_relative_error": run["replay_relative_error"],
+    }
+    model = attributor.fitted_model
+    for label, curvature in (("auto", "auto"), ("ekfac", "ekfac")):
+        influence = datatrace.InfluenceFunction(model, task, curvature=curvature, progress=False)
+        start = time.perf_counter()
+        influence.fit(train_data)
+        values = influence.score(query).values
+        seconds = time.perf_counter() - start
+        scores[label] = values.double().numpy()
+        info = influence.curvature_.info
+        out["routes"][label] = {
+            "seconds": seconds,
+            "x_training": seconds / t_train,
+            "choice": info.get("auto_choice") or info.get("route"),
+        }
+
+    truths: dict[str, retrain.SubsetResult] = {}
+    for fraction in fractions:
+        truths[f"single-model, keep {fraction:g}"] = retrain.single_model_subsets(
+            problem.build_model(0),
+            task,
+            recording,
+            train_data,
+            retrain.evaluator(task, query),
+            n_subsets=n_subsets,
+            fraction=fraction,
+            n_jobs=n_jobs,
+            cache_dir=cache / f"single-model-{n_query}q-{n_subsets}x-keep{fraction:g}",
+        )
+    seed_averaged = realistic.ground_truth(problem, n_jobs=n_jobs)
+    truths["seed-averaged, keep 0.5"] = seed_averaged
+    for label, values in scores.items():
+        out["routes"][label]["lds"] = {
+            truth: lds(values, result, n_query) for truth, result in truths.items()
+        }
+    ceiling = lds_result(scores["metagradient"], seed_averaged, n_query).noise_ceiling
+    out["seed_averaged_noise_ceiling"] = None if ceiling is None else round(float(ceiling), 3)
+    return out
+
+
+def print_table(payload: dict[str, Any]) -> None:
+    for name, result in payload["problems"].items():
+        print(f"\n{name}: {result['problem']}; {result['steps']} steps, {result['n_query']} queries")
+        print(
+            f"  training {result['train_seconds']:.1f} s; recorded {result['recorded_train_seconds']:.1f} s "
+            f"(overhead {100 * result['recorder_overhead']:.0f}%); seed-averaged noise ceiling "
+            f"{result['seed_averaged_noise_ceiling']}"
+        )
+        truths = list(next(iter(result["routes"].values()))["lds"])
+        print("  | route | seconds | x training | " + " | ".join(f"LDS {t}" for t in truths) + " |")
+        for label, row in result["routes"].items():
+            cells = " | ".join(f"{row['lds'][t]:.3f}" for t in truths)
+            print(f"  | {label} | {row['seconds']:.1f} | {row['x_training']:.1f} | {cells} |")
+        mg = result["routes"]["metagradient"]
+        print(
+            f"  metagradient held at most {mg['max_states_held']} states ({mg['held_bytes'] / 2**20:.2f} MiB; "
+            f"segment {mg['segment']}); replay vs recording {mg['replay_relative_error']:.2g}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problems", default="mlp-small,cnn")
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--subsets", type=int, default=50)
+    parser.add_argument("--fractions", default="0.5,0.9")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(common.RESULTS_DIR / "metagradient.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    payload: dict[str, Any] = {"problems": {}, "versions": common.versions(["torch", "numpy"])}
+    out = Path(args.out)
+    if out.exists():
+        import json
+
+        payload["problems"] = json.loads(out.read_text()).get("problems", {})
+    for name in args.problems.split(","):
+        payload["problems"][name] = run_problem(name, args.queries, args.subsets, fractions, args.jobs)
+        common.write_json(out, payload)
+        print_table({"problems": {name: payload["problems"][name]}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Exact derivatives of a query measurement with respect to every training example's weight in a recorded run.
+
+Let a run of ``T`` steps (:mod:`datatrace.run.replay`) map the example weights ``w`` (all ones in the recorded
+run) to final parameters ``theta_T(w)``, and let ``f(theta_T)`` be a query measurement. The *metagradient*
+``d f / d w_i`` collects example ``i``'s effect through every step that used it and everything those steps
+changed afterwards (parameters, Adam's moments, momentum, BatchNorm statistics). It is computed by reverse-mode
+differentiation through the optimizer steps (Maclaurin et al. 2015; Ilyas & Engstrom 2025, "MAGIC"):
+
+    a_T = grad f(theta_T);    for t = T-1 .. 0:   (a_t, dw_t) = a_{t+1}^T d(state_{t+1}) / d(state_t, w_t),
+
+and ``d f / d w_i = sum_{t: i in B_t} dw_t[i]``. Removing example ``i`` from the run (weight 0) changes ``f`` by
+``-d f / d w_i`` to first order: that is datatrace's leave-one-out convention (``score ~ f(without i) - f``).
+
+Memory: the reverse pass needs the state before every step, in reverse order. States are recomputed from
+anchors: the saved states of the recording, and, between saved states more than ``k`` steps apart, states kept
+in memory every ``k`` steps (Griewank 1992's two-level checkpointing). At most ``ceil(L / k) + k + 2`` states
+are held at once (``L`` the longest stretch between saved states): ``O(sqrt T)`` with the default ``k``, which
+is ``L`` itself when ``L <= 4 sqrt(T)`` (no second forward pass) and ``ceil(sqrt(T))`` otherwise.
+Cost: every step is run forward twice at most (anchors, then the segment) and once with its vector-Jacobian
+product through a double backward, about 4-5 training runs for one batch of queries (the queries share the
+recomputation; their products are batched with ``vmap`` where the model allows).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from datatrace.run.replay import Replay
+from datatrace.run.state import TrainState
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MetagradientResult", "metagradients"]
+
+#: measurement of the final state: ``TrainState -> (n_query,)`` tensor, differentiable in params and buffers
+FinalMeasurement = Callable[[TrainState], torch.Tensor]
+
+
+@dataclass
+class MetagradientResult:
+    """``grads[q, i] = d f_q / d w_i`` and what the reverse pass cost."""
+
+    grads: torch.Tensor
+    max_states_held: int
+    segment: int
+    replay_error: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _leaves(state: TrainState, trainable: list[str]) -> TrainState:
+    """A copy of ``state`` whose differentiable tensors are fresh leaves that require grad."""
+    s = state.detached()
+    for n in trainable:
+        s.params[n].requires_grad_(True)
+        for v in s.opt.get(n, {}).values():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                v.requires_grad_(True)
+    for b in s.buffers.values():
+        if b.is_floating_point():
+            b.requires_grad_(True)
+    return s
+
+
+def _slots(state: TrainState, trainable: list[str]) -> list[tuple[str, str, str]]:
+    """The differentiable tensors of a state, as ``(kind, name, key)`` in a fixed order."""
+    slots = [("param", n, "") for n in trainable]
+    for n in trainable:
+        for k, v in sorted(state.opt.get(n, {}).items()):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                slots.append(("opt", n, k))
+    slots += [("buffer", n, "") for n, b in sorted(state.buffers.items()) if b.is_floating_point()]
+    return slots
+
+
+def _get(state: TrainState, slot: tuple[str, str, str]) -> torch.Tensor | None:
+    kind, name, key = slot
+    if kind == "param":
+        return state.params[name]
+    if kind == "opt":
+        return state.opt.get(name, {}).get(key)
+    return state.buffers.get(name)
+
+
+def metagradients(
+    replay: Replay,
+    measure: FinalMeasurement,
+    n_query: int,
+    *,
+    segment: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> MetagradientResult:
+    """``d f_q / d w_i`` for the queries measured by ``measure`` on the final state (module docstring)."""
+    rec = replay.recording
+    T = rec.n_steps
+    saved = rec.checkpoint_steps
+    longest = max(b - a for a, b in itertools.pairwise(saved))
+    root = max(1, math.ceil(math.sqrt(T)))
+    # one level (segments = the saved stretches, no extra forward pass) while that holds O(sqrt T) states
+    k = int(segment) if segment else (longest if longest <= 4 * root else root)
+    trainable = replay.trainable
+    grads = torch.zeros(n_query, rec.n_train, dtype=replay.dtype, device=replay.device)
+    held = 0
+    worst = 0.0
+
+    # a_T: the measurement's gradient on the saved final state (the model the scores are about)
+    final = _leaves(replay.saved(T), trainable)
+    values = measure(final)
+    slots = [
+        s for s in _slots(final, trainable) if _get(final, s) is not None and _get(final, s).requires_grad
+    ]
+    inputs = [_get(final, s) for s in slots]
+    adjoint: dict[tuple[str, str, str], torch.Tensor] = {}
+    rows = [
+        torch.autograd.grad(values[q], inputs, retain_graph=True, allow_unused=True) for q in range(n_query)
+    ]
+    for j, slot in enumerate(slots):
+        parts = [r[j] if r[j] is not None else torch.zeros_like(inputs[j]) for r in rows]
+        adjoint[slot] = torch.stack(parts).detach()
+    del final, values, rows
+
+    batched_ok = True
+    for a, b in reversed(list(itertools.pairwise(saved))):
+        anchors: dict[int, TrainState] = {a: replay.saved(a)}
+        if b - a > k:  # keep every k-th state of this stretch in memory
+            state = anchors[a]
+            for start in range(a + k, b, k):
+                state = replay.run(state, start)
+                anchors[start] = state
+            worst = max(worst, replay.check(replay.run(state, b), replay.saved(b)))
+        for start in sorted(anchors, reverse=True):
+            stop = min(start + k, b) if b - a > k else b
+            states = [anchors[start]]
+            for t in range(start, stop - 1):
+                states.append(replay.step(states[-1], t)[0].detached())
+            held = max(held, len(anchors) + len(states) + 2)
+            for t in range(stop - 1, start - 1, -1):
+                s_in = _leaves(states[t - start], trainable)
+                s_out, w = replay.step(s_in, t, graph=True)
+                if t == b - 1 and b - a <= k:
+                    worst = max(worst, replay.check(s_out, replay.saved(b)))
+                out_slots = [
+                    s for s in adjoint if _get(s_out, s) is not None and _get(s_out, s).requires_grad
+                ]
+                outputs = [_get(s_out, s) for s in out_slots]
+                in_slots = [s for s in _slots(s_in, trainable) if _get(s_in, s) is not None]
+                in_tensors = [_get(s_in, s) for s in in_slots] + [w]
+                cotangents = [adjoint[s] for s in out_slots]
+                result, batched_ok = _vjp(outputs, in_tensors, cotangents, n_query, batched_ok)
+                adjoint = {s: r for s, r in zip(in_slots, result[:-1]) if r is not None}
+                grads.index_add_(1, rec.steps[t].indices.to(grads.device), result[-1])
+                if progress is not None:
+                    progress(1)
+            del states
+        del anchors
+    return MetagradientResult(grads, held, k, worst, {"batched_queries": batched_ok})
+
+
+def _vjp(
+    outputs: list[torch.Tensor],
+    inputs: list[torch.Tensor],
+    cotangents: list[torch.Tensor],
+    n_query: int,
+    batched: bool,
+) -> tuple[list[torch.Tensor | None], bool]:
+    """``cotangents^T d outputs / d inputs`` for each of ``n_query`` stacked cotangents: one batched product
+    (``is_grads_batched``) while the model allows it, else a loop over the queries. The last input's rows are
+    always returned (zeros where it did not matter)."""
+    if batched and n_query > 1:
+        try:
+            got = torch.autograd.grad(
+                outputs, inputs, cotangents, is_grads_batched=True, allow_unused=True, retain_graph=True
+            )
+            return _fill(got, inputs, n_query), True
+        except RuntimeError as err:  # an operation without a batching rule: loop from now on
+            logger.info(
+                "metagradient: batched vector-Jacobian products failed (%s); looping over queries", err
+            )
+    per_query = [
+        torch.autograd.grad(
+            outputs, inputs, [c[q] for c in cotangents], allow_unused=True, retain_graph=q < n_query - 1
+        )
+        for q in range(n_query)
+    ]
+    stacked = []
+    for j, x in enumerate(inputs):
+        parts = [p[j] for p in per_query]
+        stacked.append(None if all(p is None for p in parts) else torch.stack([_z(p, x) for p in parts]))
+    return _fill(stacked, inputs, n_query), batched if n_query <= 1 else False
+
+
+def _z(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if value is None else value
+
+
+def _fill(got: Any, inputs: list[torch.Tensor], n_query: int) -> list[torch.Tensor | None]:
+    out = [None if g is None else g.detach() for g in got]
+    if out[-1] is None:
+        out[-1] = torch.zeros(n_query, *inputs[-1].shape, dtype=inputs[-1].dtype, device=inputs[-1].device)
+    return out
