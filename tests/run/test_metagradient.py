@@ -273,10 +273,43 @@ def test_refusals_name_the_problem(tmp_path, data):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
         opt.step()
     clipped = recorder.finish()
-    with pytest.raises(ReplayMismatchError, match="gradient clipping"):
+    with pytest.raises(ReplayMismatchError, match="max_grad_norm"):
         Metagradient(make_model(False), task, clipped, progress=False).fit(train).score(data[1])
     with pytest.raises(ValueError, match="examples"):
         Replay(make_model(False), task, clipped, (X[:5], y[:5]))
+
+
+def test_recorded_gradient_clipping_is_replayed_and_differentiated(tmp_path, data):
+    (X, y), query = data
+    task = datatrace.ClassificationTask(weight_decay=DECAY)
+    model = make_model(True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+    recorder = Recorder(tmp_path, model, opt, n_train=N, checkpoint_every=3, max_grad_norm=0.05)
+    for start in [0, 8, 16, 4, 12]:
+        idx = torch.arange(start, start + BATCH)
+        recorder.begin_step(idx)
+        loss = task.loss(model, (X[idx], y[idx])).mean() + 0.5 * DECAY * sum(
+            (p * p).sum() for p in model.parameters()
+        )
+        opt.zero_grad()
+        loss.backward()
+        assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)) > 0.05  # clipping is active
+        opt.step()
+    replay = Replay(make_model(True), task, recorder.finish(), (X, y))
+    measure = final_measurement(replay, task, query)
+    result = metagradients(replay, measure, n_query=3)
+    assert result.replay_error < 1e-12
+
+    def f(weights: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return measure(replay.run(replay.initial(), replay.n_steps, weights))
+
+    ones, h = torch.ones(N, dtype=torch.float64), 1e-5
+    for i in (2, 13):
+        e = torch.zeros(N, dtype=torch.float64)
+        e[i] = h
+        fd = (f(ones + e) - f(ones - e)) / (2 * h)
+        assert torch.allclose(result.grads[:, i], fd, rtol=1e-6, atol=1e-9)
 
 
 def test_recorded_tracin_equals_its_formula_from_the_run(tmp_path, data):

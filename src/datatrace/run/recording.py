@@ -99,6 +99,8 @@ class Recorder:
             at the step's starting parameters, randomly projected to ``gradient_dim`` dimensions
             (:mod:`datatrace.run.step_gradients`), for :class:`~datatrace.attributors.tracin_recorded.RecordedTracIn`;
             :meth:`begin_step` then needs the batch (``iterate`` passes it).
+        max_grad_norm: the loop clips the gradient with ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)``
+            (2-norm over all trained parameters) before each step; the replay does the same, differentiably.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class Recorder:
         overwrite: bool = False,
         task: Task | None = None,
         gradient_dim: int | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise bad_value("model", model, "a torch.nn.Module", "pass the model being trained")
@@ -164,6 +167,7 @@ class Recorder:
             "final": None,
             "dtype": str(next(model.parameters()).dtype),
             "gradients": None,
+            "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
         }
         self._trace: GradientTrace | None = None
         if gradient_dim is not None:
@@ -357,6 +361,7 @@ class Recording:
         self.n_train: int = int(manifest["n_train"])
         self.n_steps: int = int(manifest["steps"])
         self.modules_in_eval: list[str] = list(manifest.get("modules_in_eval", []))
+        self.max_grad_norm: float | None = manifest.get("max_grad_norm")
         hyper = [dict(g["hyper"]) for g in manifest["groups"]]
         self.steps: list[StepRecord] = []
         with open(steps_path, encoding="utf-8") as handle:

@@ -5,7 +5,7 @@ Step ``t`` of a run (:mod:`datatrace.run.recording`) is the map
     (theta_t, s_t, beta_t)  ->  (theta_{t+1}, s_{t+1}, beta_{t+1}),
     g_t = grad_theta [ (1/|B_t|) sum_{j in B_t} w_j l(z_j, theta_t) + sum_b lambda_b/2 ||theta_b||^2 ],
 
-followed by the recorded optimizer's update (:mod:`datatrace.run.optimizers`) of ``theta`` and its state ``s``;
+clipped to the recorded ``max_grad_norm`` when the loop clipped it, followed by the recorded optimizer's update (:mod:`datatrace.run.optimizers`) of ``theta`` and its state ``s``;
 ``beta`` are BatchNorm running statistics, updated from the minibatch as ``beta <- (1 - m) beta + m * stat``.
 ``w_j = 1`` reproduces the recorded run; ``w_i = 0`` on every step removes example ``i``'s loss terms from the run
 while keeping its order, minibatches, seeds and normalisers (the removal that the metagradient differentiates
@@ -160,6 +160,10 @@ class Replay:
             wanted = [params[n] for n in self.trainable]
             grads = torch.autograd.grad(objective, wanted, create_graph=graph, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(wanted, grads)]
+        if self.recording.max_grad_norm is not None:  # torch.nn.utils.clip_grad_norm_, out of place
+            total = torch.sqrt(sum((g * g).sum() for g in grads))
+            factor = torch.clamp(self.recording.max_grad_norm / (total + 1e-6), max=1.0)
+            grads = [g * factor for g in grads]
         if not graph:
             grads = [g.detach() for g in grads]
             params = {n: p.detach() for n, p in params.items()}
@@ -242,8 +246,9 @@ class Replay:
                 f"{where} differs by {worst:.3g} of its largest entry (tolerance {replay_tolerance(self.dtype):g}). "
                 "The replay assumes each step minimised task.loss(model, batch).mean() plus the task's L2 term "
                 "with the recorded SGD/Adam/AdamW step, on the recorded examples as the Dataset returns them. "
-                "Fix: train with exactly that loss (no gradient clipping, accumulation, mixed precision or random "
-                "data augmentation inside the Dataset), and pass the same task and data here."
+                "Fix: train with exactly that loss (no gradient accumulation, mixed precision or random data "
+                "augmentation inside the Dataset; pass max_grad_norm= to the Recorder if the loop clips "
+                "gradients), and pass the same task and data here."
             )
         return worst
 
