@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 __all__ = ["TrainState", "load_state", "save_state", "state_from_training"]
 
@@ -66,8 +68,6 @@ def _scalar(v: Any) -> Any:
 
 def save_state(state: TrainState, path: str | Path) -> None:
     """Write ``state`` as one safetensors file at ``path`` (the caller makes it atomic)."""
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for name, v in state.params.items():
@@ -85,8 +85,6 @@ def save_state(state: TrainState, path: str | Path) -> None:
 
 def load_state(path: str | Path, device: torch.device | str | None = None) -> TrainState:
     """Read a state written by :func:`save_state`."""
-    from safetensors import safe_open
-
     params: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     opt: dict[str, dict[str, Any]] = {}

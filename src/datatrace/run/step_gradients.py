@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from datatrace.gradients.functional import FunctionalModel, eval_mode
@@ -55,8 +56,6 @@ class GradientTrace:
 
     def write(self, path: str | Path) -> None:
         """Write the pending rows to ``path`` (safetensors) and forget them."""
-        from safetensors.torch import save_file
-
         save_file(
             {
                 "rows": torch.cat(self._rows).contiguous(),
@@ -70,7 +69,5 @@ class GradientTrace:
 
 def load_rows(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rows, indices, steps)`` of one file written by :meth:`GradientTrace.write`."""
-    from safetensors.torch import load_file
-
     data = load_file(str(path))
     return data["rows"], data["indices"], data["steps"]

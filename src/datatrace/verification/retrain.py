@@ -51,6 +51,8 @@ from tqdm.auto import tqdm
 
 from datatrace.data import DEFAULT_BATCH_SIZE, DataLike, DataSource, as_data_source, cast_batch
 from datatrace.errors import bad_value, check_indices, check_positive_int, describe
+from datatrace.run.recording import Recording
+from datatrace.run.replay import Replay
 from datatrace.verification.retrain_cache import RetrainCache
 
 __all__ = ["LOOResult", "SubsetResult", "evaluator", "leave_one_out", "subsets"]
@@ -414,8 +416,6 @@ def single_model_subsets(
         train, evaluate, n_subsets, fraction, random_state, n_jobs, backend, cache_dir, progress: as in
             :func:`subsets`.
     """
-    from datatrace.run.recording import Recording
-
     _check_callable("evaluate", evaluate)
     n_subsets = check_positive_int("n_subsets", n_subsets)
     random_state = _check_seed("random_state", random_state)
@@ -470,9 +470,6 @@ class _ReplayWithout:
         self.model, self.task, self.folder, self.train = model, task, folder, train
 
     def __call__(self, mask: np.ndarray) -> Any:
-        from datatrace.run.recording import Recording
-        from datatrace.run.replay import Replay
-
         replay = Replay(self.model, self.task, Recording(self.folder), self.train)
         weights = torch.as_tensor(mask, dtype=replay.dtype, device=replay.device)
         state = replay.run(replay.initial(), replay.n_steps, weights)

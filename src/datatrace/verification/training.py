@@ -26,6 +26,7 @@ from torch import nn
 from datatrace.data import DataLike, as_data_source, cast_batch
 from datatrace.errors import check_choice, check_nonnegative_float, check_positive_int
 from datatrace.params import select_parameters
+from datatrace.run.recording import Recorder
 from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -151,8 +152,6 @@ def fit_minibatch(
         n = len(source)
         recorder = None
         if record_to is not None:
-            from datatrace.run.recording import Recorder
-
             recorder = Recorder(
                 record_to,
                 model,
