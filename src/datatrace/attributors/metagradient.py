@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from datatrace.attributors.base import Attributor, Measurement
+from datatrace.attributors.base import Attributor, Measurement, default_memory_budget
 from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
 from datatrace.errors import bad_value, check_bool
 from datatrace.gradients.functional import BoundFunction
@@ -37,7 +37,11 @@ from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Metagradient"]
+__all__ = ["QUERY_MEMORY_FACTOR", "Metagradient"]
+
+#: adjoint copies of a training state that one query holds in a reverse pass (its adjoint, the vector-Jacobian
+#: product's result and the batched product's intermediates)
+QUERY_MEMORY_FACTOR = 4
 
 
 class Metagradient(Attributor):
@@ -48,7 +52,8 @@ class Metagradient(Attributor):
         task: the task whose loss the run minimised and whose measurement the queries use.
         recording: a :class:`~datatrace.run.recording.Recording` or its folder.
         segment: steps recomputed per reverse segment (default ``ceil(sqrt(T))``: ``O(sqrt T)`` states held).
-        query_batch_size: queries sharing one reverse pass (default all; each holds one adjoint state).
+        query_batch_size: queries sharing one reverse pass (default: all that fit the default memory budget, each
+            holding a few adjoint copies of a training state).
         progress: show a tqdm bar per reverse pass.
     """
 
@@ -115,7 +120,7 @@ class Metagradient(Attributor):
         source = as_data_source(query, "query")
         fn = BoundFunction(replay.model, measurement or self.task.measurement)
         n_query = len(source)
-        chunk = self.query_batch_size or n_query
+        chunk = self.query_batch_size or self._default_query_batch(n_query)
         rows, held, worst, batched = [], 0, 0.0, True
         for start in range(0, n_query, chunk):
             idx = torch.arange(start, min(start + chunk, n_query))
@@ -147,6 +152,24 @@ class Metagradient(Attributor):
         }
         values = torch.cat(rows).to(torch.float64 if replay.dtype == torch.float64 else replay.dtype)
         return Scores(values, self.describe_measurement(measurement), self.metadata())
+
+    def _default_query_batch(self, n_query: int) -> int:
+        """As many queries per reverse pass as fit :data:`QUERY_MEMORY_FACTOR` adjoint copies of a training state
+        each within the default memory budget (:func:`~datatrace.attributors.base.default_memory_budget`)."""
+        state = self._final_state
+        tensors = [*state.params.values(), *state.buffers.values()]
+        tensors += [v for entry in state.opt.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+        per_query = QUERY_MEMORY_FACTOR * sum(t.numel() * t.element_size() for t in tensors)
+        budget, _ = default_memory_budget(self.replay_.device)
+        fits = max(1, budget // max(per_query, 1))
+        if fits < n_query:
+            logger.info(
+                "metagradient: %d queries per reverse pass (%d bytes of adjoints each, budget %d bytes)",
+                fits,
+                per_query,
+                budget,
+            )
+        return int(min(n_query, fits))
 
     def self_influence(self) -> torch.Tensor:
         """The score of every training example on its own loss: one reverse pass per ``query_batch_size``
