@@ -231,21 +231,31 @@ class Replay:
         return state.detached()
 
     def check(self, replayed: TrainState, saved: TrainState) -> float:
-        """The largest relative difference of a replayed state's parameters from a saved one; raises
-        :class:`ReplayMismatchError` above :func:`replay_tolerance`."""
-        worst, where = 0.0, ""
-        for n in self.trainable:
-            a, b = replayed.params[n].detach(), saved.params[n]
-            scale = float(b.abs().max()) + 1e-12
-            diff = float((a - b).abs().max()) / scale
-            if diff > worst:
-                worst, where = diff, n
+        """``||theta_replayed - theta_saved|| / ||theta_saved||`` over all trained parameters; raises
+        :class:`ReplayMismatchError` above :func:`replay_tolerance`.
+
+        The norm is taken over all parameters together: a parameter whose true gradient is zero (a bias
+        followed by BatchNorm) is moved by Adam on rounding noise alone (``m / sqrt(v)`` is of order 1 however
+        small ``g`` is), so no replay can follow it tensor by tensor, and it does not change the function."""
+        diff = sum(
+            float(((replayed.params[n].detach() - saved.params[n]) ** 2).sum()) for n in self.trainable
+        )
+        norm = sum(float((saved.params[n] ** 2).sum()) for n in self.trainable)
+        worst = math.sqrt(diff) / (math.sqrt(norm) + 1e-30)
         if not math.isfinite(worst) or worst > replay_tolerance(self.dtype):
+            per_tensor = {
+                n: float(
+                    (replayed.params[n].detach() - saved.params[n]).norm() / (saved.params[n].norm() + 1e-30)
+                )
+                for n in self.trainable
+            }
+            where = max(per_tensor, key=per_tensor.get)
             raise ReplayMismatchError(
-                f"replaying the recording up to step {saved.t} does not reproduce its saved parameters: "
-                f"{where} differs by {worst:.3g} of its largest entry (tolerance {replay_tolerance(self.dtype):g}). "
-                "The replay assumes each step minimised task.loss(model, batch).mean() plus the task's L2 term "
-                "with the recorded SGD/Adam/AdamW step, on the recorded examples as the Dataset returns them. "
+                f"replaying the recording up to step {saved.t} does not reproduce its saved parameters: they "
+                f"differ by {worst:.3g} of their norm (tolerance {replay_tolerance(self.dtype):g}; most in {where}, "
+                f"{per_tensor[where]:.3g} of its norm). The replay assumes each step minimised task.loss(model, "
+                "batch).mean() plus the task's L2 term with the recorded SGD/Adam/AdamW step, on the recorded "
+                "examples as the Dataset returns them. "
                 "Fix: train with exactly that loss (no gradient accumulation, mixed precision or random data "
                 "augmentation inside the Dataset; pass max_grad_norm= to the Recorder if the loop clips "
                 "gradients), and pass the same task and data here."
