@@ -15,7 +15,8 @@ Ground truths (LDS, Park et al. 2023; ``metrics.lds``):
 * **seed-averaged**: the catalogue's own ground truth (50 half subsets x 2 fresh seeds, cached by
   ``bench_catalogue.py``), with its split-half noise ceiling.
 
-Time is reported as a multiple of one (unrecorded) training run on the same machine in the same process; memory
+Time is reported as a multiple of one (unrecorded) training run on the same machine in the same process, for all
+queries in one reverse pass and for one query alone; memory
 as the largest number of training states the reverse pass held, times one state's bytes. Writes
 ``results/metagradient.json``.
 
@@ -120,6 +121,9 @@ def run_problem(
         "held_bytes": run["max_states_held"] * state_bytes(recording),
         "replay_relative_error": run["replay_relative_error"],
     }
+    start = time.perf_counter()
+    attributor.score((query[0][:1], query[1][:1]))
+    out["routes"]["metagradient"]["x_training_one_query"] = (time.perf_counter() - start) / t_train
     model = attributor.fitted_model
     for label, curvature in (("auto", "auto"), ("ekfac", "ekfac")):
         influence = datatrace.InfluenceFunction(model, task, curvature=curvature, progress=False)
@@ -173,6 +177,8 @@ def print_table(payload: dict[str, Any]) -> None:
             cells = " | ".join(f"{row['lds'][t]:.3f}" for t in truths)
             print(f"  | {label} | {row['seconds']:.1f} | {row['x_training']:.1f} | {cells} |")
         mg = result["routes"]["metagradient"]
+        if "x_training_one_query" in mg:
+            print(f"  metagradient for one query: {mg['x_training_one_query']:.1f} x training")
         print(
             f"  metagradient held at most {mg['max_states_held']} states ({mg['held_bytes'] / 2**20:.2f} MiB; "
             f"segment {mg['segment']}); replay vs recording {mg['replay_relative_error']:.2g}"
