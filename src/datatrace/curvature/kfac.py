@@ -154,7 +154,7 @@ from datatrace.capture.engine import find_layers as engine_find_layers
 from datatrace.capture.kinds import SUPPORTED_LAYERS, weight_decay_per_tensor
 from datatrace.curvature.base import Curvature
 from datatrace.curvature.registry import matrix_free_names
-from datatrace.data import DataSource
+from datatrace.data import DataSource, map_batch
 from datatrace.distributed import all_reduce_sum, distributed_sum, world
 from datatrace.errors import bad_value, check_choice, check_nonnegative_float, check_positive_int
 from datatrace.gradients.functional import FunctionalModel
@@ -291,14 +291,6 @@ class KFAC(Curvature):
                 "loss_from_outputs(outputs, batch), which the Gauss-Newton and sampled Fisher need",
                 "define both methods on the task, or use fisher='empirical'",
             )
-        if data.yields_mappings():
-            raise bad_value(
-                "data",
-                data.name,
-                f"{self.name} reads tuple batches; this data set yields dict batches (a Dataset of dicts)",
-                "use curvature='exact', 'gauss-newton', 'cg', 'lissa', 'arnoldi' or 'diagonal' (they pass dict "
-                "batches to the task), or a Dataset that returns tuples",
-            )
         layers = find_layers(fmodel)
         seed = self.random_state if self.random_state is not None else int(torch.randint(0, 2**62, ()).item())
         self._seed = seed
@@ -417,7 +409,7 @@ class KFAC(Curvature):
         self,
         fmodel: FunctionalModel,
         layers: list[_Layer],
-        batch: tuple,
+        batch: tuple | dict,
         b: int,
         generator: torch.Generator,
         check: bool,
@@ -466,7 +458,7 @@ class KFAC(Curvature):
             first_chunk = False
 
     def _columns(
-        self, task: Task, outputs: torch.Tensor, batch: tuple, generator: torch.Generator
+        self, task: Task, outputs: torch.Tensor, batch: tuple | dict, generator: torch.Generator
     ) -> torch.Tensor:
         """Pseudo-gradients in the output space, ``(columns, b, k)``: ``sum_c col col^T`` is the output curvature."""
         b = outputs.shape[0]
@@ -486,11 +478,8 @@ class KFAC(Curvature):
         # all samples at once: the batch repeated n_samples times (sample-major), one loss and one gradient call
         r = self.n_samples
         repeated = outputs.detach().repeat(r, *(1 for _ in outputs.shape[1:]))
-        batch_r = tuple(
-            t.repeat(r, *(1 for _ in t.shape[1:])) if isinstance(t, torch.Tensor) and t.dim() else t
-            for t in batch
-        )
-        sampled = tuple(task.sample_targets(repeated, batch_r, generator))
+        batch_r = map_batch(lambda t: t.repeat(r, *(1 for _ in t.shape[1:])) if t.dim() else t, batch)
+        sampled = task.sample_targets(repeated, batch_r, generator)  # the batch's own form: tuple or dict
         return task.output_gradient(repeated, sampled).reshape(r, b, -1) / math.sqrt(r)
 
     def _set_inverse(self, fmodel: FunctionalModel, layers: list[_Layer]) -> None:
