@@ -250,6 +250,10 @@ class _SupervisedTask(Task):
         self.input_key = input_key
         self.target_key = target_key
 
+    def _reads_dicts(self) -> bool:
+        """Whether the task knows where its dict batches keep the targets (``input_key`` given)."""
+        return self.input_key is not None
+
     def _inputs(self, batch: tuple | Mapping) -> torch.Tensor:
         if isinstance(batch, Mapping):
             if self.input_key is None:
@@ -353,7 +357,7 @@ class ClassificationTask(_SupervisedTask):
         if not self._own_loss():
             return batch
         if isinstance(batch, Mapping):
-            if self.input_key is None or self.target_key not in batch:
+            if not self._reads_dicts() or self.target_key not in batch:
                 return batch  # loss_from_outputs / outputs explain what they cannot read
         elif not isinstance(batch, (tuple, list)) or len(batch) < 2:
             return batch

@@ -66,6 +66,12 @@ exactly at the cost of one more elementwise product: no approximation and no ext
 projected out, the pseudo-inverse; the one case left approximate is ``lambda_w + damping = 0 < lambda_b`` with a
 zero data eigenvalue, which ``"auto"`` damping never produces).
 
+Batches are whatever the data gives, tuples or dicts (a Dataset of dicts, the Hugging Face form): the route only
+calls the task (``outputs``, ``loss``, ``output_hessian_factors``, ``sample_targets``) and repeats a batch for
+``n_samples`` with :func:`datatrace.data.map_batch`, so a task that reads ``batch["input_ids"]`` takes part in every
+``fisher=`` (``"sampled"`` needs its ``sample_targets`` to return the batch in its own form with new targets, as
+:func:`datatrace.tasks.with_targets` does).
+
 Layers are independent blocks (the curvature is block-diagonal across layers). A layer called several times in
 one forward pass (weight sharing across calls) has its calls treated as further locations (the "expand" setting
 of Eschenhagen et al. 2023), so its per-example gradient, and EK-FAC, stay exact sums over calls.
