@@ -101,6 +101,39 @@ def logits_of(output: Any) -> torch.Tensor:
     )
 
 
+def check_model_inputs(
+    model: nn.Module, batch: Mapping, who: str, indices: torch.Tensor | None = None
+) -> None:
+    """What the model's embeddings would otherwise refuse with a bare ``IndexError``: ``input_ids`` outside
+    ``0 <= id < config.vocab_size``, and sequences longer than ``config.max_position_embeddings``."""
+    config = getattr(model, "config", None)
+    ids = batch.get("input_ids")
+    if config is None or not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and ids.shape[1] > limit:
+        raise bad_value(
+            "data",
+            f"sequences of {ids.shape[1]} tokens",
+            f"the model ({type(model).__name__}) has position embeddings for {limit} tokens "
+            "(config.max_position_embeddings)",
+            f"truncate the sequences to at most {limit} tokens (tokenizer(..., truncation=True, max_length={limit}))",
+        )
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and not ids.is_floating_point():
+        bad = (ids < 0) | (ids >= vocab)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            where = (
+                f"example {int(indices[row])}" if indices is not None and row < len(indices) else f"row {row}"
+            )
+            raise ValueError(
+                f"input_ids holds {int(ids[row, col])} at {where}, position {col}, outside the vocabulary of "
+                f"{type(model).__name__} (token ids 0..{vocab - 1}, config.vocab_size = {vocab}) that {who} is "
+                "given. Fix: tokenise with the tokenizer of this model, or pad with a token id of the vocabulary."
+            )
+
+
 def model_inputs(batch: Mapping, label_key: str) -> dict[str, torch.Tensor]:
     """The keyword arguments of the model: the batch without its labels (so the model computes no loss)."""
     return {k: v for k, v in batch.items() if k != label_key}
@@ -125,6 +158,12 @@ class SequenceClassificationTask(ClassificationTask):
 
     def _reads_dicts(self) -> bool:
         return True
+
+    def check_batch(self, model: nn.Module, batch: Any, indices: torch.Tensor | None = None) -> Any:
+        """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings),
+        then :meth:`ClassificationTask.check_batch <datatrace.ClassificationTask.check_batch>` (labels)."""
+        check_model_inputs(model, _require_dict(batch, type(self).__name__), type(self).__name__, indices)
+        return super().check_batch(model, batch, indices)
 
     def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
         """``model(**inputs).logits``, shape ``(b, num_labels)``."""
@@ -279,6 +318,7 @@ class CausalLMTask(Task):
         """Token ids and labels as int64; labels are -100 or token ids ``0 <= y < V`` (``V`` from the model's
         config when it has one), else a ValueError naming the example."""
         batch = _require_dict(batch, type(self).__name__)
+        check_model_inputs(model, batch, type(self).__name__, indices)
         out = dict(batch)
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         for key in (self.input_key, self.label_key):
@@ -347,6 +387,7 @@ __all__ = [
     "MAX_EXACT_OUTPUTS",
     "CausalLMTask",
     "SequenceClassificationTask",
+    "check_model_inputs",
     "logits_of",
     "model_inputs",
     "prompt_completion",

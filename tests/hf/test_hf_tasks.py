@@ -106,9 +106,24 @@ def test_a_tuple_task_on_dict_batches_names_the_keys_and_the_fix(mlp_problem):
         ).fit(DictDataset(x=X, labels=y))
 
 
+def test_a_batch_encoding_is_read_as_a_dataset_of_dicts(mlp_problem, transformers):
+    """A tokenizer's output (``BatchEncoding``, a dict of columns) with labels added is data as it is."""
+    model, X, y = mlp_problem
+    task = datatrace.ClassificationTask(WD, input_key="x")
+    encoding = transformers.BatchEncoding({"x": X, "labels": y})
+    inf = datatrace.InfluenceFunction(model, task, curvature="ekfac", progress=False).fit(encoding)
+    expected = datatrace.InfluenceFunction(model, task, curvature="ekfac", progress=False).fit(
+        DictDataset(x=X, labels=y)
+    )
+    query = transformers.BatchEncoding({"x": X[:3], "labels": y[:3]})
+    torch.testing.assert_close(
+        inf.score(query).values, expected.score(DictDataset(x=X[:3], labels=y[:3])).values
+    )
+
+
 # -- tiny Hugging Face models ----------------------------------------------------------------------------------------
 
-N, T, V = 12, 6, 100
+N, T, V = 8, 6, 100
 
 
 def _tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,3 +297,39 @@ def test_the_exact_lm_output_hessian_is_refused_for_a_long_vocabulary_by_name():
         ValueError, match=r"fisher='ggn' is not allowed.*5000 outputs.*Fix: use fisher='sampled'"
     ):
         CausalLMTask().output_hessian_factors(outputs, batch)
+
+
+def test_examples_of_different_lengths_name_the_field_and_the_padding_fix():
+    class Ragged(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": torch.arange(3 + i), "labels": torch.tensor(i % 2)}
+
+    inf = datatrace.InfluenceFunction(nn.Linear(3, 2), SequenceClassificationTask(), progress=False)
+    with pytest.raises(
+        ValueError, match=r"train\[...\]\['input_ids'\]=.*examples of shapes.*DataCollatorWithPadding"
+    ):
+        inf.fit(Ragged())
+
+
+def test_sequences_longer_than_the_positions_and_ids_outside_the_vocabulary_are_named(gpt2, bert):
+    model, _ = gpt2
+    long = DictDataset(input_ids=torch.ones(2, 40, dtype=torch.long))  # n_positions = 32
+    inf = datatrace.InfluenceFunction(model, CausalLMTask(), curvature="ekfac", progress=False)
+    with pytest.raises(
+        ValueError, match=r"sequences of 40 tokens.*position embeddings for 32 tokens.*max_length=32"
+    ):
+        inf.fit(long)
+    model, data = bert
+    ids = data.columns["input_ids"].clone()
+    ids[5, 1] = V
+    bad = DictDataset(
+        input_ids=ids, attention_mask=data.columns["attention_mask"], labels=data.columns["labels"]
+    )
+    inf = datatrace.InfluenceFunction(model, SequenceClassificationTask(), curvature="ekfac", progress=False)
+    with pytest.raises(
+        ValueError, match=r"input_ids holds 100 at example 5, position 1, outside the vocabulary"
+    ):
+        inf.fit(bad)
