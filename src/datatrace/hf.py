@@ -23,8 +23,8 @@ query whose labels are -100 on a prompt, the measurement is ``-log p(completion 
 the leave-one-out change of that negative log-likelihood (positive: removing sequence ``i`` would make the
 completion less likely). The training objective is then ``(1/n) sum_i l_i + lambda/2 ||theta||^2`` with sequences as
 the examples. Hugging Face's own loss is the mean over all tokens of a batch, so a model trained with AdamW's
-``weight_decay = w`` on that loss has ``lambda ~ w * (mean valid tokens per sequence)`` in these units (state it as
-``weight_decay=`` when the model was trained to a minimum; away from one the damping rule does not depend on it).
+``weight_decay = w`` on that loss has ``lambda ~ w * (mean valid tokens per sequence)`` in these units: the
+regulariser enters the curvature as given, so state ``weight_decay=`` in them.
 
 The output space of a causal LM is ``T x V`` per example. ``fisher="ggn"`` (K-FAC/EK-FAC's default) forms the
 exact block-diagonal output Hessian ``diag_t(diag(p_t) - p_t p_t^T)`` and backpropagates one column per valid
@@ -34,20 +34,29 @@ position and vocabulary entry, affordable only for short sequences and small voc
 ``InfluenceFunction(model, CausalLMTask(), curvature=EKFAC(fisher="sampled"))``.
 
 **Which routes run** (measured on a one-layer BERT and GPT-2 built from their configs, transformers 5, CPU,
-float64; ``tests/hf/test_hf_tasks.py``): K-FAC/EK-FAC and :class:`~datatrace.ProjectedInfluence` (factorised
-projection) cover the Linear / Conv1D layers (embeddings and LayerNorm are left out, and said so; GPT-2's
-``lm_head`` shares its weight with the token embedding and is left out too); the matrix-free routes (CG, LiSSA,
-Arnoldi, diagonal) and TracIn run on every parameter (``vmap`` over examples falls back to a loop where the
-attention code branches on data, and Hessian-vector products fall back to double backward where the fused SDPA
-kernel has no forward-mode AD). The dense routes refuse the ``p x p`` matrix by its size.
+float64, default SDPA attention): every route. K-FAC/EK-FAC and :class:`~datatrace.ProjectedInfluence` with a
+:class:`~datatrace.FactorizedProjector` cover the Linear / Conv1D layers and leave out, by name, the embeddings,
+LayerNorm and GPT-2's ``lm_head`` (its weight is the token embedding's); these are the fast routes. The
+matrix-free routes (CG, LiSSA, Arnoldi, diagonal), TracIn and the random projection (``projector="auto"`` when some
+parameter is outside the supported layers, hence TRAK) run on every parameter, more slowly: ``vmap`` over examples
+fails in the attention-mask code (it branches on ``padding_mask.all()``, with eager attention too), so per-example
+gradients are computed one example at a time, and SDPA has no forward-mode AD, so Hessian-vector products use
+double backward with the reference attention kernel (the same numbers as ``attn_implementation="eager"``). The
+dense routes (``"exact"``, ``"gauss-newton"``) refuse the ``p x p`` matrix by its size and run with ``params=``
+restricted to a few layers.
 
-Example:
-    >>> import torch, transformers, datatrace
-    >>> from datatrace.hf import SequenceClassificationTask
-    >>> config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
-    ...                                  num_attention_heads=2, intermediate_size=37, num_labels=3)
-    >>> model = transformers.BertForSequenceClassification(config)  # doctest: +SKIP
-    >>> inf = datatrace.InfluenceFunction(model, SequenceClassificationTask(), curvature="ekfac")  # doctest: +SKIP
+Example (a completion's negative log-likelihood, traced to the training sequences):
+    >>> import torch, transformers, datatrace  # doctest: +SKIP
+    >>> from datatrace.hf import CausalLMTask, prompt_completion
+    >>> from datatrace.curvature.kfac import EKFAC
+    >>> config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32)  # doctest: +SKIP
+    >>> model = transformers.GPT2LMHeadModel(config)  # doctest: +SKIP
+    >>> train = {"input_ids": torch.randint(0, 100, (16, 8))}  # a tokenizer's output, padded, works as is
+    >>> inf = datatrace.InfluenceFunction(model, CausalLMTask(), curvature=EKFAC(fisher="sampled"),
+    ...                                   progress=False).fit(train)  # doctest: +SKIP
+    >>> query = prompt_completion(torch.tensor([5, 17]), torch.tensor([3, 42]))
+    >>> inf.score({k: v[None] for k, v in query.items()}).values.shape  # doctest: +SKIP
+    torch.Size([1, 16])
 """
 
 from __future__ import annotations
