@@ -288,7 +288,24 @@ class _SupervisedTask(Task):
         return with_targets(batch, targets, self.target_key)
 
     def outputs(self, model: nn.Module, batch: tuple) -> torch.Tensor:
-        return model(self._inputs(batch))
+        out = model(self._inputs(batch))
+        if not isinstance(out, torch.Tensor):
+            hf = hasattr(out, "logits")
+            raise bad_value(
+                "model",
+                f"a model returning {type(out).__name__}",
+                f"{type(self).__name__} needs model(x) to return a tensor of outputs"
+                + (
+                    " (this looks like a Hugging Face ModelOutput, whose .logits are the outputs)"
+                    if hf
+                    else ""
+                ),
+                "use datatrace.hf.SequenceClassificationTask (it calls model(**batch) and reads .logits) with dict "
+                "batches"
+                if hf
+                else "wrap the model so that it returns a tensor, or write a Task subclass",
+            )
+        return out
 
     def __repr__(self) -> str:
         keys = (

@@ -333,3 +333,13 @@ def test_sequences_longer_than_the_positions_and_ids_outside_the_vocabulary_are_
         ValueError, match=r"input_ids holds 100 at example 5, position 1, outside the vocabulary"
     ):
         inf.fit(bad)
+
+
+def test_a_hugging_face_model_with_the_plain_task_names_the_hf_task(bert):
+    model, data = bert
+    ids, labels = data.columns["input_ids"], data.columns["labels"]
+    inf = datatrace.InfluenceFunction(
+        model, datatrace.ClassificationTask(), curvature="ekfac", progress=False
+    )
+    with pytest.raises(ValueError, match=r"ModelOutput.*Fix: use datatrace.hf.SequenceClassificationTask"):
+        inf.fit((ids, labels))
