@@ -123,7 +123,7 @@ def test_a_batch_encoding_is_read_as_a_dataset_of_dicts(mlp_problem, transformer
 
 # -- tiny Hugging Face models ----------------------------------------------------------------------------------------
 
-N, T, V = 8, 6, 100
+N, T, V = 8, 5, 100
 
 
 def _tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -354,9 +354,18 @@ class KFAC(Curvature):
                 if a_rot.shape[1] == 1:  # rank one per example: (Q_S^T s a^T Q_A)^2 = (s')^2 (a')^2^T
                     layer.eigenvalues += (s_rot[:, :, 0] ** 2).sum(dim=0).T @ (a_rot[:, 0] ** 2)
                     return
-                per = max(1, CHUNK_ELEMENTS // max(1, layer.out_dim * layer.a_dim))
+                per = max(1, CHUNK_ELEMENTS // max(1, layer.out_dim * layer.a_dim))  # (column, example) pairs
+                b = a_rot.shape[0]
+                if (
+                    per >= 2 * b
+                ):  # several columns in one product (many outputs: fisher="ggn" on a sequence model)
+                    step = per // b
+                    for start in range(0, s_rot.shape[0], step):
+                        g = torch.einsum("cbto,bti->cboi", s_rot[start : start + step], a_rot)
+                        layer.eigenvalues += (g * g).sum(dim=(0, 1))
+                    return
                 for s_col in s_rot:
-                    for start in range(0, a_rot.shape[0], per):
+                    for start in range(0, b, per):
                         g = torch.einsum(
                             "bto,bti->boi", s_col[start : start + per], a_rot[start : start + per]
                         )
