@@ -1,6 +1,8 @@
 """One view of the user's data, whatever form it came in.
 
-datatrace accepts a tuple of tensors or numpy arrays, a ``torch.utils.data.Dataset`` or a ``DataLoader``. All of
+datatrace accepts a tuple of tensors or numpy arrays, a dict of equal-length columns (a tokenizer's
+``BatchEncoding``, with labels added: read as a Dataset of dicts), a ``torch.utils.data.Dataset`` or a
+``DataLoader``. All of
 them become a :class:`DataSource`: a fixed, indexed sequence of ``n`` examples that can be walked in batches *in
 index order* (scores are indexed by training example, so a shuffling loader is re-read sequentially; a loader whose
 sampler serves a subset gives that subset, and one whose sampler does not define a fixed set is refused) and cut into
@@ -84,6 +86,27 @@ def _batch_to_tuple(batch: Any, name: str = "data") -> tuple | dict:
     return (batch,)
 
 
+def _collate_failure(items: list, name: str, err: RuntimeError) -> Exception:
+    """The error for examples that could not be batched: which field has which shapes, and how to pad."""
+    fields = (
+        items[0].items() if items and isinstance(items[0], Mapping) else enumerate(items[0] if items else ())
+    )
+    for key, _ in fields:
+        shapes = sorted(
+            {tuple(item[key].shape) for item in items if isinstance(item[key], torch.Tensor)}, key=str
+        )
+        if len(shapes) > 1:
+            return bad_value(
+                f"{name}[...][{key!r}]",
+                f"examples of shapes {shapes[:4]}",
+                "the examples of a batch must have one shape to be stacked (token sequences of different lengths "
+                "cannot)",
+                "pad every example to one length (e.g. tokenizer(..., padding='max_length', max_length=...)), or "
+                "pass a DataLoader whose collate_fn pads each batch (transformers' DataCollatorWithPadding)",
+            )
+    return err
+
+
 def batch_length(batch: tuple | Mapping) -> int:
     """The number of examples in a batch (the leading size of its first tensor)."""
     values = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
@@ -152,7 +175,11 @@ class DataSource:
         if self.tensors is not None:
             return tuple(t[idx] for t in self.tensors)
         items = [self.dataset[int(i)] for i in idx]  # type: ignore[index]
-        return _batch_to_tuple(self.collate_fn(items), self.name)
+        try:
+            collated = self.collate_fn(items)
+        except RuntimeError as err:  # default_collate cannot stack examples of different shapes
+            raise _collate_failure(items, self.name, err) from err
+        return _batch_to_tuple(collated, self.name)
 
     def yields_mappings(self) -> bool:
         """Whether batches are dicts (a Dataset of dicts); reads one example."""
@@ -201,6 +228,42 @@ class DataSource:
                 f"{self.name}[{position}]",
                 "Fix: clean or impute the data before computing influence.",
             )
+
+
+class ColumnsDataset(Dataset):
+    """A dict of equal-length columns (a tokenizer's ``BatchEncoding`` with ``return_tensors="pt"``, plus labels)
+    as a Dataset of dicts: item ``i`` is ``{key: column[i]}``."""
+
+    def __init__(self, columns: Mapping[str, torch.Tensor]) -> None:
+        self.columns = dict(columns)
+
+    def __len__(self) -> int:
+        return int(next(iter(self.columns.values())).shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+def _columns_dataset(data: Mapping, name: str) -> ColumnsDataset:
+    """``data``, a mapping of columns, checked (tensors or arrays with one shared leading length)."""
+    if not data:
+        raise bad_value(name, data, "an empty dict holds no data", "pass {'input_ids': ..., 'labels': ...}")
+    columns = {}
+    for key, value in data.items():
+        tensor = _to_tensor(value, f"{name}[{key!r}]")
+        if tensor.dim() == 0:
+            raise bad_value(
+                f"{name}[{key!r}]", tensor, "each column needs a leading example axis", "reshape it"
+            )
+        columns[str(key)] = tensor
+    lengths = {k: int(t.shape[0]) for k, t in columns.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(
+            f"{name} has columns of different lengths {lengths}: every column of the dict must have one row per "
+            "example. Fix: pad the sequences to one length (e.g. tokenizer(..., padding=True)) and pass one label "
+            "per example."
+        )
+    return ColumnsDataset(columns)
 
 
 def _loader_examples(loader: DataLoader, name: str) -> Dataset:
@@ -285,6 +348,15 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
             ),
             name=name,
         )
+    elif isinstance(data, Mapping):  # columns, e.g. a tokenizer's BatchEncoding: a Dataset of dicts
+        source = DataSource(
+            "dataset",
+            None,
+            _columns_dataset(data, name),
+            batch_size or DEFAULT_BATCH_SIZE,
+            default_collate,
+            name,
+        )
     elif isinstance(data, Dataset):
         if not hasattr(data, "__len__"):
             raise bad_value(name, data, "the Dataset has no __len__", "implement __len__ on the Dataset")
@@ -310,7 +382,7 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
         raise bad_value(
             name,
             data,
-            "expected a tuple of tensors or numpy arrays, a torch Dataset or a DataLoader",
+            "expected a tuple of tensors or numpy arrays, a dict of columns, a torch Dataset or a DataLoader",
             "wrap arrays as (X, y)",
         )
     if len(source) == 0:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, vmap
 
+from datatrace.data import map_batch, take_examples
 from datatrace.errors import bad_value
 from datatrace.linalg import zero_tolerance
 
@@ -56,7 +57,8 @@ def _decay(name: str, value: object) -> float:
 class Task:
     """Extension point: subclass and override :meth:`loss` (required) and :meth:`measurement` (optional).
 
-    ``batch`` is a tuple of tensors as produced by the data (by default ``(x, y)``). Every method returns one
+    ``batch`` is a tuple of tensors as produced by the data (by default ``(x, y)``), or a dict of tensors for a
+    Dataset of dicts (the Hugging Face form; :mod:`datatrace.hf` has tasks for it). Every method returns one
     value per example, shape ``(batch_size,)``.
 
     Args:
@@ -135,10 +137,12 @@ class Task:
         shape = outputs.shape[1:]
         flat = outputs.detach().reshape(outputs.shape[0], -1)
 
-        def single(o: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
-            return self.loss_from_outputs(o.reshape(1, *shape), tuple(t.unsqueeze(0) for t in example))[0]
+        def single(o: torch.Tensor, example: tuple | dict) -> torch.Tensor:
+            return self.loss_from_outputs(o.reshape(1, *shape), map_batch(lambda t: t.unsqueeze(0), example))[
+                0
+            ]
 
-        hess = vmap(jacrev(jacrev(single)), in_dims=(0, *(0 for _ in batch)))(flat, *batch)
+        hess = vmap(jacrev(jacrev(single)), in_dims=(0, 0))(flat, batch)
         hess = 0.5 * (hess + hess.transpose(1, 2))
         evals, evecs = torch.linalg.eigh(hess)
         top = evals.abs().amax(dim=1, keepdim=True)
@@ -148,7 +152,8 @@ class Task:
 
     def sample_targets(self, outputs: torch.Tensor, batch: tuple, generator: torch.Generator) -> tuple:
         """``batch`` with its targets drawn from the model's predictive distribution at ``outputs`` (the sampled
-        Fisher). A custom task defines it to take part; the default raises."""
+        Fisher), in the batch's own form (a tuple stays a tuple, a dict a dict: :func:`with_targets`). A custom
+        task defines it to take part; the default raises."""
         raise bad_value(
             "fisher",
             "sampled",
@@ -184,21 +189,136 @@ class Task:
         return f"{type(self).__name__}(weight_decay={self.weight_decay!r})"
 
 
-def _first_input(batch: tuple) -> torch.Tensor:
+def targets_of(batch: tuple | Mapping, key: str = "labels") -> torch.Tensor:
+    """The targets of a batch: ``batch[1]`` of a tuple ``(x, y, ...)``, ``batch[key]`` of a dict."""
+    if isinstance(batch, Mapping):
+        if key not in batch:
+            raise bad_value(
+                "target_key",
+                key,
+                f"the batch is a dict with keys {sorted(batch)}, none of them {key!r}",
+                "name the key that holds the targets (e.g. target_key='labels')",
+            )
+        return batch[key]
     if len(batch) < 2:
         raise ValueError(
             f"batch has {len(batch)} element(s); the built-in tasks expect (inputs, targets). "
             "Fix: pass data as (X, y), or write a Task subclass for another layout."
         )
-    return batch[0]
+    return batch[1]
 
 
-def _replace_target(batch: tuple, target: torch.Tensor) -> tuple:
-    return (batch[0], target, *batch[2:])
+def with_targets(batch: tuple | Mapping, targets: torch.Tensor, key: str = "labels") -> tuple | dict:
+    """``batch`` in its own form with its targets replaced (``batch[1]`` of a tuple, ``batch[key]`` of a dict):
+    what :meth:`Task.sample_targets` returns."""
+    if isinstance(batch, Mapping):
+        return {**batch, key: targets}
+    return (batch[0], targets, *batch[2:])
 
 
-class ClassificationTask(Task):
-    """Cross-entropy classification on ``(x, y)`` batches with integer labels ``y``.
+class _SupervisedTask(Task):
+    """A loss on ``(x, y)``: tuple batches ``(x, y, ...)``, or dict batches read at ``input_key`` and
+    ``target_key``.
+
+    Args:
+        weight_decay: as for :class:`Task`.
+        input_key: for a data set of dicts, the key of the model's input (``model(batch[input_key])``); ``None``
+            (default) reads tuple batches only.
+        target_key: for a data set of dicts, the key of the targets (default ``"labels"``).
+    """
+
+    def __init__(
+        self,
+        weight_decay: float | Mapping[str, float] = 0.0,
+        *,
+        input_key: str | None = None,
+        target_key: str = "labels",
+    ) -> None:
+        super().__init__(weight_decay)
+        for name, key in (("input_key", input_key), ("target_key", target_key)):
+            if key is not None and not isinstance(key, str):
+                raise bad_value(
+                    name, key, "expected a string (a key of the batch dicts)", f"pass e.g. {name}='x'"
+                )
+        if input_key is not None and input_key == target_key:
+            raise bad_value(
+                "target_key",
+                target_key,
+                f"the inputs are already read at input_key={input_key!r}",
+                "use two keys",
+            )
+        self.input_key = input_key
+        self.target_key = target_key
+
+    def _reads_dicts(self) -> bool:
+        """Whether the task knows where its dict batches keep the targets (``input_key`` given)."""
+        return self.input_key is not None
+
+    def _inputs(self, batch: tuple | Mapping) -> torch.Tensor:
+        if isinstance(batch, Mapping):
+            if self.input_key is None:
+                raise bad_value(
+                    "input_key",
+                    None,
+                    f"the batches are dicts with keys {sorted(batch)} (a Dataset that returns dicts) and "
+                    f"{type(self).__name__} reads tuples (x, y) unless told which keys hold the inputs and targets",
+                    f"pass {type(self).__name__}(input_key=..., target_key=...) naming the keys, use "
+                    "datatrace.hf.SequenceClassificationTask / CausalLMTask for a Hugging Face model, or write a "
+                    "Task whose loss reads the dict",
+                )
+            if self.input_key not in batch:
+                raise bad_value(
+                    "input_key",
+                    self.input_key,
+                    f"the batch is a dict with keys {sorted(batch)}",
+                    "name the key that holds the model's input",
+                )
+            return batch[self.input_key]
+        if len(batch) < 2:
+            raise ValueError(
+                f"batch has {len(batch)} element(s); the built-in tasks expect (inputs, targets). "
+                "Fix: pass data as (X, y), or write a Task subclass for another layout."
+            )
+        return batch[0]
+
+    def _targets(self, batch: tuple | Mapping) -> torch.Tensor:
+        return targets_of(batch, self.target_key)
+
+    def _with_targets(self, batch: tuple | Mapping, targets: torch.Tensor) -> tuple | dict:
+        return with_targets(batch, targets, self.target_key)
+
+    def outputs(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        out = model(self._inputs(batch))
+        if not isinstance(out, torch.Tensor):
+            hf = hasattr(out, "logits")
+            raise bad_value(
+                "model",
+                f"a model returning {type(out).__name__}",
+                f"{type(self).__name__} needs model(x) to return a tensor of outputs"
+                + (
+                    " (this looks like a Hugging Face ModelOutput, whose .logits are the outputs)"
+                    if hf
+                    else ""
+                ),
+                "use datatrace.hf.SequenceClassificationTask (it calls model(**batch) and reads .logits) with dict "
+                "batches"
+                if hf
+                else "wrap the model so that it returns a tensor, or write a Task subclass",
+            )
+        return out
+
+    def __repr__(self) -> str:
+        keys = (
+            f", input_key={self.input_key!r}, target_key={self.target_key!r}"
+            if self.input_key is not None
+            else ""
+        )
+        return f"{type(self).__name__}(weight_decay={self.weight_decay!r}{keys})"
+
+
+class ClassificationTask(_SupervisedTask):
+    """Cross-entropy classification on ``(x, y)`` batches with integer labels ``y`` (or dict batches read at
+    ``input_key`` / ``target_key``, :class:`_SupervisedTask`).
 
     Outputs of shape ``(b, k)`` with ``k >= 2`` use softmax cross-entropy; outputs of shape ``(b,)`` or ``(b, 1)``
     are one logit per example and use the logistic loss with labels in {0, 1}. Labels of any integer dtype are
@@ -206,11 +326,8 @@ class ClassificationTask(Task):
     cross-entropy's ``ignore_index``, included: drop unlabelled examples instead).
     """
 
-    def outputs(self, model: nn.Module, batch: tuple) -> torch.Tensor:
-        return model(_first_input(batch))
-
     def loss_from_outputs(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
-        y = batch[1]
+        y = self._targets(batch)
         if not y.is_floating_point() and y.dtype != torch.long:
             y = y.long()  # int8/16/32, uint8, bool: the class indices cross-entropy wants, in its dtype
         if outputs.dim() == 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
@@ -254,15 +371,20 @@ class ClassificationTask(Task):
         would silently get a zero loss and zero influence), and fractional labels. ``K`` is read from the model's
         output on one example, only when a label is above 1 or the labels are floats.
         """
-        if not self._own_loss() or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        if not self._own_loss():
             return batch
-        y = batch[1]
+        if isinstance(batch, Mapping):
+            if not self._reads_dicts() or self.target_key not in batch:
+                return batch  # loss_from_outputs / outputs explain what they cannot read
+        elif not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            return batch
+        y = self._targets(batch)
         if not isinstance(y, torch.Tensor) or y.is_complex():
             return batch  # loss_from_outputs reports what it cannot use
         if not y.is_floating_point():
             y = y.long()
         if y.numel() == 0:
-            return _replace_target(batch, y)
+            return self._with_targets(batch, y)
         flat = y.reshape(-1)
 
         def where(bad: torch.Tensor) -> tuple[str, str]:
@@ -299,10 +421,10 @@ class ClassificationTask(Task):
                 "are not supported). Fix: pass integer labels, or write a Task subclass with your own loss."
             )
         if not y.is_floating_point() and int(flat.max()) <= 1:
-            return _replace_target(batch, y)  # 0/1 labels are valid for any number of logits
+            return self._with_targets(batch, y)  # 0/1 labels are valid for any number of logits
         k = self._num_logits(model, batch)
         if k is None:
-            return _replace_target(batch, y)  # an output shape loss_from_outputs explains
+            return self._with_targets(batch, y)  # an output shape loss_from_outputs explains
         if y.is_floating_point() and k > 1:
             raise ValueError(
                 f"ClassificationTask expects integer class labels for a model with {k} logits, got {y.dtype} "
@@ -319,11 +441,11 @@ class ClassificationTask(Task):
                 f"label {value} at {at} is outside the model's classes: the model has {allowed}. Fix: check the "
                 "labels, or give the model one output per class (with softmax cross-entropy for more than two)."
             )
-        return _replace_target(batch, y)
+        return self._with_targets(batch, y)
 
     def _num_logits(self, model: nn.Module, batch: tuple) -> int | None:
         """``K``, the number of logits per example, from the model's output on the batch's first example."""
-        first = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in batch)
+        first = take_examples(batch, slice(0, 1))
         try:
             with torch.no_grad():
                 out = self.outputs(model, first)
@@ -351,24 +473,22 @@ class ClassificationTask(Task):
         """Labels drawn from the softmax (categorical) or, for one logit, the sigmoid (Bernoulli)."""
         if not self._own_loss():
             return super().sample_targets(outputs, batch, generator)
-        y = batch[1]
+        y = self._targets(batch)
         if outputs.dim() == 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
             p = torch.sigmoid(outputs.reshape(-1))
             draw = torch.bernoulli(p, generator=generator)
-            return _replace_target(batch, draw.to(y.dtype).reshape(y.shape))
+            return self._with_targets(batch, draw.to(y.dtype).reshape(y.shape))
         probs = torch.softmax(outputs, dim=-1)
         draw = torch.multinomial(probs, 1, replacement=True, generator=generator).reshape(outputs.shape[0])
-        return _replace_target(batch, draw.to(y.dtype))
+        return self._with_targets(batch, draw.to(y.dtype))
 
 
-class RegressionTask(Task):
-    """Squared error ``sum_k (f_k(x) - y_k)^2`` summed over outputs (no factor 1/2) on ``(x, y)`` batches."""
-
-    def outputs(self, model: nn.Module, batch: tuple) -> torch.Tensor:
-        return model(_first_input(batch))
+class RegressionTask(_SupervisedTask):
+    """Squared error ``sum_k (f_k(x) - y_k)^2`` summed over outputs (no factor 1/2) on ``(x, y)`` batches (or
+    dict batches read at ``input_key`` / ``target_key``)."""
 
     def loss_from_outputs(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
-        y = batch[1].to(outputs.dtype)
+        y = self._targets(batch).to(outputs.dtype)
         b = outputs.shape[0]
         out = outputs.reshape(b, -1)
         target = y.reshape(y.shape[0], -1)
@@ -396,7 +516,7 @@ class RegressionTask(Task):
         """Targets ``o + N(0, 1/2)``: the loss ``(o - y)^2`` is a Gaussian negative log-likelihood with variance 1/2."""
         if not self._own_loss():
             return super().sample_targets(outputs, batch, generator)
-        y = batch[1]
+        y = self._targets(batch)
         flat = outputs.reshape(outputs.shape[0], -1)
         noise = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device=flat.device)
-        return _replace_target(batch, (flat + math.sqrt(0.5) * noise).reshape(y.shape))
+        return self._with_targets(batch, (flat + math.sqrt(0.5) * noise).reshape(y.shape))

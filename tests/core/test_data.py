@@ -187,7 +187,13 @@ def test_mismatched_lengths_name_the_argument(arrays):
         ((torch.tensor(1.0), torch.zeros(1)), r"train\[0\]=.*leading example axis"),
         ((np.array([object(), object()], dtype=object), np.zeros(2)), r"train\[0\]=.*object arrays"),
         ((torch.zeros(2, 2), "labels"), r"train\[1\]=.*torch.Tensor or numpy array"),
-        ({"x": torch.zeros(2)}, r"train=.*expected a tuple of tensors or numpy arrays"),
+        ({}, r"train=\{\} is not allowed: an empty dict"),
+        (
+            {"x": torch.zeros(2), "y": torch.zeros(3)},
+            r"train has columns of different lengths \{'x': 2, 'y': 3\}",
+        ),
+        ({"x": torch.tensor(1.0)}, r"train\['x'\]=.*leading example axis"),
+        ({"x": "text"}, r"train\['x'\]=.*torch.Tensor or numpy array"),
         (torch.zeros(3, 2), r"train=.*expected a tuple"),
     ],
 )

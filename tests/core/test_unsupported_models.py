@@ -362,20 +362,29 @@ def test_dict_batches_give_the_scores_of_the_tuple_form(curvature, make_mlp, cla
 
 
 @pytest.mark.parametrize("route", ["kfac", "ekfac", "projected"])
-def test_routes_that_read_tuple_batches_refuse_dict_batches_by_name(route, make_mlp, classification_data):
+def test_layer_routes_give_the_scores_of_the_tuple_form_on_dict_batches(route, make_mlp, classification_data):
+    """K-FAC, EK-FAC and the factorised projection read dict batches through the task, as the other routes."""
     X, y = classification_data
-    if route == "projected":
-        attributor = datatrace.ProjectedInfluence(make_mlp(), DictTask(weight_decay=WD), progress=False)
-    else:
-        attributor = datatrace.InfluenceFunction(
-            make_mlp(), DictTask(weight_decay=WD), curvature=route, progress=False
-        )
-    with pytest.raises(ValueError, match=r"dict batches.*Fix: use .*'exact'"):
-        attributor.fit(DictDataset(X, y))
+    model = make_mlp()
+
+    def make(task):
+        if route == "projected":
+            return datatrace.ProjectedInfluence(model, task, progress=False)
+        return datatrace.InfluenceFunction(model, task, curvature=route, progress=False)
+
+    dicts = make(DictTask(weight_decay=WD)).fit(DictDataset(X, y))
+    tuples = make(datatrace.ClassificationTask(weight_decay=WD)).fit((X, y))
+    torch.testing.assert_close(
+        dicts.score(DictDataset(X[:5], y[:5])).values, tuples.score((X[:5], y[:5])).values
+    )
 
 
 def test_dict_batches_with_a_tuple_task_name_the_form_and_the_fix(make_mlp, classification_data):
     X, y = classification_data
     inf = datatrace.InfluenceFunction(make_mlp(), datatrace.ClassificationTask(), progress=False)
-    with pytest.raises(ValueError, match=r"dicts with keys \['x', 'y'\].*Fix: write a Task whose loss"):
+    with pytest.raises(
+        ValueError,
+        match=r"input_key=None.*dicts with keys \['x', 'y'\].*Fix: pass "
+        r"ClassificationTask\(input_key=..., target_key=...\)",
+    ):
         inf.fit(DictDataset(X, y))

@@ -285,14 +285,6 @@ class ProjectedInfluence(Attributor):
     def fit(self, train: DataLike) -> ProjectedInfluence:
         """Project the training gradients once (into the store, or memory) and fit the projected curvature."""
         source = as_data_source(train, "train", self.batch_size)
-        if source.yields_mappings():
-            raise bad_value(
-                "train",
-                train,
-                "ProjectedInfluence (and TRAK) read tuple batches; this data set yields dict batches",
-                "use InfluenceFunction with curvature='exact', 'gauss-newton', 'cg' or 'diagonal' (they pass dict "
-                "batches to the task), or a Dataset that returns tuples",
-            )
         source.check_finite()
         fmodel = FunctionalModel(prepare_model(self.model, self.dtype), self.task, self.params)
         check_finite(fmodel.theta, "the model's parameters", "Fix: pass a model whose weights are finite.")

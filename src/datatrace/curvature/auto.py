@@ -8,8 +8,7 @@ hundreds of sequential passes); the first that can run on the model, fits ``max_
 finish within ``time_budget`` seconds is chosen:
 
 * **can run**: Gauss-Newton and EK-FAC need a task with ``outputs`` / ``loss_from_outputs``; EK-FAC needs every
-  parameter in scope in a layer it supports (Linear, Conv2d, Conv1D) and tuple batches (its sampled Fisher
-  rebuilds batches element by element; a Dataset of dicts is not read that way);
+  parameter in scope in a layer it supports (Linear, Conv2d, Conv1D), with tuple or dict batches alike;
 * **fits memory**: the dense routes (exact, gauss-newton) keep ``3 p^2`` numbers (matrix, eigenvectors,
   workspace), Arnoldi a float64 basis of ``steps x p`` twice; EK-FAC (per-layer factors) and CG (a few vectors)
   are bounded and always fit;
@@ -216,8 +215,6 @@ def ekfac_obstacle(fmodel: FunctionalModel, data: DataSource) -> str | None:
     """Why EK-FAC cannot run on ``fmodel`` and ``data`` (in words), or ``None`` when it can."""
     if not fmodel.task.has_outputs:
         return f"{type(fmodel.task).__name__} has no outputs/loss_from_outputs split"
-    if data.yields_mappings():
-        return "the batches are dicts, which EK-FAC's sampled Fisher does not read"
     try:
         find_layers(fmodel)
     except ValueError as err:  # a parameter outside the layers EK-FAC supports: name them, briefly
@@ -231,7 +228,7 @@ def supported_part(fmodel: FunctionalModel, data: DataSource) -> Scope | None:
     """The part of a default-scope model (``params=None``) that EK-FAC covers when it cannot cover all of it: its
     :class:`~datatrace.capture.scope.Scope`, or ``None`` when the user chose the parameters, EK-FAC cannot run
     for another reason, or no supported layer runs."""
-    if not (fmodel.default_scope and fmodel.task.has_outputs) or data.yields_mappings():
+    if not (fmodel.default_scope and fmodel.task.has_outputs):
         return None
     try:
         part = supported_scope(fmodel, data, "EK-FAC", "choose the parameters with params=")

@@ -66,6 +66,12 @@ exactly at the cost of one more elementwise product: no approximation and no ext
 projected out, the pseudo-inverse; the one case left approximate is ``lambda_w + damping = 0 < lambda_b`` with a
 zero data eigenvalue, which ``"auto"`` damping never produces).
 
+Batches are whatever the data gives, tuples or dicts (a Dataset of dicts, the Hugging Face form): the route only
+calls the task (``outputs``, ``loss``, ``output_hessian_factors``, ``sample_targets``) and repeats a batch for
+``n_samples`` with :func:`datatrace.data.map_batch`, so a task that reads ``batch["input_ids"]`` takes part in every
+``fisher=`` (``"sampled"`` needs its ``sample_targets`` to return the batch in its own form with new targets, as
+:func:`datatrace.tasks.with_targets` does).
+
 Layers are independent blocks (the curvature is block-diagonal across layers). A layer called several times in
 one forward pass (weight sharing across calls) has its calls treated as further locations (the "expand" setting
 of Eschenhagen et al. 2023), so its per-example gradient, and EK-FAC, stay exact sums over calls.
@@ -154,7 +160,7 @@ from datatrace.capture.engine import find_layers as engine_find_layers
 from datatrace.capture.kinds import SUPPORTED_LAYERS, weight_decay_per_tensor
 from datatrace.curvature.base import Curvature
 from datatrace.curvature.registry import matrix_free_names
-from datatrace.data import DataSource
+from datatrace.data import DataSource, map_batch
 from datatrace.distributed import all_reduce_sum, distributed_sum, world
 from datatrace.errors import bad_value, check_choice, check_nonnegative_float, check_positive_int
 from datatrace.gradients.functional import FunctionalModel
@@ -291,14 +297,6 @@ class KFAC(Curvature):
                 "loss_from_outputs(outputs, batch), which the Gauss-Newton and sampled Fisher need",
                 "define both methods on the task, or use fisher='empirical'",
             )
-        if data.yields_mappings():
-            raise bad_value(
-                "data",
-                data.name,
-                f"{self.name} reads tuple batches; this data set yields dict batches (a Dataset of dicts)",
-                "use curvature='exact', 'gauss-newton', 'cg', 'lissa', 'arnoldi' or 'diagonal' (they pass dict "
-                "batches to the task), or a Dataset that returns tuples",
-            )
         layers = find_layers(fmodel)
         seed = self.random_state if self.random_state is not None else int(torch.randint(0, 2**62, ()).item())
         self._seed = seed
@@ -356,9 +354,18 @@ class KFAC(Curvature):
                 if a_rot.shape[1] == 1:  # rank one per example: (Q_S^T s a^T Q_A)^2 = (s')^2 (a')^2^T
                     layer.eigenvalues += (s_rot[:, :, 0] ** 2).sum(dim=0).T @ (a_rot[:, 0] ** 2)
                     return
-                per = max(1, CHUNK_ELEMENTS // max(1, layer.out_dim * layer.a_dim))
+                per = max(1, CHUNK_ELEMENTS // max(1, layer.out_dim * layer.a_dim))  # (column, example) pairs
+                b = a_rot.shape[0]
+                if (
+                    per >= 2 * b
+                ):  # several columns in one product (many outputs: fisher="ggn" on a sequence model)
+                    step = per // b
+                    for start in range(0, s_rot.shape[0], step):
+                        g = torch.einsum("cbto,bti->cboi", s_rot[start : start + step], a_rot)
+                        layer.eigenvalues += (g * g).sum(dim=(0, 1))
+                    return
                 for s_col in s_rot:
-                    for start in range(0, a_rot.shape[0], per):
+                    for start in range(0, b, per):
                         g = torch.einsum(
                             "bto,bti->boi", s_col[start : start + per], a_rot[start : start + per]
                         )
@@ -417,7 +424,7 @@ class KFAC(Curvature):
         self,
         fmodel: FunctionalModel,
         layers: list[_Layer],
-        batch: tuple,
+        batch: tuple | dict,
         b: int,
         generator: torch.Generator,
         check: bool,
@@ -466,7 +473,7 @@ class KFAC(Curvature):
             first_chunk = False
 
     def _columns(
-        self, task: Task, outputs: torch.Tensor, batch: tuple, generator: torch.Generator
+        self, task: Task, outputs: torch.Tensor, batch: tuple | dict, generator: torch.Generator
     ) -> torch.Tensor:
         """Pseudo-gradients in the output space, ``(columns, b, k)``: ``sum_c col col^T`` is the output curvature."""
         b = outputs.shape[0]
@@ -486,11 +493,8 @@ class KFAC(Curvature):
         # all samples at once: the batch repeated n_samples times (sample-major), one loss and one gradient call
         r = self.n_samples
         repeated = outputs.detach().repeat(r, *(1 for _ in outputs.shape[1:]))
-        batch_r = tuple(
-            t.repeat(r, *(1 for _ in t.shape[1:])) if isinstance(t, torch.Tensor) and t.dim() else t
-            for t in batch
-        )
-        sampled = tuple(task.sample_targets(repeated, batch_r, generator))
+        batch_r = map_batch(lambda t: t.repeat(r, *(1 for _ in t.shape[1:])) if t.dim() else t, batch)
+        sampled = task.sample_targets(repeated, batch_r, generator)  # the batch's own form: tuple or dict
         return task.output_gradient(repeated, sampled).reshape(r, b, -1) / math.sqrt(r)
 
     def _set_inverse(self, fmodel: FunctionalModel, layers: list[_Layer]) -> None:

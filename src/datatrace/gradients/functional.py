@@ -414,9 +414,10 @@ def batch_failure(task: Task, what: str, batch: tuple | dict, err: BaseException
             f"running {type(task).__name__} on a batch of {what} failed ({type(err).__name__}: {err}). The "
             f"batches are dicts with keys "
             f"{sorted(batch)} (a Dataset that returns dicts, e.g. the Hugging Face form); datatrace passes them to "
-            "the task as they are, and the built-in tasks read a tuple (x, y). Fix: write a Task whose loss "
-            "(and outputs / loss_from_outputs, measurement) read the dict, e.g. model(batch['input_ids']) and "
-            "batch['labels'], or give a Dataset that returns tuples (x, y)."
+            "the task as they are. Fix: for a Hugging Face model use datatrace.hf.SequenceClassificationTask or "
+            "CausalLMTask; for a built-in task name the keys (ClassificationTask(input_key='x', target_key='y')); "
+            "or write a Task whose loss (and outputs / loss_from_outputs, measurement) read the dict, e.g. "
+            "model(batch['input_ids']) and batch['labels']."
         )
     items = batch.items() if isinstance(batch, dict) else enumerate(batch)
     shapes = {k: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for k, t in items}

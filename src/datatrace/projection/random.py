@@ -60,6 +60,7 @@ import torch
 from torch import nn
 from torch.func import vjp, vmap
 
+from datatrace.data import map_batch, take_examples
 from datatrace.errors import bad_value, check_choice, check_positive_int
 from datatrace.gradients.functional import BoundFunction, FunctionalModel
 
@@ -396,8 +397,8 @@ class RandomProjector(Projector):
         b, c = cot.shape[0], cot.shape[1]
         scalar = root != "outputs"
 
-        def single(theta: torch.Tensor, cot_i: torch.Tensor, *example: torch.Tensor) -> torch.Tensor:
-            ex = tuple(t.unsqueeze(0) for t in example)
+        def single(theta: torch.Tensor, cot_i: torch.Tensor, example: tuple | dict) -> torch.Tensor:
+            ex = map_batch(lambda t: t.unsqueeze(0), example)  # one example, in the batch's own form
 
             def f(t: torch.Tensor) -> torch.Tensor:
                 out = fmodel.call(module, t, ex)
@@ -415,9 +416,10 @@ class RandomProjector(Projector):
         parts = []
         for start in range(0, b, per):
             sl = slice(start, start + per)
-            grads = vmap(single, in_dims=(None, 0, *(0 for _ in batch)))(
-                fmodel.theta, cot[sl], *(t[sl] for t in batch)
-            )  # (b', c, p)
+            # vmap over examples, or one example at a time where the model defeats vmap (FunctionalModel)
+            grads = fmodel.over_examples(
+                single, (fmodel.theta,), (cot[sl], take_examples(batch, sl))
+            ).detach()  # (b', c, p)
             parts.append(
                 self.project(grads.reshape(-1, self.num_params_)).reshape(grads.shape[0], c, self.dim_)
             )
