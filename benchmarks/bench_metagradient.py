@@ -140,6 +140,7 @@ def run_problem(
         }
 
     truths: dict[str, retrain.SubsetResult] = {}
+    tag = recording.manifest["final"]["sha256"][:10]  # the ground truth belongs to this very run
     for fraction in fractions:
         truths[f"single-model, keep {fraction:g}"] = retrain.single_model_subsets(
             problem.build_model(0),
@@ -150,7 +151,7 @@ def run_problem(
             n_subsets=n_subsets,
             fraction=fraction,
             n_jobs=n_jobs,
-            cache_dir=cache / f"single-model-{n_query}q-{n_subsets}x-keep{fraction:g}",
+            cache_dir=cache / f"single-model-{n_query}q-{n_subsets}x-keep{fraction:g}-{tag}",
         )
     seed_averaged = realistic.ground_truth(problem, n_jobs=n_jobs)
     truths["seed-averaged, keep 0.5"] = seed_averaged

@@ -76,6 +76,37 @@ def record(folder, kind: str, batch_norm: bool, train, task, epochs: int = 3, ev
     return recorder.finish()
 
 
+def assert_finite_differences(
+    replay: Replay, measure, grads: torch.Tensor, examples: tuple[int, ...]
+) -> None:
+    """``grads[:, i]`` equals the central difference of the replayed run's measurement in example ``i``'s weight."""
+
+    def f(weights: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return measure(replay.run(replay.initial(), replay.n_steps, weights))
+
+    ones, h = torch.ones(N, dtype=torch.float64), 1e-5
+    for i in examples:
+        e = torch.zeros(N, dtype=torch.float64)
+        e[i] = h
+        fd = (f(ones + e) - f(ones - e)) / (2 * h)
+        assert torch.allclose(grads[:, i], fd, rtol=1e-6, atol=1e-9), (i, grads[:, i], fd)
+
+
+def clipped_loop(recorder: Recorder, model: nn.Module, opt, task, train, starts, max_norm: float) -> None:
+    """A loop that clips the gradient norm to ``max_norm`` before each step."""
+    X, y = train
+    for start in starts:
+        idx = torch.arange(start, start + BATCH)
+        recorder.begin_step(idx)
+        loss = task.loss(model, (X[idx], y[idx])).mean()
+        loss = loss + 0.5 * DECAY * sum((p * p).sum() for p in model.parameters())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+
+
 def final_measurement(replay: Replay, task, query):
     fn = BoundFunction(replay.model, task.measurement)
     return lambda state: replay.evaluate(state, fn, query)
@@ -92,16 +123,7 @@ def test_metagradient_equals_finite_differences_of_the_weighted_run(tmp_path, da
     result = metagradients(replay, measure, n_query=3, segment=3)
     assert result.replay_error < 1e-12
 
-    def f(weights: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return measure(replay.run(replay.initial(), replay.n_steps, weights))
-
-    ones, h = torch.ones(N, dtype=torch.float64), 1e-5
-    for i in (0, 7, 19):
-        e = torch.zeros(N, dtype=torch.float64)
-        e[i] = h
-        fd = (f(ones + e) - f(ones - e)) / (2 * h)
-        assert torch.allclose(result.grads[:, i], fd, rtol=1e-6, atol=1e-9), (i, result.grads[:, i], fd)
+    assert_finite_differences(replay, measure, result.grads, (0, 7, 19))
 
 
 def test_replay_reproduces_the_recorded_run_and_its_batchnorm_statistics(tmp_path, data):
@@ -262,16 +284,7 @@ def test_refusals_name_the_problem(tmp_path, data):
     model = make_model(False)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     recorder = Recorder(tmp_path / "e", model, opt, n_train=N, checkpoint_every=2)
-    for start in range(0, N, BATCH):
-        idx = torch.arange(start, start + BATCH)
-        recorder.begin_step(idx)
-        loss = task.loss(model, (X[idx], y[idx])).mean() + 0.5 * DECAY * sum(
-            (p * p).sum() for p in model.parameters()
-        )
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-        opt.step()
+    clipped_loop(recorder, model, opt, task, train, range(0, N, BATCH), 1e-3)  # the recorder is not told
     clipped = recorder.finish()
     with pytest.raises(ReplayMismatchError, match="max_grad_norm"):
         Metagradient(make_model(False), task, clipped, progress=False).fit(train).score(data[1])
@@ -285,31 +298,17 @@ def test_recorded_gradient_clipping_is_replayed_and_differentiated(tmp_path, dat
     model = make_model(True)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
     recorder = Recorder(tmp_path, model, opt, n_train=N, checkpoint_every=3, max_grad_norm=0.05)
-    for start in [0, 8, 16, 4, 12]:
-        idx = torch.arange(start, start + BATCH)
-        recorder.begin_step(idx)
-        loss = task.loss(model, (X[idx], y[idx])).mean() + 0.5 * DECAY * sum(
-            (p * p).sum() for p in model.parameters()
-        )
-        opt.zero_grad()
-        loss.backward()
-        assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)) > 0.05  # clipping is active
-        opt.step()
+    grad_norms = []
+    hook = model[0].weight.register_hook(lambda g: grad_norms.append(float(g.norm())))
+    clipped_loop(recorder, model, opt, task, (X, y), [0, 8, 16, 4, 12], 0.05)
+    hook.remove()
+    assert min(grad_norms) > 0.05  # clipping was active on every step
     replay = Replay(make_model(True), task, recorder.finish(), (X, y))
     measure = final_measurement(replay, task, query)
     result = metagradients(replay, measure, n_query=3)
     assert result.replay_error < 1e-12
 
-    def f(weights: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return measure(replay.run(replay.initial(), replay.n_steps, weights))
-
-    ones, h = torch.ones(N, dtype=torch.float64), 1e-5
-    for i in (2, 13):
-        e = torch.zeros(N, dtype=torch.float64)
-        e[i] = h
-        fd = (f(ones + e) - f(ones - e)) / (2 * h)
-        assert torch.allclose(result.grads[:, i], fd, rtol=1e-6, atol=1e-9)
+    assert_finite_differences(replay, measure, result.grads, (2, 13))
 
 
 def test_recorded_tracin_equals_its_formula_from_the_run(tmp_path, data):
