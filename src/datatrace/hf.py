@@ -267,6 +267,16 @@ class CausalLMTask(Task):
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         return -(picked * valid.to(picked.dtype)).sum(dim=1)
 
+    def loss_terms(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
+        """The loss split by the token each term predicts: ``(b, T)``, column ``t`` the negative log-likelihood of
+        token ``t`` given the tokens before it (0 for token 0 and where it does not count); rows sum to
+        :meth:`loss`. Token-wise influence (:func:`datatrace.apps.tokens.token_influence`) splits scores by it."""
+        outputs = self.outputs(model, batch)
+        target, valid = self.next_tokens(batch)
+        logp = torch.log_softmax(outputs[:, :-1], dim=-1)
+        terms = -(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * valid.to(logp.dtype))
+        return torch.cat([torch.zeros_like(terms[:, :1]), terms], dim=1)
+
     def describe_measurement(self) -> str:
         if type(self).measurement is Task.measurement:
             return "the query sequence's negative log-likelihood (nats, summed over its labelled next tokens)"

@@ -343,3 +343,25 @@ def test_a_hugging_face_model_with_the_plain_task_names_the_hf_task(bert):
     )
     with pytest.raises(ValueError, match=r"ModelOutput.*Fix: use datatrace.hf.SequenceClassificationTask"):
         inf.fit((ids, labels))
+
+
+def test_token_influence_splits_each_score_over_the_training_tokens(gpt2):
+    from datatrace.apps.tokens import token_influence
+
+    model, data = gpt2
+    task = CausalLMTask(weight_decay=WD)
+    for curvature in ("ekfac", "cg"):
+        inf = datatrace.InfluenceFunction(model, task, curvature=curvature, progress=False).fit(data)
+        query = data.head(2)
+        scores = inf.score(query).values
+        tokens = token_influence(inf, query, [0, 3, 5])
+        assert tokens.shape[:2] == (2, 3)
+        assert torch.allclose(tokens.sum(-1), scores[:, [0, 3, 5]], rtol=1e-8, atol=1e-12)
+        # token 0 is predicted by nothing, and padded positions carry nothing
+        assert bool((tokens[..., 0] == 0).all())
+        mask = data[3]["attention_mask"]
+        assert bool((tokens[:, 1, mask == 0] == 0).all())
+    with pytest.raises(ValueError, match="loss_terms"):
+        token_influence(datatrace.InfluenceFunction(nn.Linear(2, 2).double(), datatrace.ClassificationTask(),
+                                                    progress=False).fit((torch.randn(4, 2).double(), torch.tensor([0, 1, 0, 1]))),
+                        (torch.randn(1, 2).double(), torch.tensor([0])), [0])  # fmt: skip
