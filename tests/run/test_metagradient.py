@@ -342,3 +342,53 @@ def test_recorded_tracin_equals_its_formula_from_the_run(tmp_path, data):
     assert own.shape == (N,) and bool((own > 0).all())
     with pytest.raises(ValueError, match="per-step gradients"):
         RecordedTracIn(make_model(False), task, record(tmp_path / "plain", "sgd", False, (X, y), task))
+
+
+def test_a_loader_with_its_own_collate_fn_is_recorded_and_replayed(tmp_path):
+    """Variable-length token sequences padded per batch by the loader's collate_fn (the Hugging Face form)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 6, (N,), generator=g)
+    sequences = [torch.randint(1, 10, (int(k),), generator=g) for k in lengths]
+    labels = [int(s.sum()) % 2 for s in sequences]
+
+    class Sequences(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return N
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": sequences[i], "labels": labels[i]}
+
+    def pad(items: list[dict]) -> dict:
+        ids = nn.utils.rnn.pad_sequence([it["input_ids"] for it in items], batch_first=True)
+        return {"input_ids": ids, "labels": torch.tensor([it["labels"] for it in items])}
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(10, 4, padding_idx=0)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids).sum(1))
+
+    task = datatrace.ClassificationTask(input_key="input_ids")
+    loader = DataLoader(Sequences(), batch_size=6, shuffle=True, collate_fn=pad)
+    model = Bag().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    recorder = Recorder(tmp_path, model, opt, checkpoint_every=3)
+    for _ in range(2):
+        for batch in recorder.iterate(loader):
+            loss = task.loss(model, batch).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    recording = recorder.finish()
+    query = DataLoader(torch.utils.data.Subset(Sequences(), [0, 1, 2]), batch_size=3, collate_fn=pad)
+    attributor = Metagradient(Bag().double(), task, recording, progress=False).fit(loader)
+    scores = attributor.score(query)
+    assert scores.values.shape == (3, N) and bool(torch.isfinite(scores.values).all())
+    assert attributor.last_run_["replay_relative_error"] < 1e-12  # replayed with the loader's padding
+    # the loader's own collate_fn is needed: the plain dataset cannot be stacked
+    with pytest.raises(ValueError, match="pad"):
+        Metagradient(Bag().double(), task, recording, progress=False).fit(Sequences()).score(query)

@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.data import DataLoader
 
-from datatrace.data import DataLike, as_data_source, cast_batch
+from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
 from datatrace.errors import bad_value
 from datatrace.gradients.functional import BoundFunction, second_order_kernels
 from datatrace.run.optimizers import initial_state, optimizer_step
@@ -45,7 +46,15 @@ from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Replay", "ReplayMismatchError", "replay_tolerance"]
+__all__ = ["Replay", "ReplayMismatchError", "recorded_data_source", "replay_tolerance"]
+
+
+def recorded_data_source(data: DataLike) -> DataSource:
+    """The training data as the recording indexes it: a DataLoader stands for its whole ``dataset`` (the recorded
+    indices are positions in it, whatever its sampler) read with its own ``collate_fn`` (e.g. padding)."""
+    if isinstance(data, DataLoader):
+        data = DataLoader(data.dataset, batch_size=data.batch_size or 1, collate_fn=data.collate_fn)
+    return as_data_source(data, "train")
 
 
 def _eval_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -83,9 +92,7 @@ class Replay:
             raise bad_value(
                 "model", model, "a torch.nn.Module of the recorded architecture", "pass the model"
             )
-        if isinstance(data, torch.utils.data.DataLoader):
-            data = data.dataset  # the recorded indices refer to the loader's dataset
-        self.source = as_data_source(data, "train")
+        self.source = recorded_data_source(data)
         if len(self.source) != recording.n_train:
             raise bad_value(
                 "train",
@@ -117,9 +124,9 @@ class Replay:
             for name, m in self.model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
         }
-        first = recording.state(0)
+        self.device = next(self.model.parameters()).device
+        first = recording.state(0, self.device)
         self.dtype = next(iter(first.params.values())).dtype
-        self.device = next(iter(first.params.values())).device
 
     @property
     def n_steps(self) -> int:

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from datatrace.data import DEFAULT_BATCH_SIZE, DataLike, DataSource, as_data_source, cast_batch
 from datatrace.errors import bad_value, check_indices, check_positive_int, describe
 from datatrace.run.recording import Recording
-from datatrace.run.replay import Replay
+from datatrace.run.replay import Replay, recorded_data_source
 from datatrace.verification.retrain_cache import RetrainCache
 
 __all__ = ["LOOResult", "SubsetResult", "evaluator", "leave_one_out", "subsets"]
@@ -422,9 +422,7 @@ def single_model_subsets(
     n_jobs = _check_n_jobs(n_jobs)
     progress = _check_bool("progress", progress)
     recording = recording if isinstance(recording, Recording) else Recording(recording)
-    source = as_data_source(
-        train.dataset if isinstance(train, torch.utils.data.DataLoader) else train, "train"
-    )
+    source = recorded_data_source(train)
     n = len(source)
     fraction, k = _subset_size(fraction, n)
     masks = _draw_masks(n, k, n_subsets, random_state)
