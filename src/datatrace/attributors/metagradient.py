@@ -13,7 +13,8 @@ dropout seeds): datatrace's leave-one-out sign and units (:data:`datatrace.score
 truth is :func:`datatrace.verification.retrain.single_model_subsets`; against retraining with fresh seeds it is
 one model's answer, like every single-model route.
 
-Cost: about 4-5 training runs per batch of queries, ``O(sqrt T)`` model states in memory (the module above).
+Cost: a few training runs for one query, growing with the number of queries (each adds one vector-Jacobian
+product per step); ``O(sqrt T)`` model states in memory (:mod:`datatrace.run.metagradient`).
 """
 
 from __future__ import annotations

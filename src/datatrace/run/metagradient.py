@@ -16,9 +16,10 @@ anchors: the saved states of the recording, and, between saved states more than 
 in memory every ``k`` steps (Griewank 1992's two-level checkpointing). At most ``ceil(L / k) + k + 2`` states
 are held at once (``L`` the longest stretch between saved states): ``O(sqrt T)`` with the default ``k``, which
 is ``L`` itself when ``L <= 4 sqrt(T)`` (no second forward pass) and ``ceil(sqrt(T))`` otherwise.
-Cost: every step is run forward twice at most (anchors, then the segment) and once with its vector-Jacobian
-product through a double backward, about 4-5 training runs for one batch of queries (the queries share the
-recomputation; their products are batched with ``vmap`` where the model allows).
+Cost: every step is replayed once or twice without a graph (the segment, and the anchors of long stretches) and
+once with a graph for the vector-Jacobian products through its double backward; the queries of one pass share
+the replays, and each adds one product per step (batched with ``vmap`` where the model allows). Measured costs are
+in benchmarks/README.md (``bench_metagradient.py``).
 """
 
 from __future__ import annotations
