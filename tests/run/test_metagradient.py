@@ -392,3 +392,11 @@ def test_a_loader_with_its_own_collate_fn_is_recorded_and_replayed(tmp_path):
     # the loader's own collate_fn is needed: the plain dataset cannot be stacked
     with pytest.raises(ValueError, match="pad"):
         Metagradient(Bag().double(), task, recording, progress=False).fit(Sequences()).score(query)
+
+
+def test_iterating_a_loader_over_another_dataset_is_refused(tmp_path, data):
+    (X, y), _ = data
+    model = make_model(False)
+    recorder = Recorder(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), n_train=N + 1)
+    with pytest.raises(ValueError, match="n_train"):
+        next(iter(recorder.iterate(DataLoader(TensorDataset(X, y), batch_size=4))))

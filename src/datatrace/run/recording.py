@@ -248,9 +248,17 @@ class Recorder:
                 "a DataLoader that forms minibatches",
                 "pass batch_size to the DataLoader",
             )
+        size = len(loader.dataset)  # type: ignore[arg-type]
         if self.n_train is None:
-            self.n_train = len(loader.dataset)  # type: ignore[arg-type]
+            self.n_train = size
             self.manifest["n_train"] = self.n_train
+        elif size != self.n_train:
+            raise bad_value(
+                "loader.dataset",
+                f"{size} examples",
+                f"the training set of n_train={self.n_train} examples that the recorded indices refer to",
+                "iterate loaders over the same dataset (its indices are recorded), or pass n_train=len(dataset)",
+            )
         pending: collections.deque[list[int]] = collections.deque()
         twin = DataLoader(
             loader.dataset,
