@@ -321,3 +321,24 @@ def test_scalar_loss_is_rejected(make_linear, regression_data):
     fm = FunctionalModel(prepare_model(make_linear(), torch.float64), ScalarLossTask())
     with pytest.raises(ValueError, match=r"one value per example.*reduction='none'"):
         fm.per_example_grads((X, y))
+
+
+def test_per_example_gradients_of_a_big_model_are_computed_a_few_examples_at_a_time(monkeypatch, caplog):
+    """The pass is split when the batch's gradient copies would exceed PER_EXAMPLE_BYTES; the rows are the same."""
+    import logging
+
+    from datatrace.gradients import functional
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    X, y = torch.randn(10, 5, dtype=torch.float64), torch.arange(10) % 3
+    fmodel = functional.FunctionalModel(model, ClassificationTask())
+    whole = fmodel.per_example_grads((X, y))
+    per_example = functional.PER_EXAMPLE_COPIES * fmodel.num_params * 8
+    monkeypatch.setattr(functional, "PER_EXAMPLE_BYTES", 3 * per_example)
+    split = functional.FunctionalModel(model, ClassificationTask())
+    assert split.rows_per_pass() == 3
+    with caplog.at_level(logging.INFO, logger="datatrace.gradients.functional"):
+        rows = split.per_example_grads((X, y))
+    assert torch.allclose(rows, whole, rtol=1e-12, atol=1e-14)
+    assert "3 examples at a time" in caplog.text

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,17 +19,36 @@ from safetensors.torch import load_file
 SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "examples" / "torchrun_digits.py"
 
 
+#: what gloo prints when a rank aborts while tearing its connection threads down, after all the work is done
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _run(command: list[str], out: Path) -> dict:
+    """Run the example; one retry (in a fresh folder) when the only failure is gloo's abort at teardown, a
+    PyTorch race that the ranks' final barrier makes rare but not impossible. Any other failure, or a second
+    abort, fails the test."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    done = subprocess.run(
-        [*command, str(SCRIPT), "--out", str(out), "--n-train", "301", "--n-query", "7"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((out / "run.json").read_text())
+    for attempt in range(2):
+        target = out if attempt == 0 else out.with_name(out.name + "-retry")
+        done = subprocess.run(
+            [*command, str(SCRIPT), "--out", str(target), "--n-train", "301", "--n-query", "7"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        if done.returncode == 0:
+            if target != out:
+                shutil.rmtree(out, ignore_errors=True)
+                target.rename(out)
+            return json.loads((out / "run.json").read_text())
+        teardown_only = TEARDOWN_ABORT in done.stderr and (target / "run.json").is_file()
+        if not teardown_only or attempt == 1:
+            break
+        warnings.warn(
+            "torchrun example: gloo aborted at teardown after finishing; running it once more", stacklevel=2
+        )
+    raise AssertionError(done.stdout[-3000:] + done.stderr[-3000:])
 
 
 @pytest.mark.slow
