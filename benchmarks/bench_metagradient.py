@@ -64,10 +64,7 @@ def train(problem: realistic.Problem, record_to: Path | None) -> tuple[torch.nn.
 
 
 def state_bytes(recording: Recording) -> int:
-    state = recording.state(recording.n_steps)
-    tensors = list(state.params.values()) + list(state.buffers.values())
-    tensors += [v for entry in state.opt.values() for v in entry.values() if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return recording.state(recording.n_steps).nbytes()
 
 
 def lds_result(scores: np.ndarray, truth: retrain.SubsetResult, n_query: int) -> metrics.LDSResult:

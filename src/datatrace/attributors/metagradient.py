@@ -157,10 +157,7 @@ class Metagradient(Attributor):
     def _default_query_batch(self, n_query: int) -> int:
         """As many queries per reverse pass as fit :data:`QUERY_MEMORY_FACTOR` adjoint copies of a training state
         each within the default memory budget (:func:`~datatrace.attributors.base.default_memory_budget`)."""
-        state = self._final_state
-        tensors = [*state.params.values(), *state.buffers.values()]
-        tensors += [v for entry in state.opt.values() for v in entry.values() if isinstance(v, torch.Tensor)]
-        per_query = QUERY_MEMORY_FACTOR * sum(t.numel() * t.element_size() for t in tensors)
+        per_query = QUERY_MEMORY_FACTOR * self._final_state.nbytes()
         budget, _ = default_memory_budget(self.replay_.device)
         fits = max(1, budget // max(per_query, 1))
         if fits < n_query:

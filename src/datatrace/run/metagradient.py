@@ -111,7 +111,8 @@ def metagradients(
     worst = 0.0
 
     # a_T: the measurement's gradient on the saved final state (the model the scores are about)
-    final = _leaves(replay.saved(T), trainable)
+    end = replay.saved(T)  # the saved state closing the stretch being reversed (each saved file is read once)
+    final = _leaves(end, trainable)
     values = measure(final)
     slots = [
         s for s in _slots(final, trainable) if _get(final, s) is not None and _get(final, s).requires_grad
@@ -129,12 +130,13 @@ def metagradients(
     batched_ok = True
     for a, b in reversed(list(itertools.pairwise(saved))):
         anchors: dict[int, TrainState] = {a: replay.saved(a)}
+        saved_b, end = end, anchors[a]
         if b - a > k:  # keep every k-th state of this stretch in memory
             state = anchors[a]
             for start in range(a + k, b, k):
                 state = replay.run(state, start)
                 anchors[start] = state
-            worst = max(worst, replay.check(replay.run(state, b), replay.saved(b)))
+            worst = max(worst, replay.check(replay.run(state, b), saved_b))
         for start in sorted(anchors, reverse=True):
             stop = min(start + k, b) if b - a > k else b
             states = [anchors[start]]
@@ -145,7 +147,7 @@ def metagradients(
                 s_in = _leaves(states[t - start], trainable)
                 s_out, w = replay.step(s_in, t, graph=True)
                 if t == b - 1 and b - a <= k:
-                    worst = max(worst, replay.check(s_out, replay.saved(b)))
+                    worst = max(worst, replay.check(s_out, saved_b))
                 out_slots = [
                     s for s in adjoint if _get(s_out, s) is not None and _get(s_out, s).requires_grad
                 ]

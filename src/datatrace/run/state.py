@@ -29,6 +29,12 @@ class TrainState:
     buffers: dict[str, torch.Tensor]
     opt: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def nbytes(self) -> int:
+        """Bytes of the state's tensors (parameters, buffers, optimizer state)."""
+        tensors = [*self.params.values(), *self.buffers.values()]
+        tensors += [v for entry in self.opt.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def detached(self) -> TrainState:
         """A copy whose tensors are detached from any autograd graph."""
 
