@@ -17,6 +17,7 @@ from torch import nn
 import datatrace
 from datatrace import ClassificationTask, InfluenceFunction
 from datatrace.attributors.query_rank import compress_queries
+from datatrace.gradients.functional import FunctionalModel
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,57 @@ def test_query_rank_on_a_conv_model_keeps_the_layer_layout():
     torch.testing.assert_close(rebuilt[:, :90], rank1[:, :, :18].reshape(4, 90), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(rebuilt[:, 90:], rank1[:, :, 18], rtol=1e-9, atol=1e-12)
     assert datatrace.InfluenceFunction(model, task, query_rank=1).query_rank == 1
+
+
+def test_streamed_scores_come_from_the_layers_when_they_hold_every_parameter(problem, monkeypatch):
+    _, _, query = problem
+    kept = _fit(problem, curvature="ekfac", keep_gradients=True)
+    streamed = _fit(problem, curvature="ekfac", keep_gradients=False)
+    calls = []
+    original = FunctionalModel.per_example_grads
+
+    def counting(self, batch):
+        calls.append(len(batch[0]))
+        return original(self, batch)
+
+    monkeypatch.setattr(FunctionalModel, "per_example_grads", counting)
+    torch.testing.assert_close(streamed.score(query).values, kept.score(query).values, rtol=1e-9, atol=1e-12)
+    assert streamed._product_layers is not None and streamed._products_checked
+    assert calls == [16]  # the first batch's rows, to check the layer products once; never again
+    calls.clear()
+    streamed.score(query)
+    assert calls == []
+
+
+def test_streamed_scores_use_gradient_rows_for_parameters_outside_the_layers(caplog):
+    torch.manual_seed(2)
+    X = torch.randn(30, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,))
+
+    class Tied(nn.Module):  # the output layer reuses the first layer's weight outside its own forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(6, 6)
+            self.norm = nn.LayerNorm(6)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.inp(x))
+            return self.out(self.norm(h @ self.inp.weight))
+
+    model = Tied().double()
+    task = ClassificationTask(weight_decay=1e-1)
+    args = {"curvature": "gauss-newton", "progress": False}
+    kept = InfluenceFunction(model, task, keep_gradients=True, **args).fit((X, y))
+    streamed = InfluenceFunction(model, task, keep_gradients=False, **args).fit((X, y))
+    assert streamed._product_layers is None  # LayerNorm's parameters are outside the supported layers
+    torch.testing.assert_close(
+        streamed.score((X, y)).values, kept.score((X, y)).values, rtol=1e-9, atol=1e-12
+    )
+    tied = InfluenceFunction(model, task, keep_gradients=False, params=["inp", "out"], **args).fit((X, y))
+    assert tied._product_layers is not None
+    with caplog.at_level(logging.INFO, logger="datatrace.attributors.influence"):
+        values = tied.score((X, y)).values
+    assert tied._product_layers is None and any("differ from those" in r.getMessage() for r in caplog.records)
+    reference = InfluenceFunction(model, task, keep_gradients=True, params=["inp", "out"], **args).fit((X, y))
+    torch.testing.assert_close(values, reference.score((X, y)).values, rtol=1e-9, atol=1e-12)

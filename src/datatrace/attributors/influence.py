@@ -70,7 +70,8 @@ from datatrace.attributors.base import (
     default_memory_budget,
     json_scalars,
 )
-from datatrace.attributors.query_rank import LowRankQueries, compress_queries
+from datatrace.attributors.query_rank import LowRankQueries, compress_queries, layer_products
+from datatrace.capture.engine import Layer, find_layers
 from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature import Curvature, make_curvature
 from datatrace.curvature.base import TrainingState, format_bytes, output_size
@@ -325,6 +326,8 @@ class InfluenceFunction(Attributor):
         curvature.fit(fmodel, source, progress=self.progress)
         self.local_indices_ = local_indices
         self.local_grads_ = local_grads
+        self._product_layers = self._layers_for_products(fmodel) if streams else None
+        self._products_checked = False
         self.world_size_ = world()[1]
         self._all_grads: torch.Tensor | None = None if world()[2] else local_grads
         self.curvature_ = curvature
@@ -356,28 +359,38 @@ class InfluenceFunction(Attributor):
         )
         return fmodel
 
-    def _training_rows(
+    def _training_batches(
         self, fmodel: FunctionalModel, source: DataSource, indices: torch.Tensor, desc: str
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(indices, per-example gradient rows)`` of ``indices`` batch by batch, each batch checked by the task
-        (a bad label named by its example index) and its rows by :func:`checked_rows`."""
+    ) -> Iterator[tuple[torch.Tensor, Any]]:
+        """``(indices, batch)`` of ``indices``, each batch cast and checked by the task (a bad label named by its
+        example index), with a progress bar."""
         show = self.progress and world()[0] == 0
         with tqdm(total=len(indices), desc=desc, disable=not show, leave=False) as bar:
             for idx, batch in source.batches(indices=indices):
-                batch = self.task.check_batch(
-                    fmodel.model, cast_batch(batch, fmodel.dtype, fmodel.device), idx
-                )
-                rows = checked_rows(
-                    fmodel.per_example_grads,
-                    self.task,
-                    "train",
+                yield (
                     idx,
-                    batch,
-                    lambda i: f"gradient of train example {i}",
-                    _ROW_FIX,
+                    self.task.check_batch(fmodel.model, cast_batch(batch, fmodel.dtype, fmodel.device), idx),
                 )
-                yield idx, rows
                 bar.update(len(idx))
+
+    def _rows(self, fmodel: FunctionalModel, idx: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The per-example gradient rows of one checked batch (:func:`checked_rows`)."""
+        return checked_rows(
+            fmodel.per_example_grads,
+            self.task,
+            "train",
+            idx,
+            batch,
+            lambda i: f"gradient of train example {i}",
+            _ROW_FIX,
+        )
+
+    def _training_rows(
+        self, fmodel: FunctionalModel, source: DataSource, indices: torch.Tensor, desc: str
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(indices, per-example gradient rows)`` of ``indices``, batch by batch."""
+        for idx, batch in self._training_batches(fmodel, source, indices, desc):
+            yield idx, self._rows(fmodel, idx, batch)
 
     def _local_training_gradients(
         self, fmodel: FunctionalModel, source: DataSource, keep: bool
@@ -409,6 +422,15 @@ class InfluenceFunction(Attributor):
                 raise
         raise_if_any_failed(error, "training gradients")
         return indices, grads, sums
+
+    def _layers_for_products(self, fmodel: FunctionalModel) -> list[Layer] | None:
+        """The supported layers when they hold every parameter in scope (then streamed scores come from their
+        inputs and output gradients, :func:`layer_products`), else ``None`` (per-example gradient rows)."""
+        try:
+            layers, uncovered = find_layers(fmodel, "streamed scores", "keep_gradients=True")
+        except ValueError:  # a layer its kind cannot handle (a grouped convolution): rows instead
+            return None
+        return layers if layers and not uncovered else None
 
     def _choose_streaming(self, fmodel: FunctionalModel, route: Curvature, rows: int) -> bool:
         """Whether to stream the training gradients rather than keep the ``rows x p`` matrix (``keep_gradients``);
@@ -592,19 +614,67 @@ class InfluenceFunction(Attributor):
         else:
 
             def part() -> torch.Tensor:
+                fmodel = self.fmodel_
                 n_query = queries.num_queries if isinstance(queries, LowRankQueries) else len(queries)
-                out = torch.empty(n_query, len(self.local_indices_), dtype=self.fmodel_.dtype)
-                out = out.to(self.fmodel_.device)
+                out = torch.empty(n_query, len(self.local_indices_), dtype=fmodel.dtype, device=fmodel.device)
+                by_layer = None
+                if self._product_layers is not None:
+                    by_layer = (
+                        queries
+                        if isinstance(queries, LowRankQueries)
+                        else compress_queries(queries, fmodel, None)
+                    )
                 filled = 0
-                for _, rows in self._stream():
-                    out[:, filled : filled + len(rows)] = dot(rows)
-                    filled += len(rows)
+                batches = self._training_batches(
+                    fmodel, self.train_, self.local_indices_, "scores (streamed)"
+                )
+                for idx, batch in batches:
+                    if by_layer is not None and self._product_layers is not None:
+                        values = self._layer_products(by_layer, dot, idx, batch)
+                    else:
+                        values = dot(self._rows(fmodel, idx, batch))
+                    out[:, filled : filled + len(idx)] = values
+                    filled += len(idx)
                 return out
 
             local = collective_part(part, "scores against the streamed training gradients")
         if world()[2]:
             return all_gather_rows(local.T.contiguous()).T.contiguous()
         return local
+
+    def _layer_products(
+        self, queries: LowRankQueries, dot: Any, idx: torch.Tensor, batch: Any
+    ) -> torch.Tensor:
+        """``(n_query, b)`` products from the layers' inputs and output gradients (:func:`layer_products`), never
+        forming the per-example gradients. On the first batch they are compared with the products of the
+        per-example gradient rows; if they disagree (weights used outside their module, an input not batch-first)
+        the rows are used from then on, with the reason logged."""
+        fmodel, layers = self.fmodel_, self._product_layers
+        values = checked_rows(
+            lambda b: layer_products(queries, fmodel, layers, b),
+            self.task,
+            "train",
+            idx,
+            batch,
+            lambda i: f"scores of train example {i}",
+            _ROW_FIX,
+        ).T
+        if self._products_checked:
+            return values
+        reference = dot(self._rows(fmodel, idx, batch))
+        error = float((values - reference).norm())
+        rtol = min(0.1, max(1e-10, 1e3 * torch.finfo(fmodel.dtype).eps))
+        if error <= rtol * float(reference.norm()) + 1e-300:
+            self._products_checked = True
+            return values
+        logger.info(
+            "streamed scores: the products from the layers' hooks differ from those of the per-example gradients "
+            "(relative error %.3g; weights used outside their module's forward, or an input that is not "
+            "batch-first); using the per-example gradients.",
+            error / max(float(reference.norm()), 1e-300),
+        )
+        self._product_layers = None
+        return reference
 
     def _stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's training gradients again, batch by batch (streaming mode)."""

@@ -20,15 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-from datatrace.capture.engine import Layer, find_layers
+from datatrace.capture.engine import Layer, find_layers, recording
 from datatrace.errors import check_positive_int
 from datatrace.gradients.functional import FunctionalModel
 from datatrace.params import ParamSpace
 
-__all__ = ["LowRankQueries", "compress_queries"]
+__all__ = ["LowRankQueries", "compress_queries", "layer_products"]
 
 #: a reconstruction for scoring holds at most this many numbers of dense query rows at once
 DENSE_CHUNK_ELEMENTS = 2**25
+#: the factored products hold at most this many numbers of (query, example, position, rank) terms at once
+FACTOR_CHUNK_ELEMENTS = 2**24
 
 
 @dataclass
@@ -88,11 +90,14 @@ class LowRankQueries:
         return out
 
 
-def compress_queries(solved: torch.Tensor, fmodel: FunctionalModel, rank: int) -> LowRankQueries:
-    """Compress ``solved`` ``(q, p)`` (flat rows in ``fmodel.space``) to rank ``rank`` per supported layer."""
-    check_positive_int("query_rank", rank)
+def compress_queries(solved: torch.Tensor, fmodel: FunctionalModel, rank: int | None) -> LowRankQueries:
+    """Compress ``solved`` ``(q, p)`` (flat rows in ``fmodel.space``) to rank ``rank`` per supported layer
+    (``None``: nothing compressed, every block kept dense)."""
     space = fmodel.space
     blocks = space.unflatten(solved)
+    if rank is None:
+        return LowRankQueries(0, space, [], {n: b.contiguous() for n, b in blocks.items()}, [])
+    check_positive_int("query_rank", rank)
     layers, _ = find_layers(fmodel, "query_rank", "leave query_rank=None")
     factors, energy = [], []
     compressed: set[str] = set()
@@ -109,3 +114,61 @@ def compress_queries(solved: torch.Tensor, fmodel: FunctionalModel, rank: int) -
         compressed.update(layer.params)
     rest = {n: blocks[n].contiguous() for n in space.names if n not in compressed}
     return LowRankQueries(rank, space, factors, rest, energy)
+
+
+def layer_products(
+    queries: LowRankQueries, fmodel: FunctionalModel, layers: list[Layer], batch: tuple | dict
+) -> torch.Tensor:
+    """``(b, q)`` products ``<V_q, G_i>`` of every query with every example's loss gradient, never forming the
+    per-example gradients: every parameter in scope must belong to ``layers`` (one forward with hooks and one
+    backward of the summed losses, examples independent as in eval mode).
+
+    With a layer's input rows ``a_t`` and output gradients ``s_t`` of example ``i`` (``G_i = sum_t s_t a_t^T``), a
+    dense query block gives ``sum_{o,j} V_oj (G_i)_oj``; a rank-``r`` one ``sum_t sum_k s_k (s_t^T u_k)(w_k^T a_t)``
+    (Grosse et al. 2023), used when it is the cheaper, ``q T r (out + in') < q out in' + T out in'``.
+    """
+    with torch.enable_grad(), recording(layers, "query_rank") as rec:
+        losses = fmodel.task.loss(fmodel.model, batch)
+    b = losses.shape[0]
+    if losses.shape != (b,):
+        raise ValueError(
+            f"the task's loss returned shape {tuple(losses.shape)}; it must return one value per example, shape "
+            "(batch_size,). Fix: use reduction='none' and do not average over the batch."
+        )
+    q = queries.num_queries
+    out = torch.zeros(q, b, dtype=fmodel.dtype, device=fmodel.device)
+    live = rec.outputs()
+    if not live or not losses.requires_grad:
+        return out.T
+    grads = torch.autograd.grad(losses.sum(), live, allow_unused=True)
+    factored = {layer.name: (u, sv, w) for layer, u, sv, w in queries.factors}
+    for i, (layer, s_rows) in enumerate(zip(layers, rec.output_rows(layers, grads, 1))):
+        a = rec.inputs(i)
+        if a is None or s_rows is None:
+            continue
+        s_rows = s_rows[0]  # (b, T, out)
+        if a.shape[0] != b:
+            raise ValueError(
+                f"layer {layer.name!r} saw {a.shape[0]} rows for a batch of {b} examples: the layer products need "
+                "the batch axis first in every supported layer's input. Fix: keep_gradients=True."
+            )
+        positions = a.shape[1]
+        if layer.name in factored:
+            u, sv, w = factored[layer.name]
+            rank = sv.shape[1]
+            if (
+                q * positions * rank * (layer.out_dim + a.shape[2])
+                < (q + positions) * layer.out_dim * a.shape[2]
+            ):
+                step = max(1, FACTOR_CHUNK_ELEMENTS // max(1, b * positions * rank))
+                for c in range(0, q, step):
+                    left = torch.einsum("bto,qor->qbtr", s_rows, u[c : c + step])
+                    right = torch.einsum("bti,qir->qbtr", a, w[c : c + step])
+                    out[c : c + step] += torch.einsum("qbtr,qr->qb", left * right, sv[c : c + step])
+                continue
+            matrix = (u * sv[:, None, :]) @ w.transpose(1, 2)
+        else:
+            matrix = layer.gather({n: queries.rest[n] for n in layer.params}, lead=1)
+        gradient = torch.einsum("bto,bti->boi", s_rows, a)  # (b, out, in')
+        out += matrix.reshape(q, -1) @ gradient.reshape(b, -1).T
+    return out.T
