@@ -373,7 +373,9 @@ class Recorder:
                 f"indices into the training set of n_train={self.n_train} examples",
                 "pass the positions of the minibatch's examples in the training set",
             )
-        self._skip = 0  # called directly: the loop skipped the recorded steps itself (iterate drops them first)
+        self._skip = (
+            0  # called directly: the loop skipped the recorded steps itself (iterate drops them first)
+        )
         if self._restore is not None:
             self._restore_now()
         if self.t == 0:
