@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 import datatrace
@@ -21,8 +23,9 @@ from datatrace.apps.shortlist import (
     tfidf_similarity,
 )
 from datatrace.attributors.base import Attributor
-from datatrace.attributors.projected import ProjectedInfluence
+from datatrace.attributors.projected import ProjectedInfluence, rows_product
 from datatrace.projection import RandomProjector
+from datatrace.projection.store import GradientStore
 from datatrace.scores import Scores
 from datatrace.verification.training import fit_full_batch
 
@@ -43,22 +46,29 @@ def _similar(train, query):
     return embedding_similarity(query[0], train[0])
 
 
-def test_influence_function_candidates_equal_full_scores(problem):
+@pytest.mark.parametrize("m", [2, 0.25])
+def test_influence_function_candidates_equal_full_scores(problem, m):
     model, task, train, query = problem
     inf = datatrace.InfluenceFunction(model, task, progress=False).fit(train)
-    short = score_shortlist(inf, query, similarity=_similar(train, query), m=0.25)
+    short = score_shortlist(inf, query, similarity=_similar(train, query), m=m)
     full = inf.score(query).values
-    assert short.candidates.shape == (6, 15) and short.m == 15
+    size = 2 if m == 2 else 15
+    assert short.candidates.shape == (6, size) and short.m == size
     expected = full.gather(1, short.candidates)
     assert float((short.values - expected).abs().max()) <= 1e-12 * float(full.abs().max())
-    assert short.metadata["shortlist_route"] == "candidate rows of the training gradients"
-    assert short.metadata["shortlist_m"] == 15 and short.metadata["n_train"] == 60
+    # few candidates in all: only their rows are multiplied; most of the training set: every row, columns kept
+    union = int(torch.unique(short.candidates).numel())
+    assert (union <= 12) == (m == 2) and (union > 30) == (m == 0.25)
+    route = "candidate rows" if m == 2 else "all rows"
+    assert short.metadata["shortlist_route"] == f"{route} of the training gradients"
+    assert short.metadata["shortlist_m"] == size and short.metadata["n_train"] == 60
+    assert short.metadata["shortlist_union"] == union
     assert short.measurement == inf.score(query).measurement
     # the candidates are the most similar examples, most similar first
     sim = _similar(train, query)
     for q in range(6):
         chosen = sim[q, short.candidates[q].numpy()]
-        assert np.all(np.diff(chosen) <= 0) and chosen[-1] >= np.sort(sim[q])[::-1][14]
+        assert np.all(np.diff(chosen) <= 0) and chosen[-1] >= np.sort(sim[q])[::-1][size - 1]
 
 
 @pytest.mark.parametrize("stored", [False, True], ids=["memory", "store"])
@@ -85,13 +95,18 @@ def test_projected_candidates_equal_full_scores_and_read_only_their_chunks(probl
     short = score_shortlist(inf, query, cand)
     assert torch.equal(short.candidates, cand)
     assert float((short.values - full.gather(1, cand)).abs().max()) <= 1e-12 * float(full.abs().max())
-    assert short.metadata["shortlist_route"].startswith("ProjectedInfluence.score_candidates")
-    assert short.metadata["shortlist_rows_read"] == int(torch.unique(cand).numel())
+    assert short.metadata["shortlist_route"] == "ProjectedInfluence.score_candidates"
+    assert short.metadata["shortlist_union"] == int(torch.unique(cand).numel())
     if stored:
         assert opened == [0, 3]
     # candidates given with negative indices count from the end, as everywhere
     again = inf.score_candidates(query, cand - 60)
     assert torch.allclose(again, short.values, rtol=0, atol=1e-15)
+    # candidates covering most of the training set: the same numbers (in memory: one product with every row)
+    wide = torch.stack([torch.randperm(60, generator=g)[:40] for _ in range(6)])
+    assert float((inf.score_candidates(query, wide) - full.gather(1, wide)).abs().max()) <= 1e-12 * float(
+        full.abs().max()
+    )
 
 
 class FixedScores(Attributor):
@@ -263,3 +278,38 @@ def test_recall_refuses_full_scores_of_something_else(problem):
         shortlist_recall(full, full, k=5)
     with pytest.raises(ValueError, match=r"k=0.*Fix"):
         shortlist_recall(short, full, k=0)
+
+
+def test_scikit_learn_text_classifier_with_string_labels():
+    """TF-IDF features, a LogisticRegression with string labels, the texts themselves as the similarity."""
+    words = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "cast"]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, 5)) for _ in range(46)]
+    labels = np.array(
+        [
+            "pos" if sum(t.count(w) for w in words[:3]) >= sum(t.count(w) for w in words[3:6]) else "neg"
+            for t in texts
+        ]
+    )
+    X = TfidfVectorizer().fit(texts[:40]).transform(texts).toarray()
+    estimator = LogisticRegression(tol=1e-10, max_iter=10_000).fit(X[:40], labels[:40])
+    inf = datatrace.from_sklearn(estimator, X[:40], labels[:40])
+    query = (X[40:], labels[40:])
+    short = score_shortlist(inf, query, similarity=tfidf_similarity(texts[40:], texts[:40]), m=8)
+    full = inf.score(query).values
+    assert torch.allclose(short.values, full.gather(1, short.candidates), rtol=1e-10, atol=1e-14)
+    assert shortlist_recall(short, full, k=3).k == 3
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["tensor", "store"])
+def test_rows_product_in_small_blocks_equals_the_product_with_the_rows(tmp_path, stored):
+    g = torch.Generator().manual_seed(4)
+    F = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    queries = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    features = F
+    if stored:
+        features = GradientStore.create(tmp_path / "s", n=50, dim=6, dtype=torch.float64, chunk_size=7)
+        features.fill(lambda a, b: F[a:b], progress=False)
+    idx = torch.tensor([0, 1, 2, 6, 7, 13, 20, 21, 22, 23, 48, 49])  # rows in 6 of the 8 chunks
+    got = rows_product(queries, features, idx, block_bytes=2 * 6 * 8)  # two rows per block
+    assert torch.allclose(got, queries @ F[idx].T, rtol=1e-14, atol=1e-14)

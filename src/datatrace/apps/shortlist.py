@@ -12,7 +12,7 @@ only those are scored, exactly:
 the same number the attributor's ``score(query)`` gives at that column (sign and units of
 :data:`datatrace.scores.MEANING`): the curvature stays the one fitted on the *whole* training set. (Fitting an
 attributor on the candidates alone would be wrong: its curvature, and its ``1/n``, would be those of another
-training set.) Grosse et al. 2023 (section 3.2) filter an LLM's pre-training data this way, by TF-IDF, before
+training set.) Grosse et al. 2023 filter an LLM's pre-training data this way, by TF-IDF, before
 computing influence.
 
 Training examples outside ``C_q`` are *not scored*: :class:`ShortlistScores` keeps the candidates and their scores
@@ -22,15 +22,24 @@ share of the true top-``k`` proponents (largest positive scores), opponents (mos
 that the shortlist's own top-``k`` recovers. Since the candidates' scores are exact, a true top-``k`` example is
 recovered exactly when it is a candidate.
 
+**What it saves.** The query side (each query's gradient and curvature solve) is the same as for full scoring; the
+training side (reading training rows and multiplying by them) shrinks from ``n`` rows to the union ``U`` of all
+queries' candidates. So it pays when ``|U|`` is far below ``n``: a large training set, few queries per call, or
+queries with overlapping candidates. When the union covers most of an in-memory training set
+(:data:`~datatrace.attributors.projected.ALL_ROWS_FRACTION`), the queries are multiplied by every row and the
+candidates' columns kept, which costs what full scoring costs. ``docs/examples/shortlist_docstrings.py`` measures
+recall and time on a small real text problem.
+
 Which attributors score only the candidates (:func:`score_shortlist`):
 
-* :class:`~datatrace.ProjectedInfluence` (and so TRAK-style stores): :meth:`ProjectedInfluence.score_candidates`
-  reads only the candidates' feature rows (memory-mapped store chunks) and multiplies by them;
+* every attributor with a ``score_candidates(query, candidates, measurement)`` method, such as
+  :class:`~datatrace.ProjectedInfluence`, whose :meth:`~datatrace.ProjectedInfluence.score_candidates` reads only
+  the candidates' feature rows (from a store: the chunks that hold them, memory-mapped) and multiplies by them;
 * :class:`~datatrace.InfluenceFunction` (and :class:`~datatrace.SklearnInfluence`): through its public
   ``query_gradients``, ``solve`` and ``train_grads_`` (under torch.distributed, ``train_grads_`` gathers every
   rank's rows once);
-* any other attributor: its full ``score(query)``, of which the candidates' columns are kept (no time saved; the
-  result says so in ``metadata["shortlist_route"]``).
+* any other attributor (e.g. :class:`~datatrace.TRAK`, :class:`~datatrace.TracIn`): its full ``score(query)``, of
+  which the candidates' columns are kept (no time saved; the result says so in ``metadata["shortlist_route"]``).
 
 Example:
     >>> import torch, datatrace
@@ -63,9 +72,10 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
-from datatrace.apps.common import check_attributor
+from datatrace.apps.common import check_attributor, prepare_query
 from datatrace.attributors.base import Attributor, Measurement, check_candidates
 from datatrace.attributors.influence import InfluenceFunction
+from datatrace.attributors.projected import ALL_ROWS_FRACTION, rows_product
 from datatrace.data import DataLike, as_data_source
 from datatrace.errors import bad_value, check_positive_int, describe
 from datatrace.scores import MEANING, Scores, TopK
@@ -216,7 +226,8 @@ class ShortlistScores:
         n_train: the size of the training set the attributor was fitted on.
         measurement: words for what the query measures.
         metadata: the attributor's ``Scores.metadata`` with ``shortlist_route`` (how the candidates were scored),
-            ``shortlist_m``, ``shortlist_rows_read`` (distinct training examples scored) and ``shortlist_seconds``.
+            ``shortlist_m``, ``shortlist_union`` (distinct training examples among all queries' candidates) and
+            ``shortlist_seconds``.
         meaning: the sign convention in words.
     """
 
@@ -304,7 +315,7 @@ def score_shortlist(
     """
     check_attributor(influence, "expected a fitted datatrace attributor", fitted=True)
     n_train = influence.n_train
-    n_query = len(as_data_source(query, "query"))
+    n_query = len(as_data_source(prepare_query(influence, query, "query"), "query"))
     if candidates is None:
         if similarity is None or m is None:
             raise bad_value(
@@ -335,19 +346,19 @@ def score_shortlist(
     start = time.perf_counter()
     values, route = _score_candidates(influence, query, cand, measurement)
     seconds = time.perf_counter() - start
-    rows_read = int(torch.unique(cand).numel())
+    union_size = int(torch.unique(cand).numel())
     meta = influence.metadata()
     meta.update(
         shortlist_route=route,
         shortlist_m=int(cand.shape[1]),
-        shortlist_rows_read=rows_read,
+        shortlist_union=union_size,
         shortlist_seconds=seconds,
     )
     logger.info(
         "scored %d candidate(s) per query for %d queries (%d distinct training examples of %d) in %.3g s by %s",
         cand.shape[1],
         n_query,
-        rows_read,
+        union_size,
         n_train,
         seconds,
         route,
@@ -367,13 +378,18 @@ def _score_candidates(
     """The candidates' scores and, in words, how they were computed."""
     own = getattr(influence, "score_candidates", None)
     if callable(own):
-        return own(query, cand, measurement), f"{influence.name}.score_candidates (candidate rows only)"
+        return own(query, cand, measurement), f"{influence.name}.score_candidates"
     if isinstance(influence, InfluenceFunction):
         # values[q, j] = (1/n) (H^{-1} grad f_q) . g_{C_q[j]}: the product score() forms, on the candidates' rows
         solved = influence.solve(influence.query_gradients(query, measurement))
+        grads = influence.train_grads_
         union, inverse = torch.unique(cand, return_inverse=True)
-        rows = influence.train_grads_[union.to(influence.train_grads_.device)]
-        values = (solved.to(rows.dtype) @ rows.T) / influence.n_train
+        if (
+            len(union) > ALL_ROWS_FRACTION * influence.n_train
+        ):  # one product with every row beats copying most
+            values = (solved.to(grads.dtype) @ grads.T) / influence.n_train
+            return torch.gather(values, 1, cand.to(values.device)), "all rows of the training gradients"
+        values = rows_product(solved.to(grads.dtype), grads, union.to(grads.device)) / influence.n_train
         return torch.gather(values, 1, inverse.to(values.device)), "candidate rows of the training gradients"
     logger.info(
         "%s has no way to score only some training examples: its full score is computed and the candidates' "

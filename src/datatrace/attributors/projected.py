@@ -153,6 +153,11 @@ REGULARIZERS = ("rescaled", "projected")
 AUTO_DAMPING_FRACTION = 1e-3
 #: rows of in-memory features per block of self-influence
 SELF_INFLUENCE_BLOCK_ROWS = 65536
+#: score_candidates: above this share of the training set among the candidates of all queries together, the queries
+#: are scored against every row (as score does) and the candidates' columns kept: gathering most rows costs more
+ALL_ROWS_FRACTION = 0.5
+#: rows_product copies and multiplies at most this many bytes of rows at a time
+ROWS_BLOCK_BYTES = 16 * 2**20
 
 
 # -- the attributor ------------------------------------------------------------------------------------------------
@@ -642,7 +647,11 @@ class ProjectedInfluence(Attributor):
         ``candidates``: ``(n_query, m)`` training indices, a row per query without repeats
         (:func:`datatrace.attributors.base.check_candidates`). Only the union ``U`` of the rows is read (from a
         store: those rows of the chunks that hold them, memory-mapped) and the product costs ``n_query |U| k``
-        instead of ``n_query n k``. Used by :func:`datatrace.apps.shortlist.score_shortlist`.
+        instead of ``n_query n k``; it saves most when ``|U|`` is far below ``n`` (few queries, or queries whose
+        candidates overlap). With ``|U|`` above :data:`ALL_ROWS_FRACTION` of ``n`` every row is scored (as
+        :meth:`score`) and the candidates' columns kept. Under torch.distributed, call it on every rank (the query
+        features and, in that case, the scoring against a store are collective). Used by
+        :func:`datatrace.apps.shortlist.score_shortlist`.
         """
         self.check_measurement(measurement)
         self.check_is_fitted()
@@ -662,9 +671,12 @@ class ProjectedInfluence(Attributor):
             )
         cand = check_candidates("candidates", candidates, int(query_features.shape[0]), self.n_train)
         union, inverse = torch.unique(cand, return_inverse=True)
+        if len(union) > ALL_ROWS_FRACTION * self.n_train:
+            # most rows are candidates of some query: one pass over all of them beats gathering most of them
+            values = score_against_store(query_features, self.features_, self._transform)
+            return torch.gather(values, 1, cand.to(values.device)).cpu()
         q = self._transform(query_features)
-        rows = feature_rows(self.features_, union).to(device=q.device, dtype=q.dtype)
-        values = q @ rows.T  # (n_query, |U|)
+        values = rows_product(q, self.features_, union)  # (n_query, |U|)
         return torch.gather(values, 1, inverse.to(values.device)).cpu()
 
     def top_k(self, query: DataLike, k: int, measurement: Measurement | None = None) -> TopK:
@@ -745,6 +757,42 @@ class ProjectedInfluence(Attributor):
         )
 
 
+def rows_product(
+    queries: torch.Tensor,
+    features: FeatureSource | torch.Tensor,
+    indices: torch.Tensor,
+    block_bytes: int = ROWS_BLOCK_BYTES,
+) -> torch.Tensor:
+    """``queries @ F[indices]^T``, shape ``(n_query, len(indices))``, for rows ``indices`` (sorted, unique, in range)
+    of the features ``F`` (an ``(n, dim)`` tensor or a :class:`~datatrace.projection.features.FeatureSource`).
+
+    Only the chunks of a store that hold the rows are opened, each once (memory-mapped: the other rows are not read
+    from disk). The rows are copied and multiplied a block of at most ``block_bytes`` at a time, cast to the
+    queries' dtype and device: one large copy of scattered rows costs more than the product itself (a fresh
+    allocation of tens of MiB is page-faulted in), while blocks of a few MiB reuse memory and keep the product a
+    matrix product."""
+    out = torch.empty(queries.shape[0], len(indices), dtype=queries.dtype, device=queries.device)
+    if isinstance(features, torch.Tensor):
+        pieces = iter([(0, features)])
+        chunk_of = torch.zeros_like(indices)
+        wanted = [0]
+    else:
+        source = as_feature_source(features)
+        chunk_of = torch.div(indices, source.chunk_rows, rounding_mode="floor")
+        wanted = torch.unique(chunk_of).tolist()
+        pieces = ((block.start, block.values) for block in source.blocks(wanted))
+    dim = int(features.shape[1]) if isinstance(features, torch.Tensor) else source.dim
+    step = max(1, block_bytes // max(1, dim * max(queries.element_size(), 4)))
+    done = 0
+    for (start, values), chunk in zip(pieces, wanted):
+        local = indices[chunk_of == chunk] - start  # sorted: this chunk's rows come next in the output
+        for s in range(0, len(local), step):
+            rows = values[local[s : s + step].to(values.device)]
+            out[:, done : done + len(rows)] = queries @ rows.to(device=queries.device, dtype=queries.dtype).T
+            done += len(rows)
+    return out
+
+
 def feature_rows(features: FeatureSource | torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Rows ``indices`` (sorted, unique, in range) of a feature source, ``(len(indices), dim)`` in the stored dtype:
     only the chunks that hold them are opened, and only those rows of each are copied (a store's chunks are
@@ -777,4 +825,12 @@ def largest_magnitude(extremes: StreamingTopK, k: int) -> TopK:
     return TopK(torch.gather(indices, 1, pick), torch.gather(values, 1, pick))
 
 
-__all__ = ["FISHER_TYPES", "ProjectedInfluence", "feature_rows", "largest_magnitude"]
+__all__ = [
+    "ALL_ROWS_FRACTION",
+    "FISHER_TYPES",
+    "ROWS_BLOCK_BYTES",
+    "ProjectedInfluence",
+    "feature_rows",
+    "largest_magnitude",
+    "rows_product",
+]

@@ -354,7 +354,7 @@ def add_ranked_section(
         shown,
         value_key,
         units,
-        f"Token-wise influence of the {examples_title[0].lower()}{examples_title[1:]}",
+        f"Token-wise influence of the {examples_title[:1].lower()}{examples_title[1:]}",
     )
     report.add_table(
         [[row["index"], row["label"]] + [row[key] for key, _ in columns] for row in rows],
