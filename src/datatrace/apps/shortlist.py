@@ -25,9 +25,9 @@ recovered exactly when it is a candidate.
 **What it saves.** The query side (each query's gradient and curvature solve) is the same as for full scoring; the
 training side (reading training rows and multiplying by them) shrinks from ``n`` rows to the union ``U`` of all
 queries' candidates. So it pays when ``|U|`` is far below ``n``: a large training set, few queries per call, or
-queries with overlapping candidates. When the union covers most of an in-memory training set
-(:data:`~datatrace.attributors.projected.ALL_ROWS_FRACTION`), the queries are multiplied by every row and the
-candidates' columns kept, which costs what full scoring costs. ``docs/examples/shortlist_docstrings.py`` measures
+queries with overlapping candidates. Gathering scattered rows costs a few times more per row than streaming all of
+them, so when the union exceeds :data:`~datatrace.attributors.projected.ALL_ROWS_FRACTION` of the training set
+every row is scored and the candidates' columns kept, which costs what full scoring costs. ``docs/examples/shortlist_docstrings.py`` measures
 recall and time on a small real text problem.
 
 Which attributors score only the candidates (:func:`score_shortlist`):

@@ -27,10 +27,13 @@ Example:
     >>> from datatrace.cli.report import Report, plot_estimated_vs_actual
     >>> report = Report("Influence check")
     >>> report.add_paragraph("Scores estimate f(theta without i) - f(theta) in nats.")
-    >>> report.add_table([[0, 0.12], [7, -0.03]], ["train index", "score (nats)"])
+    Report(title='Influence check', blocks=1)
+    >>> _ = report.add_table([[0, 0.12], [7, -0.03]], ["train index", "score (nats)"])
     >>> fig = plot_estimated_vs_actual(np.arange(5.0), np.arange(5.0) + 0.1)
-    >>> report.add_figure(fig, "Estimated against actual change.")
-    >>> "<table" in report.to_html() and "data:image/png;base64," in report.to_html()
+    >>> _ = report.add_figure(fig, "Estimated against actual change.")
+    >>> _ = report.add_token_influence(["The", " cat"], [0.02, -0.005], score=0.015, units="nats")
+    >>> html_text = report.to_html()
+    >>> "<table" in html_text and "data:image/png;base64," in html_text and 'class="tok pos"' in html_text
     True
 """
 
