@@ -137,7 +137,7 @@ from datatrace.gradients.functional import (
 from datatrace.linalg import dof_damping, spectral_inverse
 from datatrace.projection.chunks import dtype_name
 from datatrace.projection.factorized import FactorizedProjector, supports_factorized
-from datatrace.projection.features import FeatureSource, InMemoryFeatures, as_feature_source, my_chunks
+from datatrace.projection.features import FeatureSource, as_feature_source, my_chunks
 from datatrace.projection.fingerprint import data_fingerprint, model_fingerprint
 from datatrace.projection.random import Projector, RandomProjector, derive_seed
 from datatrace.projection.scoring import StreamingTopK, score_against_store, top_k_against_store
@@ -765,7 +765,7 @@ def rows_product(
     indices: torch.Tensor,
     block_bytes: int = ROWS_BLOCK_BYTES,
 ) -> torch.Tensor:
-    """``queries @ F[indices]^T``, shape ``(n_query, len(indices))``, for rows ``indices`` (sorted, unique, in range)
+    """``queries @ F[indices]^T``, shape ``(n_query, len(indices))``, for rows ``indices`` (in range, any order)
     of the features ``F`` (an ``(n, dim)`` tensor or a :class:`~datatrace.projection.features.FeatureSource`).
 
     Only the chunks of a store that hold the rows are opened, each once (memory-mapped: the other rows are not read
@@ -775,42 +775,20 @@ def rows_product(
     matrix product."""
     out = torch.empty(queries.shape[0], len(indices), dtype=queries.dtype, device=queries.device)
     if isinstance(features, torch.Tensor):
-        pieces = iter([(0, features)])
-        chunk_of = torch.zeros_like(indices)
-        wanted = [0]
+        dim, chunk_of, blocks = int(features.shape[1]), torch.zeros_like(indices), [(0, 0, features)]
     else:
         source = as_feature_source(features)
+        dim = source.dim
         chunk_of = torch.div(indices, source.chunk_rows, rounding_mode="floor")
-        wanted = torch.unique(chunk_of).tolist()
-        pieces = ((block.start, block.values) for block in source.blocks(wanted))
-    dim = int(features.shape[1]) if isinstance(features, torch.Tensor) else source.dim
+        blocks = ((b.chunk, b.start, b.values) for b in source.blocks(torch.unique(chunk_of).tolist()))
     step = max(1, block_bytes // max(1, dim * max(queries.element_size(), 4)))
-    done = 0
-    for (start, values), chunk in zip(pieces, wanted):
-        local = indices[chunk_of == chunk] - start  # sorted: this chunk's rows come next in the output
-        for s in range(0, len(local), step):
-            rows = values[local[s : s + step].to(values.device)]
-            out[:, done : done + len(rows)] = queries @ rows.to(device=queries.device, dtype=queries.dtype).T
-            done += len(rows)
+    for chunk, start, values in blocks:
+        positions = torch.nonzero(chunk_of == chunk).reshape(-1)  # this chunk's rows: a run of the output
+        for s in range(0, len(positions), step):
+            where = positions[s : s + step]
+            rows = values[(indices[where] - start).to(values.device)]
+            out[:, where.to(out.device)] = queries @ rows.to(device=queries.device, dtype=queries.dtype).T
     return out
-
-
-def feature_rows(features: FeatureSource | torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Rows ``indices`` (sorted, unique, in range) of a feature source, ``(len(indices), dim)`` in the stored dtype:
-    only the chunks that hold them are opened, and only those rows of each are copied (a store's chunks are
-    memory-mapped, so the other rows are not read from disk)."""
-    source = as_feature_source(features)
-    if isinstance(source, InMemoryFeatures):
-        return source.features[indices.to(source.features.device)]
-    chunk_of = torch.div(indices, source.chunk_rows, rounding_mode="floor")
-    chunks = torch.unique(chunk_of).tolist()
-    parts = []
-    for block in source.blocks(chunks):
-        local = indices[chunk_of == block.chunk] - block.start
-        parts.append(block.values[local.to(block.values.device)].clone())
-    if not parts:
-        return torch.empty(0, source.dim)
-    return torch.cat(parts)
 
 
 def largest_magnitude(extremes: StreamingTopK, k: int) -> TopK:
@@ -832,7 +810,6 @@ __all__ = [
     "FISHER_TYPES",
     "ROWS_BLOCK_BYTES",
     "ProjectedInfluence",
-    "feature_rows",
     "largest_magnitude",
     "rows_product",
 ]
