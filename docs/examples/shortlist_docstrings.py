@@ -17,7 +17,8 @@ numbers (chance: recall m / n); then the seconds of scoring all queries in full 
 
 Part 2 times the training side alone (reading training feature rows and multiplying by them, the part of the cost
 that grows with the training set; the query side, gradients and solve, is the same for both) on a store of
-200,000 random rows: all rows against each query's shortlist, for one query and for 50.
+200,000 random rows of 256 numbers and 50,000 of 2048: all rows against each query's shortlist, for one query
+and for 50.
 
     python docs/examples/shortlist_docstrings.py            # a few minutes on one core
 """
@@ -115,7 +116,7 @@ REPEAT = 3
 FRACTIONS = (0.05, 0.10, 0.25)
 
 
-def recall_and_time(n_query: int, seed: int, k: int, store_dir: str | None) -> None:
+def recall_and_time(n_query: int, seed: int, k: int, store_dir: str) -> None:
     """Part 1: the docstring classifier, recall of the true top-k and seconds (module docstring)."""
     texts, labels = docstrings()
     rng = np.random.default_rng(seed)
@@ -160,7 +161,7 @@ def recall_and_time(n_query: int, seed: int, k: int, store_dir: str | None) -> N
             model, task, curvature="ekfac", progress=False
         ),
         "ProjectedInfluence, factorised, store on disk": datatrace.ProjectedInfluence(
-            model, task, store_dir=store_dir or tempfile.mkdtemp(prefix="shortlist-store-"), progress=False
+            model, task, store_dir=store_dir, progress=False
         ),
     }
     for name, influence in attributors.items():
@@ -232,9 +233,14 @@ def main(
     n_query: int = 50, seed: int = 0, k: int = 10, store_dir: str | None = None, scale: int = 200_000
 ) -> None:
     torch.set_num_threads(1)
-    recall_and_time(n_query, seed, k, store_dir)
+    if store_dir is None:
+        with tempfile.TemporaryDirectory(prefix="shortlist-store-") as temporary:
+            recall_and_time(n_query, seed, k, temporary)
+    else:
+        recall_and_time(n_query, seed, k, store_dir)
     if scale:
         store_at_scale(scale, 256, seed)
+        store_at_scale(scale // 4, 2048, seed)
 
 
 if __name__ == "__main__":
@@ -244,6 +250,11 @@ if __name__ == "__main__":
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--store-dir", default=None, help="where ProjectedInfluence keeps its features")
-    parser.add_argument("--scale", type=int, default=200_000, help="rows of the store of part 2 (0: skip it)")
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=200_000,
+        help="rows of the first store of part 2 (the second has a quarter of them, 8x wider; 0: skip part 2)",
+    )
     args = parser.parse_args()
     main(args.queries, args.seed, store_dir=args.store_dir, scale=args.scale)
