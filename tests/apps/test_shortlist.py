@@ -59,8 +59,7 @@ def test_influence_function_candidates_equal_full_scores(problem, m):
     # few candidates in all: only their rows are multiplied; most of the training set: every row, columns kept
     union = int(torch.unique(short.candidates).numel())
     assert (union <= 12) == (m == 2) and (union > 30) == (m == 0.25)  # ALL_ROWS_FRACTION: 15 of 60
-    route = "candidate rows" if m == 2 else "all rows"
-    assert short.metadata["shortlist_route"] == f"{route} of the training gradients"
+    assert short.metadata["shortlist_route"] == "InfluenceFunction.score_candidates"
     assert short.metadata["shortlist_m"] == size and short.metadata["n_train"] == 60
     assert short.metadata["shortlist_union"] == union
     assert short.measurement == inf.score(query).measurement

@@ -35,9 +35,10 @@ Which attributors score only the candidates (:func:`score_shortlist`):
 * every attributor with a ``score_candidates(query, candidates, measurement)`` method, such as
   :class:`~datatrace.ProjectedInfluence`, whose :meth:`~datatrace.ProjectedInfluence.score_candidates` reads only
   the candidates' feature rows (from a store: the chunks that hold them, memory-mapped) and multiplies by them;
-* :class:`~datatrace.InfluenceFunction` (and :class:`~datatrace.SklearnInfluence`): through its public
-  ``query_gradients``, ``solve`` and ``train_grads_`` (under torch.distributed, ``train_grads_`` gathers every
-  rank's rows once);
+* :class:`~datatrace.InfluenceFunction` (and :class:`~datatrace.SklearnInfluence`): its
+  :meth:`~datatrace.InfluenceFunction.score_candidates` multiplies by the candidates' kept gradient rows, or, when
+  its gradients are streamed, recomputes only the candidates' gradients (under torch.distributed the rows come in
+  one all-reduce);
 * any other attributor (e.g. :class:`~datatrace.TRAK`, :class:`~datatrace.TracIn`): its full ``score(query)``, of
   which the candidates' columns are kept (no time saved; the result says so in ``metadata["shortlist_route"]``).
 
@@ -74,8 +75,6 @@ from sklearn.metrics.pairwise import cosine_similarity
 
 from datatrace.apps.common import check_attributor, prepare_query
 from datatrace.attributors.base import Attributor, Measurement, check_candidates
-from datatrace.attributors.influence import InfluenceFunction
-from datatrace.attributors.projected import ALL_ROWS_FRACTION, rows_product
 from datatrace.data import DataLike, as_data_source
 from datatrace.errors import bad_value, check_positive_int, describe
 from datatrace.scores import MEANING, Scores, TopK
@@ -379,18 +378,6 @@ def _score_candidates(
     own = getattr(influence, "score_candidates", None)
     if callable(own):
         return own(query, cand, measurement), f"{influence.name}.score_candidates"
-    if isinstance(influence, InfluenceFunction):
-        # values[q, j] = (1/n) (H^{-1} grad f_q) . g_{C_q[j]}: the product score() forms, on the candidates' rows
-        solved = influence.solve(influence.query_gradients(query, measurement))
-        grads = influence.train_grads_
-        union, inverse = torch.unique(cand, return_inverse=True)
-        if (
-            len(union) > ALL_ROWS_FRACTION * influence.n_train
-        ):  # one product with every row beats copying most
-            values = (solved.to(grads.dtype) @ grads.T) / influence.n_train
-            return torch.gather(values, 1, cand.to(values.device)), "all rows of the training gradients"
-        values = rows_product(solved.to(grads.dtype), grads, union.to(grads.device)) / influence.n_train
-        return torch.gather(values, 1, inverse.to(values.device)), "candidate rows of the training gradients"
     logger.info(
         "%s has no way to score only some training examples: its full score is computed and the candidates' "
         "columns kept (no time saved)",
