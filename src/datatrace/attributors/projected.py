@@ -91,6 +91,10 @@ import copy
 import logging
 import math
 import os
+import shutil
+import sys
+import tempfile
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -103,6 +107,7 @@ from datatrace.attributors.base import (
     Measurement,
     check_candidates,
     check_stationary,
+    default_memory_budget,
     json_scalars,
 )
 from datatrace.capture.scope import narrow_to_supported
@@ -195,6 +200,11 @@ class ProjectedInfluence(Attributor):
         chunk_size: training examples per store chunk (default: about 64 MiB of features per chunk).
         random_state: seed of ``ggn_samples``.
         progress: tqdm progress bars (on rank 0 only under torch.distributed).
+        max_bytes: memory budget of the in-memory training features (``n x k`` in ``feature_dtype``; ``None``: a
+            share of the memory available now, :func:`~datatrace.attributors.base.default_memory_budget`). Without
+            ``store_dir``, features above it go to an on-disk store in a temporary folder (deleted with this
+            object; said in one line); under torch.distributed that is refused, since the ranks need a shared
+            ``store_dir``.
 
     After :meth:`fit`: ``projector_``, ``n_train_``, ``dim_``, ``store_`` (or ``None``), ``train_features_``
     (in-memory mode), ``curvature_matrix_`` (the projected curvature ``G_P``, float64, without damping),
@@ -225,8 +235,11 @@ class ProjectedInfluence(Attributor):
         chunk_size: int | None = None,
         random_state: int = 0,
         progress: bool = True,
+        max_bytes: int | None = None,
     ) -> None:
         check_model_and_task(model, task)
+        if max_bytes is not None:
+            check_positive_int("max_bytes", max_bytes)
         if not (projector == "auto" or isinstance(projector, Projector)):
             raise bad_value(
                 "projector",
@@ -274,6 +287,7 @@ class ProjectedInfluence(Attributor):
         self.chunk_size = chunk_size
         self.random_state = random_state
         self.progress = progress
+        self.max_bytes = max_bytes
         if self.fisher == "ggn" and not task.has_outputs:
             raise bad_value(
                 "fisher",
@@ -320,8 +334,9 @@ class ProjectedInfluence(Attributor):
         self.dim_ = k
         self.train_examples_processed_ = 0
         compute = self._chunk_computer(source)
+        store_dir = self.store_dir if self.store_dir is not None else self._spill_folder(n, k)
 
-        if self.store_dir is not None:
+        if store_dir is not None:
             # the parameters projected: the covered ones when the default scope was narrowed, else as given
             scope = self.params if self.params is None or isinstance(self.params, str) else list(self.params)
             if self.params_left_out_:
@@ -341,7 +356,7 @@ class ProjectedInfluence(Attributor):
                 },
             }
             store = GradientStore.create(
-                self.store_dir,
+                store_dir,
                 n=n,
                 dim=k,
                 dtype=self._feature_dtype,
@@ -364,6 +379,35 @@ class ProjectedInfluence(Attributor):
         self._fit_curvature(acc, lambda: output_size(self.fmodel_, source))
         logger.info("fitted ProjectedInfluence on %d examples, dim %d: %s", n, k, self.info)
         return self
+
+    def _spill_folder(self, n: int, k: int) -> str | None:
+        """A temporary store folder when the ``n x k`` features exceed ``max_bytes`` (removed with this object),
+        else ``None`` (features in memory)."""
+        need = n * k * torch.empty(0, dtype=self._feature_dtype).element_size()
+        budget, origin = (
+            (self.max_bytes, "given")
+            if self.max_bytes is not None
+            else default_memory_budget(self.fmodel_.device)
+        )
+        if need <= budget:
+            return None
+        if world()[2]:
+            raise MemoryError(
+                f"the {n:,} x {k:,} projected training features ({need:,} bytes) exceed max_bytes={budget:,} "
+                f"({origin}), and under torch.distributed the ranks need one on-disk store that all of them see. "
+                "Fix: pass store_dir= on a shared file system, a smaller projection dimension, or a larger max_bytes."
+            )
+        folder = tempfile.mkdtemp(prefix="datatrace-features-")
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        message = (
+            f"datatrace: the {n:,} x {k:,} projected training features ({need / 2**20:,.0f} MiB) exceed max_bytes="
+            f"{budget / 2**20:,.0f} MiB ({origin}): writing them to a temporary on-disk store in {folder}, deleted "
+            "with this ProjectedInfluence (pass store_dir= to keep and reuse it)"
+        )
+        logger.warning(message)
+        if self.progress and is_main_process():
+            tqdm.write(message, file=sys.stderr)
+        return folder
 
     def _compute_in_memory(
         self, compute: Any, source: DataSource
