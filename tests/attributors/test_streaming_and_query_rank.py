@@ -226,7 +226,9 @@ def test_score_candidates_are_the_scores_at_those_columns(problem, keep, rank, m
     _, _, query = problem
     inf = _fit(problem, curvature="ekfac", keep_gradients=keep, query_rank=rank)
     full = inf.score(query).values
-    candidates = torch.stack([torch.randperm(50, generator=torch.Generator().manual_seed(q))[:4] for q in range(10)])
+    candidates = torch.stack(
+        [torch.randperm(50, generator=torch.Generator().manual_seed(q))[:4] for q in range(10)]
+    )
     if not keep:  # streamed: only the union of the candidates' gradients is recomputed
         seen = []
         original = FunctionalModel.per_example_grads

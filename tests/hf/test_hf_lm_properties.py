@@ -17,22 +17,10 @@ import torch
 import datatrace
 from datatrace.curvature.kfac import EKFAC, KFAC
 from datatrace.hf import IGNORE_INDEX, CausalLMTask
+from dict_data import DictDataset
 
 N, T, V, EXTRA = 8, 5, 5, 3
 WD = 1e-2
-
-
-class DictDataset(torch.utils.data.Dataset):
-    """Items ``{key: column[i]}``: the form of a tokenised Hugging Face dataset."""
-
-    def __init__(self, **columns: torch.Tensor) -> None:
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values())))
-
-    def __getitem__(self, i: int) -> dict:
-        return {k: v[i] for k, v in self.columns.items()}
 
 
 @pytest.fixture(scope="module")
