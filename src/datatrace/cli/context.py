@@ -268,11 +268,16 @@ class Run:
     def influence_summary(self) -> dict[str, Any]:
         """JSON-ready facts about the fitted influence function."""
         info = self.curvature_info()
+        fmodel = getattr(self.influence, "fmodel_", None)
         return {
             "estimator": type(self.influence).__name__,
             "curvature": info,
             "curvature_route": info.get("auto_choice", getattr(self.influence.curvature_, "name", "")),
             "gradient_norm": getattr(self.influence, "gradient_norm_", None),
+            # the parameters in scope (every trainable one, or the part a layer-structured route covers) and those
+            # a structured route left out, with the reason for each (datatrace.capture.scope)
+            "params_in_scope": None if fmodel is None else list(fmodel.space.names),
+            "params_left_out": dict(getattr(self.influence, "params_left_out_", {})),
         }
 
     def finish(

@@ -8,6 +8,7 @@ of a model returned by the spec's ``train_fn`` (an ``nn.Module`` or a fitted est
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,45 @@ from datatrace.cli.labels import encode_split
 from datatrace.data import DataSource, as_data_source, cast_batch
 from datatrace.tasks import ClassificationTask, Task
 
-__all__ = ["MeanLoss", "Predictions", "predict"]
+__all__ = ["MeanLoss", "Predictions", "batch_inputs", "batch_targets", "predict"]
+
+
+def _target_key(task: Task) -> str:
+    """Where a dict batch keeps the targets for ``task``: its ``target_key`` (the built-in tasks, Hugging Face's
+    ``SequenceClassificationTask``), its ``label_key`` (``CausalLMTask``), else ``"labels"``."""
+    for name in ("target_key", "label_key"):
+        key = getattr(task, name, None)
+        if isinstance(key, str):
+            return key
+    return "labels"
+
+
+def batch_targets(task: Task, batch: tuple | Mapping) -> torch.Tensor | None:
+    """The targets of a batch: ``batch[1]`` of a tuple ``(x, y, ...)``, the task's target key of a dict (the
+    Hugging Face form); None when there are none."""
+    if isinstance(batch, Mapping):
+        value = batch.get(_target_key(task))
+        return value if isinstance(value, torch.Tensor) else None
+    return batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+
+
+def batch_inputs(task: Task, batch: tuple | Mapping) -> torch.Tensor:
+    """The model inputs of a batch to show in reports: ``batch[0]`` of a tuple; of a dict, the task's
+    ``input_key`` (or ``input_ids``, the token ids of a tokenizer's output, or the first tensor that is not the
+    targets)."""
+    if not isinstance(batch, Mapping):
+        return batch[0]
+    for key in (getattr(task, "input_key", None), "input_ids"):
+        if isinstance(key, str) and isinstance(batch.get(key), torch.Tensor):
+            return batch[key]
+    target = _target_key(task)
+    for key, value in batch.items():
+        if key != target and isinstance(value, torch.Tensor):
+            return value
+    raise ValueError(
+        f"a batch with keys {sorted(batch)} holds no model input besides the targets at {target!r}. "
+        "Fix: return examples as dicts with the model's inputs (e.g. 'input_ids') and the labels."
+    )
 
 
 @dataclass(frozen=True)
@@ -60,7 +99,7 @@ def predict(model: nn.Module, task: Task, source: DataSource) -> Predictions:
                     conf, pred = probs.max(dim=1)
                     confidence.append(conf)
                 predicted.append(pred)
-                targets.append(batch[1].reshape(-1).long())
+                targets.append(batch_targets(task, batch).reshape(-1).long())
             else:
                 losses.append(task.loss(model, batch).double())
     loss = torch.cat(losses).numpy()

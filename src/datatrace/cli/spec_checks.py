@@ -29,6 +29,7 @@ from datatrace.cli.spec_model import KINDS, SPLITS, Spec, curvature_arguments
 from datatrace.curvature import Curvature
 from datatrace.data import DataLike, as_data_source, cast_batch
 from datatrace.errors import SpecError, SpecRuntimeError, describe
+from datatrace.hf import CausalLMTask
 from datatrace.tasks import ClassificationTask, RegressionTask, Task
 
 __all__ = [
@@ -114,7 +115,15 @@ def _to_array(file: Path, name: str, position: int, value: Any) -> np.ndarray | 
 
 
 def check_data(file: Path, name: str, value: Any) -> DataLike:
-    """Accept a tuple/list of arrays or tensors, a Dataset or a DataLoader; check lengths agree."""
+    """Accept a tuple/list of arrays or tensors, a Dataset or a DataLoader, or a dict of columns (a tokenizer's
+    ``BatchEncoding`` with labels added, returned as a Dataset of dicts); check lengths agree."""
+    if isinstance(value, Mapping):
+        try:
+            value = as_data_source(value, f"{name}()").dataset
+        except ValueError as err:
+            raise SpecError(
+                f"{where(file, name)}() returned a dict datatrace cannot read as columns: {err}"
+            ) from err
     if isinstance(value, (Dataset, DataLoader)):
         try:
             source = as_data_source(value, f"{name}()")
@@ -126,7 +135,8 @@ def check_data(file: Path, name: str, value: Any) -> DataLike:
     if not isinstance(value, (tuple, list)) or len(value) == 0:
         raise SpecError(
             f"{where(file, name)}() returned {type_words(value)}; expected a tuple (X, y) of numpy arrays or torch "
-            "tensors, a torch Dataset or a DataLoader. Fix: return e.g. `return X, y`."
+            "tensors, a torch Dataset or a DataLoader, or a dict of equal-length columns (a tokenizer's output with "
+            "'labels' added). Fix: return e.g. `return X, y`."
         )
     arrays = tuple(_to_array(file, name, i, v) for i, v in enumerate(value))
     for i, a in enumerate(arrays):
@@ -246,7 +256,10 @@ def check_forward(spec: Spec, split: str) -> None:
     who = "estimator()" if spec.estimator is not None else "model()"
     try:
         with torch.no_grad():
-            loss = spec.task.loss(model, cast_batch(batch, torch.float64, None))
+            # the task's value checks first (labels in range; a Hugging Face task's token ids within the model's
+            # vocabulary and position embeddings), whose messages name the value and the fix
+            checked = spec.task.check_batch(model, cast_batch(batch, torch.float64, None), idx)
+            loss = spec.task.loss(model, checked)
     except Exception as err:
         raise SpecError(
             f"spec {file}: {who} and {split}() do not fit together: the task's loss on {len(idx)} example(s) of "
@@ -451,6 +464,8 @@ def check_curvature(file: Path, curvature: Any, damping: Any) -> None:
 def default_units(task: Task) -> str:
     if isinstance(task, ClassificationTask):
         return "nats"
+    if isinstance(task, CausalLMTask):
+        return "nats (summed over the sequence's tokens)"
     if isinstance(task, RegressionTask):
         return "squared-error units"
     return "the loss's units"

@@ -9,7 +9,7 @@ command needs. Scores follow the convention of :data:`datatrace.scores.MEANING`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from datatrace.attributors.influence import InfluenceFunction
 from datatrace.cli.labels import DecodedTrainFn, encode_split, short_label
-from datatrace.cli.predictions import MeanLoss, Predictions, predict
+from datatrace.cli.predictions import MeanLoss, Predictions, batch_inputs, batch_targets, predict
 from datatrace.curvature import AutoCurvature, Curvature, available, make_curvature
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.errors import SpecError
@@ -162,17 +162,25 @@ class Spec:
             self._sources[split] = as_data_source(self.encoded(split), f"{split}()")
         return self._sources[split]
 
+    def _targets(self, split: str, indices: Any) -> torch.Tensor | None:
+        """The targets of examples ``indices`` of ``split`` (``batch[1]``, or the task's key of a dict batch)."""
+        batch = self.source(split).get(indices)
+        y = batch_targets(self.task, batch)
+        if y is not None and isinstance(batch, Mapping) and y.dim() > 1:
+            return None  # a dict batch's per-token labels (a language model's): no label per example
+        return y
+
     def labels(self, split: str) -> np.ndarray | None:
-        """The labels of ``split`` as the spec gave them (second element of each example), or None."""
+        """The labels of ``split`` as the spec gave them (second element of each example, or the task's key of
+        dict examples), or None."""
         data = self.data[split]
         if isinstance(data, (tuple, list)):
             if len(data) < 2:
                 return None
             y = data[1]
             return y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-        source = self.source(split)
-        batch = source.get(torch.arange(len(source)))
-        return batch[1].detach().cpu().numpy() if len(batch) > 1 else None
+        y = self._targets(split, torch.arange(self.n(split)))
+        return None if y is None else y.detach().cpu().numpy()
 
     def class_name(self, index: int) -> str:
         """Words for class index ``index``: ``class_names[index]``, else the estimator's ``classes_[index]``,
@@ -187,10 +195,9 @@ class Spec:
     def label_text(self, split: str, index: int) -> str:
         """The label of example ``index`` of ``split``, in words (class names for classifiers)."""
         if self.is_classifier:
-            source = self.source(split)
-            batch = source.get([int(index)])
-            if len(batch) > 1 and batch[1].numel() == 1 and not batch[1].is_floating_point():
-                return self.class_name(int(batch[1].reshape(-1)[0]))
+            y = self._targets(split, [int(index)])
+            if y is not None and y.numel() == 1 and not y.is_floating_point():
+                return self.class_name(int(y.reshape(-1)[0]))
         labels = self.labels(split)
         if labels is None:
             return "—"
@@ -199,12 +206,11 @@ class Spec:
     def label_texts(self, split: str) -> list[str]:
         """:meth:`label_text` of every example of ``split``, computed in one pass."""
         if self.is_classifier:
-            source = self.source(split)
-            batch = source.get(torch.arange(len(source)))
-            if len(batch) > 1 and batch[1].dim() == 1 and not batch[1].is_floating_point():
+            y = self._targets(split, torch.arange(self.n(split)))
+            if y is not None and y.dim() == 1 and not y.is_floating_point():
                 names = {}
                 out = []
-                for value in batch[1].tolist():
+                for value in y.tolist():
                     if value not in names:
                         names[value] = self.class_name(value)
                     out.append(names[value])
@@ -212,9 +218,10 @@ class Spec:
         return [self.label_text(split, i) for i in range(self.n(split))]
 
     def inputs(self, split: str, indices: Sequence[int]) -> np.ndarray:
-        """The model inputs (first element) of examples ``indices`` of ``split``, flattened to rows."""
+        """The model inputs of examples ``indices`` of ``split`` (first element, or the input key of dict
+        examples, e.g. the token ids), flattened to rows."""
         batch = self.source(split).get(list(indices))
-        x = batch[0]
+        x = batch_inputs(self.task, batch)
         return x.detach().cpu().double().reshape(len(indices), -1).numpy()
 
     def shown(self, split: str, indices: Sequence[int]) -> np.ndarray:
