@@ -1,4 +1,5 @@
-"""Built-in problems: scikit-learn's handwritten digits with a seeded share of the training labels flipped.
+"""Built-in problems: scikit-learn's handwritten digits with a seeded share of the training labels flipped, and
+real text available offline (the standard library's docstrings labelled by what their module does).
 
 The demo (``datatrace demo``), ``docs/examples/mislabelled_digits.py`` and the debugging benchmark all use this one
 problem (:func:`flipped_digits`), so that they agree on the data: the 1,797 8x8 digits of :func:`sklearn.datasets.load_digits` with pixels
@@ -10,12 +11,20 @@ Koh & Liang 2017, section 5.4).
 The demo's models (:func:`build_model`: multinomial logistic regression or a small tanh network, float64) are
 trained to a tight minimum by full-batch L-BFGS (:func:`train_to_tolerance`, :class:`WarmStartTrainer` for
 leave-one-out retraining), because influence functions describe the response of a minimum.
+
+:func:`docstring_texts` is a text classification problem that needs no download: the first paragraph of the
+docstring of every public function, class and method of the standard-library modules in
+:data:`DOCSTRING_GROUPS`, labelled by the group of its module (files, text, numbers, network, concurrency, data).
+It is what ``docs/examples/minilm_docstrings.py`` fine-tunes a pretrained MiniLM on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +40,7 @@ from datatrace.verification.training import fit_full_batch, objective
 
 __all__ = [
     "DIGITS_IMAGE_SHAPE",
+    "DOCSTRING_GROUPS",
     "MODELS",
     "MODEL_NAMES",
     "N_DIGIT_CLASSES",
@@ -40,6 +50,7 @@ __all__ = [
     "Schedule",
     "WarmStartTrainer",
     "build_model",
+    "docstring_texts",
     "flipped_digits",
     "gradient_max",
     "train_to_tolerance",
@@ -236,3 +247,81 @@ class QueryLosses:
         with torch.no_grad():
             losses = self.task.loss(model.eval(), (self.X, self.y)).to(torch.float64).numpy()
         return np.concatenate([losses, [float(getattr(model, "grad_max", 0.0))]])
+
+
+#: the classes of :func:`docstring_texts`: standard-library modules grouped by what they do
+DOCSTRING_GROUPS: dict[str, tuple[str, ...]] = {
+    "files": ("os", "os.path", "pathlib", "shutil", "tempfile", "glob", "fnmatch", "filecmp", "zipfile", "tarfile"),
+    "text": ("re", "string", "textwrap", "difflib", "unicodedata", "codecs", "html", "html.parser"),
+    "numbers": ("math", "cmath", "statistics", "decimal", "fractions", "random", "numbers", "operator"),
+    "network": ("socket", "ssl", "http.client", "http.server", "urllib.request", "urllib.parse", "email.message",
+                "smtplib", "ftplib", "ipaddress"),
+    "concurrency": ("threading", "multiprocessing", "asyncio", "concurrent.futures", "queue", "subprocess",
+                    "selectors", "signal"),
+    "data": ("json", "csv", "pickle", "sqlite3", "collections", "itertools", "functools", "heapq", "bisect",
+             "dataclasses", "enum", "datetime", "calendar"),
+}  # fmt: skip
+
+
+def _first_paragraph(doc: str, max_chars: int) -> str:
+    """The docstring's first paragraph on one line, cut at a word boundary to at most ``max_chars`` characters."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    if len(paragraph) <= max_chars:
+        return paragraph
+    return paragraph[:max_chars].rsplit(" ", 1)[0]
+
+
+def docstring_texts(
+    groups: dict[str, Sequence[str]] | None = None, min_words: int = 5, max_chars: int = 300
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Real text offline: the standard library's docstrings, labelled by the group of their module.
+
+    For each group of ``groups`` (default :data:`DOCSTRING_GROUPS`) and each of its modules, every public object
+    (no leading underscore) that is a function or a class, and the public methods of those classes, gives one
+    example: the first paragraph of its docstring on one line (at most ``max_chars`` characters, cut at a word),
+    when it has at least ``min_words`` words. A text that occurs twice (inherited or re-exported objects) is kept
+    once, with the label of its first occurrence. The order is fixed (groups, modules, names sorted), so a seeded
+    split is reproducible on one Python version; the texts themselves differ between versions.
+
+    Returns:
+        ``(texts, labels, class_names)``: the strings, their class indices (int64, into ``class_names``) and the
+        group names.
+    """
+    groups = DOCSTRING_GROUPS if groups is None else groups
+    if not isinstance(groups, dict) or not groups:
+        raise bad_value(
+            "groups",
+            groups,
+            "expected a non-empty dict {class name: [module names]}",
+            "pass e.g. {'files': ['os'], 'text': ['re']}, or None for DOCSTRING_GROUPS",
+        )
+    texts: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    for label, modules in enumerate(groups.values()):
+        for module_name in modules:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as err:
+                raise bad_value(
+                    "groups",
+                    module_name,
+                    f"a module that imports here ({type(err).__name__}: {err})",
+                    "list modules of the standard library (or installed packages)",
+                ) from err
+            for name, obj in sorted(vars(module).items()):
+                if name.startswith("_") or not (inspect.isroutine(obj) or inspect.isclass(obj)):
+                    continue
+                items = [obj]
+                if inspect.isclass(obj):
+                    items += [
+                        v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and callable(v)
+                    ]
+                for item in items:
+                    text = _first_paragraph(inspect.getdoc(item) or "", max_chars)
+                    if len(re.findall(r"\w+", text)) < min_words or text in seen:
+                        continue
+                    seen.add(text)
+                    texts.append(text)
+                    labels.append(label)
+    return texts, np.asarray(labels, dtype=np.int64), list(groups)
