@@ -226,3 +226,14 @@ def test_a_tuple_of_tensors_for_a_hugging_face_task_says_to_pass_dicts(tmp_path)
     message = str(info.value)
     assert "model() and train() do not fit together" in message
     assert "dict batches" in message and "Fix:" in message
+
+
+def test_memorisation_audit_reads_the_labels_of_dict_batches(tmp_path):
+    spec = write(tmp_path, BERT)
+    out = tmp_path / "out"
+    code, _, stderr = run_main(["audit", spec, "--memorisation", "--out", out, *FAST])
+    assert code == 0, stderr
+    memorisation = json.loads((out / "results.json").read_text())["memorisation"]
+    assert all(row["label"] in ("even", "odd") for row in memorisation["flagged"])
+    # a prediction-flip check ran on each flagged example (it needs their class labels)
+    assert all("prediction_flip" in row for row in memorisation["flagged"])

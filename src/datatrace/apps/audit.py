@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,16 @@ CONFIRM_SHARE = 0.5
 # --------------------------------------------------------------------------------------------------------------
 # Measurements (picklable callables (model, batch) -> (b,))
 # --------------------------------------------------------------------------------------------------------------
+def _labels(task: Task, batch: tuple | Mapping) -> torch.Tensor | None:
+    """The class labels of a batch: ``batch[1]`` of a tuple, the task's target key of a dict (``target_key``, or a
+    Hugging Face task's ``label_key``); None when there are none."""
+    if isinstance(batch, Mapping):
+        key = getattr(task, "target_key", None) or getattr(task, "label_key", None) or "labels"
+        value = batch.get(key)
+        return value if isinstance(value, torch.Tensor) else None
+    return batch[1] if len(batch) > 1 else None
+
+
 def _outputs(task: Task, model: nn.Module, batch: tuple) -> torch.Tensor:
     return task.outputs(model, batch) if task.has_outputs else model(batch[0])
 
@@ -131,7 +141,7 @@ class Margin:
 
     def __call__(self, model: nn.Module, batch: tuple) -> torch.Tensor:
         out = _outputs(self.task, model, batch)
-        y = batch[1].long().reshape(-1)  # checked to be whole class numbers by memorisation_audit
+        y = _labels(self.task, batch).long().reshape(-1)  # checked to be whole numbers by memorisation_audit
         if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
             return (2.0 * y.to(out.dtype) - 1.0) * out.reshape(-1)
         own = out.gather(1, y.unsqueeze(1)).squeeze(1)
@@ -443,7 +453,7 @@ def memorisation_audit(
         model, task = model_and_task(influence)
         source = training_source(influence, train)
         subset = as_data_source(source.subset(torch.as_tensor(flagged)), "train")
-        labels = subset.get(torch.arange(len(subset)))[1] if len(subset.get([0])) > 1 else None
+        labels = _labels(task, subset.get(torch.arange(len(subset))))
         if (
             labels is None
             or not isinstance(labels, torch.Tensor)

@@ -16,7 +16,8 @@ name                   what it gives
 ``task()``             the :class:`~datatrace.Task` the model was trained with (loss, weight decay), e.g.
                        ``datatrace.ClassificationTask(weight_decay=1e-3)``
 ``train()``            the training data exactly as trained on: a tuple ``(X, y)`` of arrays or tensors, a
-                       ``Dataset`` or a ``DataLoader``
+                       ``Dataset`` or a ``DataLoader``, or a dict of equal-length columns (a tokenizer's
+                       ``BatchEncoding`` with ``labels`` added); a Dataset of dicts for Hugging Face models
 =====================  ========================================================================================
 
 or a scikit-learn model: ``estimator()`` returning a *fitted* ``LinearRegression``, ``Ridge`` or
@@ -49,6 +50,12 @@ Optional names, needed by some commands:
 ``units``              words for the loss's units (default: ``"nats"`` for classification, ``"squared error
                        units"`` for regression)
 =====================  ========================================================================================
+
+A Hugging Face model: ``model()`` returns it (e.g. ``AutoModelForSequenceClassification``, a ``GPT2LMHeadModel``),
+``task()`` returns :class:`datatrace.hf.SequenceClassificationTask` or :class:`datatrace.hf.CausalLMTask`, and the
+data are dicts (``input_ids``, ``attention_mask``, ``labels``); labels are read at the task's key, and reports show
+``texts`` when given (else the token ids). Parameters with ``requires_grad=False`` (a frozen encoder) are outside
+the scope of influence; ``results.json`` lists the parameters in scope and those a layer-structured route left out.
 
 What every command does with it: ``score[q, i] ~ f_q(theta without i) - f_q(theta_hat)``, the change of query q's
 measurement (its loss, in the units above) if training example i were removed and the model retrained.
