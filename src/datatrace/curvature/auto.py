@@ -71,6 +71,10 @@ ARNOLDI_RANK = 200
 PROBE_EXAMPLES = 64
 #: vectors in the probe's second Hessian-vector product (the first has one: the difference is the marginal cost)
 PROBE_VECTORS = 16
+#: the same when Hessian-vector products fall back to double backward (a model without forward-mode AD, e.g. SDPA
+#: attention): that runs one backward pass per vector over one graph, so its cost is linear in the vectors and two
+#: separate the graph from the per-vector pass (sixteen would cost eight times as much and tell nothing more)
+PROBE_VECTORS_REVERSE = 2
 #: side of the matrix product that measures the flop rate
 RATE_SIZE = 512
 #: how many times slower than the ``RATE_SIZE`` product a large float64 ``eigh`` runs, per ``cost.EIGH_FLOPS m^3``
@@ -131,8 +135,8 @@ def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFA
       is ``ceil(n / B) * call + n * m`` (a small probe batch scaled by ``n / b`` would count the fixed cost
       ``n / b`` times);
     * per-example gradients of ``PROBE_EXAMPLES`` examples, scaled the same way with the same fixed cost;
-    * Hessian-vector products with one and with ``PROBE_VECTORS`` vectors: the fixed cost of a call and the
-      marginal cost of a vector.
+    * Hessian-vector products with one and with ``PROBE_VECTORS`` vectors (``PROBE_VECTORS_REVERSE`` when they
+      use double backward, one pass per vector): the fixed cost of a call and the marginal cost of a vector.
 
     A model without second derivatives gets infinite Hessian-vector costs (the routes that need them are then
     predicted never to finish).
@@ -153,7 +157,7 @@ def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFA
                 first = fmodel.task.outputs(fmodel.model, fmodel.prepare(data.get([0])))
             outputs = max(1, int(first[0].numel()))
     except Exception as err:  # reported on every rank below
-        error, timings = err, [0.0] * 6
+        error, timings = err, [0.0] * 7
     _, world_size, distributed = world()
     values = torch.tensor([*timings, float(error is not None)], dtype=torch.float64)
     if distributed:
@@ -161,7 +165,7 @@ def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFA
         values[:-1] /= world_size
     if bool(values[-1] > 0):
         raise RuntimeError(f"the timing probe failed: {error or 'on another rank'}") from error
-    t_small, t_tiny, t_rows, t_one, t_several, matmul = (float(v) for v in values[:-1])
+    t_small, t_tiny, t_rows, t_one, t_several, matmul, vectors = (float(v) for v in values[:-1])
     # t = call + work * marginal. Timing noise can make a difference tiny or negative (keep a tenth of the call as
     # a floor) or larger than the call itself (cap at the whole call per unit of work, the naive scaling)
     per_example = min(max(t_small - t_tiny, 0.1 * t_small) / max(size - quarter, 1), t_small / size)
@@ -170,7 +174,7 @@ def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFA
     marginal, hvp_call = math.inf, math.inf  # no Hessian-vector products for this model
     if math.isfinite(t_one) and math.isfinite(t_several):
         marginal = (
-            min(max(t_several - t_one, 0.1 * t_several) / (PROBE_VECTORS - 1), t_several / PROBE_VECTORS)
+            min(max(t_several - t_one, 0.1 * t_several) / max(vectors - 1, 1), t_several / max(vectors, 1))
             / size
         )
         hvp_call = max(t_one - marginal * size, 0.0)
@@ -195,7 +199,8 @@ def measure_probe(fmodel: FunctionalModel, data: DataSource, queries: int = DEFA
 
 
 def _timings(fmodel: FunctionalModel, data: DataSource, size: int, quarter: int) -> list[float]:
-    """This process's probe timings (:func:`measure_probe`) and its matrix-product rate, no collective."""
+    """This process's probe timings (:func:`measure_probe`), its matrix-product rate and the number of vectors of
+    the second Hessian-vector timing, no collective."""
     small, tiny = probe_source(data, size), probe_source(data, quarter)
     batch = small.get(list(range(size)))
     device, p = fmodel.device, fmodel.num_params
@@ -204,16 +209,19 @@ def _timings(fmodel: FunctionalModel, data: DataSource, size: int, quarter: int)
         t_tiny = _best(lambda: fmodel.objective_grad(tiny), 2, device)
         t_rows = _best(lambda: fmodel.per_example_grads(batch), 2, device)
         one = torch.zeros(1, p, dtype=fmodel.dtype, device=device)
-        several = torch.zeros(PROBE_VECTORS, p, dtype=fmodel.dtype, device=device)
+        vectors = PROBE_VECTORS
         try:
             t_one = _best(lambda: fmodel.hvp(one, small), 2, device)
+            if fmodel.hvp_mode != "forward-over-reverse":  # known after the first call
+                vectors = PROBE_VECTORS_REVERSE
+            several = torch.zeros(vectors, p, dtype=fmodel.dtype, device=device)
             t_several = _best(lambda: fmodel.hvp(several, small), 2, device)
         except RuntimeError as err:
             if is_out_of_memory(err):
                 raise
             logger.info("curvature='auto': no Hessian-vector products for this model (%s)", err)
             t_one = t_several = math.inf
-    return [t_small, t_tiny, t_rows, t_one, t_several, machine_rates(device)[0]]
+    return [t_small, t_tiny, t_rows, t_one, t_several, machine_rates(device)[0], float(vectors)]
 
 
 def ekfac_obstacle(fmodel: FunctionalModel, data: DataSource) -> str | None:
