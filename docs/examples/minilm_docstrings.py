@@ -15,10 +15,9 @@ Then, with the defaults (no ``params=``, no route named):
   by memory and predicted time (printed); on the ~1.9M trainable parameters the dense routes do not fit, and
   the structured one (EK-FAC on the Linear layers of the trainable part; the block's LayerNorms held fixed, and
   said) is chosen;
-* ``ProjectedInfluence(model, task, projector=FactorizedProjector())``: per-example gradients projected layer by
-  layer (LoGra; the same trainable Linear layers, the LayerNorms held fixed), a second opinion. (``projector=
-  "auto"`` would take a dense random projection, because the LayerNorms are outside the supported layers: a
-  ``p x k`` matrix of tens of GiB for these 1.9M parameters, regenerated block by block.)
+* ``ProjectedInfluence(model, task)``: per-example gradients projected layer by layer (``projector="auto"``
+  takes LoGra's factorised projection of the same trainable Linear layers, the LayerNorms held fixed: a dense
+  random projection of all 1.9M parameters would be a matrix of tens of GiB), a second opinion.
 
 For a test sentence it prints the top proponents (training sentences whose removal would RAISE the test
 sentence's loss: they helped) and opponents (removal would LOWER it), with their labels. ``score[q, i]`` estimates
@@ -193,9 +192,7 @@ def run(size: str = "small", seed: int = 0, progress: bool = True, k: int = 5) -
     timings["influence_score_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    projected = datatrace.ProjectedInfluence(
-        model, task, projector=datatrace.FactorizedProjector(), progress=progress
-    ).fit(train)
+    projected = datatrace.ProjectedInfluence(model, task, progress=progress).fit(train)
     projected_scores = projected.score(test)
     timings["projected_seconds"] = time.perf_counter() - start
 
@@ -211,6 +208,7 @@ def run(size: str = "small", seed: int = 0, progress: bool = True, k: int = 5) -
         "accuracy": float((predicted == test_labels).mean()),
         "scores": scores,
         "projected_scores": projected_scores,
+        "projector": type(projected.projector_).__name__,
         "route": influence.curvature_.info.get("auto_choice", influence.curvature_.name),
         "route_reason": influence.curvature_.info.get("auto_reason", ""),
         "trainable": trainable,

@@ -47,7 +47,8 @@ float64, default SDPA attention): every route. K-FAC/EK-FAC and :class:`~datatra
 :class:`~datatrace.FactorizedProjector` cover the Linear / Conv1D layers and leave out, by name, the embeddings,
 LayerNorm and GPT-2's ``lm_head`` (its weight is the token embedding's); these are the fast routes. The
 matrix-free routes (CG, LiSSA, Arnoldi, diagonal), TracIn and the random projection (``projector="auto"`` when some
-parameter is outside the supported layers, hence TRAK) run on every parameter, more slowly: ``vmap`` over examples
+parameter is outside the supported layers and the dense matrix fits the projector's cache, hence TRAK; above it
+the factorised one on the supported layers) run on every parameter, more slowly: ``vmap`` over examples
 fails in the attention-mask code (it branches on ``padding_mask.all()``, with eager attention too), so per-example
 gradients are computed one example at a time, and SDPA has no forward-mode AD, so Hessian-vector products use
 double backward with the reference attention kernel (the same numbers as ``attn_implementation="eager"``). The

@@ -62,6 +62,9 @@ def test_auto_chose_the_structured_route_on_the_trainable_layers_only(example, r
     assert all("LayerNorm" in name for name in left_out) and len(left_out) == 4
     assert all("LayerNorm" not in name for name in scope) and len(scope) == 16
     assert results["scores"].metadata["units"] == "rank-only"  # EK-FAC's scores are for ranking
+    # projector="auto": the factorised projection of the same layers (a dense one would be tens of GiB)
+    assert results["projector"] == "FactorizedProjector"
+    assert sorted(results["projected_scores"].metadata["params_left_out"]) == sorted(left_out)
 
 
 @pytest.mark.slow

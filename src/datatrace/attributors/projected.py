@@ -110,6 +110,7 @@ from datatrace.attributors.base import (
     default_memory_budget,
     json_scalars,
 )
+from datatrace.capture.engine import find_layers
 from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature.base import TrainingState, output_size
 from datatrace.data import DataLike, DataSource, as_data_source
@@ -144,7 +145,15 @@ from datatrace.projection.chunks import dtype_name
 from datatrace.projection.factorized import FactorizedProjector, supports_factorized
 from datatrace.projection.features import FeatureSource, as_feature_source, my_chunks
 from datatrace.projection.fingerprint import data_fingerprint, model_fingerprint
-from datatrace.projection.random import Projector, RandomProjector, derive_seed
+from datatrace.projection.random import (
+    DEFAULT_EPS,
+    DEFAULT_MAX_CACHED_BYTES,
+    DEFAULT_MAX_DIM,
+    Projector,
+    RandomProjector,
+    derive_seed,
+    jl_dim,
+)
 from datatrace.projection.scoring import StreamingTopK, score_against_store, top_k_against_store
 from datatrace.projection.store import GradientStore
 from datatrace.scores import Scores, TopK
@@ -180,7 +189,10 @@ class ProjectedInfluence(Attributor):
         projector: a :class:`~datatrace.projection.RandomProjector` or
             :class:`~datatrace.projection.FactorizedProjector` (copied, then fitted), or ``"auto"``: the factorised
             LoGra projection when every parameter in scope belongs to a supported layer (no full per-example
-            gradient is ever formed), else a Gaussian ``RandomProjector``; both with ``"auto"`` dimensions.
+            gradient is ever formed), or when the scope is the default one and a dense random projection of all of
+            them would exceed the random projector's matrix cache (it covers the supported layers then, naming the
+            rest: a fine-tuned transformer's LayerNorms); else a Gaussian ``RandomProjector``; both with ``"auto"``
+            dimensions.
         damping: ``"auto"`` (module docstring) or a float added to every eigenvalue of the projected curvature.
         params: parameter name patterns in scope (``None``: all trainable parameters).
         store_dir: directory of the :class:`~datatrace.projection.store.GradientStore` for the training features (written
@@ -298,7 +310,7 @@ class ProjectedInfluence(Attributor):
             )
 
     # -- fitting ---------------------------------------------------------------------------------------------------
-    def _make_projector(self, fmodel: FunctionalModel) -> Projector:
+    def _make_projector(self, fmodel: FunctionalModel, n: int) -> Projector:
         if isinstance(self.projector, Projector):
             return copy.deepcopy(self.projector)
         if supports_factorized(fmodel):
@@ -306,8 +318,30 @@ class ProjectedInfluence(Attributor):
                 "projector='auto': every parameter in scope is in a supported layer -> FactorizedProjector."
             )
             return FactorizedProjector()
+        # a dense p x k Gaussian matrix above the random projector's cache is regenerated block by block for every
+        # product (hours for millions of parameters): with the default scope, the factorised projection of the
+        # supported layers (the others held fixed and named, as curvature='auto' does with EK-FAC) instead
+        k = min(jl_dim(n, DEFAULT_EPS), DEFAULT_MAX_DIM, fmodel.num_params)
+        matrix = fmodel.num_params * k * torch.empty((), dtype=fmodel.dtype).element_size()
+        if fmodel.default_scope and matrix > DEFAULT_MAX_CACHED_BYTES and self._has_supported_layers(fmodel):
+            logger.info(
+                "projector='auto': some parameters are outside supported layers, and a random projection of all "
+                "%d would be a %.1f GiB matrix (above max_cached_bytes %.1f GiB) -> FactorizedProjector on the "
+                "supported layers.",
+                fmodel.num_params,
+                matrix / 2**30,
+                DEFAULT_MAX_CACHED_BYTES / 2**30,
+            )
+            return FactorizedProjector()
         logger.info("projector='auto': some parameters are outside supported layers -> RandomProjector.")
         return RandomProjector()
+
+    @staticmethod
+    def _has_supported_layers(fmodel: FunctionalModel) -> bool:
+        try:
+            return bool(find_layers(fmodel, "FactorizedProjector", "use RandomProjector")[0])
+        except ValueError:  # a supported type it cannot handle (a grouped convolution)
+            return False
 
     def fit(self, train: DataLike) -> ProjectedInfluence:
         """Project the training gradients once (into the store, or memory) and fit the projected curvature."""
@@ -316,7 +350,7 @@ class ProjectedInfluence(Attributor):
         fmodel = FunctionalModel(prepare_model(self.model, self.dtype), self.task, self.params)
         check_finite(fmodel.theta, "the model's parameters", "Fix: pass a model whose weights are finite.")
         n = len(source)
-        projector = self._make_projector(fmodel)
+        projector = self._make_projector(fmodel, n)
         self.params_left_out_: dict[str, str] = {}
         if isinstance(projector, FactorizedProjector) and fmodel.default_scope:
             fmodel, self.params_left_out_ = narrow_to_supported(
