@@ -153,6 +153,8 @@ def test_explain_a_bert_classifier_on_dict_batches(tmp_path):
     assert influence["params_in_scope"] == trainable_names(spec)
     assert not any("embeddings" in name for name in influence["params_in_scope"])
     assert query["label"] in stdout and "report.html" in stdout
+    trainable = results["spec"]["num_trainable_params"]
+    assert 0 < trainable < results["spec"]["num_params"] and f"{trainable:,} trainable" in stdout
 
 
 def test_a_tokenizer_output_with_ekfac_covers_the_trainable_linear_layers(tmp_path):

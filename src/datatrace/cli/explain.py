@@ -315,7 +315,13 @@ def _summary(ctx: Any, queries: list[dict[str, Any]]) -> str:
     desc = spec.describe()
     lines = [
         f"datatrace explain: {spec.path}",
-        f"  model: {desc['model']} ({desc['backend']}, {desc['num_params']:,} parameters); "
+        f"  model: {desc['model']} ({desc['backend']}, {desc['num_params']:,} parameters"
+        + (
+            f", {desc['num_trainable_params']:,} trainable"
+            if desc["num_trainable_params"] != desc["num_params"]
+            else ""
+        )
+        + "); "
         + ", ".join(f"{n} {s} examples" for s, n in desc["sizes"].items()),
         "",
         f"What a score means: how much the query's loss (in {units}) would change if that training example",

@@ -142,6 +142,8 @@ class Spec:
             if self.estimator is not None
             else type(self.model).__name__,
             "num_params": int(sum(p.numel() for p in self.model.parameters())),
+            # influence is taken with respect to these (requires_grad=True); frozen ones are held fixed
+            "num_trainable_params": int(sum(p.numel() for p in self.model.parameters() if p.requires_grad)),
             "task": repr(self.task),
             "kind": self.kind,
             "units": self.units,
