@@ -339,6 +339,11 @@ class CausalLMTask(Task):
         _, valid = self.next_tokens(batch)
         return valid.sum(dim=1) * outputs.shape[-1]
 
+    def distribution_counts(self, outputs: torch.Tensor, batch: Mapping) -> torch.Tensor:
+        """One next-token distribution per position whose next token counts, shape ``(b,)``."""
+        _, valid = self.next_tokens(batch)
+        return valid.sum(dim=1)
+
     def sample_targets(self, outputs: torch.Tensor, batch: Mapping, generator: torch.Generator) -> dict:
         """The batch with ``labels`` drawn from the model: one next token per valid position from
         ``softmax(z_t)``, -100 elsewhere (the positions that count stay the same).

@@ -159,6 +159,12 @@ class Task:
             (outputs.shape[0],), outputs[0].numel() if outputs.shape[0] else 0, dtype=torch.long
         )
 
+    def distribution_counts(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
+        """How many predictive distributions each example's loss sums over, shape ``(b,)``: the targets a sampled
+        Fisher draws per example (one per example here; a language model: one per counted position). K-FAC's
+        ``damping="auto"`` with ``fisher="sampled"`` counts these as the curvature's outputs."""
+        return torch.ones(outputs.shape[0], dtype=torch.long)
+
     def sample_targets(self, outputs: torch.Tensor, batch: tuple, generator: torch.Generator) -> tuple:
         """``batch`` with its targets drawn from the model's predictive distribution at ``outputs`` (the sampled
         Fisher), in the batch's own form (a tuple stays a tuple, a dict a dict: :func:`with_targets`). A custom

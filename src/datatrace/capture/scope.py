@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datatrace.capture.engine import find_layers
-from datatrace.capture.kinds import SUPPORTED_LAYERS
+from datatrace.capture.kinds import SUPPORTED_LAYERS, layer_kind
 from datatrace.data import DataSource
 from datatrace.gradients.functional import FunctionalModel
 
@@ -100,6 +100,38 @@ def supported_scope(fmodel: FunctionalModel, data: DataSource, who: str, fix: st
     )
 
 
+def untie_output_layers(fmodel: FunctionalModel) -> tuple[FunctionalModel, dict[str, str]]:
+    """``fmodel`` with each supported layer whose weight is tied to other, unsupported modules (a language model's
+    output layer sharing the token embedding: GPT-2's ``lm_head``) given its own copy of that weight in the private
+    working model, and ``{copy's name: tied parameter's name}``; ``fmodel`` itself and ``{}`` when nothing is tied.
+
+    The copy starts equal, so the model's function at ``theta_hat`` is unchanged; the layer-structured routes then
+    cover the weight's use in the layer (the use in the other module held fixed, as every parameter outside the
+    scope), which their hooks can follow, instead of leaving the output layer out. Only for the default scope and a
+    scalar weight decay (a per-name decay names the tied parameter, not the copy)."""
+    if isinstance(fmodel.task.weight_decay, dict):
+        return fmodel, {}
+    named = dict(fmodel.model.named_parameters())
+    in_scope = {id(named[n]): n for n in fmodel.space.names if n in named}
+    uses: dict[int, list[tuple[str, str, torch.nn.Module]]] = {}
+    for mname, module in fmodel.model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None and id(p) in in_scope:
+                uses.setdefault(id(p), []).append((mname, pname, module))
+    untied: dict[str, str] = {}
+    for pid, where in uses.items():
+        layers = [u for u in where if u[1] == "weight" and layer_kind(u[2]) is not None]
+        if len(where) < 2 or len(layers) != 1 or len(layers) == len(where):
+            continue  # not tied, or tied between several supported layers (left out by name, as before)
+        mname, pname, module = layers[0]
+        weight = getattr(module, pname)
+        setattr(module, pname, torch.nn.Parameter(weight.detach().clone(), requires_grad=True))
+        untied[f"{mname}.{pname}" if mname else pname] = in_scope[pid]
+    if not untied:
+        return fmodel, {}
+    return FunctionalModel(fmodel.model, fmodel.task, None, chunk_size=fmodel.chunk_size), untied
+
+
 def narrow_to_supported(
     fmodel: FunctionalModel, data: DataSource, who: str, fix: str, announce: bool
 ) -> tuple[FunctionalModel, dict[str, str]]:
@@ -109,7 +141,17 @@ def narrow_to_supported(
     Said in one log line, and on stderr too when ``announce``; a ValueError (ending with ``fix``: the routes that
     take any parameter) when no supported layer runs. Call it only for the default scope
     (``fmodel.default_scope``): parameters the user chose are never dropped."""
+    fmodel, untied = untie_output_layers(fmodel)
     scope = supported_scope(fmodel, data, who, fix)
+    for copy, tied in untied.items():
+        if copy in scope.covered:
+            message = (
+                f"datatrace: {who} covers {copy}, whose weight is tied to {tied}, through its own use in that layer "
+                f"(a copy in the working model; the use elsewhere held fixed)"
+            )
+            logger.info(message)
+            if announce:
+                tqdm.write(message, file=sys.stderr)
     if not scope.left_out:
         return fmodel, {}
     if not scope.covered:
@@ -128,4 +170,4 @@ def narrow_to_supported(
     return narrowed, dict(scope.left_out)
 
 
-__all__ = ["Scope", "narrow_to_supported", "supported_scope"]
+__all__ = ["Scope", "narrow_to_supported", "supported_scope", "untie_output_layers"]

@@ -48,17 +48,23 @@ class TrainingState:
 
     gradient_ratio: float
     outputs: int = 1
+    #: predictive distributions per example (1 for a classifier, the counted positions of a language model): the
+    #: pseudo-gradient columns per example of a sampled Fisher with one draw per distribution
+    distributions: int = 1
 
     @property
     def at_minimum(self) -> bool:
         return self.gradient_ratio <= AT_MINIMUM_RTOL
 
-    def dof_target(self, num_params: int, per_output: float = DOF_PER_OUTPUT) -> float | None:
-        """The effective directions ``damping="auto"`` keeps (``per_output`` per model output, at most half of
-        the parameters), or None at a minimum (the minimal damping)."""
+    def dof_target(
+        self, num_params: int, per_output: float = DOF_PER_OUTPUT, outputs: int | None = None
+    ) -> float | None:
+        """The effective directions ``damping="auto"`` keeps (``per_output`` per model output, or per ``outputs``
+        when given, at most half of the parameters), or None at a minimum (the minimal damping)."""
         if self.at_minimum:
             return None
-        return float(min(per_output * max(self.outputs, 1), num_params / 2))
+        count = self.outputs if outputs is None else outputs
+        return float(min(per_output * max(count, 1), num_params / 2))
 
 
 class Curvature(ABC):
@@ -137,6 +143,17 @@ def output_size(fmodel: FunctionalModel, data: DataSource) -> int:
     <datatrace.Task.output_counts>`: all of ``task.outputs`` for a classifier, the ``V`` logits of every counted
     position for a language model, so that padding changes nothing), the rounded mean over the first
     :data:`OUTPUT_SIZE_EXAMPLES` examples, at least 1; 1 without outputs."""
+    return _mean_count(fmodel, data, "output_counts")
+
+
+def distribution_size(fmodel: FunctionalModel, data: DataSource) -> int:
+    """The number of predictive distributions per example (:meth:`Task.distribution_counts
+    <datatrace.Task.distribution_counts>`: 1 for a classifier, the counted positions of a language model), the
+    rounded mean over the first :data:`OUTPUT_SIZE_EXAMPLES` examples, at least 1; 1 without outputs."""
+    return _mean_count(fmodel, data, "distribution_counts")
+
+
+def _mean_count(fmodel: FunctionalModel, data: DataSource, method: str) -> int:
     if not fmodel.task.has_outputs or len(data) == 0:
         return 1
     counts = []
@@ -144,7 +161,7 @@ def output_size(fmodel: FunctionalModel, data: DataSource) -> int:
         for _, batch in data.batches(batch_size=1):
             batch = fmodel.prepare(batch)
             outputs = fmodel.task.outputs(fmodel.model, batch)
-            counts.append(float(fmodel.task.output_counts(outputs, batch).sum()))
+            counts.append(float(getattr(fmodel.task, method)(outputs, batch).sum()))
             if len(counts) == OUTPUT_SIZE_EXAMPLES:
                 break
     return max(1, round(sum(counts) / len(counts)))

@@ -501,7 +501,14 @@ class KFAC(Curvature):
         """Per layer: regulariser, damping and the (pseudo-)inverse eigenvalues, plus the Woodbury bias term."""
         dampings = []
         summary: dict[str, Any] = {}
-        target = self.dof_target(fmodel.num_params, KFAC_DOF_PER_OUTPUT) if self.damping == "auto" else None
+        target = None
+        if self.damping == "auto" and self.training_state is not None:
+            # the outputs the curvature sees per example: every output (the exact output Hessian, or the empirical
+            # gradient's), or, for the sampled Fisher, its draws (n_samples per predictive distribution)
+            columns = None
+            if self.fisher == "sampled":
+                columns = self.n_samples * self.training_state.distributions
+            target = self.training_state.dof_target(fmodel.num_params, KFAC_DOF_PER_OUTPUT, columns)
         shared = None
         if target is not None:  # away from a minimum: one damping for all layers from all their eigenvalues
             curvatures = []
