@@ -70,18 +70,21 @@ def _no_gradient_pass(monkeypatch):
     monkeypatch.setattr(FunctionalModel, "per_example_grads", forbidden)
 
 
-def test_training_gradients_above_max_bytes_are_refused_before_the_gradient_pass(
+def test_kept_training_gradients_above_max_bytes_are_refused_before_the_gradient_pass(
     monkeypatch, regression_data
 ):
     X, y = regression_data  # 40 examples x 4 parameters in float64: 1,280 bytes
     _no_gradient_pass(monkeypatch)
-    inf = InfluenceFunction(nn.Linear(3, 1).double(), RegressionTask(), progress=False, max_bytes=1000)
+    inf = InfluenceFunction(
+        nn.Linear(3, 1).double(), RegressionTask(), progress=False, max_bytes=1000, keep_gradients=True
+    )
     with pytest.raises(MemoryError) as info:
         inf.fit((X, y))
     message = str(info.value)
     assert "40 x 4 matrix" in message and "1.2 KiB" in message and "max_bytes=1,000 bytes (given)" in message
     assert "ProjectedInfluence(..., store_dir=...)" in message and "params=" in message
     assert "raise max_bytes" in message and "check that the model" not in message
+    assert "keep_gradients='auto' or False" in message
 
 
 def test_a_budget_that_fits_changes_nothing(regression_data):
@@ -119,7 +122,9 @@ def test_default_budget_is_a_share_of_the_available_memory(monkeypatch, regressi
     X, y = regression_data  # 1,280 bytes of gradients > 1,000 bytes of budget
     _no_gradient_pass(monkeypatch)
     with pytest.raises(MemoryError, match=r"max_bytes=1,000 bytes \(0.5 of the machine's available memory\)"):
-        InfluenceFunction(nn.Linear(3, 1).double(), RegressionTask(), progress=False).fit((X, y))
+        InfluenceFunction(
+            nn.Linear(3, 1).double(), RegressionTask(), progress=False, keep_gradients=True
+        ).fit((X, y))
 
 
 def test_dense_route_size_is_checked_before_the_gradient_pass(monkeypatch, regression_data):

@@ -204,4 +204,14 @@ def curvature_scores(model: nn.Module, task: ClassificationTask, data: tuple) ->
         if hasattr(inf.curvature_, "layers_"):  # examples counted over all ranks: n, not n per rank
             info = inf.curvature_.info
             out[f"examples_{name}"] = torch.tensor([info["examples"], info["examples_this_rank"]])
+    # streamed training gradients (never kept): each rank recomputes its shard in every call
+    make = curvature_routes()["ekfac"]
+    inf = InfluenceFunction(
+        model, task, curvature=make(), batch_size=BATCH, progress=False, keep_gradients=False
+    ).fit(data)
+    out["streamed_scores"] = inf.score((data[0][:QUERY], data[1][:QUERY])).values
+    out["streamed_self"] = inf.self_influence()
+    picked = [40, 3, 20, 3]
+    out["streamed_params"] = torch.cat([v.reshape(4, -1) for v in inf.params_change(picked).values()], 1)
+    out["streamed_removal"] = torch.cat([v.reshape(-1) for v in inf.removal_params(picked[:3]).values()])
     return out

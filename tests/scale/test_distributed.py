@@ -223,6 +223,18 @@ def test_two_ranks_curvature_routes_match_single_process(two_ranks, reference, r
 
 
 @pytest.mark.slow
+def test_two_ranks_streamed_gradients_match_the_kept_ones_of_one_process(two_ranks, reference):
+    """keep_gradients=False: each rank recomputes its shard's gradients in every call; the gathered scores,
+    self-influence and parameter changes are those of one process keeping all the gradients."""
+    tensors, _ = two_ranks
+    for what in ("scores", "self", "params", "removal"):
+        expected = reference[f"{what}_ekfac"]
+        torch.testing.assert_close(reference[f"streamed_{what}"], expected, **TOL)
+        for rank in range(2):
+            torch.testing.assert_close(tensors[rank][f"streamed_{what}"], expected, **TOL)
+
+
+@pytest.mark.slow
 def test_two_ranks_sharded_influence_refuses_local_only_use(two_ranks, reference):
     tensors, facts = two_ranks
     model, task, data, _ = problem()

@@ -44,12 +44,18 @@ EK-FAC, diagonal, Arnoldi) and the gathered rows when it makes passes over the d
 ``Curvature.collective_solve``), because then every rank must solve the same rows; ``params_change`` and
 ``removal_params`` assemble the few rows they need with one all-reduce. ``train_grads_`` gathers all rows on
 first use (a collective).
+
+**Memory.** The ``n x p`` training gradients are kept when they fit ``max_bytes``; above it (or with
+``keep_gradients=False``) they are streamed: never held, recomputed batch by batch in each ``score`` /
+``self_influence`` call (memory: one batch of rows and the ``n_query x p`` solved queries, which ``query_rank``
+compresses per layer, :mod:`datatrace.attributors.query_rank`), the same numbers at one gradient pass per call.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -64,6 +70,8 @@ from datatrace.attributors.base import (
     default_memory_budget,
     json_scalars,
 )
+from datatrace.attributors.query_rank import LowRankQueries, compress_queries, layer_products
+from datatrace.capture.engine import Layer, find_layers
 from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature import Curvature, make_curvature
 from datatrace.curvature.base import TrainingState, format_bytes, output_size
@@ -207,10 +215,19 @@ class InfluenceFunction(Attributor):
         progress: show tqdm progress bars.
         max_bytes: memory budget of the ``n x p`` training-gradient matrix this attributor keeps (under
             torch.distributed: each rank's ``n / world_size`` rows), checked before the gradient pass. ``None``:
-            a share of the memory available now (:func:`~datatrace.attributors.base.default_memory_budget`).
-            The curvature route's own need (e.g. the dense ``p x p`` matrix) is checked before the gradient pass
+            a share of the memory available now (:func:`~datatrace.attributors.base.default_memory_budget`);
+            above it the gradients are streamed (``keep_gradients="auto"``). The curvature route's own need (e.g. the dense ``p x p`` matrix) is checked before the gradient pass
             too, against the route's ``max_bytes``. :meth:`self_influence` later solves all rows at once: a
             second matrix of the same size.
+        keep_gradients: keep the ``n x p`` training gradients in memory (``True``: refuse above ``max_bytes``),
+            or stream them (``False``: never held; each :meth:`score` and :meth:`self_influence` call recomputes
+            them batch by batch, one pass of per-example gradients over the training data per call, so batch the
+            queries). ``"auto"`` (default): keep them when they fit ``max_bytes``, stream otherwise, and say so.
+        query_rank: compress each query's solved gradient ``H^{-1} grad f_q`` to this rank per supported layer
+            (truncated SVD of its ``(out, in')`` block, :mod:`datatrace.attributors.query_rank`) before the
+            products with the training gradients: ``r (out + in' + 1)`` numbers per query and layer instead of
+            ``out * in'``. ``None`` (default): full rank. ``Scores.metadata`` reports the smallest share of a query
+            block's squared norm kept (``query_rank_energy_min``).
 
     Example:
         >>> import torch, datatrace
@@ -238,10 +255,22 @@ class InfluenceFunction(Attributor):
         batch_size: int | None = None,
         progress: bool = True,
         max_bytes: int | None = None,
+        keep_gradients: bool | str = "auto",
+        query_rank: int | None = None,
     ) -> None:
         check_model_and_task(model, task, dtype)
         if max_bytes is not None:
             check_positive_int("max_bytes", max_bytes)
+        if query_rank is not None:
+            check_positive_int("query_rank", query_rank)
+        if not (isinstance(keep_gradients, bool) or keep_gradients == "auto"):
+            raise bad_value(
+                "keep_gradients",
+                keep_gradients,
+                "expected True (keep the n x p training gradients in memory), False (recompute them in every "
+                "score call) or 'auto' (keep them when they fit max_bytes)",
+                "pass one of True, False, 'auto'",
+            )
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
         check_bool("progress", progress)
@@ -254,6 +283,8 @@ class InfluenceFunction(Attributor):
         self.batch_size = batch_size
         self.progress = progress
         self.max_bytes = max_bytes
+        self.keep_gradients = keep_gradients
+        self.query_rank = query_rank
         if isinstance(curvature, Curvature) and damping != "auto":
             raise bad_value(
                 "damping",
@@ -285,15 +316,18 @@ class InfluenceFunction(Attributor):
         else:
             route = curvature
         fmodel = self._narrow_scope(fmodel, source, route)
-        self._check_memory(fmodel, len(shard_indices(len(source))))
-        local_indices, local_grads = self._local_training_gradients(fmodel, source)
-        ratio = self._check_stationary(fmodel, local_grads, len(source))
-        curvature.training_state = TrainingState(ratio, output_size(fmodel, source))
-        curvature.fit(fmodel, source, progress=self.progress)
+        streams = self._choose_streaming(fmodel, route, len(shard_indices(len(source))))
         self.fmodel_ = fmodel
         self.train_ = source
+        self.streams_ = streams
+        local_indices, local_grads, sums = self._local_training_gradients(fmodel, source, keep=not streams)
+        ratio = self._check_stationary(fmodel, sums, len(source))
+        curvature.training_state = TrainingState(ratio, output_size(fmodel, source))
+        curvature.fit(fmodel, source, progress=self.progress)
         self.local_indices_ = local_indices
         self.local_grads_ = local_grads
+        self._product_layers = self._layers_for_products(fmodel) if streams else None
+        self._products_checked = False
         self.world_size_ = world()[1]
         self._all_grads: torch.Tensor | None = None if world()[2] else local_grads
         self.curvature_ = curvature
@@ -325,35 +359,59 @@ class InfluenceFunction(Attributor):
         )
         return fmodel
 
+    def _training_batches(
+        self, fmodel: FunctionalModel, source: DataSource, indices: torch.Tensor, desc: str
+    ) -> Iterator[tuple[torch.Tensor, Any]]:
+        """``(indices, batch)`` of ``indices``, each batch cast and checked by the task (a bad label named by its
+        example index), with a progress bar."""
+        show = self.progress and world()[0] == 0
+        with tqdm(total=len(indices), desc=desc, disable=not show, leave=False) as bar:
+            for idx, batch in source.batches(indices=indices):
+                yield (
+                    idx,
+                    self.task.check_batch(fmodel.model, cast_batch(batch, fmodel.dtype, fmodel.device), idx),
+                )
+                bar.update(len(idx))
+
+    def _rows(self, fmodel: FunctionalModel, idx: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The per-example gradient rows of one checked batch (:func:`checked_rows`)."""
+        return checked_rows(
+            fmodel.per_example_grads,
+            self.task,
+            "train",
+            idx,
+            batch,
+            lambda i: f"gradient of train example {i}",
+            _ROW_FIX,
+        )
+
+    def _training_rows(
+        self, fmodel: FunctionalModel, source: DataSource, indices: torch.Tensor, desc: str
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(indices, per-example gradient rows)`` of ``indices``, batch by batch."""
+        for idx, batch in self._training_batches(fmodel, source, indices, desc):
+            yield idx, self._rows(fmodel, idx, batch)
+
     def _local_training_gradients(
-        self, fmodel: FunctionalModel, source: DataSource
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's shard of the training indices and their gradients (all of them in a single process); a
-        failure on one rank raises on every rank."""
+        self, fmodel: FunctionalModel, source: DataSource, keep: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """This rank's shard of the training indices, their gradients (``None`` when streamed) and, for the
+        stationarity check, ``[sum_i g_i, sum_i ||g_i||]`` over the shard (float64); a failure on one rank raises
+        on every rank."""
         indices = shard_indices(len(source))
         error = None
-        show = self.progress and world()[0] == 0
+        grads = None
+        sums = torch.zeros(fmodel.num_params + 1, dtype=torch.float64, device=fmodel.device)
         try:
-            grads = torch.empty(len(indices), fmodel.num_params, dtype=fmodel.dtype, device=fmodel.device)
+            if keep:
+                grads = torch.empty(len(indices), fmodel.num_params, dtype=fmodel.dtype, device=fmodel.device)
             filled = 0
-            with tqdm(total=len(indices), desc="training gradients", disable=not show, leave=False) as bar:
-                for idx, batch in source.batches(indices=indices):
-                    # checked here with the indices, so that a bad label is named by its example index
-                    batch = self.task.check_batch(
-                        fmodel.model, cast_batch(batch, fmodel.dtype, fmodel.device), idx
-                    )
-                    rows = checked_rows(
-                        fmodel.per_example_grads,
-                        self.task,
-                        "train",
-                        idx,
-                        batch,
-                        lambda i: f"gradient of train example {i}",
-                        _ROW_FIX,
-                    )
+            for _, rows in self._training_rows(fmodel, source, indices, "training gradients"):
+                if grads is not None:
                     grads[filled : filled + len(rows)] = rows  # in place: no second n x p copy
-                    filled += len(rows)
-                    bar.update(len(idx))
+                filled += len(rows)
+                sums[:-1] += rows.sum(dim=0).to(torch.float64)
+                sums[-1] += rows.norm(dim=1).sum().to(torch.float64)
         except Exception as err:
             error = err
             if is_out_of_memory(err) and not isinstance(err, MemoryError):  # a size problem, named as one
@@ -363,7 +421,55 @@ class InfluenceFunction(Attributor):
             if not world()[2]:
                 raise
         raise_if_any_failed(error, "training gradients")
-        return indices, grads
+        return indices, grads, sums
+
+    def _layers_for_products(self, fmodel: FunctionalModel) -> list[Layer] | None:
+        """The supported layers when they hold every parameter in scope (then streamed scores come from their
+        inputs and output gradients, :func:`layer_products`), else ``None`` (per-example gradient rows)."""
+        try:
+            layers, uncovered = find_layers(fmodel, "streamed scores", "keep_gradients=True")
+        except ValueError:  # a layer its kind cannot handle (a grouped convolution): rows instead
+            return None
+        return layers if layers and not uncovered else None
+
+    def _choose_streaming(self, fmodel: FunctionalModel, route: Curvature, rows: int) -> bool:
+        """Whether to stream the training gradients rather than keep the ``rows x p`` matrix (``keep_gradients``);
+        the same answer on every rank."""
+        need = rows * fmodel.num_params * fmodel.theta.element_size()
+        budget, origin = self._budget(fmodel)
+        if self.keep_gradients is True:
+            if need > budget:
+                raise self._memory_error(fmodel, rows)
+            wanted = False
+        else:
+            wanted = self.keep_gradients is False or need > budget
+        streams = bool(all_reduce_sum(torch.tensor([float(wanted)])).item() > 0)
+        if streams and world()[2] and getattr(route, "collective_solve", False):
+            raise bad_value(
+                "keep_gradients",
+                self.keep_gradients,
+                f"streamed training gradients under torch.distributed need a curvature whose solve is local, and "
+                f"{route.name!r} makes passes over the data in its solve",
+                "use curvature='ekfac', 'kfac', 'arnoldi' or 'diagonal', keep_gradients=True with a larger "
+                "max_bytes, or fewer parameters in scope (params=)",
+            )
+        if streams:
+            why = (
+                "keep_gradients=False"
+                if self.keep_gradients is False
+                else f"the {rows:,} x {fmodel.num_params:,} training gradients ({format_bytes(need)}) exceed "
+                f"max_bytes={format_bytes(budget)} ({origin})"
+            )
+            message = (
+                f"datatrace: streaming the training gradients ({why}): each score() and self_influence() call "
+                "recomputes them, one pass over the training data per call; score many queries per call"
+            )
+            logger.info(message)
+            if self.progress and world()[0] == 0 and self.keep_gradients == "auto":
+                tqdm.write(message, file=sys.stderr)
+        else:
+            logger.debug("training gradients: %d x %d, %s of %s", rows, fmodel.num_params, need, budget)
+        return streams
 
     def _memory_error(self, fmodel: FunctionalModel, rows: int, detail: str = "") -> MemoryError:
         """The error for an ``rows x p`` training-gradient matrix that does not fit, with the alternatives."""
@@ -373,8 +479,9 @@ class InfluenceFunction(Attributor):
             f"InfluenceFunction keeps the training gradients as a {rows:,} x {fmodel.num_params:,} matrix "
             f"(examples x parameters in scope) in {fmodel.dtype}: {format_bytes(need)}, "
             + (f"and the allocation failed ({detail}). " if detail else "")
-            + f"The budget is max_bytes={format_bytes(budget)} ({origin}). Every curvature route needs this "
-            "matrix here (a matrix-free route only avoids the p x p one). Fix: use datatrace.ProjectedInfluence("
+            + f"The budget is max_bytes={format_bytes(budget)} ({origin}), and keep_gradients="
+            f"{self.keep_gradients!r} asks to keep the matrix. Fix: keep_gradients='auto' or False (stream the "
+            "gradients: one pass over the training data per score call); use datatrace.ProjectedInfluence("
             "..., store_dir=...), which keeps low-dimensional projected gradients on disk; restrict the parameters "
             "with params= (e.g. the last layer); or raise max_bytes if the memory is there."
         )
@@ -384,28 +491,26 @@ class InfluenceFunction(Attributor):
             return self.max_bytes, "given"
         return default_memory_budget(fmodel.device)
 
-    def _check_memory(self, fmodel: FunctionalModel, rows: int) -> None:
-        """Refuse, before the gradient pass, an ``rows x p`` gradient matrix above the budget ``max_bytes``."""
-        need = rows * fmodel.num_params * fmodel.theta.element_size()
-        budget, _ = self._budget(fmodel)
-        if need > budget:
-            raise self._memory_error(fmodel, rows)
-        logger.debug("training gradients: %d x %d, %s of %s", rows, fmodel.num_params, need, budget)
-
     @property
     def train_grads_(self) -> torch.Tensor:
         """All ``n x p`` training gradients in index order (under torch.distributed: gathered from the ranks on
         first use, a collective every rank must make)."""
         self.check_is_fitted()
+        if self.streams_:
+            raise RuntimeError(
+                "this InfluenceFunction streams its training gradients (keep_gradients="
+                f"{self.keep_gradients!r}: the n x p matrix was over max_bytes or not wanted), so there is no "
+                "train_grads_ matrix. Fix: fit with keep_gradients=True (and a max_bytes the matrix fits), or use "
+                "params_change(indices) / score() which compute what they need."
+            )
         if self._all_grads is None:
             self._all_grads = all_gather_rows(self.local_grads_)
         return self._all_grads
 
-    def _check_stationary(self, fmodel: FunctionalModel, local_grads: torch.Tensor, n: int) -> float:
-        """Warn when far from a stationary point; return ``||grad L|| / mean_i ||grad l_i||``."""
-        sums = all_reduce_sum(
-            torch.cat([local_grads.sum(dim=0), local_grads.norm(dim=1).sum().reshape(1)]).to(torch.float64)
-        )
+    def _check_stationary(self, fmodel: FunctionalModel, local_sums: torch.Tensor, n: int) -> float:
+        """Warn when far from a stationary point; return ``||grad L|| / mean_i ||grad l_i||``. ``local_sums``:
+        ``[sum_i g_i, sum_i ||g_i||]`` over this rank's examples."""
+        sums = all_reduce_sum(local_sums)
         full = (sums[:-1] / n).to(fmodel.dtype) + fmodel.regularizer * fmodel.theta
         self.gradient_norm_ = float(full.norm())
         typical = float(sums[-1]) / n or 1.0
@@ -481,15 +586,101 @@ class InfluenceFunction(Attributor):
         q_grads = self.query_gradients(query, measurement)
         solved = self.curvature_.solve(q_grads)
         check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
-        if world()[2]:  # local columns, gathered (n_query x n, never the n x p gradients)
-            values = all_gather_rows(self.local_grads_ @ solved.T).T.contiguous() / self.n_train_
-        else:  # one process: the (n_query, n) product directly, row-major, no gather and no copy
-            values = (solved @ self.local_grads_.T) / self.n_train_
         metadata = self.metadata()
+        queries: torch.Tensor | LowRankQueries = solved
+        if self.query_rank is not None:
+            queries = compress_queries(solved, self.fmodel_, self.query_rank)
+            metadata.update(
+                query_rank=self.query_rank,
+                query_rank_energy_min=queries.min_energy,
+                query_values_stored_fraction=queries.stored_values / max(1, self.fmodel_.num_params),
+            )
+        values = self._products(queries) / self.n_train_
         if measurement is None and type(self.task).measurement is Task.measurement:
             losses = self._query_losses(self.prepare_data(query, "query"))
             metadata.update(self._loss_bound(values, losses, metadata))
         return Scores(values, self.describe_measurement(measurement), metadata)
+
+    def _products(self, queries: torch.Tensor | LowRankQueries) -> torch.Tensor:
+        """``(n_query, n)`` products of the solved queries with every training gradient: from the kept rows, or
+        recomputed batch by batch when streaming; under torch.distributed each rank's columns, gathered (never the
+        ``n x p`` gradients)."""
+
+        def dot(rows: torch.Tensor) -> torch.Tensor:
+            return queries.dot(rows) if isinstance(queries, LowRankQueries) else queries @ rows.T
+
+        if not self.streams_:
+            local = dot(self.local_grads_)
+        else:
+
+            def part() -> torch.Tensor:
+                fmodel = self.fmodel_
+                n_query = queries.num_queries if isinstance(queries, LowRankQueries) else len(queries)
+                out = torch.empty(n_query, len(self.local_indices_), dtype=fmodel.dtype, device=fmodel.device)
+                by_layer = None
+                if self._product_layers is not None:
+                    by_layer = (
+                        queries
+                        if isinstance(queries, LowRankQueries)
+                        else compress_queries(queries, fmodel, None)
+                    )
+                filled = 0
+                batches = self._training_batches(
+                    fmodel, self.train_, self.local_indices_, "scores (streamed)"
+                )
+                for idx, batch in batches:
+                    if by_layer is not None and self._product_layers is not None:
+                        values = self._layer_products(by_layer, dot, idx, batch)
+                    else:
+                        values = dot(self._rows(fmodel, idx, batch))
+                    out[:, filled : filled + len(idx)] = values
+                    filled += len(idx)
+                return out
+
+            local = collective_part(part, "scores against the streamed training gradients")
+        if world()[2]:
+            return all_gather_rows(local.T.contiguous()).T.contiguous()
+        return local
+
+    def _layer_products(
+        self, queries: LowRankQueries, dot: Any, idx: torch.Tensor, batch: Any
+    ) -> torch.Tensor:
+        """``(n_query, b)`` products from the layers' inputs and output gradients (:func:`layer_products`), never
+        forming the per-example gradients. On the first batch they are compared with the products of the
+        per-example gradient rows; if they disagree (weights used outside their module, an input not batch-first)
+        the rows are used from then on, with the reason logged."""
+        fmodel, layers = self.fmodel_, self._product_layers
+        values = checked_rows(
+            lambda b: layer_products(queries, fmodel, layers, b),
+            self.task,
+            "train",
+            idx,
+            batch,
+            lambda i: f"scores of train example {i}",
+            _ROW_FIX,
+        ).T
+        if self._products_checked:
+            return values
+        reference = dot(self._rows(fmodel, idx, batch))
+        error = float((values - reference).norm())
+        rtol = min(0.1, max(1e-10, 1e3 * torch.finfo(fmodel.dtype).eps))
+        if error <= rtol * float(reference.norm()) + 1e-300:
+            self._products_checked = True
+            return values
+        logger.info(
+            "streamed scores: the products from the layers' hooks differ from those of the per-example gradients "
+            "(relative error %.3g; weights used outside their module's forward, or an input that is not "
+            "batch-first); using the per-example gradients.",
+            error / max(float(reference.norm()), 1e-300),
+        )
+        self._product_layers = None
+        return reference
+
+    def _stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's training gradients again, batch by batch (streaming mode)."""
+        return self._training_rows(
+            self.fmodel_, self.train_, self.local_indices_, "training gradients (streamed)"
+        )
 
     def _query_losses(self, query: DataLike) -> torch.Tensor:
         """Every query's own loss at ``theta_hat``, shape ``(n_query,)`` (one forward pass per batch)."""
@@ -582,6 +773,14 @@ class InfluenceFunction(Attributor):
         """``(1/n) g_i^T H^{-1} g_i`` for every training example, shape ``(n_train,)``: the estimated rise of
         example ``i``'s own loss if it were removed and the model retrained."""
         self.check_is_fitted()
+        if self.streams_:  # the solve is local here (fit refuses a collective one with several processes)
+
+            def part() -> torch.Tensor:
+                parts = [(self.curvature_.solve(rows) * rows).sum(dim=1) for _, rows in self._stream()]
+                return torch.cat(parts) if parts else torch.zeros(0, dtype=self.fmodel_.dtype)
+
+            local = collective_part(part, "self-influence of the streamed training gradients") / self.n_train_
+            return all_gather_rows(local)
         if self._solve_everywhere():
             return (self._train_solved() * self.train_grads_).sum(dim=1) / self.n_train_
         local = (self._train_solved() * self.local_grads_).sum(dim=1) / self.n_train_
@@ -589,7 +788,13 @@ class InfluenceFunction(Attributor):
 
     def _selected_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """The training gradients of ``idx`` (any order, repeats allowed), the same on every rank: each rank fills
-        the rows it holds and one all-reduce assembles them."""
+        the rows it holds and one all-reduce assembles them; when streaming, every rank computes them."""
+        if self.streams_:
+            unique, inverse = torch.unique(idx, return_inverse=True)
+            rows = torch.cat(
+                [r for _, r in self._training_rows(self.fmodel_, self.train_, unique, "gradients")]
+            )
+            return rows[inverse]
         if not world()[2]:
             return self.local_grads_[idx]
         start = int(self.local_indices_[0]) if len(self.local_indices_) else 0

@@ -332,6 +332,8 @@ class SklearnInfluence(InfluenceFunction):
             in_scope = select_parameters(module, influence_kwargs["params"])
             for name, parameter in module.named_parameters():
                 parameter.requires_grad_(name in in_scope)
+        # the convergence check reads train_grads_: keep them (above max_bytes, a MemoryError names the fixes)
+        influence_kwargs.setdefault("keep_gradients", True)
         super().__init__(
             module, task, curvature=curvature, damping=damping, progress=progress, **influence_kwargs
         )

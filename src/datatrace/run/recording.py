@@ -101,6 +101,15 @@ class Recorder:
             :meth:`begin_step` then needs the batch (``iterate`` passes it).
         max_grad_norm: the loop clips the gradient with ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)``
             (2-norm over all trained parameters) before each step; the replay does the same, differentiably.
+        schedulers: learning-rate schedulers (anything with ``state_dict`` / ``load_state_dict`` whose state is
+            JSON) saved with every state, so that a resumed run continues their schedule.
+        resume: continue an interrupted recording in ``folder`` (``complete: false``) from its last saved state;
+            with no recording there, start a new one. Run the same loop again from its start: :meth:`iterate`
+            skips the first :attr:`resumed_from` minibatches of the data order without loading them, and the first
+            step after them restores the model, the optimizer (state and every group's hyper-parameters) and the
+            schedulers as they were saved, so the run goes on as if never stopped; a loop that calls
+            :meth:`begin_step` itself skips its first ``resumed_from`` steps. The steps noted after that state are
+            dropped and recorded again.
     """
 
     def __init__(
@@ -116,6 +125,8 @@ class Recorder:
         task: Task | None = None,
         gradient_dim: int | None = None,
         max_grad_norm: float | None = None,
+        schedulers: Sequence[Any] = (),
+        resume: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise bad_value("model", model, "a torch.nn.Module", "pass the model being trained")
@@ -125,13 +136,38 @@ class Recorder:
         self.seed = int(seed)
         self.n_train = None if n_train is None else check_positive_int("n_train", n_train)
         self.folder = Path(folder)
-        if (self.folder / MANIFEST).exists() and not overwrite:
-            raise bad_value(
-                "folder",
-                str(folder),
-                "a folder without a recording (it already holds run.json)",
-                "choose a new folder, or pass overwrite=True to replace that recording",
-            )
+        self.schedulers = list(schedulers)
+        for k, scheduler in enumerate(self.schedulers):
+            if not (
+                callable(getattr(scheduler, "state_dict", None))
+                and callable(getattr(scheduler, "load_state_dict", None))
+            ):
+                raise bad_value(
+                    f"schedulers[{k}]",
+                    scheduler,
+                    "a learning-rate scheduler with state_dict() and load_state_dict()",
+                    "pass torch.optim.lr_scheduler objects (or leave them out: the rates are recorded anyway)",
+                )
+        previous = None
+        if (self.folder / MANIFEST).exists():
+            if resume:
+                previous = _interrupted_manifest(self.folder)
+            elif not overwrite:
+                raise bad_value(
+                    "folder",
+                    str(folder),
+                    "a folder without a recording (it already holds run.json)",
+                    "choose a new folder, pass overwrite=True to replace that recording, or resume=True to "
+                    "continue an interrupted one",
+                )
+        self.resumed_from = 0
+        self._skip = 0
+        self._restore: TrainState | None = None
+        self._restore_entry: dict[str, Any] = {}
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        if previous is not None:
+            self._resume(previous, optimizer, hyper, task, gradient_dim, max_grad_norm)
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         for old in [
             *self.folder.glob("state-*.safetensors"),
@@ -140,18 +176,7 @@ class Recorder:
         ]:
             if old.exists():
                 old.unlink()
-        self._names = {id(p): n for n, p in model.named_parameters()}
-        groups = []
-        for g, group in enumerate(optimizer.param_groups):
-            unknown = [p for p in group["params"] if id(p) not in self._names]
-            if unknown:
-                raise bad_value(
-                    f"optimizer.param_groups[{g}]",
-                    f"{len(unknown)} tensors that are not parameters of model",
-                    "an optimizer over the model's own parameters",
-                    "build the optimizer from model.parameters() (or a subset of them)",
-                )
-            groups.append({"params": [self._names[id(p)] for p in group["params"]], "hyper": hyper[g]})
+        groups = self._groups(optimizer, hyper)
         self._last_hyper = hyper
         self.manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -169,26 +194,168 @@ class Recorder:
             "gradients": None,
             "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
         }
-        self._trace: GradientTrace | None = None
-        if gradient_dim is not None:
-            if not isinstance(task, Task):
-                raise bad_value(
-                    "task",
-                    task,
-                    "a datatrace.Task when gradient_dim is given",
-                    "pass the task whose loss is trained",
-                )
-            if self.n_train is None:
-                raise bad_value(
-                    "n_train", None, "the training set's size when gradient_dim is given", "pass it"
-                )
-            dim = check_positive_int("gradient_dim", gradient_dim)
-            trainable = [n for g in groups for n in g["params"]]
-            self._trace = GradientTrace(model, task, trainable, dim, self.seed, self.n_train)
+        self._trace = self._make_trace(task, gradient_dim, groups)
+        if self._trace is not None:
             self.manifest["gradients"] = {"projection": self._trace.fingerprint(), "files": {}}
         self.t = 0
         self._steps = open(self.folder / STEPS, "w", encoding="utf-8")
         write_json(self.folder / MANIFEST, self.manifest)
+
+    def _groups(self, optimizer: torch.optim.Optimizer, hyper: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The manifest's groups: each group's parameter names and hyper-parameters (foreign tensors refused)."""
+        groups = []
+        for g, group in enumerate(optimizer.param_groups):
+            unknown = [p for p in group["params"] if id(p) not in self._names]
+            if unknown:
+                raise bad_value(
+                    f"optimizer.param_groups[{g}]",
+                    f"{len(unknown)} tensors that are not parameters of model",
+                    "an optimizer over the model's own parameters",
+                    "build the optimizer from model.parameters() (or a subset of them)",
+                )
+            groups.append({"params": [self._names[id(p)] for p in group["params"]], "hyper": hyper[g]})
+        return groups
+
+    def _make_trace(
+        self, task: Task | None, gradient_dim: int | None, groups: list[dict[str, Any]]
+    ) -> GradientTrace | None:
+        if gradient_dim is None:
+            return None
+        if not isinstance(task, Task):
+            raise bad_value(
+                "task",
+                task,
+                "a datatrace.Task when gradient_dim is given",
+                "pass the task whose loss is trained",
+            )
+        if self.n_train is None:
+            raise bad_value("n_train", None, "the training set's size when gradient_dim is given", "pass it")
+        dim = check_positive_int("gradient_dim", gradient_dim)
+        trainable = [n for g in groups for n in g["params"]]
+        return GradientTrace(self.model, task, trainable, dim, self.seed, self.n_train)
+
+    # -- resuming -------------------------------------------------------------------------------------------------
+    def _resume(
+        self,
+        manifest: dict[str, Any],
+        optimizer: torch.optim.Optimizer,
+        hyper: list[dict[str, Any]],
+        task: Task | None,
+        gradient_dim: int | None,
+        max_grad_norm: float | None,
+    ) -> None:
+        """Continue ``manifest``'s interrupted recording from its last saved state (see ``resume``)."""
+        groups = self._groups(optimizer, hyper)
+        given = {
+            "optimizer": self.kind,
+            "groups' parameters": [g["params"] for g in groups],
+            "seed": self.seed,
+            "checkpoint_every": self.checkpoint_every,
+            "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
+        }
+        saved = {
+            "optimizer": manifest["optimizer"],
+            "groups' parameters": [g["params"] for g in manifest["groups"]],
+            "seed": manifest["seed"],
+            "checkpoint_every": manifest["checkpoint_every"],
+            "max_grad_norm": manifest.get("max_grad_norm"),
+        }
+        if self.n_train is not None and manifest.get("n_train") is not None:
+            given["n_train"], saved["n_train"] = self.n_train, manifest["n_train"]
+        for key, value in given.items():
+            if value != saved[key]:
+                raise bad_value(
+                    "resume",
+                    True,
+                    f"the same run as the interrupted recording in {self.folder}, whose {key} is {saved[key]!r} "
+                    f"(this Recorder's: {value!r})",
+                    "resume with the run's own settings, or record a new run in another folder",
+                )
+        self.n_train = self.n_train if self.n_train is not None else manifest.get("n_train")
+        self._trace = self._make_trace(task, gradient_dim, groups)
+        fingerprint = None if self._trace is None else self._trace.fingerprint()
+        if fingerprint != (manifest.get("gradients") or {}).get("projection"):
+            raise bad_value(
+                "gradient_dim",
+                gradient_dim,
+                "the per-step gradient settings (task, gradient_dim) of the interrupted recording",
+                "resume with the same task and gradient_dim",
+            )
+        t = max(int(k) for k in manifest["checkpoints"])
+        entry = manifest["checkpoints"][str(t)]
+        path = self.folder / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise StoreCorruptedError(f"{path} is missing or does not match its sha256; record the run again")
+        with open(self.folder / STEPS, encoding="utf-8") as handle:
+            lines = handle.readlines()[:t]
+        if len(lines) < t or not all(line.endswith("\n") for line in lines):
+            raise StoreCorruptedError(
+                f"{self.folder / STEPS} holds {len(lines)} whole steps before the saved state of step {t}; record "
+                "the run again"
+            )
+        kept_files = {e["file"] for e in manifest["checkpoints"].values()}
+        kept_files |= set((manifest.get("gradients") or {}).get("files", {}))
+        for stale in [*self.folder.glob("state-*.safetensors"), *self.folder.glob("grads-*.safetensors")]:
+            if stale.name not in kept_files:
+                stale.unlink()
+        atomic_write(self.folder / STEPS, lambda tmp: Path(tmp).write_text("".join(lines), encoding="utf-8"))
+        last_hyper = [dict(g["hyper"]) for g in manifest["groups"]]
+        self._recorded = []
+        for line in lines:
+            row = json.loads(line)
+            last_hyper = [dict(h) for h in row["hyper"]] if "hyper" in row else last_hyper
+            self._recorded.append(row["idx"])
+        self._last_hyper = last_hyper
+        self.manifest = manifest
+        self.t = self.resumed_from = self._skip = t
+        self._restore = load_state(path)
+        self._restore_entry = entry
+        self._steps = open(self.folder / STEPS, "a", encoding="utf-8")
+        logger.info("resuming the recording in %s from step %d", self.folder, t)
+
+    def _skipped(self, indices: list[int]) -> None:
+        """One minibatch of the data order skipped on resume, compared with the recorded one."""
+        t = self.resumed_from - self._skip
+        self._skip -= 1
+        if [int(i) for i in indices] != self._recorded[t] and not getattr(self, "_warned_order", False):
+            self._warned_order = True
+            logger.warning(
+                "resuming %s: minibatch %d of the data order differs from the recorded one (a loader that shuffles "
+                "without its own generator, or another loop). The recording stays consistent (the steps before "
+                "the saved state are the ones recorded; the steps after it record what they use), but the run "
+                "will not be the one that was interrupted.",
+                self.folder,
+                t,
+            )
+
+    def _restore_now(self) -> None:
+        """Put the saved state back into the live model, optimizer and schedulers (first step after resuming)."""
+        state, entry = self._restore, self._restore_entry
+        self._restore = None
+        if state is None:
+            return
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(state.params[name])
+            for name, b in self.model.named_buffers():
+                if name in state.buffers:
+                    b.copy_(state.buffers[name])
+        for group, saved in zip(self.optimizer.param_groups, entry.get("hyper", self._last_hyper)):
+            for key, value in saved.items():
+                group[key] = value if not isinstance(group.get(key), tuple) else tuple(value)
+            for p in group["params"]:
+                restored: dict[str, Any] = {}
+                for key, value in state.opt.get(self._names[id(p)], {}).items():
+                    if isinstance(value, torch.Tensor):
+                        restored[key] = value.to(p.device).clone()
+                    elif key == "step":  # torch.optim keeps Adam's step count as a tensor
+                        restored[key] = torch.tensor(float(value), dtype=torch.float32)
+                    else:
+                        restored[key] = value
+                if restored:
+                    self.optimizer.state[p] = restored
+        for scheduler, saved in zip(self.schedulers, entry.get("schedulers", [])):
+            scheduler.load_state_dict(saved)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def begin_step(self, indices: Sequence[int] | torch.Tensor, batch: Any = None) -> None:
@@ -206,6 +373,9 @@ class Recorder:
                 f"indices into the training set of n_train={self.n_train} examples",
                 "pass the positions of the minibatch's examples in the training set",
             )
+        self._skip = 0  # called directly: the loop skipped the recorded steps itself (iterate drops them first)
+        if self._restore is not None:
+            self._restore_now()
         if self.t == 0:
             self.manifest["modules_in_eval"] = [n for n, m in self.model.named_modules() if not m.training]
         if self.t % self.checkpoint_every == 0:
@@ -262,7 +432,7 @@ class Recorder:
         pending: collections.deque[list[int]] = collections.deque()
         twin = DataLoader(
             loader.dataset,
-            batch_sampler=_NotingSampler(loader.batch_sampler, pending),
+            batch_sampler=_NotingSampler(loader.batch_sampler, pending, self),
             num_workers=loader.num_workers,
             collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory,
@@ -304,7 +474,10 @@ class Recorder:
             self.manifest["gradients"]["files"][name] = digest
         state = state_from_training(self.model, self.optimizer, self._names, self.t)
         digest = atomic_write(self.folder / filename, lambda tmp: save_state(state, tmp), checksum=True)
-        entry = {"file": filename, "sha256": digest}
+        entry: dict[str, Any] = {"file": filename, "sha256": digest}
+        entry["hyper"] = describe_optimizer(self.optimizer)[1]
+        if self.schedulers:
+            entry["schedulers"] = [_json_state(k, s.state_dict()) for k, s in enumerate(self.schedulers)]
         if where == "final":
             self.manifest["final"] = {"t": self.t, **entry}
         else:
@@ -312,14 +485,67 @@ class Recorder:
         write_json(self.folder / MANIFEST, self.manifest)
 
 
-class _NotingSampler(Sampler):
-    """A batch sampler that passes ``inner``'s batches on and notes each one's indices, in order."""
+def _json_state(k: int, state: dict[str, Any]) -> dict[str, Any]:
+    """A scheduler's ``state_dict`` as JSON (checked: it must survive the round trip unchanged)."""
+    try:
+        text = json.dumps(state)
+    except (TypeError, ValueError) as err:
+        raise bad_value(
+            f"schedulers[{k}]",
+            type(state).__name__,
+            f"a scheduler whose state_dict() is JSON (numbers, strings, lists), not one holding {err}",
+            "leave that scheduler out of schedulers= (its rates are recorded anyway; resuming then needs you to "
+            "restore it yourself)",
+        ) from None
+    return json.loads(text)
 
-    def __init__(self, inner: Iterable[list[int]], pending: collections.deque) -> None:
-        self.inner, self.pending = inner, pending
+
+def _interrupted_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the interrupted recording in ``folder``; a refusal for a complete, foreign or unreadable one,
+    or one without a saved state yet."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise StoreCorruptedError(
+            f"{path} is not a readable recording manifest ({err}); record the run again"
+        ) from None
+    if manifest.get("format") != FORMAT:
+        raise bad_value(
+            "folder",
+            str(folder),
+            f"a recording of format {FORMAT}, got {manifest.get('format')!r}",
+            "record again",
+        )
+    if manifest.get("complete"):
+        raise bad_value(
+            "resume",
+            True,
+            f"an interrupted recording, but the one in {folder} is complete",
+            "open it with datatrace.Recording(folder), or record a new run in another folder",
+        )
+    if not manifest.get("checkpoints"):
+        raise bad_value(
+            "resume",
+            True,
+            f"an interrupted recording with at least one saved state; {folder} has none",
+            "record the run again (overwrite=True)",
+        )
+    return manifest
+
+
+class _NotingSampler(Sampler):
+    """A batch sampler that passes ``inner``'s batches on and notes each one's indices, in order; while the recorder
+    resumes, it drops the batches of the steps already recorded (so they are never loaded)."""
+
+    def __init__(self, inner: Iterable[list[int]], pending: collections.deque, recorder: Recorder) -> None:
+        self.inner, self.pending, self.recorder = inner, pending, recorder
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.inner:
+            if self.recorder._skip:
+                self.recorder._skipped(list(batch))
+                continue
             self.pending.append(list(batch))
             yield batch
 
