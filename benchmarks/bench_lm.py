@@ -73,6 +73,11 @@ METHODS = [
     Method("auto", "influence", {"curvature": "auto"}, "InfluenceFunction's default"),
     Method("ekfac-sampled", "influence", {"curvature": "ekfac", "fisher": "sampled"},
            "EKFAC(fisher='sampled'): one next token drawn per position"),
+    Method("ekfac-sampled-streamed", "influence",
+           {"curvature": "ekfac", "fisher": "sampled", "keep_gradients": False},
+           "keep_gradients=False: training gradients recomputed per score call, never held"),
+    Method("ekfac-sampled-batch64", "influence", {"curvature": "ekfac", "fisher": "sampled", "batch_size": 64},
+           "batch_size=64 (the default batch is the data's own or 256)"),
     Method("ekfac-ggn", "influence", {"curvature": "ekfac", "fisher": "ggn"}, "exact output Hessian"),
     Method("kfac-sampled", "influence", {"curvature": "kfac", "fisher": "sampled"}),
     Method("identity", "influence", {"curvature": "identity"}, "gradient dot product"),
@@ -80,7 +85,9 @@ METHODS = [
            "ProjectedInfluence, FactorizedProjector, GGN sketched by 1 Rademacher sample"),
     Method("projected-factorized-empirical", "projected", {"fisher": "empirical"},
            "ProjectedInfluence, FactorizedProjector, empirical Fisher"),
-    Method("trak-4", "trak", {"members": 4}, "TRAK defaults, 4 models trained with seeds 0-3"),
+    Method("trak-4", "trak", {"members": 4, "fisher": "empirical"},
+           "TRAK, 4 models trained with seeds 0-3, empirical Fisher of the projected gradients"),
+    Method("trak-4-default", "trak", {"members": 4}, "TRAK defaults (fisher='ggn'), 4 models"),
     Method("kronfluence-ekfac", "kronfluence", {"damping": None, "modules": "blocks"},
            "the blocks' Linear layers (datatrace's EK-FAC scope), damping heuristic (0.1 x mean eigenvalue)"),
     Method("kronfluence-ekfac-default", "kronfluence", {"damping": 1e-8, "modules": "blocks"},
@@ -128,7 +135,9 @@ def _fit_and_score(attributor: Any, ctx: dict[str, Any]) -> dict[str, Any]:
     attributor.fit(ctx["train"])
     fit = time.perf_counter() - start
     scores = attributor.score(ctx["test"])
-    return {"scores": scores.values, "fit_seconds": fit}
+    meta = getattr(scores, "metadata", None) or {}
+    kept = {k: meta[k] for k in ("query_rank", "query_rank_energy_min") if k in meta}
+    return {"scores": scores.values, "fit_seconds": fit, **kept}
 
 
 def run_projected(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +152,8 @@ def run_trak(method: Method, ctx: dict[str, Any]) -> dict[str, Any]:
         catalogue.trained(ctx["problem"], seed=s).to(ctx["device"])
         for s in range(1, method.options["members"])
     ]
-    attributor = datatrace.TRAK(members, ctx["task"], progress=False)
+    options = {k: v for k, v in method.options.items() if k != "members"}
+    attributor = datatrace.TRAK(members, ctx["task"], progress=False, **options)
     return {**_fit_and_score(attributor, ctx), "note": "time excludes training the extra models"}
 
 
@@ -499,6 +509,7 @@ def main() -> None:
             else:
                 row["lds"] = float(metrics.lds(scores, truth.masks, truth.outputs).mean)
                 row["below_minus_loss"] = float((scores < -losses[:, None] - 1e-6).any(axis=1).mean())
+                row["fwd_bwd_seconds"], row["fwd_bwd_bytes"] = fb["seconds"], fb["extra_bytes"]  # this run's
                 row["x_fwd_bwd"] = row["seconds"] / fb["seconds"]
                 row["kib_per_token"] = row["extra_bytes"] / tokens / 1024
                 row["mem_x_fwd_bwd"] = row["extra_bytes"] / fb["extra_bytes"]

@@ -4,10 +4,13 @@ Every problem here is a float32 model trained by :func:`datatrace.verification.t
 shuffled minibatches for a fixed number of epochs, dropout and BatchNorm in train mode), on data that ships with
 an installed package (scikit-learn's digits and breast cancer sets; the standard library's own docstrings as
 text). None of them sits at a minimum of its objective, which is the normal case the defaults must handle. The
-float64 L-BFGS problems of :mod:`common` stay as exactness oracles.
+float64 L-BFGS problems of :mod:`common` stay as exactness oracles. ``lm`` is a small GPT-2
+(``transformers.GPT2LMHeadModel`` from a config, nothing downloaded) trained by AdamW on 32-token windows of the
+same docstrings, with :class:`datatrace.hf.CausalLMTask` (summed next-token NLL per sequence) as its task;
+``bench_lm.py`` benchmarks it.
 
-Each :class:`Problem` gives its data, a model built from an init seed, the task (mean cross-entropy plus the L2
-term the training used, so that influence and training see the same objective), the training recipe, and the
+Each :class:`Problem` gives its data, a model built from an init seed, the task (cross-entropy, or the LM's
+summed NLL, plus the L2 term the training used, so that influence and training see the same objective), the training recipe, and the
 ground truth: :func:`ground_truth` retrains on ``n_subsets`` random half subsets with ``n_seeds`` seeds each
 (:func:`datatrace.verification.retrain.subsets`, cached under ``benchmarks/results/cache/``; the seeds give the
 split-half noise ceiling of the LDS). ``scale="ci"`` builds the same problem at a size the test suite can afford.
