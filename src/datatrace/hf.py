@@ -31,7 +31,16 @@ exact block-diagonal output Hessian ``diag_t(diag(p_t) - p_t p_t^T)`` and backpr
 position and vocabulary entry, affordable only for short sequences and small vocabularies (K-FAC refuses above
 1024 outputs); ``fisher="sampled"`` (one next token drawn per valid position from the model,
 :meth:`CausalLMTask.sample_targets`) costs one backward pass per sample and is the choice for language models:
-``InfluenceFunction(model, CausalLMTask(), curvature=EKFAC(fisher="sampled"))``.
+``InfluenceFunction(model, CausalLMTask(), curvature=EKFAC(fisher="sampled"))``. ``curvature="auto"`` takes it by
+itself above 1024 outputs per sequence (:mod:`datatrace.curvature.auto`); it takes EK-FAC on the supported layers
+only when no route covering every parameter (Arnoldi, CG) is predicted to fit its time budget, so a small model
+may get Arnoldi instead (docs/examples/gpt2_completion.py shows both).
+
+**Padding changes nothing** (right padding, attention mask 0, labels -100; tests/hf/test_hf_lm_properties.py):
+padded positions enter neither the loss, the gradients nor EK-FAC's weighted factors; the sampled Fisher draws
+only at counted positions, and ``damping="auto"`` counts only the outputs the loss depends on
+(:meth:`CausalLMTask.output_counts`). The exception is K-FAC's plain-mean input factor (``KFAC()``'s default),
+which averages the inputs over every position, padding included.
 
 **Which routes run** (measured on a one-layer BERT and GPT-2 built from their configs, transformers 5, CPU,
 float64, default SDPA attention): every route. K-FAC/EK-FAC and :class:`~datatrace.ProjectedInfluence` with a
@@ -323,13 +332,23 @@ class CausalLMTask(Task):
         L[:, idx, :, idx, :] = blocks.permute(1, 0, 2, 3)
         return L.reshape(b, T * V, T * V)
 
+    def output_counts(self, outputs: torch.Tensor, batch: Mapping) -> torch.Tensor:
+        """``V`` logits per position whose next token counts (label not -100, not padding), shape ``(b,)``: the
+        outputs the loss depends on (padding and the last position carry none)."""
+        _, valid = self.next_tokens(batch)
+        return valid.sum(dim=1) * outputs.shape[-1]
+
     def sample_targets(self, outputs: torch.Tensor, batch: Mapping, generator: torch.Generator) -> dict:
         """The batch with ``labels`` drawn from the model: one next token per valid position from
-        ``softmax(z_t)``, -100 elsewhere (the positions that count stay the same)."""
+        ``softmax(z_t)``, -100 elsewhere (the positions that count stay the same).
+
+        Draws are made for the valid positions only, in order (example by example, position by position), so
+        padding does not consume random numbers: the same sequences padded to another length get the same
+        samples from the same generator state."""
         p, valid = self._probabilities(outputs, batch)
-        b, t1, V = p.shape
-        draw = torch.multinomial(p.reshape(-1, V), 1, replacement=True, generator=generator).reshape(b, t1)
-        labels = torch.where(valid, draw, torch.full_like(draw, IGNORE_INDEX))
+        labels = torch.full(valid.shape, IGNORE_INDEX, dtype=torch.long, device=p.device)
+        if bool(valid.any()):
+            labels[valid] = torch.multinomial(p[valid], 1, replacement=True, generator=generator).reshape(-1)
         labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels], dim=1)
         return with_targets(batch, labels, self.label_key)
 

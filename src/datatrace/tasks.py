@@ -150,6 +150,15 @@ class Task:
         evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
         return evecs * evals.sqrt().unsqueeze(1)
 
+    def output_counts(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
+        """How many of each example's outputs its loss depends on, shape ``(b,)``: the model outputs per example
+        that ``damping="auto"`` counts (:class:`~datatrace.curvature.base.TrainingState`). Default: all of them,
+        ``outputs[i].numel()``; a task whose outputs include positions without a loss (a language model's padding)
+        counts only the others, so that padding does not change the damping."""
+        return torch.full(
+            (outputs.shape[0],), outputs[0].numel() if outputs.shape[0] else 0, dtype=torch.long
+        )
+
     def sample_targets(self, outputs: torch.Tensor, batch: tuple, generator: torch.Generator) -> tuple:
         """``batch`` with its targets drawn from the model's predictive distribution at ``outputs`` (the sampled
         Fisher), in the batch's own form (a tuple stays a tuple, a dict a dict: :func:`with_targets`). A custom

@@ -384,3 +384,33 @@ def test_warns_when_the_model_is_not_at_a_minimum(logreg, caplog):
     with caplog.at_level(logging.WARNING, logger="datatrace.attributors.projected"):
         ProjectedInfluence(untrained, task, dtype=torch.float64, progress=False).fit(train)
     assert "not at a minimum" in caplog.text
+
+
+def test_features_above_max_bytes_go_to_a_temporary_store_removed_with_the_attributor(mlp_problem, caplog):
+    import gc
+    import os
+
+    model, task, train, query = mlp_problem
+    args = {"projector": RandomProjector(dim=64, random_state=3), "dtype": torch.float64, "progress": False}
+    memory = ProjectedInfluence(model, task, **args).fit(train)
+    assert memory.store_ is None
+    need = 150 * 64 * 8
+    with caplog.at_level(logging.WARNING, logger="datatrace.attributors.projected"):
+        spilled = ProjectedInfluence(model, task, max_bytes=need - 1, **args).fit(train)
+    assert spilled.store_ is not None and spilled.train_features_ is None
+    folder = str(spilled.store_.path)
+    assert any(
+        "temporary on-disk store" in r.getMessage() and "store_dir=" in r.getMessage() for r in caplog.records
+    )
+    torch.testing.assert_close(
+        spilled.score(query).values, memory.score(query).values, rtol=1e-10, atol=1e-14
+    )
+    torch.testing.assert_close(spilled.self_influence(), memory.self_influence(), rtol=1e-10, atol=1e-14)
+    kept = ProjectedInfluence(model, task, max_bytes=need, **args).fit(train)
+    assert kept.store_ is None
+    assert os.path.isdir(folder)
+    del spilled
+    gc.collect()
+    assert not os.path.exists(folder)
+    with pytest.raises(ValueError, match=r"max_bytes=0 is not allowed"):
+        ProjectedInfluence(model, task, max_bytes=0)

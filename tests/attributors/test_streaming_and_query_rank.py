@@ -218,3 +218,29 @@ def test_streamed_scores_use_gradient_rows_for_parameters_outside_the_layers(cap
     assert tied._product_layers is None and any("differ from those" in r.getMessage() for r in caplog.records)
     reference = InfluenceFunction(model, task, keep_gradients=True, params=["inp", "out"], **args).fit((X, y))
     torch.testing.assert_close(values, reference.score((X, y)).values, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("rank", [None, 2])
+def test_score_candidates_are_the_scores_at_those_columns(problem, keep, rank, monkeypatch):
+    _, _, query = problem
+    inf = _fit(problem, curvature="ekfac", keep_gradients=keep, query_rank=rank)
+    full = inf.score(query).values
+    candidates = torch.stack(
+        [torch.randperm(50, generator=torch.Generator().manual_seed(q))[:4] for q in range(10)]
+    )
+    if not keep:  # streamed: only the union of the candidates' gradients is recomputed
+        seen = []
+        original = FunctionalModel.per_example_grads
+
+        def counting(self, batch):
+            seen.append(len(batch[0]))
+            return original(self, batch)
+
+        monkeypatch.setattr(FunctionalModel, "per_example_grads", counting)
+    values = inf.score_candidates(query, candidates)
+    torch.testing.assert_close(values, torch.gather(full, 1, candidates), rtol=1e-9, atol=1e-12)
+    if not keep:
+        assert sum(seen) == len(torch.unique(candidates))  # training gradients of the candidates' union only
+    with pytest.raises(ValueError, match="candidates"):
+        inf.score_candidates(query, candidates[:3])

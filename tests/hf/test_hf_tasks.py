@@ -18,24 +18,9 @@ from torch import nn
 import datatrace
 from datatrace.curvature.kfac import EKFAC, KFAC
 from datatrace.hf import IGNORE_INDEX, CausalLMTask, SequenceClassificationTask, prompt_completion
+from dict_data import DictDataset
 
 WD = 1e-2
-
-
-class DictDataset(torch.utils.data.Dataset):
-    """Items ``{key: column[i]}``: the form of a tokenised Hugging Face dataset."""
-
-    def __init__(self, **columns: torch.Tensor) -> None:
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values())))
-
-    def __getitem__(self, i: int) -> dict:
-        return {k: v[i] for k, v in self.columns.items()}
-
-    def head(self, k: int) -> DictDataset:
-        return DictDataset(**{key: v[:k] for key, v in self.columns.items()})
 
 
 # -- dict batches give the tuple scores (no transformers needed) ---------------------------------------------------

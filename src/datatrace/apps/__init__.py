@@ -15,6 +15,8 @@ with every route; the scores keep the attributor's sign convention and units (:d
 :func:`confirm_memorisation` retrain without flagged examples: does their own loss rise as estimated?
 :func:`pbrf_response`      the proximal Bregman response (Bae et al. 2022), the target of influence on networks
 :func:`attack`             Koh & Liang's training-set attack, verified by retraining
+:func:`score_shortlist`    exact scores of each query's ``m`` most similar training examples only (TF-IDF,
+                           embeddings, any similarity); :func:`shortlist_recall`: how much of the top-k it keeps
 =========================  ===================================================================================
 """
 
@@ -30,6 +32,15 @@ from datatrace.apps.audit import (
 from datatrace.apps.debug import DebugResult, RemovalCheck, debug_data, detection_summary, removal_check
 from datatrace.apps.explain import Explanation, explain
 from datatrace.apps.pbrf import pbrf_response
+from datatrace.apps.shortlist import (
+    ShortlistRecall,
+    ShortlistScores,
+    embedding_similarity,
+    score_shortlist,
+    select_candidates,
+    shortlist_recall,
+    tfidf_similarity,
+)
 from datatrace.apps.value import DataValues, value_data
 
 __all__ = [
@@ -41,15 +52,22 @@ __all__ = [
     "MemorisationAudit",
     "MemorisationCheck",
     "RemovalCheck",
+    "ShortlistRecall",
+    "ShortlistScores",
     "attack",
     "confirm_memorisation",
     "debug_data",
     "detection_summary",
+    "embedding_similarity",
     "explain",
     "fairness_audit",
     "memorisation_audit",
     "pbrf_response",
     "perturbation_direction",
     "removal_check",
+    "score_shortlist",
+    "select_candidates",
+    "shortlist_recall",
+    "tfidf_similarity",
     "value_data",
 ]

@@ -45,6 +45,7 @@ __all__ = [
     "STATIONARITY_TOLERANCE",
     "Attributor",
     "Measurement",
+    "check_candidates",
     "check_index_set",
     "check_stationary",
     "default_memory_budget",
@@ -97,6 +98,54 @@ def check_index_set(name: str, idx: torch.Tensor, given: Any = None) -> torch.Te
                 "pass each example once (e.g. sorted(set(indices))); for a weighted removal add the rows of "
                 "params_change yourself",
             )
+    return idx
+
+
+def check_candidates(name: str, candidates: Any, n_query: int, n_train: int) -> torch.Tensor:
+    """``candidates`` as an ``(n_query, m)`` long tensor of training indices, ``m >= 1``: row ``q`` lists the
+    training examples whose scores on query ``q`` are wanted (a shortlist, :mod:`datatrace.apps.shortlist`).
+    Negative indices count from the end, as everywhere; a row may not repeat an example (it would be scored twice
+    and counted twice by a recall). Errors name ``name``, the value, what is allowed and the fix."""
+    try:
+        idx = torch.as_tensor(candidates)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad_value(
+            name,
+            candidates,
+            "expected integer training indices, one row per query",
+            "pass an (n_query, m) array",
+        ) from None
+    if idx.dim() == 1 and n_query == 1:
+        idx = idx.reshape(1, -1)
+    if idx.dim() != 2 or idx.shape[0] != n_query or idx.shape[1] == 0:
+        raise bad_value(
+            name,
+            candidates,
+            f"expected shape (n_query, m) = ({n_query}, m) with m >= 1: one row of training indices per query",
+            "pass e.g. datatrace.apps.shortlist.select_candidates(similarity, m) for these queries",
+        )
+    if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
+        raise bad_value(
+            name, candidates, f"expected integer indices, got dtype {idx.dtype}", "pass integer indices"
+        )
+    idx = idx.long()
+    if int(idx.min()) < -n_train or int(idx.max()) >= n_train:
+        bad = idx[(idx < -n_train) | (idx >= n_train)][0].item()
+        raise IndexError(
+            f"{name} contains {bad}, out of range for {n_train} training examples: allowed is -{n_train} <= index "
+            f"< {n_train}. Fix: pass indices of the training data the attributor was fitted on."
+        )
+    idx = torch.where(idx < 0, idx + n_train, idx)
+    ordered = idx.sort(dim=1).values
+    repeats = ordered[:, 1:] == ordered[:, :-1]
+    if bool(repeats.any()):
+        q, j = (int(v) for v in repeats.nonzero()[0])
+        raise bad_value(
+            name,
+            candidates,
+            f"each row must list a training example at most once; row {q} repeats index {int(ordered[q, j])}",
+            "remove the repeats (e.g. with numpy.unique per row), or choose the candidates with select_candidates",
+        )
     return idx
 
 

@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 from datatrace.attributors.base import (
     Attributor,
     Measurement,
+    check_candidates,
     check_index_set,
     check_stationary,
     default_memory_budget,
@@ -158,6 +159,9 @@ ROUTE_UNITS: dict[str, tuple[str, str]] = {
     ),
     "identity": (RANK_ONLY, "H ~ I: gradient dot products, not in any loss units"),
 }
+#: score_candidates: above this share of the training set among all queries' candidates, every kept row is scored
+#: and the candidates' columns kept (copying most rows costs more than the product; see ``projected``'s constant)
+ALL_ROWS_FRACTION = 0.25
 #: above this share of queries with a score below minus their own loss, score() logs a warning
 BELOW_MINUS_LOSS_WARN = 0.05
 #: relative tolerance of the bound score >= -loss (rounding of the loss and of the scores)
@@ -600,6 +604,32 @@ class InfluenceFunction(Attributor):
             losses = self._query_losses(self.prepare_data(query, "query"))
             metadata.update(self._loss_bound(values, losses, metadata))
         return Scores(values, self.describe_measurement(measurement), metadata)
+
+    def score_candidates(
+        self, query: DataLike, candidates: Any, measurement: Measurement | None = None
+    ) -> torch.Tensor:
+        """The scores of a shortlist of training examples per query, ``(n_query, m)``: ``values[q, j] =
+        score[q, candidates[q, j]]`` (the same curvature, fitted on the whole training set), from the gradients of
+        the candidates only: the kept rows of the union of all queries' candidates, or, when the gradients are
+        streamed, only those examples' gradients recomputed (``candidates``: ``(n_query, m)`` training indices, no
+        repeats in a row; :func:`datatrace.attributors.base.check_candidates`). Used by
+        :func:`datatrace.apps.shortlist.score_shortlist`."""
+        self.check_measurement(measurement)
+        self.check_is_fitted()
+        q_grads = self.query_gradients(query, measurement)
+        cand = check_candidates("candidates", candidates, int(q_grads.shape[0]), self.n_train_)
+        solved = self.curvature_.solve(q_grads)
+        check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
+        queries: torch.Tensor | LowRankQueries = solved
+        if self.query_rank is not None:
+            queries = compress_queries(solved, self.fmodel_, self.query_rank)
+        union, inverse = torch.unique(cand, return_inverse=True)
+        if not self.streams_ and not world()[2] and len(union) > ALL_ROWS_FRACTION * self.n_train_:
+            values = self._products(queries)  # one product with every kept row beats copying most of them
+            return torch.gather(values, 1, cand.to(values.device)) / self.n_train_
+        rows = self._selected_rows(union)  # (|U|, p): kept rows, all-reduced, or recomputed when streaming
+        values = queries.dot(rows) if isinstance(queries, LowRankQueries) else queries @ rows.T
+        return torch.gather(values, 1, inverse.to(values.device)) / self.n_train_
 
     def _products(self, queries: torch.Tensor | LowRankQueries) -> torch.Tensor:
         """``(n_query, n)`` products of the solved queries with every training gradient: from the kept rows, or

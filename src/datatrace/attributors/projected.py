@@ -91,6 +91,10 @@ import copy
 import logging
 import math
 import os
+import shutil
+import sys
+import tempfile
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -98,7 +102,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from datatrace.attributors.base import Attributor, Measurement, check_stationary, json_scalars
+from datatrace.attributors.base import (
+    Attributor,
+    Measurement,
+    check_candidates,
+    check_stationary,
+    default_memory_budget,
+    json_scalars,
+)
 from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature.base import TrainingState, output_size
 from datatrace.data import DataLike, DataSource, as_data_source
@@ -147,6 +158,13 @@ REGULARIZERS = ("rescaled", "projected")
 AUTO_DAMPING_FRACTION = 1e-3
 #: rows of in-memory features per block of self-influence
 SELF_INFLUENCE_BLOCK_ROWS = 65536
+#: score_candidates: above this share of the training set among the candidates of all queries together, the queries
+#: are scored against every row (as score does) and the candidates' columns kept. Measured (one CPU core, warm page
+#: cache, docs/examples/shortlist_docstrings.py): gathering scattered rows costs 2-4 times streaming them, per row
+#: (5% of a store's rows: 2-6 times faster than all rows; 25%: about as slow)
+ALL_ROWS_FRACTION = 0.25
+#: rows_product copies and multiplies at most this many bytes of rows at a time
+ROWS_BLOCK_BYTES = 16 * 2**20
 
 
 # -- the attributor ------------------------------------------------------------------------------------------------
@@ -182,6 +200,11 @@ class ProjectedInfluence(Attributor):
         chunk_size: training examples per store chunk (default: about 64 MiB of features per chunk).
         random_state: seed of ``ggn_samples``.
         progress: tqdm progress bars (on rank 0 only under torch.distributed).
+        max_bytes: memory budget of the in-memory training features (``n x k`` in ``feature_dtype``; ``None``: a
+            share of the memory available now, :func:`~datatrace.attributors.base.default_memory_budget`). Without
+            ``store_dir``, features above it go to an on-disk store in a temporary folder (deleted with this
+            object; said in one line); under torch.distributed that is refused, since the ranks need a shared
+            ``store_dir``.
 
     After :meth:`fit`: ``projector_``, ``n_train_``, ``dim_``, ``store_`` (or ``None``), ``train_features_``
     (in-memory mode), ``curvature_matrix_`` (the projected curvature ``G_P``, float64, without damping),
@@ -212,8 +235,11 @@ class ProjectedInfluence(Attributor):
         chunk_size: int | None = None,
         random_state: int = 0,
         progress: bool = True,
+        max_bytes: int | None = None,
     ) -> None:
         check_model_and_task(model, task)
+        if max_bytes is not None:
+            check_positive_int("max_bytes", max_bytes)
         if not (projector == "auto" or isinstance(projector, Projector)):
             raise bad_value(
                 "projector",
@@ -261,6 +287,7 @@ class ProjectedInfluence(Attributor):
         self.chunk_size = chunk_size
         self.random_state = random_state
         self.progress = progress
+        self.max_bytes = max_bytes
         if self.fisher == "ggn" and not task.has_outputs:
             raise bad_value(
                 "fisher",
@@ -307,8 +334,9 @@ class ProjectedInfluence(Attributor):
         self.dim_ = k
         self.train_examples_processed_ = 0
         compute = self._chunk_computer(source)
+        store_dir = self.store_dir if self.store_dir is not None else self._spill_folder(n, k)
 
-        if self.store_dir is not None:
+        if store_dir is not None:
             # the parameters projected: the covered ones when the default scope was narrowed, else as given
             scope = self.params if self.params is None or isinstance(self.params, str) else list(self.params)
             if self.params_left_out_:
@@ -328,7 +356,7 @@ class ProjectedInfluence(Attributor):
                 },
             }
             store = GradientStore.create(
-                self.store_dir,
+                store_dir,
                 n=n,
                 dim=k,
                 dtype=self._feature_dtype,
@@ -351,6 +379,35 @@ class ProjectedInfluence(Attributor):
         self._fit_curvature(acc, lambda: output_size(self.fmodel_, source))
         logger.info("fitted ProjectedInfluence on %d examples, dim %d: %s", n, k, self.info)
         return self
+
+    def _spill_folder(self, n: int, k: int) -> str | None:
+        """A temporary store folder when the ``n x k`` features exceed ``max_bytes`` (removed with this object),
+        else ``None`` (features in memory)."""
+        need = n * k * torch.empty(0, dtype=self._feature_dtype).element_size()
+        budget, origin = (
+            (self.max_bytes, "given")
+            if self.max_bytes is not None
+            else default_memory_budget(self.fmodel_.device)
+        )
+        if need <= budget:
+            return None
+        if world()[2]:
+            raise MemoryError(
+                f"the {n:,} x {k:,} projected training features ({need:,} bytes) exceed max_bytes={budget:,} "
+                f"({origin}), and under torch.distributed the ranks need one on-disk store that all of them see. "
+                "Fix: pass store_dir= on a shared file system, a smaller projection dimension, or a larger max_bytes."
+            )
+        folder = tempfile.mkdtemp(prefix="datatrace-features-")
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        message = (
+            f"datatrace: the {n:,} x {k:,} projected training features ({need / 2**20:,.0f} MiB) exceed max_bytes="
+            f"{budget / 2**20:,.0f} MiB ({origin}): writing them to a temporary on-disk store in {folder}, deleted "
+            "with this ProjectedInfluence (pass store_dir= to keep and reuse it)"
+        )
+        logger.warning(message)
+        if self.progress and is_main_process():
+            tqdm.write(message, file=sys.stderr)
+        return folder
 
     def _compute_in_memory(
         self, compute: Any, source: DataSource
@@ -626,6 +683,48 @@ class ProjectedInfluence(Attributor):
         values = score_against_store(query_features, self.features_, self._transform, progress=self.progress)
         return Scores(values.cpu(), self.task.describe_measurement(), self.metadata())
 
+    def score_candidates(
+        self, query: DataLike, candidates: Any, measurement: Measurement | None = None
+    ) -> torch.Tensor:
+        """The scores of a shortlist of training examples per query, ``(n_query, m)``:
+        ``values[q, j] = score[q, candidates[q, j]]``, the same number :meth:`score` gives at that column (same
+        curvature, fitted on the whole training set), computed from the candidates' feature rows only.
+
+        ``candidates``: ``(n_query, m)`` training indices, a row per query without repeats
+        (:func:`datatrace.attributors.base.check_candidates`). Only the union ``U`` of the rows is read (from a
+        store: those rows of the chunks that hold them, memory-mapped) and the product costs ``n_query |U| k``
+        instead of ``n_query n k``; it saves most when ``|U|`` is far below ``n`` (few queries, or queries whose
+        candidates overlap). With ``|U|`` above :data:`ALL_ROWS_FRACTION` of ``n`` every row is scored (as
+        :meth:`score`) and the candidates' columns kept. Under torch.distributed, call it on every rank (the query
+        features and, in that case, the scoring against a store are collective). Used by
+        :func:`datatrace.apps.shortlist.score_shortlist`.
+        """
+        self.check_measurement(measurement)
+        self.check_is_fitted()
+        n_query = len(as_data_source(query, "query", self.batch_size))
+        cand = check_candidates("candidates", candidates, n_query, self.n_train)
+        return self.score_candidates_features(self.query_features(query), cand)
+
+    def score_candidates_features(self, query_features: torch.Tensor, candidates: Any) -> torch.Tensor:
+        """:meth:`score_candidates` for query features already computed by :meth:`query_features`."""
+        self.check_is_fitted()
+        if not isinstance(query_features, torch.Tensor) or query_features.dim() != 2:
+            raise bad_value(
+                "query_features",
+                query_features,
+                "expected a 2-D tensor (n_query, dim) from query_features(query)",
+                "pass one row per query",
+            )
+        cand = check_candidates("candidates", candidates, int(query_features.shape[0]), self.n_train)
+        union, inverse = torch.unique(cand, return_inverse=True)
+        if len(union) > ALL_ROWS_FRACTION * self.n_train:
+            # most rows are candidates of some query: one pass over all of them beats gathering most of them
+            values = score_against_store(query_features, self.features_, self._transform)
+            return torch.gather(values, 1, cand.to(values.device)).cpu()
+        q = self._transform(query_features)
+        values = rows_product(q, self.features_, union)  # (n_query, |U|)
+        return torch.gather(values, 1, inverse.to(values.device)).cpu()
+
     def top_k(self, query: DataLike, k: int, measurement: Measurement | None = None) -> TopK:
         """Per query, the ``k`` training examples with the largest ``|score|`` (as :meth:`datatrace.Scores.top_k`),
         streamed over the store without forming the ``(n_query, n_train)`` matrix."""
@@ -704,6 +803,38 @@ class ProjectedInfluence(Attributor):
         )
 
 
+def rows_product(
+    queries: torch.Tensor,
+    features: FeatureSource | torch.Tensor,
+    indices: torch.Tensor,
+    block_bytes: int = ROWS_BLOCK_BYTES,
+) -> torch.Tensor:
+    """``queries @ F[indices]^T``, shape ``(n_query, len(indices))``, for rows ``indices`` (in range, any order)
+    of the features ``F`` (an ``(n, dim)`` tensor or a :class:`~datatrace.projection.features.FeatureSource`).
+
+    Only the chunks of a store that hold the rows are opened, each once (memory-mapped: the other rows are not read
+    from disk). The rows are copied and multiplied a block of at most ``block_bytes`` at a time, cast to the
+    queries' dtype and device: one large copy of scattered rows costs more than the product itself (a fresh
+    allocation of tens of MiB is page-faulted in), while blocks of a few MiB reuse memory and keep the product a
+    matrix product."""
+    out = torch.empty(queries.shape[0], len(indices), dtype=queries.dtype, device=queries.device)
+    if isinstance(features, torch.Tensor):
+        dim, chunk_of, blocks = int(features.shape[1]), torch.zeros_like(indices), [(0, 0, features)]
+    else:
+        source = as_feature_source(features)
+        dim = source.dim
+        chunk_of = torch.div(indices, source.chunk_rows, rounding_mode="floor")
+        blocks = ((b.chunk, b.start, b.values) for b in source.blocks(torch.unique(chunk_of).tolist()))
+    step = max(1, block_bytes // max(1, dim * max(queries.element_size(), 4)))
+    for chunk, start, values in blocks:
+        positions = torch.nonzero(chunk_of == chunk).reshape(-1)  # this chunk's rows: a run of the output
+        for s in range(0, len(positions), step):
+            where = positions[s : s + step]
+            rows = values[(indices[where] - start).to(values.device)]
+            out[:, where.to(out.device)] = queries @ rows.to(device=queries.device, dtype=queries.dtype).T
+    return out
+
+
 def largest_magnitude(extremes: StreamingTopK, k: int) -> TopK:
     """Per row, the ``k`` entries of largest ``|score|`` among the proponents and opponents of ``extremes``
     (each index once), largest first: the ``k`` largest ``|score|`` overall when each list holds ``k``."""
@@ -718,4 +849,11 @@ def largest_magnitude(extremes: StreamingTopK, k: int) -> TopK:
     return TopK(torch.gather(indices, 1, pick), torch.gather(values, 1, pick))
 
 
-__all__ = ["FISHER_TYPES", "ProjectedInfluence", "largest_magnitude"]
+__all__ = [
+    "ALL_ROWS_FRACTION",
+    "FISHER_TYPES",
+    "ROWS_BLOCK_BYTES",
+    "ProjectedInfluence",
+    "largest_magnitude",
+    "rows_product",
+]

@@ -6,7 +6,10 @@ highest-loss query when none is misclassified) it lists the ``--k`` strongest pr
 positive = training example i helped the query (removing it would raise the query's loss), negative = it hurt.
 
 The report shows the query beside its proponents and opponents: pictures for images, a feature table (one column
-per example, the query's first) for tabular data, the texts for text.
+per example, the query's first) for tabular data, the texts for text. Called from Python with ``tokens=`` (the
+token strings of a training example) on a task that splits its loss by token (``loss_terms``, e.g.
+:class:`datatrace.hf.CausalLMTask`), it also shows each proponent's and opponent's score split over its tokens
+(:func:`datatrace.apps.tokens.token_influence`) as highlighted text, and writes the parts to results.json.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import numpy as np
 
 from datatrace.apps.explain import explain
+from datatrace.apps.tokens import token_influence
 from datatrace.cli.context import (
     SPEC_WARNING,
     add_common_arguments,
@@ -32,6 +37,7 @@ from datatrace.cli.render import (
     add_ranked_bars,
     add_ranked_section,
     add_timings,
+    attach_token_parts,
     conventions,
     example_records,
     format_rows,
@@ -46,7 +52,7 @@ from datatrace.cli.verification import (
     summary_lines,
     verify_scores,
 )
-from datatrace.errors import UsageError
+from datatrace.errors import UsageError, bad_value
 
 logger = logging.getLogger("datatrace.cli.explain")
 
@@ -103,9 +109,20 @@ def run_explain(
     progress: bool = True,
     stream: TextIO | None = None,
     threads: int | None = None,
+    tokens: Callable[[int], Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """Explain queries of the spec at ``spec_path``; returns the JSON-ready results (also in results.json)."""
+    """Explain queries of the spec at ``spec_path``; returns the JSON-ready results (also in results.json).
+
+    ``tokens(i)``: the token strings of training example ``i``, one per loss term of the task's
+    ``loss_terms(model, batch)`` (e.g. ``tokenizer.convert_ids_to_tokens(ids)`` for
+    :class:`datatrace.hf.CausalLMTask`); when given, each proponent's and opponent's score is split over its
+    tokens (:func:`datatrace.apps.tokens.token_influence`, parts adding up to the score), shown as highlighted
+    text in the report and written as ``tokens`` / ``token_scores`` of its record."""
     check_int("--k", k, 1, "Fix: pass e.g. --k 5.")
+    if tokens is not None and not callable(tokens):
+        raise bad_value(
+            "tokens", tokens, "expected a function train index -> token strings", "pass a callable"
+        )
     verify = check_verify(verify)
     ctx = start(
         "explain",
@@ -120,6 +137,14 @@ def run_explain(
         threads=threads,
     )
     spec = ctx.spec
+    if tokens is not None and not callable(getattr(spec.task, "loss_terms", None)):
+        raise bad_value(
+            "tokens",
+            tokens,
+            f"token-wise influence needs a task that splits its loss by token, loss_terms(model, batch) -> (batch, "
+            f"terms); {type(spec.task).__name__} has none",
+            "use datatrace.hf.CausalLMTask (or add loss_terms to your task), or leave tokens out",
+        )
     split = spec.query_split
     n_query = spec.n(split)
     if query_indices:
@@ -150,7 +175,7 @@ def run_explain(
     )
     preds = spec.predictions(split)
     queries = []
-    for explanation, q in zip(explanations, chosen):
+    for row_of_query, (explanation, q) in enumerate(zip(explanations, chosen)):
         pro, opp = explanation.proponents, explanation.opponents
         row = explanation.score_row
         entry: dict[str, Any] = {
@@ -172,6 +197,8 @@ def run_explain(
         text = spec.text(split, q)
         if text is not None:
             entry["text"] = text
+        if tokens is not None:
+            _add_token_parts(influence, take(query_data, [row_of_query]), entry, tokens)
         queries.append(entry)
 
     results = ctx.results_header()
@@ -188,6 +215,31 @@ def run_explain(
     )
     report = _report(ctx, queries, verification, arrays)
     return ctx.finish(results, report, "\n".join([_summary(ctx, queries), *summary_lines(verification)]))
+
+
+def _add_token_parts(
+    influence: Any, query: Any, entry: dict[str, Any], tokens: Callable[[int], Sequence[str]]
+) -> None:
+    """Token-wise parts (``token_influence``) of the proponents and opponents of ``entry``, the query ``query``,
+    attached to their records (the task splits its loss by token, ``loss_terms``: checked by run_explain)."""
+    shown = [row["index"] for row in entry["proponents"] + entry["opponents"]]
+    if not shown:
+        return
+    parts = token_influence(influence, query, shown)[0].detach().cpu().numpy()  # (len(shown), T)
+    given = {}
+    for j, i in enumerate(shown):
+        names = list(tokens(i))
+        if len(names) > parts.shape[1]:
+            raise bad_value(
+                f"tokens({i})",
+                f"{len(names)} tokens",
+                f"one token per loss term: training example {i} has {parts.shape[1]} terms at most",
+                "return the tokens of the model's input sequence for that example",
+            )
+        given[i] = (names, parts[j, : len(names)])
+    for key in ("proponents", "opponents"):
+        mine = {row["index"]: given[row["index"]] for row in entry[key]}
+        entry[key] = attach_token_parts(entry[key], mine)
 
 
 def _query_caption(q: dict[str, Any]) -> str:
@@ -253,6 +305,7 @@ def _report(ctx: Any, queries: list[dict[str, Any]], verification: Any = None, a
                 columns=[("score", f"score ({units})")],
                 caption=f"Top {name}",
                 query=(q["split"], qi, _query_caption(q)),
+                units=units,
             )
     return add_timings(report, ctx)
 

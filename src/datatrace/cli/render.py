@@ -5,23 +5,31 @@ for images, a feature table (one column per example, beside the training mean) f
 text. :func:`add_ranked_section` is the one layout of a ranking (bar plot, examples, table) every command uses;
 :func:`format_rows` the plain-text table of the printed summaries. :func:`conventions` puts the sign convention of
 :data:`datatrace.scores.MEANING` in words with the spec's units.
+
+Token-wise influence: rows that carry ``tokens`` and ``token_scores`` (:func:`attach_token_parts`, from
+:func:`datatrace.apps.tokens.token_influence`: the parts of a training sequence's score by the token each loss term
+predicts, adding up to the score) are shown by :func:`add_ranked_section` as highlighted text
+(:func:`datatrace.cli.report.token_highlight_html`), one colour scale per section.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from datatrace.cli.context import Context, Run
-from datatrace.cli.report import Report, plot_bars, plot_image_grid
+from datatrace.cli.report import Report, plot_bars, plot_image_grid, token_highlight_html
 from datatrace.cli.spec_model import Spec
+from datatrace.errors import bad_value
 
 __all__ = [
     "add_ranked_bars",
     "add_ranked_section",
     "add_timings",
+    "add_token_parts",
+    "attach_token_parts",
     "conventions",
     "example_records",
     "format_rows",
@@ -167,6 +175,84 @@ def show_examples(
     report.add_table(table, columns, caption=caption)
 
 
+def attach_token_parts(
+    rows: Sequence[dict[str, Any]],
+    token_parts: Mapping[int, tuple[Sequence[str], Any]],
+    value_key: str = "score",
+) -> list[dict[str, Any]]:
+    """``rows`` of :func:`example_records` with ``tokens`` and ``token_scores`` added for every training index in
+    ``token_parts`` (``{index: (token strings, parts)}``; other rows unchanged, copies returned).
+
+    The parts of example ``i`` are ``s_t`` with ``sum_t s_t = row[value_key]`` (its score on the query,
+    :func:`datatrace.apps.tokens.token_influence`): one per token, finite, adding up to the row's value within
+    :data:`datatrace.cli.report.TOKEN_SUM_RTOL`; otherwise a ValueError names ``token_parts[i]``.
+    """
+    if not isinstance(token_parts, Mapping):
+        raise bad_value(
+            "token_parts",
+            token_parts,
+            "expected a mapping training index -> (tokens, parts)",
+            "pass e.g. {12: (['The', ' cat'], [0.01, -0.002])}",
+        )
+    by_index = {int(row["index"]): row for row in rows}
+    unknown = sorted(set(int(i) for i in token_parts) - set(by_index))
+    if unknown:
+        raise bad_value(
+            "token_parts",
+            f"keys {unknown[:5]}",
+            f"indices of the rows shown ({sorted(by_index)[:10]})",
+            "compute token parts for the proponents and opponents being reported",
+        )
+    out = []
+    for row in rows:
+        row = dict(row)
+        i = int(row["index"])
+        if i in token_parts:
+            entry = token_parts[i]
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise bad_value(
+                    f"token_parts[{i}]",
+                    entry,
+                    "expected a pair (tokens, parts)",
+                    "pass (list of str, values)",
+                )
+            tokens, parts = entry
+            try:  # every check of the report's renderer, with the row's score: its errors name the argument
+                token_highlight_html(tokens, parts, score=row[value_key], legend=False)
+            except ValueError as err:
+                raise ValueError(f"token_parts[{i}]: {err}") from None
+            row["tokens"] = [str(t) for t in tokens]
+            row["token_scores"] = np.asarray(parts, dtype=np.float64).reshape(-1).tolist()
+        out.append(row)
+    return out
+
+
+def add_token_parts(
+    report: Report, rows: Sequence[dict[str, Any]], value_key: str, units: str, title: str
+) -> None:
+    """Highlighted text of every row with ``token_scores`` (:func:`attach_token_parts`), one colour scale for all
+    of them (the largest ``|part|`` among them), then one legend."""
+    shown = [row for row in rows if row.get("token_scores") is not None]
+    if not shown:
+        return
+    scale = max(max((abs(v) for v in row["token_scores"]), default=0.0) for row in shown)
+    report.add_paragraph(
+        f"{title}: each training example's score split over its tokens (the part of its effect on the query that "
+        "comes through predicting that token; the parts add up to the score). One colour scale for all examples "
+        "below."
+    )
+    for j, row in enumerate(shown):
+        report.add_token_influence(
+            row["tokens"],
+            row["token_scores"],
+            score=row[value_key],
+            units=units,
+            scale=scale if scale > 0 else None,
+            caption=f"#{row['index']} ({row['label']}): {row[value_key]:+.4g} {units}",
+            legend=j == len(shown) - 1,
+        )
+
+
 def add_ranked_bars(
     report: Report,
     rows: Sequence[dict[str, Any]],
@@ -213,8 +299,10 @@ def add_ranked_section(
     query: tuple[str, int, str] | None = None,
     highlight_key: str | None = None,
     highlight_label: str | None = None,
+    units: str = "",
 ) -> None:
-    """Ranked training examples in ``report``: a bar plot of their values, the examples themselves, then a table.
+    """Ranked training examples in ``report``: a bar plot of their values, the examples themselves (with their
+    token-wise influence as highlighted text for rows that carry it, :func:`attach_token_parts`), then a table.
 
     Args:
         rows: records of :func:`example_records` (``index``, ``label``, ...) of ``train()``, in rank order; none:
@@ -230,6 +318,7 @@ def add_ranked_section(
         query: ``(split, index, caption)`` of a query to show beside the examples (see :func:`show_examples`).
         highlight_key: a bool of the rows to highlight in the plot and the examples, explained by
             ``highlight_label``.
+        units: the values' units, for the token-wise highlights.
     """
     if not rows:
         return
@@ -259,6 +348,13 @@ def add_ranked_section(
         query=query,
         highlight=None if highlight_key is None else [row.get(highlight_key, False) for row in shown],
         highlight_label=highlight_label,
+    )
+    add_token_parts(
+        report,
+        shown,
+        value_key,
+        units,
+        f"Token-wise influence of the {examples_title[:1].lower()}{examples_title[1:]}",
     )
     report.add_table(
         [[row["index"], row["label"]] + [row[key] for key, _ in columns] for row in rows],

@@ -16,15 +16,24 @@ touch ``pyplot`` or the global backend, so they work headless and do not disturb
 * :func:`plot_detection_curve`: fraction of flagged examples found against fraction inspected, for one or more
   rankings, beside the random and the perfect order.
 
+Token-wise influence (:func:`datatrace.apps.tokens.token_influence`: a training sequence's score split over the
+tokens its loss terms predict, ``score[q, i] = sum_t s_{q,i,t}``) is shown as highlighted text by
+:func:`token_highlight_html` and :meth:`Report.add_token_influence`: each token's background is blue for a positive
+part and red for a negative one, its strength ``|s_t| / max_t |s_t|``, positive parts underlined solid and negative
+ones dashed (a cue that does not rely on colour), and the number in the token's ``title`` (shown on hover).
+
 Example:
     >>> import numpy as np
     >>> from datatrace.cli.report import Report, plot_estimated_vs_actual
     >>> report = Report("Influence check")
     >>> report.add_paragraph("Scores estimate f(theta without i) - f(theta) in nats.")
-    >>> report.add_table([[0, 0.12], [7, -0.03]], ["train index", "score (nats)"])
+    Report(title='Influence check', blocks=1)
+    >>> _ = report.add_table([[0, 0.12], [7, -0.03]], ["train index", "score (nats)"])
     >>> fig = plot_estimated_vs_actual(np.arange(5.0), np.arange(5.0) + 0.1)
-    >>> report.add_figure(fig, "Estimated against actual change.")
-    >>> "<table" in report.to_html() and "data:image/png;base64," in report.to_html()
+    >>> _ = report.add_figure(fig, "Estimated against actual change.")
+    >>> _ = report.add_token_influence(["The", " cat"], [0.02, -0.005], score=0.015, units="nats")
+    >>> html_text = report.to_html()
+    >>> "<table" in html_text and "data:image/png;base64," in html_text and 'class="tok pos"' in html_text
     True
 """
 
@@ -59,6 +68,7 @@ __all__ = [
     "plot_estimated_vs_actual",
     "plot_histogram",
     "plot_image_grid",
+    "token_highlight_html",
 ]
 
 _CSS = """
@@ -84,6 +94,16 @@ table.kv th { width: 16em; }
 figure { margin: 1em 0 1.6em; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e3e6eb; }
 figcaption { color: #444c5a; font-size: 0.93em; margin-top: 0.35em; }
+.tokens { margin: 0.4em 0 1.2em; padding: 8px 10px; border: 1px solid #e3e6eb; border-radius: 4px;
+          font: 14px/1.9 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: pre-wrap;
+          overflow-wrap: anywhere; }
+.tokens .cap { display: block; font: 600 0.9em/1.4 -apple-system, "Segoe UI", Roboto, Arial, sans-serif;
+               color: #444c5a; margin-bottom: 0.3em; white-space: normal; }
+.tok { border-radius: 2px; color: #111; padding: 0 1px; }
+.tok.pos { border-bottom: 2px solid #1f4e8c; }
+.tok.neg { border-bottom: 2px dashed #8e2a1f; }
+.tok-legend { font-size: 0.9em; color: #444c5a; margin: 0.2em 0 0.4em; }
+.tok-legend .tok { padding: 0 0.35em; margin: 0 0.2em; }
 footer { margin-top: 3em; color: #8a93a3; font-size: 0.85em; border-top: 1px solid #e3e6eb; padding-top: 0.8em; }
 """
 
@@ -215,6 +235,26 @@ class Report:
         self._blocks.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{encoded}">{cap}</figure>')
         return self
 
+    def add_token_influence(
+        self,
+        tokens: Sequence[str],
+        values: Any,
+        *,
+        score: float | None = None,
+        units: str = "",
+        scale: float | None = None,
+        caption: str | None = None,
+        legend: bool = True,
+    ) -> Report:
+        """A training sequence's token-wise influence as highlighted text (:func:`token_highlight_html`, same
+        arguments), with its colour legend unless ``legend=False``."""
+        self._blocks.append(
+            token_highlight_html(
+                tokens, values, score=score, units=units, scale=scale, caption=caption, legend=legend
+            )
+        )
+        return self
+
     # -- output ------------------------------------------------------------------------------------------------
     def to_html(self) -> str:
         """The whole report as one HTML document."""
@@ -249,6 +289,137 @@ class Report:
 
         atomic_write(path, write)
         return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Token-wise influence as highlighted text
+# --------------------------------------------------------------------------------------------------------------
+#: the parts must add up to the example's score within this fraction of ``max(|score|, sum_t |s_t|)`` (rounding of
+#: the sum; parts of another example or query miss it by far more)
+TOKEN_SUM_RTOL = 1e-4
+#: background colours of positive and negative parts (the blue and red of :func:`plot_bars`) and the opacity of the
+#: strongest part (dark text stays above 7:1 contrast on either)
+_POSITIVE_RGB = (47, 109, 181)
+_NEGATIVE_RGB = (192, 57, 43)
+_MAX_ALPHA = 0.6
+
+
+def _token_legend(units: str, scale: float) -> str:
+    unit = f" {units}" if units else ""
+    pos = f"rgba({_POSITIVE_RGB[0]}, {_POSITIVE_RGB[1]}, {_POSITIVE_RGB[2]}, {_MAX_ALPHA})"
+    neg = f"rgba({_NEGATIVE_RGB[0]}, {_NEGATIVE_RGB[1]}, {_NEGATIVE_RGB[2]}, {_MAX_ALPHA})"
+    return (
+        '<div class="tok-legend" role="note">'
+        f'<span class="tok pos" style="background: {pos}">blue, solid underline</span>'
+        "a positive part: through predicting this token the training example helped the query (removing it would "
+        "raise the query's measurement by that much); "
+        f'<span class="tok neg" style="background: {neg}">red, dashed underline</span>'
+        "a negative part: it hurt the query. The stronger the colour, the larger |part| (strongest: "
+        f"{html.escape(format_value(scale))}{html.escape(unit)}); hover a token for its number. The parts add up "
+        "to the example's score.</div>"
+    )
+
+
+def token_highlight_html(
+    tokens: Sequence[str],
+    values: Any,
+    *,
+    score: float | None = None,
+    units: str = "",
+    scale: float | None = None,
+    caption: str | None = None,
+    legend: bool = True,
+) -> str:
+    """A self-contained HTML fragment showing a training sequence's tokens highlighted by their parts of its score.
+
+    ``values[t] = s_t``, the part of the example's leave-one-out effect on the query that comes through the loss
+    term of token ``t`` (:func:`datatrace.apps.tokens.token_influence`; ``sum_t s_t = score[q, i]``). Each token's
+    background is blue for ``s_t > 0`` and red for ``s_t < 0``, with opacity ``0.6 |s_t| / scale``; positive tokens
+    are underlined solid and negative ones dashed; ``title`` (hover) gives the token, its position, ``s_t`` in
+    ``units`` and, with ``score``, its signed share ``s_t / score``. Every token and caption is HTML-escaped; the
+    fragment uses only inline styles and the report's CSS.
+
+    Args:
+        tokens: the token strings in order (e.g. ``tokenizer.convert_ids_to_tokens(ids)``), one per part.
+        values: ``(len(tokens),)`` finite numbers, e.g. ``token_influence(inf, query, [i])[q, 0, :len(tokens)]``
+            (``token_influence`` pads shorter examples with zeros after their last token).
+        score: the example's score on the query; when given, ``values`` must add up to it (within
+            :data:`TOKEN_SUM_RTOL`), or a ValueError names ``values``.
+        units: the measurement's units for the hover text and the legend (e.g. ``"nats"``).
+        scale: the ``|s_t|`` drawn at full strength (default: the largest ``|s_t|``; pass one value to several
+            examples to compare them).
+        caption: a line shown above the text.
+        legend: add the colour legend under the text.
+    """
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+        raise bad_value(
+            "tokens",
+            tokens,
+            "expected a sequence of token strings",
+            "pass e.g. tokenizer.convert_ids_to_tokens(ids)",
+        )
+    for t, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise bad_value(f"tokens[{t}]", token, "expected a str", "decode the token ids to strings first")
+    parts = _as_1d("values", values)
+    if parts.size != len(tokens):
+        raise bad_value(
+            "values",
+            describe(values),
+            f"one part per token: {len(tokens)} tokens but {parts.size} values",
+            "pass values[:len(tokens)] of the example's row of token_influence (it pads shorter examples with "
+            "zeros) and the example's own tokens",
+        )
+    if not np.isfinite(parts).all():
+        raise bad_value("values", describe(values), "expected finite numbers", "check the token-wise scores")
+    total = float(parts.sum())
+    if score is not None:
+        if isinstance(score, (bool, np.bool_)) or not _is_number(score) or not math.isfinite(float(score)):
+            raise bad_value("score", score, "expected a finite number (the example's score)", "pass a float")
+        score = float(score)
+        tolerance = TOKEN_SUM_RTOL * max(abs(score), float(np.abs(parts).sum()), np.finfo(np.float64).tiny)
+        if abs(total - score) > tolerance:
+            raise bad_value(
+                "values",
+                describe(values),
+                f"token parts that add up to the example's score {score:.6g}; they add up to {total:.6g} (allowed "
+                f"difference {tolerance:.3g})",
+                "pass the row of token_influence for the same query and training example as the score",
+            )
+    largest = float(np.abs(parts).max()) if parts.size else 0.0
+    if scale is None:
+        scale = largest
+    elif isinstance(scale, (bool, np.bool_)) or not _is_number(scale) or not float(scale) > 0:
+        raise bad_value(
+            "scale", scale, "expected a number > 0", "pass None (the largest |part|) or e.g. 0.01"
+        )
+    scale = float(scale)
+    unit = f" {units}" if units else ""
+    spans = []
+    for t, (token, part) in enumerate(zip(tokens, parts.tolist())):
+        words = f"{token!r} (token {t}): {part:+.4g}{unit}"
+        if score:
+            words += f", {100 * part / score:+.1f}% of the example's score {score:+.4g}{unit}"
+        strength = min(1.0, abs(part) / scale) if scale > 0 else 0.0
+        if part > 0:
+            kind, rgb = "pos", _POSITIVE_RGB
+        elif part < 0:
+            kind, rgb = "neg", _NEGATIVE_RGB
+        else:
+            kind, rgb = "zero", None
+        style = (
+            f' style="background: rgba({rgb[0]}, {rgb[1]}, {rgb[2]}, {_MAX_ALPHA * strength:.3f})"'
+            if rgb
+            else ""
+        )
+        spans.append(
+            f'<span class="tok {kind}"{style} title="{html.escape(words, quote=True)}">'
+            f"{html.escape(token, quote=True)}</span>"
+        )
+    head = f'<span class="cap">{html.escape(str(caption))}</span>' if caption else ""
+    summary = f"the parts add up to {total:+.4g}{unit}"
+    body = f'<div class="tokens" aria-label="{html.escape(summary, quote=True)}">{head}{"".join(spans)}</div>'
+    return body + (_token_legend(units, scale) if legend else "")
 
 
 # --------------------------------------------------------------------------------------------------------------

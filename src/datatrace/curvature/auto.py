@@ -8,7 +8,11 @@ hundreds of sequential passes); the first that can run on the model, fits ``max_
 finish within ``time_budget`` seconds is chosen:
 
 * **can run**: Gauss-Newton and EK-FAC need a task with ``outputs`` / ``loss_from_outputs``; EK-FAC needs every
-  parameter in scope in a layer it supports (Linear, Conv2d, Conv1D), with tuple or dict batches alike;
+  parameter in scope in a layer it supports (Linear, Conv2d, Conv1D), with tuple or dict batches alike. EK-FAC
+  uses the exact output-space Gauss-Newton (``fisher="ggn"``, one backward pass per output) up to
+  :data:`~datatrace.curvature.kfac.MAX_GGN_OUTPUTS` outputs per example, and above it (a language model's
+  positions x vocabulary) the sampled Fisher (``fisher="sampled"``, one backward pass) when the task can sample
+  targets, as :class:`~datatrace.hf.CausalLMTask` does; its time is predicted for the Fisher it will use;
 * **fits memory**: the dense routes (exact, gauss-newton) keep ``3 p^2`` numbers (matrix, eigenvectors,
   workspace), Arnoldi a float64 basis of ``steps x p`` twice; EK-FAC (per-layer factors) and CG (a few vectors)
   are bounded and always fit;
@@ -49,12 +53,13 @@ from torch.utils.data import Subset
 from datatrace.capture.scope import Scope, supported_scope
 from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature, format_bytes
 from datatrace.curvature.cost import ARNOLDI_OVERSAMPLING, DEFAULT_QUERIES, Probe, predict_seconds
-from datatrace.curvature.kfac import find_layers
+from datatrace.curvature.kfac import MAX_GGN_OUTPUTS, find_layers
 from datatrace.curvature.registry import make_curvature
 from datatrace.data import DataSource
 from datatrace.distributed import all_reduce_sum, local_only, world
 from datatrace.errors import bad_value, check_nonnegative_float, check_positive_int, is_out_of_memory
 from datatrace.gradients.functional import FunctionalModel
+from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +229,16 @@ def ekfac_obstacle(fmodel: FunctionalModel, data: DataSource) -> str | None:
     return None
 
 
+def first_output_size(fmodel: FunctionalModel, data: DataSource) -> int | None:
+    """``task.outputs`` per example (all of them, padding included: what ``fisher="ggn"`` backpropagates) on the
+    first example; ``None`` without outputs or data."""
+    if not fmodel.task.has_outputs or len(data) == 0:
+        return None
+    with torch.no_grad():
+        outputs = fmodel.task.outputs(fmodel.model, fmodel.prepare(data.get([0])))
+    return max(1, int(outputs[0].numel()))
+
+
 def supported_part(fmodel: FunctionalModel, data: DataSource) -> Scope | None:
     """The part of a default-scope model (``params=None``) that EK-FAC covers when it cannot cover all of it: its
     :class:`~datatrace.capture.scope.Scope`, or ``None`` when the user chose the parameters, EK-FAC cannot run
@@ -290,6 +305,8 @@ class AutoCurvature(Curvature):
                 "pass a function, or None for datatrace.curvature.cost.predict_seconds",
             )
         self.cost_model = cost_model
+        self._outputs: int | None = None  # outputs per example of the model being chosen for
+        self._data: DataSource | None = None
 
     def __getattr__(self, name: str) -> Any:
         """Fitted attributes of the chosen route (``damping_``, ``evals_``, ...) read through ``auto``."""
@@ -298,7 +315,25 @@ class AutoCurvature(Curvature):
             raise AttributeError(name)
         return getattr(route, name)
 
+    def _ekfac_fisher(self, fmodel: FunctionalModel, outputs: int | None) -> str:
+        """``"sampled"`` when the exact output Hessian is refused (more than ``MAX_GGN_OUTPUTS`` outputs per
+        example) and the task can sample targets (a language model), else ``"ggn"``."""
+        samples = type(fmodel.task).sample_targets is not Task.sample_targets
+        return "sampled" if outputs is not None and outputs > MAX_GGN_OUTPUTS and samples else "ggn"
+
+    def _ekfac_probe(self, fmodel: FunctionalModel, probe: Probe) -> Probe:
+        """The probe EK-FAC's time is predicted from: one backward column per example with the sampled Fisher."""
+        if self._ekfac_fisher(fmodel, probe.outputs) == "sampled":
+            return dataclasses.replace(probe, outputs=1)
+        return probe
+
     def _build(self, name: str, fmodel: FunctionalModel) -> Curvature:
+        if name == "ekfac":
+            if self._outputs is None:
+                self._outputs = first_output_size(fmodel, self._data)
+            return make_curvature(
+                name, damping=self.damping, fisher=self._ekfac_fisher(fmodel, self._outputs)
+            )
         if name in ("exact", "gauss-newton"):
             return make_curvature(name, damping=self.damping, max_bytes=self.max_bytes)
         if name == "arnoldi":
@@ -310,6 +345,8 @@ class AutoCurvature(Curvature):
 
     def _choose(self, fmodel: FunctionalModel, data: DataSource) -> tuple[Curvature, str, dict[str, float]]:
         p = fmodel.num_params
+        # outputs per example (EK-FAC's Fisher): from the probe, or asked when EK-FAC is built without one
+        self._outputs, self._data = None, data
         fitting, notes = [], []
         ekfac_reason = ekfac_obstacle(fmodel, data)
         for name in AUTO_ORDER:
@@ -335,8 +372,12 @@ class AutoCurvature(Curvature):
                 f"the timing probe failed ({type(err).__name__}), so memory alone decides: {fitting[0]}"
             )
             return self._build(fitting[0], fmodel), f"{head}: {'; '.join(notes)}", {}
+        self._outputs = probe.outputs
         cost = self.cost_model or predict_seconds
-        predicted = {name: float(cost(name, probe)) for name in fitting}
+        predicted = {
+            name: float(cost(name, self._ekfac_probe(fmodel, probe) if name == "ekfac" else probe))
+            for name in fitting
+        }
         for name in fitting:
             if predicted[name] <= self.time_budget:
                 notes.append(f"{name} predicted {_seconds(predicted[name])} <= budget {self.time_budget:g} s")
@@ -347,7 +388,9 @@ class AutoCurvature(Curvature):
         if part is not None:  # EK-FAC on the layers it supports, the rest of the model held fixed
             narrowed = FunctionalModel(fmodel.model, fmodel.task, list(part.covered), fmodel.chunk_size)
             layers = tuple((layer.a_dim, layer.out_dim) for layer in find_layers(narrowed))
-            seconds = float(cost("ekfac", dataclasses.replace(probe, layers=layers)))
+            seconds = float(
+                cost("ekfac", self._ekfac_probe(fmodel, dataclasses.replace(probe, layers=layers)))
+            )
             predicted["ekfac"] = seconds
             if seconds <= self.time_budget or seconds < predicted[fastest]:
                 notes.append(
@@ -368,6 +411,11 @@ class AutoCurvature(Curvature):
         # (EK-FAC on its supported layers) and fit it on a new FunctionalModel of the same model
         if getattr(self, "choice_", None) is None or self.choice_[0] is not fmodel.model:
             route, reason, predicted = self._choose(fmodel, data)
+            if route.name == "ekfac" and route.fisher != "ggn":
+                reason += (
+                    f"; EK-FAC with fisher={route.fisher!r} ({self._outputs:,} outputs per example > "
+                    f"{MAX_GGN_OUTPUTS:,}, the limit of the exact output Hessian)"
+                )
             logger.info("curvature='auto' chose %r: %s", route.name, reason)
             self.choice_ = (fmodel.model, route, reason, predicted)
         return self.choice_[1], self.choice_[2]

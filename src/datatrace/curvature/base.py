@@ -128,14 +128,26 @@ class Curvature(ABC):
         return f"{type(self).__name__}()"
 
 
+#: examples (one forward pass each) whose output counts :func:`output_size` averages
+OUTPUT_SIZE_EXAMPLES = 8
+
+
 def output_size(fmodel: FunctionalModel, data: DataSource) -> int:
-    """The number of model outputs per example (``task.outputs`` on the first example; 1 without outputs)."""
+    """The number of model outputs per example that the loss depends on (:meth:`Task.output_counts
+    <datatrace.Task.output_counts>`: all of ``task.outputs`` for a classifier, the ``V`` logits of every counted
+    position for a language model, so that padding changes nothing), the rounded mean over the first
+    :data:`OUTPUT_SIZE_EXAMPLES` examples, at least 1; 1 without outputs."""
     if not fmodel.task.has_outputs or len(data) == 0:
         return 1
-    _, batch = next(data.batches(batch_size=1))
+    counts = []
     with torch.no_grad():
-        outputs = fmodel.task.outputs(fmodel.model, fmodel.prepare(batch))
-    return max(1, int(outputs[0].numel()))
+        for _, batch in data.batches(batch_size=1):
+            batch = fmodel.prepare(batch)
+            outputs = fmodel.task.outputs(fmodel.model, batch)
+            counts.append(float(fmodel.task.output_counts(outputs, batch).sum()))
+            if len(counts) == OUTPUT_SIZE_EXAMPLES:
+                break
+    return max(1, round(sum(counts) / len(counts)))
 
 
 # -- settings checks shared by the routes ----------------------------------------------------------------------------

@@ -373,7 +373,9 @@ class Recorder:
                 f"indices into the training set of n_train={self.n_train} examples",
                 "pass the positions of the minibatch's examples in the training set",
             )
-        self._skip = 0  # called directly: the loop skipped the recorded steps itself (iterate drops them first)
+        self._skip = (
+            0  # called directly: the loop skipped the recorded steps itself (iterate drops them first)
+        )
         if self._restore is not None:
             self._restore_now()
         if self.t == 0:
@@ -500,10 +502,12 @@ def _json_state(k: int, state: dict[str, Any]) -> dict[str, Any]:
     return json.loads(text)
 
 
-def _interrupted_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of the interrupted recording in ``folder``; a refusal for a complete, foreign or unreadable one,
-    or one without a saved state yet."""
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the recording in ``folder``: a refusal for a folder without one, or a foreign or unreadable
+    one."""
     path = folder / MANIFEST
+    if not path.is_file():
+        raise bad_value("folder", str(folder), "a folder written by datatrace.Recorder", "pass that folder")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -515,8 +519,15 @@ def _interrupted_manifest(folder: Path) -> dict[str, Any]:
             "folder",
             str(folder),
             f"a recording of format {FORMAT}, got {manifest.get('format')!r}",
-            "record again",
+            "record the run again",
         )
+    return manifest
+
+
+def _interrupted_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the interrupted recording in ``folder``; a refusal for a complete, foreign or unreadable one,
+    or one without a saved state yet."""
+    manifest = _read_manifest(folder)
     if manifest.get("complete"):
         raise bad_value(
             "resume",
@@ -558,24 +569,7 @@ class Recording:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        path = self.folder / MANIFEST
-        if not path.is_file():
-            raise bad_value(
-                "folder", str(folder), "a folder written by datatrace.Recorder", "pass that folder"
-            )
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise StoreCorruptedError(
-                f"{path} is not a readable recording manifest ({err}); record the run again"
-            ) from None
-        if manifest.get("format") != FORMAT:
-            raise bad_value(
-                "folder",
-                str(folder),
-                f"a recording of format {FORMAT}, got {manifest.get('format')!r}",
-                "record the run again",
-            )
+        manifest = _read_manifest(self.folder)
         if not manifest.get("complete"):
             raise bad_value(
                 "folder",
