@@ -303,7 +303,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--problems", default=",".join(catalogue.CATALOGUE))
+    # the language model has its own script (bench_lm.py: sampled-Fisher routes, kronfluence on GPT-2, memory)
+    parser.add_argument("--problems", default=",".join(n for n in catalogue.CATALOGUE if n != "lm"))
     parser.add_argument("--methods", default="*")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=2)

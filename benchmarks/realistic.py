@@ -4,10 +4,13 @@ Every problem here is a float32 model trained by :func:`datatrace.verification.t
 shuffled minibatches for a fixed number of epochs, dropout and BatchNorm in train mode), on data that ships with
 an installed package (scikit-learn's digits and breast cancer sets; the standard library's own docstrings as
 text). None of them sits at a minimum of its objective, which is the normal case the defaults must handle. The
-float64 L-BFGS problems of :mod:`common` stay as exactness oracles.
+float64 L-BFGS problems of :mod:`common` stay as exactness oracles. ``lm`` is a small GPT-2
+(``transformers.GPT2LMHeadModel`` from a config, nothing downloaded) trained by AdamW on 32-token windows of the
+same docstrings, with :class:`datatrace.hf.CausalLMTask` (summed next-token NLL per sequence) as its task;
+``bench_lm.py`` benchmarks it.
 
-Each :class:`Problem` gives its data, a model built from an init seed, the task (mean cross-entropy plus the L2
-term the training used, so that influence and training see the same objective), the training recipe, and the
+Each :class:`Problem` gives its data, a model built from an init seed, the task (cross-entropy, or the LM's
+summed NLL, plus the L2 term the training used, so that influence and training see the same objective), the training recipe, and the
 ground truth: :func:`ground_truth` retrains on ``n_subsets`` random half subsets with ``n_seeds`` seeds each
 (:func:`datatrace.verification.retrain.subsets`, cached under ``benchmarks/results/cache/``; the seeds give the
 split-half noise ceiling of the LDS). ``scale="ci"`` builds the same problem at a size the test suite can afford.
@@ -39,6 +42,9 @@ from datatrace.verification import retrain
 from datatrace.verification.training import fit_minibatch
 
 CACHE_DIR = Path(__file__).resolve().parent / "results" / "cache"
+
+#: the language-model problem's size (``lm``): vocabulary, tokens per sequence, sequences, AdamW budget
+LM_VOCAB, LM_LENGTH, LM_TRAIN, LM_TEST, LM_EPOCHS, LM_LR = 512, 32, 512, 64, 20, 3e-3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,10 +96,9 @@ DOCSTRING_GROUPS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 
-def _docstrings() -> list[tuple[str, int]]:
-    """(lower-case words of a docstring, class) for every distinct docstring of the groups' public objects."""
-    seen: set[str] = set()
-    out: list[tuple[str, int]] = []
+def _public_docstring_words() -> list[tuple[list[str], int]]:
+    """(lower-case words of a docstring, group) for the groups' public objects, in a fixed order (with repeats)."""
+    out: list[tuple[list[str], int]] = []
     for label, modules in enumerate(DOCSTRING_GROUPS.values()):
         for module_name in modules:
             module = importlib.import_module(module_name)
@@ -109,12 +114,20 @@ def _docstrings() -> list[tuple[str, int]]:
                     if not (inspect.isroutine(item) or inspect.isclass(item)):
                         continue
                     doc = inspect.getdoc(item)
-                    words = re.findall(r"[a-z]+", (doc or "").lower())
-                    key = " ".join(words[:64])
-                    if len(words) < 5 or key in seen:
-                        continue
-                    seen.add(key)
-                    out.append((key, label))
+                    out.append((re.findall(r"[a-z]+", (doc or "").lower()), label))
+    return out
+
+
+def _docstrings() -> list[tuple[str, int]]:
+    """(lower-case words of a docstring, class) for every distinct docstring of the groups' public objects."""
+    seen: set[str] = set()
+    out: list[tuple[str, int]] = []
+    for words, label in _public_docstring_words():
+        key = " ".join(words[:64])
+        if len(words) < 5 or key in seen:
+            continue
+        seen.add(key)
+        out.append((key, label))
     return out
 
 
@@ -140,6 +153,43 @@ def docstring_data(n_train: int, n_test: int, seed: int, vocab: int, length: int
             words = examples[i][0].split()[:length]
             tokens[r, : len(words)] = torch.tensor([ids.get(w, 1) for w in words])
         return tokens, torch.tensor([examples[i][1] for i in rows], dtype=torch.int64)
+
+    return encode(tr), encode(te)
+
+
+#: the language-model vocabulary's reserved ids: end of a docstring, and any word outside the vocabulary
+LM_EOS, LM_UNK = 0, 1
+
+
+def docstring_lm_data(n_train: int, n_test: int, seed: int, vocab: int, length: int) -> tuple[dict, dict]:
+    """The standard library's docstrings as one word stream cut into sequences of ``length`` tokens (causal LM).
+
+    Every distinct docstring of :data:`DOCSTRING_GROUPS`' public objects (its lower-case words, at least 5),
+    followed by an end-of-docstring token (id 0), in a fixed order, concatenated and cut into consecutive
+    non-overlapping windows of ``length`` tokens; ``n_train`` and ``n_test`` windows are drawn at random (seeded).
+    The ``vocab - 2`` most frequent words of the training windows get ids ``2..`` (1 is any other word). Returns
+    ``({"input_ids": (n_train, length)}, {"input_ids": (n_test, length)})`` int64: the Hugging Face form that
+    :class:`datatrace.hf.CausalLMTask` reads (every position is a target, no padding).
+    """
+    seen: set[str] = set()
+    stream: list[str | None] = []
+    for words, _ in _public_docstring_words():
+        key = " ".join(words)
+        if len(words) < 5 or key in seen:
+            continue
+        seen.add(key)
+        stream += [*words, None]  # None: the end of a docstring
+    windows = [stream[k : k + length] for k in range(0, len(stream) - length + 1, length)]
+    tr, te = _split(len(windows), n_train, n_test, seed)
+    counts = Counter(w for i in tr for w in windows[i] if w is not None)
+    ids = {
+        w: k + 2
+        for k, (w, _) in enumerate(sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[: vocab - 2])
+    }
+
+    def encode(rows: np.ndarray) -> dict[str, torch.Tensor]:
+        tokens = [[LM_EOS if w is None else ids.get(w, LM_UNK) for w in windows[i]] for i in rows]
+        return {"input_ids": torch.tensor(tokens, dtype=torch.int64)}
 
     return encode(tr), encode(te)
 
@@ -189,6 +239,19 @@ class TextEncoder(nn.Module):
         return self.head((h * keep).sum(-2) / keep.sum(-2).clamp_min(1.0))
 
 
+def gpt2(vocab: int, length: int, dim: int = 64, layers: int = 2, heads: int = 4) -> nn.Module:
+    """A small GPT-2 (``transformers.GPT2LMHeadModel`` from a ``GPT2Config``; nothing downloaded): ``layers``
+    blocks of width ``dim`` with ``heads`` attention heads, ``length`` positions, the output layer tied to the
+    token embedding, dropout 0.1 (the config's defaults), float32, PyTorch's default attention kernel (SDPA)."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=length, n_embd=dim, n_layer=layers, n_head=heads,
+        bos_token_id=LM_EOS, eos_token_id=LM_EOS,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
 def _mlp(sizes: tuple[int, ...]) -> nn.Module:
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(sizes):
@@ -201,7 +264,11 @@ def _mlp(sizes: tuple[int, ...]) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Recipe:
-    """How a model is trained: :func:`fit_minibatch`'s settings (the task's L2 term is ``weight_decay``)."""
+    """How a model is trained: :func:`fit_minibatch`'s settings.
+
+    ``weight_decay`` is the task's L2 term (in the objective that influence sees) for ``"adam"``/``"sgd"``; for
+    ``"adamw"`` it is AdamW's decoupled decay, which is not part of the objective (the task then has no L2 term and
+    the curvature's damping stands in for it)."""
 
     epochs: int = 30
     batch_size: int = 32
@@ -215,8 +282,8 @@ class Problem:
     """One catalogue problem: a data set, an architecture, a recipe. ``arch`` holds the architecture's settings."""
 
     name: str
-    data_kind: str  # "digits" | "digits-image" | "breast-cancer" | "docstrings"
-    model_kind: str  # "mlp" | "cnn" | "text"
+    data_kind: str  # "digits" | "digits-image" | "breast-cancer" | "docstrings" | "docstrings-lm"
+    model_kind: str  # "mlp" | "cnn" | "text" | "gpt2"
     arch: tuple = ()
     n_train: int = 1000
     n_test: int = 200
@@ -243,10 +310,21 @@ class Problem:
         if self.data_kind == "docstrings":
             vocab, length = self.arch[0], self.arch[1]
             return docstring_data(self.n_train, self.n_test, self.split_seed, vocab, length)
+        if self.data_kind == "docstrings-lm":
+            vocab, length = self.arch[0], self.arch[1]
+            return docstring_lm_data(self.n_train, self.n_test, self.split_seed, vocab, length)
         raise ValueError(f"unknown data_kind {self.data_kind!r}")
 
-    def task(self) -> datatrace.ClassificationTask:
-        return datatrace.ClassificationTask(weight_decay=self.recipe.weight_decay)
+    def task(self) -> datatrace.Task:
+        """The loss training minimises per example and influence sees: cross-entropy plus the recipe's L2 term for
+        the classifiers; for the language model the sequence's summed next-token NLL (``CausalLMTask()``), its
+        AdamW decay being decoupled (:class:`Recipe`)."""
+        decay = 0.0 if self.recipe.optimizer == "adamw" else self.recipe.weight_decay
+        if self.model_kind == "gpt2":
+            from datatrace.hf import CausalLMTask
+
+            return CausalLMTask(weight_decay=decay)
+        return datatrace.ClassificationTask(weight_decay=decay)
 
     def build_model(self, seed: int) -> nn.Module:
         """A freshly initialised float32 model (PyTorch's default init under ``torch.manual_seed(seed)``)."""
@@ -259,6 +337,8 @@ class Problem:
             if self.model_kind == "text":
                 vocab, length, dim, heads, classes = self.arch
                 return TextEncoder(vocab, length, dim, heads, classes)
+            if self.model_kind == "gpt2":
+                return gpt2(*self.arch)
         raise ValueError(f"unknown model_kind {self.model_kind!r}")
 
     def train_fn(self) -> Trainer:
@@ -290,6 +370,7 @@ class Trainer:
                 batch_size=r.batch_size,
                 lr=r.lr,
                 optimizer=r.optimizer,
+                weight_decay=r.weight_decay if r.optimizer == "adamw" else 0.0,
                 seed=seed,
                 copy_model=False,
             )
@@ -334,6 +415,18 @@ CATALOGUE: dict[str, Problem] = {
             description="stdlib docstrings by module group (6 classes), Embedding + Transformer encoder layer "
             "(attention with padding mask, LayerNorm, dropout) + mean pooling, Adam 15 epochs, batch 32",
         ),
+        Problem(
+            "lm",
+            "docstrings-lm",
+            "gpt2",
+            (LM_VOCAB, LM_LENGTH, 64, 2, 4),
+            n_train=LM_TRAIN,
+            n_test=LM_TEST,
+            recipe=Recipe(epochs=LM_EPOCHS, batch_size=32, lr=LM_LR, optimizer="adamw", weight_decay=0.01),
+            description=f"stdlib docstrings as a word stream cut into {LM_LENGTH}-token sequences (vocabulary "
+            f"{LM_VOCAB}), GPT-2 (2 layers, width 64, 4 heads, dropout 0.1, tied output layer), AdamW "
+            f"(decoupled decay 0.01) {LM_EPOCHS} epochs, batch 32; loss: summed next-token NLL per sequence",
+        ),
     )
 }
 
@@ -357,17 +450,17 @@ def problem(name: str, scale: str = "full") -> Problem:
 # --------------------------------------------------------------------------------------------------------------
 def trained(p: Problem, seed: int = 0) -> nn.Module:
     """The model trained on all of ``p``'s training data from ``seed``, cached as a state dict (safetensors)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_model, save_model
 
     path = CACHE_DIR / p.key() / f"model-seed{seed}.safetensors"
     model = p.build_model(seed)
     if path.exists():
-        model.load_state_dict(load_file(path))
+        load_model(model, path)  # save_model/load_model: GPT-2's output layer shares the embedding's tensor
         return model.eval()
     model = p.train_fn()(p.data()[0], seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    save_model(model, str(tmp))
     tmp.replace(path)
     return model.eval()
 
@@ -391,9 +484,23 @@ def ground_truth(
     )
 
 
-def accuracy(model: nn.Module, data: tuple) -> float:
+def accuracy(model: nn.Module, data: Any) -> float:
+    """Test accuracy; for the language model the share of next tokens predicted right (argmax)."""
     with torch.no_grad():
+        if isinstance(data, dict):
+            ids = data["input_ids"]
+            logits = model(input_ids=ids).logits[:, :-1]
+            return float((logits.argmax(-1) == ids[:, 1:]).float().mean())
         return float((model(data[0]).argmax(-1) == data[1]).float().mean())
+
+
+def perplexity(model: nn.Module, data: dict) -> float:
+    """A language model's perplexity on ``data``: exp of the mean next-token NLL (nats per token)."""
+    with torch.no_grad():
+        ids = data["input_ids"]
+        logits = model(input_ids=ids).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return float(nll.exp())
 
 
 Score = Callable[[np.ndarray], float]
@@ -410,7 +517,10 @@ __all__ = [
     "breast_cancer_data",
     "digits_data",
     "docstring_data",
+    "docstring_lm_data",
+    "gpt2",
     "ground_truth",
+    "perplexity",
     "problem",
     "trained",
 ]
