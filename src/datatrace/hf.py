@@ -45,7 +45,8 @@ which averages the inputs over every position, padding included.
 **Which routes run** (measured on a one-layer BERT and GPT-2 built from their configs, transformers 5, CPU,
 float64, default SDPA attention): every route. K-FAC/EK-FAC and :class:`~datatrace.ProjectedInfluence` with a
 :class:`~datatrace.FactorizedProjector` cover the Linear / Conv1D layers and leave out, by name, the embeddings,
-LayerNorm and GPT-2's ``lm_head`` (its weight is the token embedding's); these are the fast routes. The
+LayerNorm (GPT-2's ``lm_head``, whose weight is the token embedding's, is covered through its own use: a copy in
+the working model, :func:`datatrace.capture.scope.untie_output_layers`); these are the fast routes. The
 matrix-free routes (CG, LiSSA, Arnoldi, diagonal), TracIn and the random projection (``projector="auto"`` when some
 parameter is outside the supported layers and the dense matrix fits the projector's cache, hence TRAK; above it
 the factorised one on the supported layers) run on every parameter, more slowly: ``vmap`` over examples

@@ -135,6 +135,8 @@ def ekfac_and_gauss_newton(model, train, params=None):
     """EK-FAC (``fisher="ggn"``, damping 0) and the dense Gauss-Newton route on exactly EK-FAC's parameters, both
     with the task's weight decay as the only regulariser (so the two differ by the curvature alone)."""
     task = CausalLMTask(weight_decay=WD)
+    if params is None:  # the blocks' layers (the default scope also covers the tied lm_head through a copy)
+        params = [n for n, _ in model.named_parameters() if ".attn.c_" in n or ".mlp.c_" in n]
     ekfac = datatrace.InfluenceFunction(
         model, task, curvature=EKFAC(damping=0.0), params=params, progress=False
     ).fit(train)
@@ -256,3 +258,54 @@ def test_auto_takes_the_sampled_fisher_for_ekfac_on_a_language_model(transformer
     assert "fisher='sampled'" in info["auto_reason"] and inf.params_left_out_
     scores = inf.score(DictDataset(**{k: v[:2] for k, v in train.columns.items()})).values
     assert scores.shape == (2, 6) and torch.isfinite(scores).all() and scores.abs().amax() > 0
+
+
+def test_a_tied_output_layer_is_covered_through_its_own_use(transformers):
+    """Oracle: the same GPT-2 with untied weights (``lm_head`` a separate copy of the embedding), scoped by hand to
+    the blocks' layers and ``lm_head``, gives the same EK-FAC scores as the tied model with the default scope."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=V, n_positions=T + EXTRA)
+    tied = transformers.GPT2LMHeadModel(config).double().eval()
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    untied_config = transformers.GPT2Config(**{**config.to_dict(), "tie_word_embeddings": False})
+    untied = transformers.GPT2LMHeadModel(untied_config).double().eval()
+    untied.load_state_dict(tied.state_dict(), strict=False)
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(tied.transformer.wte.weight)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    ids, mask = sequences(seed=3)
+    train = padded(ids, mask, 0)
+    query = DictDataset(**{k: v[:2] for k, v in train.columns.items()})
+    args = {"curvature": EKFAC(fisher="ggn"), "progress": False}
+    task = CausalLMTask(weight_decay=WD)
+    default = datatrace.InfluenceFunction(tied, task, **args).fit(train)
+    assert "lm_head.weight" in default.fmodel_.space.names
+    assert "transformer.wte.weight" in default.params_left_out_
+    assert tied.lm_head.weight is tied.transformer.wte.weight  # the user's model is left tied
+    blocks = [n for n, _ in untied.named_parameters() if ".attn.c_" in n or ".mlp.c_" in n]
+    by_hand = datatrace.InfluenceFunction(untied, task, params=[*blocks, "lm_head.weight"], **args).fit(train)
+    torch.testing.assert_close(
+        default.score(query).values, by_hand.score(query).values, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_the_sampled_fisher_counts_one_output_per_predicted_position(transformers):
+    """EK-FAC's damping='auto' keeps 75 effective directions per output; with fisher='sampled' the outputs are
+    its draws: one per counted next-token position (not V per position)."""
+    from datatrace.curvature.kfac import KFAC_DOF_PER_OUTPUT
+
+    ids, mask = sequences()
+    train = padded(ids, mask, EXTRA)
+    task = CausalLMTask()
+    outputs = torch.zeros(N, T + EXTRA, V, dtype=torch.float64)
+    counts = task.distribution_counts(outputs, train.columns)
+    assert counts.tolist() == (mask.sum(dim=1) - 1).tolist()  # every next token of each sequence, padding not
+    assert torch.equal(task.output_counts(outputs, train.columns), counts * V)
+    inf = datatrace.InfluenceFunction(
+        gpt2(transformers), task, curvature=EKFAC(fisher="sampled"), progress=False
+    )
+    inf.fit(train)
+    state = inf.curvature_.training_state
+    assert state.distributions == round(float(counts.double().mean())) and not state.at_minimum
+    expected = min(KFAC_DOF_PER_OUTPUT * state.distributions, inf.fmodel_.num_params / 2)
+    assert inf.curvature_.info["damping_rule"] == f"dof={round(expected)}"
