@@ -414,3 +414,29 @@ def test_features_above_max_bytes_go_to_a_temporary_store_removed_with_the_attri
     assert not os.path.exists(folder)
     with pytest.raises(ValueError, match=r"max_bytes=0 is not allowed"):
         ProjectedInfluence(model, task, max_bytes=0)
+
+
+def test_the_sampled_fisher_estimates_the_gauss_newton_matrix(mlp_problem):
+    """fisher='sampled': the projected gradients at targets drawn from the model; with m draws per example their
+    mean outer product is an unbiased estimate of the projected Gauss-Newton matrix (E_y[g g^T] = J^T H J for a
+    softmax cross-entropy), so it approaches fisher='ggn' (relative Frobenius error ~ 1/sqrt(n m))."""
+    model, task, train, query = mlp_problem
+    kwargs = {"projector": RandomProjector(dim=48, random_state=2), "dtype": torch.float64, "progress": False}
+    ggn = ProjectedInfluence(model, task, fisher="ggn", damping=1e-3, **kwargs).fit(train)
+    errors = {}
+    for m in (8, 128):
+        sampled = ProjectedInfluence(model, task, fisher="sampled", ggn_samples=m, damping=1e-3, **kwargs)
+        sampled.fit(train)
+        difference = sampled.curvature_matrix_ - ggn.curvature_matrix_
+        errors[m] = float(difference.norm() / ggn.curvature_matrix_.norm())
+    assert errors[128] < 0.12 and errors[128] < 0.7 * errors[8]  # falls like 1/sqrt(m)
+    assert sampled.fisher_ == "sampled" and ggn.fisher_ == "ggn"
+    assert sampled.score(query).metadata["route"] == "projected sampled Fisher"
+    r = np.corrcoef(sampled.score(query).values.ravel(), ggn.score(query).values.ravel())[0, 1]
+    assert r > 0.98
+    auto = ProjectedInfluence(model, task, **kwargs).fit(train)  # 4 outputs: the exact Gauss-Newton
+    assert auto.fisher_ == "ggn"
+    torch.testing.assert_close(
+        auto.score(query).values,
+        ProjectedInfluence(model, task, fisher="ggn", **kwargs).fit(train).score(query).values,
+    )

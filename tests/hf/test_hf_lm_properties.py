@@ -309,3 +309,21 @@ def test_the_sampled_fisher_counts_one_output_per_predicted_position(transformer
     assert state.distributions == round(float(counts.double().mean())) and not state.at_minimum
     expected = min(KFAC_DOF_PER_OUTPUT * state.distributions, inf.fmodel_.num_params / 2)
     assert inf.curvature_.info["damping_rule"] == f"dof={round(expected)}"
+
+
+def test_projected_influence_takes_the_sampled_fisher_for_a_language_model_by_itself(transformers):
+    """fisher='auto': a causal LM with more than 1024 outputs per sequence (positions x vocabulary) gets the sampled
+    Fisher, where the exact output Hessian is refused by name."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=600, n_positions=8)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(0, 600, (6, 8), generator=torch.Generator().manual_seed(1))
+    train = DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    args = {"dtype": torch.float64, "progress": False}
+    inf = datatrace.ProjectedInfluence(model, CausalLMTask(), **args).fit(train)
+    assert inf.fisher_ == "sampled" and inf.info["damping_rule"].startswith(("dof=", "at-minimum"))
+    assert bool(
+        torch.isfinite(inf.score(DictDataset(**{k: v[:2] for k, v in train.columns.items()})).values).all()
+    )
+    with pytest.raises(ValueError, match="fisher='ggn' is not allowed"):
+        datatrace.ProjectedInfluence(model, CausalLMTask(), fisher="ggn", **args).fit(train)

@@ -112,7 +112,8 @@ from datatrace.attributors.base import (
 )
 from datatrace.capture.engine import find_layers
 from datatrace.capture.scope import narrow_to_supported
-from datatrace.curvature.base import TrainingState, output_size
+from datatrace.curvature.base import TrainingState, distribution_size, output_size
+from datatrace.curvature.kfac import MAX_GGN_OUTPUTS
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import (
     all_gather_rows,
@@ -161,7 +162,7 @@ from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-FISHER_TYPES = ("ggn", "empirical")
+FISHER_TYPES = ("auto", "ggn", "sampled", "empirical")
 REGULARIZERS = ("rescaled", "projected")
 #: damping="auto" without weight decay on every parameter: this fraction of the mean eigenvalue
 AUTO_DAMPING_FRACTION = 1e-3
@@ -201,8 +202,13 @@ class ProjectedInfluence(Attributor):
         dtype: working precision of the model copy and the gradients (float32 by default; float64 for oracles).
         feature_dtype: storage precision of the training features (float32, float16 or bfloat16; ``None``: the
             working ``dtype``); products always accumulate in float32 or better, the curvature in float64.
-        fisher: ``"ggn"`` (default: the Gauss-Newton matrix of the projected model, exact in the output space) or
-            ``"empirical"`` (``(1/n) sum_i phi_i phi_i^T`` + regulariser, one backward pass per batch, as TRAK).
+        fisher: ``"ggn"`` (the Gauss-Newton matrix of the projected model, exact in the output space),
+            ``"sampled"`` (the true Fisher: the projected gradients of the loss at targets drawn from the model,
+            ``max(1, ggn_samples)`` draws per example, one backward pass each; the task's ``sample_targets``),
+            ``"empirical"`` (``(1/n) sum_i phi_i phi_i^T`` + regulariser, one backward pass per batch, as TRAK), or
+            ``"auto"`` (default): ``"ggn"``, or ``"sampled"`` above
+            :data:`~datatrace.curvature.kfac.MAX_GGN_OUTPUTS` outputs per example when the task samples targets
+            (a language model's positions x vocabulary); ``fisher_`` says which after ``fit``.
         ggn_samples: ``None`` (all ``k_out`` columns of each output-Hessian factor) or an int ``m``: ``m``
             Rademacher combinations of them per example, an unbiased estimate with ``m`` backward passes.
         regularizer: how the weight decay enters the projected curvature (module docstring): ``"rescaled"``
@@ -240,7 +246,7 @@ class ProjectedInfluence(Attributor):
         store_dir: str | os.PathLike | None = None,
         dtype: torch.dtype = torch.float32,
         feature_dtype: torch.dtype | None = None,
-        fisher: str = "ggn",
+        fisher: str = "auto",
         ggn_samples: int | None = None,
         regularizer: str = "rescaled",
         batch_size: int | None = None,
@@ -300,7 +306,7 @@ class ProjectedInfluence(Attributor):
         self.random_state = random_state
         self.progress = progress
         self.max_bytes = max_bytes
-        if self.fisher == "ggn" and not task.has_outputs:
+        if self.fisher in ("ggn", "sampled", "auto") and not task.has_outputs:
             raise bad_value(
                 "fisher",
                 "ggn",
@@ -351,6 +357,7 @@ class ProjectedInfluence(Attributor):
         check_finite(fmodel.theta, "the model's parameters", "Fix: pass a model whose weights are finite.")
         n = len(source)
         projector = self._make_projector(fmodel, n)
+        self.fisher_ = self._resolve_fisher(fmodel, source)
         self.params_left_out_: dict[str, str] = {}
         if isinstance(projector, FactorizedProjector) and fmodel.default_scope:
             fmodel, self.params_left_out_ = narrow_to_supported(
@@ -383,7 +390,7 @@ class ProjectedInfluence(Attributor):
                 "config": {
                     "params": scope,
                     "dtype": str(self.dtype),
-                    "fisher": self.fisher,
+                    "fisher": self.fisher_,
                     "ggn_samples": self.ggn_samples,
                     "random_state": self.random_state if self.ggn_samples else None,
                     "batch_size": source.batch_size if self.ggn_samples else None,
@@ -410,7 +417,14 @@ class ProjectedInfluence(Attributor):
             features, acc = self._compute_in_memory(compute, source)
             self.store_ = None
             self.train_features_ = features
-        self._fit_curvature(acc, lambda: output_size(self.fmodel_, source))
+        if (
+            self.fisher_ == "sampled"
+        ):  # the curvature sees its draws: one per predictive distribution and sample
+            self._fit_curvature(
+                acc, lambda: max(1, self.ggn_samples or 1) * distribution_size(self.fmodel_, source)
+            )
+        else:
+            self._fit_curvature(acc, lambda: output_size(self.fmodel_, source))
         logger.info("fitted ProjectedInfluence on %d examples, dim %d: %s", n, k, self.info)
         return self
 
@@ -442,6 +456,20 @@ class ProjectedInfluence(Attributor):
         if self.progress and is_main_process():
             tqdm.write(message, file=sys.stderr)
         return folder
+
+    def _resolve_fisher(self, fmodel: FunctionalModel, source: DataSource) -> str:
+        """``fisher``, with ``"auto"`` resolved: ``"sampled"`` when the exact output Hessian would be refused (more
+        than ``MAX_GGN_OUTPUTS`` outputs per example) and the task samples targets, else ``"ggn"``."""
+        if self.fisher != "auto":
+            return self.fisher
+        samples = type(self.task).sample_targets is not Task.sample_targets
+        if samples and output_size(fmodel, source) > MAX_GGN_OUTPUTS:
+            logger.info(
+                "ProjectedInfluence: fisher='auto' takes the sampled Fisher (more than %d outputs per example)",
+                MAX_GGN_OUTPUTS,
+            )
+            return "sampled"
+        return "ggn"
 
     def _compute_in_memory(
         self, compute: Any, source: DataSource
@@ -529,9 +557,23 @@ class ProjectedInfluence(Attributor):
 
     def _project_train_batch(self, idx: torch.Tensor, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         fmodel, projector, task = self.fmodel_, self.projector_, self.task
-        if self.fisher == "empirical":
+        if self.fisher_ == "empirical":
             g = projector.project_vjps(batch, "loss")[:, 0]
             return g, g[:, None]
+        if (
+            self.fisher_ == "sampled"
+        ):  # the true Fisher: gradients of the loss at targets drawn from the model
+            g = projector.project_vjps(batch, "loss")[:, 0]
+            generator = torch.Generator(device=fmodel.device)
+            generator.manual_seed(derive_seed(self.random_state, "sampled", int(idx[0])))
+            with torch.no_grad():
+                outputs = task.outputs(fmodel.model, batch)
+            draws = max(1, self.ggn_samples or 1)
+            pseudo = [
+                projector.project_vjps(task.sample_targets(outputs, batch, generator), "loss")[:, 0]
+                for _ in range(draws)
+            ]
+            return g, torch.stack(pseudo, dim=1) / math.sqrt(draws)
         # loss = loss_from_outputs(outputs): one pass gives the gradient and the pseudo-gradients
         composed = type(task).loss is Task.loss
         generator = None
@@ -586,7 +628,7 @@ class ProjectedInfluence(Attributor):
             "projected per-example gradient norm",
         )
         at_minimum = TrainingState(self.gradient_norm_ / typical).at_minimum
-        use_rule = self.damping == "auto" and not at_minimum and self.fisher == "ggn"
+        use_rule = self.damping == "auto" and not at_minimum and self.fisher_ in ("ggn", "sampled")
         target = TrainingState(self.gradient_norm_ / typical, outputs()).dof_target(k) if use_rule else None
         rule = "given"
         if target is not None:
@@ -631,7 +673,7 @@ class ProjectedInfluence(Attributor):
             "dim": self.dim_,
             "num_params": fmodel.num_params,
             "n_train": n,
-            "fisher": self.fisher,
+            "fisher": self.fisher_,
             "ggn_samples": self.ggn_samples,
             "damping": damping,
             "damping_policy": self.damping if self.damping != "auto" else "auto",
@@ -821,10 +863,20 @@ class ProjectedInfluence(Attributor):
         info = self.info
         flat = json_scalars(info)
         flat["projector"] = info["projector"]
-        route = "projected Gauss-Newton" if self.fisher == "ggn" else "projected empirical Fisher"
-        if self.fisher == "ggn":
+        fisher = getattr(self, "fisher_", self.fisher)
+        route = {
+            "ggn": "projected Gauss-Newton",
+            "sampled": "projected sampled Fisher",
+        }.get(fisher, "projected empirical Fisher")
+        if fisher == "ggn":
             units = "leave-one-out"
             reason = "the influence function of the projected model with its exact Gauss-Newton matrix"
+        elif fisher == "sampled":
+            units = "leave-one-out"
+            reason = (
+                "the projected model's Fisher estimated from targets drawn from the model: the Gauss-Newton matrix "
+                "in expectation (a sampling error remains)"
+            )
         else:
             units = "rank-only"
             reason = (
