@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from datatrace.cli.explain import run_explain
+from datatrace.cli.main import main
 from datatrace.cli.render import add_ranked_section, attach_token_parts
 from datatrace.cli.report import TOKEN_SUM_RTOL, Report, token_highlight_html
 
@@ -234,3 +235,28 @@ def test_explain_refuses_tokens_for_a_task_without_loss_terms(tmp_path):
         ValueError, match=r"tokens=.*needs a task that splits its loss by token.*NextToken has none.*Fix"
     ):
         run_explain(spec, tmp_path / "o", k=1, query_indices=[0], progress=False, tokens=lambda i: ["a"])
+
+
+def test_the_spec_files_tokens_function_is_used_by_the_cli(tmp_path, capsys):
+    """A spec that defines tokens(i) gets token-wise influence from the command line (`datatrace explain SPEC`),
+    with no Python call; a tokens that is not a function is named."""
+    spec = tmp_path / "bigram.py"
+    spec.write_text(
+        NEXT_TOKEN_SPEC
+        + """
+
+def tokens(i):
+    return [WORDS[int(t)] for t in ids[i]]
+"""
+    )
+    out = tmp_path / "out"
+    assert main(["explain", str(spec), "--out", str(out), "--k", "2", "--query-index", "0", "--quiet"]) == 0
+    query = json.loads((out / "results.json").read_text())["queries"][0]
+    for row in query["proponents"] + query["opponents"]:
+        assert len(row["tokens"]) == 5
+        assert sum(row["token_scores"]) == pytest.approx(row["score"], rel=1e-8, abs=1e-12)
+    assert '<div class="tokens"' in (out / "report.html").read_text()
+    bad = tmp_path / "bad.py"
+    bad.write_text(NEXT_TOKEN_SPEC + "\ntokens = ['a']\n")
+    assert main(["explain", str(bad), "--out", str(tmp_path / "bad-out"), "--quiet"]) != 0
+    assert re.search(r"tokens.*expected a function tokens\(i\)", capsys.readouterr().err)

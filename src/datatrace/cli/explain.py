@@ -6,7 +6,7 @@ highest-loss query when none is misclassified) it lists the ``--k`` strongest pr
 positive = training example i helped the query (removing it would raise the query's loss), negative = it hurt.
 
 The report shows the query beside its proponents and opponents: pictures for images, a feature table (one column
-per example, the query's first) for tabular data, the texts for text. Called from Python with ``tokens=`` (the
+per example, the query's first) for tabular data, the texts for text. With the spec's ``tokens(i)`` or ``tokens=`` (the
 token strings of a training example) on a task that splits its loss by token (``loss_terms``, e.g.
 :class:`datatrace.hf.CausalLMTask`), it also shows each proponent's and opponent's score split over its tokens
 (:func:`datatrace.apps.tokens.token_influence`) as highlighted text, and writes the parts to results.json.
@@ -137,6 +137,8 @@ def run_explain(
         threads=threads,
     )
     spec = ctx.spec
+    if tokens is None and spec.tokens is not None:  # the spec file's tokens(i)
+        tokens = spec.tokens
     if tokens is not None and not callable(getattr(spec.task, "loss_terms", None)):
         raise bad_value(
             "tokens",

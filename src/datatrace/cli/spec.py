@@ -43,6 +43,9 @@ Optional names, needed by some commands:
 ``class_names``        one name per class index (torch classifiers; an estimator has its ``classes_``)
 ``texts``              a list of strings, one per training example, or ``{"train": [...], "query": [...],
                        "validation": [...]}`` (text)
+``tokens(i)``          the token strings of training example ``i``, one per term of the task's
+                       ``loss_terms`` (a causal LM's predicted tokens): ``explain`` then shows each proponent's
+                       and opponent's score split over its tokens as highlighted text
 ``display()``          ``{"train": X, "query": X, "validation": X}``: rows to *show* in tabular reports instead of
                        the model's inputs (e.g. the features in their original units before standardising)
 ``curvature``          inverse-curvature route (default ``"auto"``; ``--curvature`` overrides)
@@ -276,6 +279,14 @@ def _build(file: Path, module: ModuleType, command: str | None) -> Spec:
         spec.train_fn = train_fn
     if has(module, "groups"):
         spec.groups = check_groups(spec, spec_value(file, module, "groups"))
+    if has(module, "tokens"):
+        tokens = module.tokens
+        if not callable(tokens):
+            raise SpecError(
+                f"{where(file, 'tokens')} is {type_words(tokens)}; expected a function tokens(i) returning the "
+                "token strings of training example i (one per loss term). Fix: define it with `def`."
+            )
+        spec.tokens = tokens
     spec.curvature = getattr(module, "curvature", "auto")
     spec.damping = getattr(module, "damping", "auto")
     check_curvature(file, spec.curvature, spec.damping)
@@ -324,6 +335,7 @@ SPEC_NAMES = (
     "feature_names",
     "class_names",
     "texts",
+    "tokens",
     "display",
     "curvature",
     "damping",

@@ -78,6 +78,8 @@ class Spec:
     estimator: Any = None
     train_fn: Callable[..., Any] | None = None
     groups: np.ndarray | None = None
+    #: ``tokens(i)``: the token strings of training example ``i`` (one per loss term), for token-wise influence
+    tokens: Callable[[int], Any] | None = None
     kind: str = "tabular"
     image_shape: tuple[int, ...] | None = None
     feature_names: list[str] | None = None
