@@ -154,6 +154,12 @@ def check_model_inputs(
             )
 
 
+def attention_positions(batch: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` as booleans ``(b, T)`` (True: a real token), or ``None`` without one."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return None if mask is None else mask.bool()
+
+
 def model_inputs(batch: Mapping, label_key: str) -> dict[str, torch.Tensor]:
     """The keyword arguments of the model: the batch without its labels (so the model computes no loss)."""
     return {k: v for k, v in batch.items() if k != label_key}
@@ -175,6 +181,10 @@ class SequenceClassificationTask(ClassificationTask):
     def __init__(self, weight_decay: float | Mapping[str, float] = 0.0, *, label_key: str = "labels") -> None:
         super().__init__(weight_decay, target_key=label_key)
         self.label_key = label_key
+
+    def position_mask(self, batch: Any) -> torch.Tensor | None:
+        """The attention mask: padded positions are not data."""
+        return attention_positions(batch)
 
     def _reads_dicts(self) -> bool:
         return True
@@ -339,6 +349,10 @@ class CausalLMTask(Task):
         outputs the loss depends on (padding and the last position carry none)."""
         _, valid = self.next_tokens(batch)
         return valid.sum(dim=1) * outputs.shape[-1]
+
+    def position_mask(self, batch: Any) -> torch.Tensor | None:
+        """The attention mask: padded positions are not data."""
+        return attention_positions(batch)
 
     def distribution_counts(self, outputs: torch.Tensor, batch: Mapping) -> torch.Tensor:
         """One next-token distribution per position whose next token counts, shape ``(b,)``."""

@@ -159,6 +159,12 @@ class Task:
             (outputs.shape[0],), outputs[0].numel() if outputs.shape[0] else 0, dtype=torch.long
         )
 
+    def position_mask(self, batch: tuple) -> torch.Tensor | None:
+        """Which positions of each example are data, ``(b, T)`` (True: a real token), or ``None`` when every
+        position of a layer's input is (the default: images, tabular rows). K-FAC's plain-mean input factor
+        averages over the real positions only, so that padding changes nothing."""
+        return None
+
     def distribution_counts(self, outputs: torch.Tensor, batch: tuple) -> torch.Tensor:
         """How many predictive distributions each example's loss sums over, shape ``(b,)``: the targets a sampled
         Fisher draws per example (one per example here; a language model: one per counted position). K-FAC's

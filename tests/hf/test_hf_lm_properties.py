@@ -78,19 +78,7 @@ ROUTES = {
 }
 
 
-#: K-FAC's plain-mean input factor ``A = (1/(nT)) sum_t a_t a_t^T`` averages over every position of the padded
-#: batch, padding included (its hidden states are not zero), so padding changes ``A`` and K-FAC's scores; the
-#: weighted factor (EK-FAC's default) gives padding weight ``||s_t||^2 = 0``. Known, not fixed yet.
-KNOWN = {"kfac": "K-FAC's mean input factor counts padded positions"}
-
-
-@pytest.mark.parametrize(
-    "route",
-    [
-        pytest.param(r, marks=pytest.mark.xfail(reason=KNOWN[r], strict=True)) if r in KNOWN else r
-        for r in sorted(ROUTES)
-    ],
-)
+@pytest.mark.parametrize("route", sorted(ROUTES))
 def test_right_padding_does_not_change_the_scores(route, transformers):
     """Scores of padded and unpadded data agree to ``1e-9`` of the largest score (float64: the padded forward
     pass sums in another order, nothing else differs)."""

@@ -206,6 +206,17 @@ class _Layer(Layer):
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _real_positions(mask: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor | None:
+    """The task's position mask ``(b, T)`` laid over a layer's input rows ``(b, T', in')`` (``T'`` = calls x ``T``
+    for a layer called several times), or ``None`` when there is no mask or the layer's rows are not positions of
+    the sequence (an image, a pooled vector)."""
+    if mask is None or mask.dim() != 2 or mask.shape[0] != a.shape[0] or mask.shape[1] == 0:
+        return None
+    if a.shape[1] % mask.shape[1]:
+        return None
+    return mask.to(a.device).repeat(1, a.shape[1] // mask.shape[1])
+
+
 def _other_routes() -> str:
     names = [n for n in matrix_free_names() if "kfac" not in n]
     if names:
@@ -451,6 +462,7 @@ class KFAC(Curvature):
                 fmodel, layers, rec, root, true_grad, "K-FAC", _other_routes(), skip_nonfinite=True
             )
         inputs: list[torch.Tensor | None] = []
+        mask = task.position_mask(batch)
         for i, layer in enumerate(layers):
             layer.examples += b
             a = rec.inputs(i)
@@ -462,7 +474,12 @@ class KFAC(Curvature):
                         f"layer with params=, or use {_other_routes()}."
                     )
                 layer.calls = max(layer.calls, len(rec.calls[i]))
-                layer.locations += a.shape[0] * a.shape[1]
+                real = _real_positions(mask, a)
+                if real is None:
+                    layer.locations += a.shape[0] * a.shape[1]
+                else:  # padded positions are not data: zero rows (their output gradients are zero too)
+                    a = a * real.unsqueeze(-1).to(a.dtype)
+                    layer.locations += int(real.sum())
             inputs.append(a)
         first_chunk = True
         for _, count, grads in self._backprop.chunks(root, rec.outputs(), columns):
