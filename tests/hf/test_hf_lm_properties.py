@@ -95,7 +95,11 @@ def test_right_padding_does_not_change_the_scores(route, transformers):
     plain, more = results[0].values, results[1].values
     assert torch.isfinite(plain).all() and plain.abs().amax() > 0
     torch.testing.assert_close(more, plain, rtol=1e-9, atol=1e-9 * float(plain.abs().amax()))
-    assert results[0].metadata["damping"] == pytest.approx(results[1].metadata["damping"], rel=1e-9)
+    damping = [r.metadata["damping"] for r in results]  # a number, or the policy's name ("auto")
+    if isinstance(damping[0], str):
+        assert damping[0] == damping[1]
+    else:
+        assert damping[0] == pytest.approx(damping[1], rel=1e-9)
     if route.startswith(("ekfac", "kfac")):  # the padded outputs are not counted: the same dof target
         rule = results[0].metadata["curvature"]["damping_rule"]
         assert rule.startswith("dof=") and rule == results[1].metadata["curvature"]["damping_rule"]

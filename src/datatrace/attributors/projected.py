@@ -463,7 +463,12 @@ class ProjectedInfluence(Attributor):
         if self.fisher != "auto":
             return self.fisher
         samples = type(self.task).sample_targets is not Task.sample_targets
-        if samples and output_size(fmodel, source) > MAX_GGN_OUTPUTS:
+        if not samples or len(source) == 0:
+            return "ggn"
+        with torch.no_grad():  # one forward pass of one example: the output size decides
+            first = fmodel.prepare(source.get([0]))
+            outputs = int(self.task.output_counts(self.task.outputs(fmodel.model, first), first).sum())
+        if outputs > MAX_GGN_OUTPUTS:
             logger.info(
                 "ProjectedInfluence: fisher='auto' takes the sampled Fisher (more than %d outputs per example)",
                 MAX_GGN_OUTPUTS,
