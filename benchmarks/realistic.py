@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 import datatrace
+from datatrace import datasets as docstring_sets
 from datatrace.verification import retrain
 from datatrace.verification.training import fit_minibatch
 
@@ -82,18 +83,8 @@ def breast_cancer_data(n_train: int, n_test: int, seed: int) -> tuple[tuple, tup
     return (X[tr], y[tr]), (X[te], y[te])
 
 
-#: the text classes: the standard library's modules grouped by what they do; an example is one docstring
-DOCSTRING_GROUPS: dict[str, tuple[str, ...]] = {
-    "files": ("os", "os.path", "pathlib", "shutil", "tempfile", "glob", "fnmatch", "filecmp", "zipfile", "tarfile"),
-    "text": ("re", "string", "textwrap", "difflib", "unicodedata", "codecs", "html", "html.parser"),
-    "numbers": ("math", "cmath", "statistics", "decimal", "fractions", "random", "numbers", "operator"),
-    "network": ("socket", "ssl", "http.client", "http.server", "urllib.request", "urllib.parse", "email.message",
-                "smtplib", "ftplib", "ipaddress"),
-    "concurrency": ("threading", "multiprocessing", "asyncio", "concurrent.futures", "queue", "subprocess",
-                    "selectors", "signal"),
-    "data": ("json", "csv", "pickle", "sqlite3", "collections", "itertools", "functools", "heapq", "bisect",
-             "dataclasses", "enum", "datetime", "calendar"),
-}  # fmt: skip
+#: the text classes: the standard library's modules grouped by what they do (an example is one docstring)
+DOCSTRING_GROUPS = docstring_sets.DOCSTRING_GROUPS
 
 
 def _public_docstring_words() -> list[tuple[list[str], int]]:
