@@ -83,9 +83,13 @@ layer is penalised (``lambda > 0``) and ``1e-3`` times the layer's mean eigenval
 (e.g. the softmax's shift direction of an unpenalised bias, with damping 0) are dropped: a pseudo-inverse, as in
 the dense routes. Away from a minimum of the objective (told by the attributor,
 :class:`~datatrace.curvature.base.TrainingState`) ``"auto"`` is instead one damping for every layer that keeps
-``KFAC_DOF_PER_OUTPUT`` effective directions per model output over all layers' eigenvalues together
-(:func:`datatrace.linalg.dof_damping`): without it a model trained for a budget, with most examples fitted,
-gets near-zero eigenvalues whose inverse turns the scores into noise.
+``KFAC_DOF_PER_OUTPUT`` effective directions per output column and location over all layers' eigenvalues
+together (:func:`datatrace.linalg.dof_damping`; at most half the parameters): the columns are the model outputs
+(the sampled Fisher: its draws, one per predictive distribution), times the most locations per example of any
+layer (a convolution's pixels, a sequence's positions; 1 for a dense layer), since every column reaches every
+location and the Kronecker factors spread the curvature over that many more directions. Without it a model
+trained for a budget, with most examples fitted, gets near-zero eigenvalues whose inverse turns the scores into
+noise.
 
 Where ``lambda > 0`` extra damping only shrinks the scores and lowers their agreement with the exact Hessian;
 with ``lambda = 0`` small fractions of the mean eigenvalue (up to ``1e-3``) are indistinguishable from each other
@@ -522,9 +526,12 @@ class KFAC(Curvature):
         if self.damping == "auto" and self.training_state is not None:
             # the outputs the curvature sees per example: every output (the exact output Hessian, or the empirical
             # gradient's), or, for the sampled Fisher, its draws (n_samples per predictive distribution)
-            columns = None
             if self.fisher == "sampled":
                 columns = self.n_samples * self.training_state.distributions
+            else:  # every output column reaches each location of a layer (a convolution's pixels, a sequence's
+                # positions): the Kronecker factors spread the curvature over that many more directions
+                locations = max((layer.locations / max(layer.examples, 1) for layer in layers), default=1.0)
+                columns = round(self.training_state.outputs * max(1.0, locations))
             target = self.training_state.dof_target(fmodel.num_params, KFAC_DOF_PER_OUTPUT, columns)
         shared = None
         if target is not None:  # away from a minimum: one damping for all layers from all their eigenvalues
