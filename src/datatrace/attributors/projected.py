@@ -113,7 +113,7 @@ from datatrace.attributors.base import (
 from datatrace.capture.engine import find_layers
 from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature.base import TrainingState, distribution_size, output_size
-from datatrace.curvature.kfac import MAX_GGN_OUTPUTS
+from datatrace.curvature.kfac import MAX_GGN_OUTPUTS, default_fisher
 from datatrace.data import DataLike, DataSource, as_data_source
 from datatrace.distributed import (
     all_gather_rows,
@@ -462,13 +462,12 @@ class ProjectedInfluence(Attributor):
         than ``MAX_GGN_OUTPUTS`` outputs per example) and the task samples targets, else ``"ggn"``."""
         if self.fisher != "auto":
             return self.fisher
-        samples = type(self.task).sample_targets is not Task.sample_targets
-        if not samples or len(source) == 0:
-            return "ggn"
+        if default_fisher(self.task, MAX_GGN_OUTPUTS + 1) == "ggn" or len(source) == 0:
+            return "ggn"  # a task that cannot sample targets: no forward pass needed to decide
         with torch.no_grad():  # one forward pass of one example: the output size decides
             first = fmodel.prepare(source.get([0]))
             outputs = int(self.task.output_counts(self.task.outputs(fmodel.model, first), first).sum())
-        if outputs > MAX_GGN_OUTPUTS:
+        if default_fisher(self.task, outputs) == "sampled":
             logger.info(
                 "ProjectedInfluence: fisher='auto' takes the sampled Fisher (more than %d outputs per example)",
                 MAX_GGN_OUTPUTS,

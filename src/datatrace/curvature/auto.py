@@ -53,13 +53,12 @@ from torch.utils.data import Subset
 from datatrace.capture.scope import Scope, supported_scope
 from datatrace.curvature.base import DEFAULT_MAX_DENSE_BYTES, Curvature, format_bytes
 from datatrace.curvature.cost import ARNOLDI_OVERSAMPLING, DEFAULT_QUERIES, Probe, predict_seconds
-from datatrace.curvature.kfac import MAX_GGN_OUTPUTS, find_layers
+from datatrace.curvature.kfac import MAX_GGN_OUTPUTS, default_fisher, find_layers
 from datatrace.curvature.registry import make_curvature
 from datatrace.data import DataSource
 from datatrace.distributed import all_reduce_sum, local_only, world
 from datatrace.errors import bad_value, check_nonnegative_float, check_positive_int, is_out_of_memory
 from datatrace.gradients.functional import FunctionalModel
-from datatrace.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -326,8 +325,7 @@ class AutoCurvature(Curvature):
     def _ekfac_fisher(self, fmodel: FunctionalModel, outputs: int | None) -> str:
         """``"sampled"`` when the exact output Hessian is refused (more than ``MAX_GGN_OUTPUTS`` outputs per
         example) and the task can sample targets (a language model), else ``"ggn"``."""
-        samples = type(fmodel.task).sample_targets is not Task.sample_targets
-        return "sampled" if outputs is not None and outputs > MAX_GGN_OUTPUTS and samples else "ggn"
+        return default_fisher(fmodel.task, outputs)
 
     def _ekfac_probe(self, fmodel: FunctionalModel, probe: Probe) -> Probe:
         """The probe EK-FAC's time is predicted from: one backward column per example with the sampled Fisher."""

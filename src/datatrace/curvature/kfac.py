@@ -177,6 +177,16 @@ FISHER_TYPES = ("ggn", "sampled", "empirical")
 INPUT_FACTORS = ("weighted", "mean")
 #: fisher="ggn" backpropagates one pseudo-gradient per output; above this many outputs use fisher="sampled"
 MAX_GGN_OUTPUTS = 1024
+
+
+def default_fisher(task: Task, outputs: int | None) -> str:
+    """The Fisher a route takes by default for a model with ``outputs`` outputs per example: ``"sampled"`` when
+    the exact output Hessian would be refused (more than :data:`MAX_GGN_OUTPUTS`: a language model's positions x
+    vocabulary) and the task can sample targets, else ``"ggn"``."""
+    samples = type(task).sample_targets is not Task.sample_targets
+    return "sampled" if outputs is not None and outputs > MAX_GGN_OUTPUTS and samples else "ggn"
+
+
 #: away from a minimum, K-FAC/EK-FAC's "auto" damping keeps this many effective directions per model output (more
 #: than the dense routes' ten: the Kronecker eigenvalues spread the spectrum, so the same count damps too much)
 KFAC_DOF_PER_OUTPUT = 75
@@ -726,4 +736,10 @@ def _eigh(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.clamp(min=0.0), evecs
 
 
-__all__ = ["EKFAC", "FISHER_TYPES", "KFAC", "find_layers"]
+__all__ = [
+    "EKFAC",
+    "FISHER_TYPES",
+    "KFAC",
+    "default_fisher",
+    "find_layers",
+]
