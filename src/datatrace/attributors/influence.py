@@ -202,6 +202,11 @@ def count_below_minus_loss(values: torch.Tensor, losses: torch.Tensor) -> int:
     return int((v < floor).any(dim=1).sum())
 
 
+def _dot(queries: torch.Tensor | LowRankQueries, rows: torch.Tensor) -> torch.Tensor:
+    """``(n_query, b)`` products of solved queries (dense rows, or compressed per layer) with gradient rows."""
+    return queries.dot(rows) if isinstance(queries, LowRankQueries) else queries @ rows.T
+
+
 class InfluenceFunction(Attributor):
     """Leave-one-out influence of training examples on queries, without retraining.
 
@@ -589,13 +594,9 @@ class InfluenceFunction(Attributor):
         measurement for this call (e.g. a predicted probability, a margin, one term of a group metric); the
         training side (gradients, curvature) is reused as fitted.
         """
-        q_grads = self.query_gradients(query, measurement)
-        solved = self.curvature_.solve(q_grads)
-        check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
+        queries = self._solved_queries(self.query_gradients(query, measurement))
         metadata = self.metadata()
-        queries: torch.Tensor | LowRankQueries = solved
-        if self.query_rank is not None:
-            queries = compress_queries(solved, self.fmodel_, self.query_rank)
+        if isinstance(queries, LowRankQueries):
             metadata.update(
                 query_rank=self.query_rank,
                 query_rank_energy_min=queries.min_energy,
@@ -620,18 +621,22 @@ class InfluenceFunction(Attributor):
         self.check_is_fitted()
         q_grads = self.query_gradients(query, measurement)
         cand = check_candidates("candidates", candidates, int(q_grads.shape[0]), self.n_train_)
-        solved = self.curvature_.solve(q_grads)
-        check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
-        queries: torch.Tensor | LowRankQueries = solved
-        if self.query_rank is not None:
-            queries = compress_queries(solved, self.fmodel_, self.query_rank)
+        queries = self._solved_queries(q_grads)
         union, inverse = torch.unique(cand, return_inverse=True)
         if not self.streams_ and not world()[2] and len(union) > ALL_ROWS_FRACTION * self.n_train_:
             values = self._products(queries)  # one product with every kept row beats copying most of them
             return torch.gather(values, 1, cand.to(values.device)) / self.n_train_
         rows = self._selected_rows(union)  # (|U|, p): kept rows, all-reduced, or recomputed when streaming
-        values = queries.dot(rows) if isinstance(queries, LowRankQueries) else queries @ rows.T
+        values = _dot(queries, rows)
         return torch.gather(values, 1, inverse.to(values.device)) / self.n_train_
+
+    def _solved_queries(self, q_grads: torch.Tensor) -> torch.Tensor | LowRankQueries:
+        """``H^{-1} grad f_q`` for every query row, compressed per layer when ``query_rank`` is set."""
+        solved = self.curvature_.solve(q_grads)
+        check_finite(solved, "H^{-1} grad f (the solved query gradients)", "Fix: raise damping.")
+        if self.query_rank is None:
+            return solved
+        return compress_queries(solved, self.fmodel_, self.query_rank)
 
     def _products(self, queries: torch.Tensor | LowRankQueries) -> torch.Tensor:
         """``(n_query, n)`` products of the solved queries with every training gradient: from the kept rows, or
@@ -639,7 +644,7 @@ class InfluenceFunction(Attributor):
         ``n x p`` gradients)."""
 
         def dot(rows: torch.Tensor) -> torch.Tensor:
-            return queries.dot(rows) if isinstance(queries, LowRankQueries) else queries @ rows.T
+            return _dot(queries, rows)
 
         if not self.streams_:
             local = dot(self.local_grads_)
