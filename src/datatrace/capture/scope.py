@@ -132,6 +132,13 @@ def untie_output_layers(fmodel: FunctionalModel) -> tuple[FunctionalModel, dict[
     return FunctionalModel(fmodel.model, fmodel.task, None, chunk_size=fmodel.chunk_size), untied
 
 
+def _say(message: str, announce: bool) -> None:
+    """Log ``message``, and write it on stderr too (above any progress bar) when ``announce``."""
+    logger.info(message)
+    if announce:
+        tqdm.write(message, file=sys.stderr)
+
+
 def narrow_to_supported(
     fmodel: FunctionalModel, data: DataSource, who: str, fix: str, announce: bool
 ) -> tuple[FunctionalModel, dict[str, str]]:
@@ -145,13 +152,11 @@ def narrow_to_supported(
     scope = supported_scope(fmodel, data, who, fix)
     for copy, tied in untied.items():
         if copy in scope.covered:
-            message = (
+            _say(
                 f"datatrace: {who} covers {copy}, whose weight is tied to {tied}, through its own use in that layer "
-                f"(a copy in the working model; the use elsewhere held fixed)"
+                f"(a copy in the working model; the use elsewhere held fixed)",
+                announce,
             )
-            logger.info(message)
-            if announce:
-                tqdm.write(message, file=sys.stderr)
     if not scope.left_out:
         return fmodel, {}
     if not scope.covered:
@@ -159,13 +164,11 @@ def narrow_to_supported(
             f"{who} covers {SUPPORTED_LAYERS} layers whose forward runs, and this model has none: "
             f"{scope.describe()}. Fix: {fix}."
         )
-    message = (
+    _say(
         f"datatrace: {who} covers the {len(scope.covered)} parameter tensors of its supported layers; "
-        f"{scope.describe()}. Pass params= to choose them."
+        f"{scope.describe()}. Pass params= to choose them.",
+        announce,
     )
-    logger.info(message)
-    if announce:
-        tqdm.write(message, file=sys.stderr)
     narrowed = FunctionalModel(fmodel.model, fmodel.task, list(scope.covered), chunk_size=fmodel.chunk_size)
     return narrowed, dict(scope.left_out)
 
