@@ -16,7 +16,7 @@ against each training gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,8 @@ class LowRankQueries:
     factors: list[tuple[Layer, torch.Tensor, torch.Tensor, torch.Tensor]]
     rest: dict[str, torch.Tensor]
     energy: list[torch.Tensor]
+    #: per layer name, its ``(q, out, in')`` query block as a dense matrix, built once when first needed
+    _matrices: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_queries(self) -> int:
@@ -78,6 +80,17 @@ class LowRankQueries:
             matrix = (u[start:stop] * s[start:stop, None, :]) @ w[start:stop].transpose(1, 2)
             blocks.update(layer.scatter(matrix, shapes))
         return self.space.flatten(blocks, batch_dims=1)
+
+    def layer_matrix(self, layer: Layer) -> torch.Tensor:
+        """``layer``'s ``(q, out, in')`` query block, dense (rebuilt from its factors when compressed), cached."""
+        if layer.name not in self._matrices:
+            factors = {f[0].name: f[1:] for f in self.factors}
+            if layer.name in factors:
+                u, s, w = factors[layer.name]
+                self._matrices[layer.name] = (u * s[:, None, :]) @ w.transpose(1, 2)
+            else:
+                self._matrices[layer.name] = layer.gather({n: self.rest[n] for n in layer.params}, lead=1)
+        return self._matrices[layer.name]
 
     def dot(self, rows: torch.Tensor) -> torch.Tensor:
         """``(q, b)`` products of every (compressed) query with every flat gradient row of ``rows`` ``(b, p)``,
@@ -166,9 +179,7 @@ def layer_products(
                     right = torch.einsum("bti,qir->qbtr", a, w[c : c + step])
                     out[c : c + step] += torch.einsum("qbtr,qr->qb", left * right, sv[c : c + step])
                 continue
-            matrix = (u * sv[:, None, :]) @ w.transpose(1, 2)
-        else:
-            matrix = layer.gather({n: queries.rest[n] for n in layer.params}, lead=1)
+        matrix = queries.layer_matrix(layer)
         gradient = torch.einsum("bto,bti->boi", s_rows, a)  # (b, out, in')
         out += matrix.reshape(q, -1) @ gradient.reshape(b, -1).T
     return out.T
