@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from datatrace.errors import StoreCorruptedError, bad_value, check_positive_int
 from datatrace.fileio import atomic_write, sha256_file, write_json
 from datatrace.run.optimizers import describe_optimizer
-from datatrace.run.state import TrainState, load_state, save_state, state_from_training
+from datatrace.run.state import TrainState, load_state, restore_training, save_state, state_from_training
 from datatrace.run.step_gradients import GradientTrace, load_rows
 from datatrace.tasks import Task
 
@@ -334,26 +334,7 @@ class Recorder:
         self._restore = None
         if state is None:
             return
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(state.params[name])
-            for name, b in self.model.named_buffers():
-                if name in state.buffers:
-                    b.copy_(state.buffers[name])
-        for group, saved in zip(self.optimizer.param_groups, entry.get("hyper", self._last_hyper)):
-            for key, value in saved.items():
-                group[key] = value if not isinstance(group.get(key), tuple) else tuple(value)
-            for p in group["params"]:
-                restored: dict[str, Any] = {}
-                for key, value in state.opt.get(self._names[id(p)], {}).items():
-                    if isinstance(value, torch.Tensor):
-                        restored[key] = value.to(p.device).clone()
-                    elif key == "step":  # torch.optim keeps Adam's step count as a tensor
-                        restored[key] = torch.tensor(float(value), dtype=torch.float32)
-                    else:
-                        restored[key] = value
-                if restored:
-                    self.optimizer.state[p] = restored
+        restore_training(state, self.model, self.optimizer, self._names, entry.get("hyper", self._last_hyper))
         for scheduler, saved in zip(self.schedulers, entry.get("schedulers", [])):
             scheduler.load_state_dict(saved)
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["TrainState", "load_state", "save_state", "state_from_training"]
+__all__ = ["TrainState", "load_state", "restore_training", "save_state", "state_from_training"]
 
 
 @dataclass
@@ -64,6 +64,37 @@ def state_from_training(
                 for k, v in entry.items()
             }
     return TrainState(t, params, buffers, opt)
+
+
+def restore_training(
+    state: TrainState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    names: dict[int, str],
+    hyper: list[dict[str, Any]],
+) -> None:
+    """The inverse of :func:`state_from_training`: ``state`` copied into a live model (parameters, buffers) and
+    optimizer (per-parameter state, and each group's hyper-parameters ``hyper``); ``names``: ``id(param) -> name``."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state.params[name])
+        for name, b in model.named_buffers():
+            if name in state.buffers:
+                b.copy_(state.buffers[name])
+    for group, saved in zip(optimizer.param_groups, hyper):
+        for key, value in saved.items():
+            group[key] = value if not isinstance(group.get(key), tuple) else tuple(value)
+        for p in group["params"]:
+            restored: dict[str, Any] = {}
+            for key, value in state.opt.get(names[id(p)], {}).items():
+                if isinstance(value, torch.Tensor):
+                    restored[key] = value.to(p.device).clone()
+                elif key == "step":  # torch.optim keeps Adam's step count as a tensor
+                    restored[key] = torch.tensor(float(value), dtype=torch.float32)
+                else:
+                    restored[key] = value
+            if restored:
+                optimizer.state[p] = restored
 
 
 def _scalar(v: Any) -> Any:
