@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +46,7 @@ from datatrace.verification import metrics
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@dataclass(frozen=True)
-class Method:
-    """One method: ``kind`` picks the runner (``influence``, ``projected``, ``trak``, or a peer library)."""
-
-    label: str
-    kind: str
-    options: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-    #: skip on problems with more parameters than this (predicted to take minutes)
-    max_params: int | None = None
+Method = common.Method
 
 
 METHODS = [

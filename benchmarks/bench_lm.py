@@ -41,7 +41,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +57,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROBLEM = "lm"
 
 
-@dataclass(frozen=True)
-class Method:
-    """One method: ``kind`` picks the runner; ``reference`` names the row whose scores this one is compared to."""
-
-    label: str
-    kind: str
-    options: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-    reference: str | None = None
+Method = common.Method
 
 
 METHODS = [

@@ -19,7 +19,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -429,3 +429,17 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked method: ``kind`` picks the script's runner (``influence``, ``projected``, ``trak``, or a
+    peer library), ``options`` its settings; ``max_params``: skipped on problems with more parameters (predicted
+    to take minutes); ``reference``: the row whose scores this one is compared to."""
+
+    label: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    max_params: int | None = None
+    reference: str | None = None
