@@ -75,7 +75,7 @@ from datatrace.attributors.query_rank import LowRankQueries, compress_queries, l
 from datatrace.capture.engine import Layer, find_layers
 from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature import Curvature, make_curvature
-from datatrace.curvature.base import TrainingState, distribution_size, format_bytes, output_size
+from datatrace.curvature.base import TrainingState, format_bytes, output_sizes
 from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
 from datatrace.distributed import (
     all_gather_rows,
@@ -331,9 +331,7 @@ class InfluenceFunction(Attributor):
         self.streams_ = streams
         local_indices, local_grads, sums = self._local_training_gradients(fmodel, source, keep=not streams)
         ratio = self._check_stationary(fmodel, sums, len(source))
-        curvature.training_state = TrainingState(
-            ratio, output_size(fmodel, source), distribution_size(fmodel, source)
-        )
+        curvature.training_state = TrainingState(ratio, *output_sizes(fmodel, source))
         curvature.fit(fmodel, source, progress=self.progress)
         self.local_indices_ = local_indices
         self.local_grads_ = local_grads

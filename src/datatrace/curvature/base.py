@@ -143,28 +143,35 @@ def output_size(fmodel: FunctionalModel, data: DataSource) -> int:
     <datatrace.Task.output_counts>`: all of ``task.outputs`` for a classifier, the ``V`` logits of every counted
     position for a language model, so that padding changes nothing), the rounded mean over the first
     :data:`OUTPUT_SIZE_EXAMPLES` examples, at least 1; 1 without outputs."""
-    return _mean_count(fmodel, data, "output_counts")
+    return output_sizes(fmodel, data)[0]
 
 
 def distribution_size(fmodel: FunctionalModel, data: DataSource) -> int:
     """The number of predictive distributions per example (:meth:`Task.distribution_counts
     <datatrace.Task.distribution_counts>`: 1 for a classifier, the counted positions of a language model), the
     rounded mean over the first :data:`OUTPUT_SIZE_EXAMPLES` examples, at least 1; 1 without outputs."""
-    return _mean_count(fmodel, data, "distribution_counts")
+    return output_sizes(fmodel, data)[1]
 
 
-def _mean_count(fmodel: FunctionalModel, data: DataSource, method: str) -> int:
+def output_sizes(fmodel: FunctionalModel, data: DataSource) -> tuple[int, int]:
+    """:func:`output_size` and :func:`distribution_size` from the same forward passes."""
     if not fmodel.task.has_outputs or len(data) == 0:
-        return 1
-    counts = []
+        return 1, 1
+    counts: list[tuple[float, float]] = []
+    task = fmodel.task
     with torch.no_grad():
         for _, batch in data.batches(batch_size=1):
             batch = fmodel.prepare(batch)
-            outputs = fmodel.task.outputs(fmodel.model, batch)
-            counts.append(float(getattr(fmodel.task, method)(outputs, batch).sum()))
+            outputs = task.outputs(fmodel.model, batch)
+            counts.append(
+                (
+                    float(task.output_counts(outputs, batch).sum()),
+                    float(task.distribution_counts(outputs, batch).sum()),
+                )
+            )
             if len(counts) == OUTPUT_SIZE_EXAMPLES:
                 break
-    return max(1, round(sum(counts) / len(counts)))
+    return tuple(max(1, round(sum(c[k] for c in counts) / len(counts))) for k in range(2))  # type: ignore[return-value]
 
 
 # -- settings checks shared by the routes ----------------------------------------------------------------------------
