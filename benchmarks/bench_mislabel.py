@@ -41,7 +41,9 @@ products over the data) on the CNN, unless ``--dense-large``. Each (model, seed)
     python benchmarks/bench_mislabel.py               # 5 flip seeds x 4 models (~20 min on 2 shared CPU cores)
     python benchmarks/bench_mislabel.py --quick       # smoke run: 1 seed, 300 train, no dense routes
 
-Writes ``benchmarks/results/mislabel.json`` (``mislabel_quick.json`` with ``--quick``).
+Writes ``benchmarks/results/mislabel.json`` (``mislabel_quick.json`` with ``--quick``), keeping the rows of models
+not run this time. Each run is cached under ``results/cache/mislabel-v2``: delete a model's files there to measure
+it again after a change to the library.
 """
 
 from __future__ import annotations
@@ -311,6 +313,10 @@ def main() -> None:
         "versions": versions(["torch", "numpy", "scikit-learn"]),
     }
     path = RESULTS_DIR / ("mislabel_quick.json" if args.quick else "mislabel.json")
+    if path.exists():  # models not run this time keep their rows (same settings only)
+        before = json.loads(path.read_text())
+        if (before.get("n_train"), before.get("seeds")) == (n_train, seeds):
+            payload["results"] = {**before.get("results", {}), **results}
     write_json(path, payload)
     print(f"\nwrote {path}")
 

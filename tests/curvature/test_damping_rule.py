@@ -104,3 +104,33 @@ def test_projected_influence_uses_the_rule_away_from_a_minimum(mlp_problem) -> N
     assert _dof(torch.linalg.eigvalsh(away.curvature_matrix_), away.damping_) == pytest.approx(
         target, rel=1e-4
     )
+
+
+def test_kfac_counts_locations_and_stops_at_all_parameters(cnn_problem) -> None:
+    """Away from a minimum K-FAC/EK-FAC keep 75 directions per output column and location (the convolution's 16
+    pixels: 75 x 2 x 16 = 2,400), stopped at the parameters in scope (58 here: no damping), where the dense routes
+    stop at half of them."""
+    import copy
+
+    from datatrace import InfluenceFunction
+    from datatrace.curvature.kfac import KFAC_DOF_MAX_FRACTION, KFAC_DOF_PER_OUTPUT
+
+    p = cnn_problem
+    model = copy.deepcopy(p.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(
+                0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0), dtype=param.dtype)
+            )
+    for route in ("kfac", "ekfac"):
+        inf = InfluenceFunction(model, p.task, curvature=route, progress=False).fit(p.train)
+        state, info = inf.curvature_.training_state, inf.curvature_.info
+        assert not state.at_minimum and state.outputs == 2
+        locations = max(layer["locations_per_example"] for layer in info["layers"].values())
+        assert locations == 16  # the 4 x 4 output pixels of the 3 x 3 convolution on 6 x 6 images
+        p_scope = inf.fmodel_.num_params
+        assert KFAC_DOF_PER_OUTPUT * 2 * locations > p_scope
+        assert (
+            info["damping_rule"] == f"dof={p_scope * KFAC_DOF_MAX_FRACTION:g}" and info["damping_min"] == 0.0
+        )
+        assert state.dof_target(p_scope, KFAC_DOF_PER_OUTPUT, 2 * 16) == p_scope / 2  # the dense routes' stop

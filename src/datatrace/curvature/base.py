@@ -57,14 +57,18 @@ class TrainingState:
         return self.gradient_ratio <= AT_MINIMUM_RTOL
 
     def dof_target(
-        self, num_params: int, per_output: float = DOF_PER_OUTPUT, outputs: int | None = None
+        self,
+        num_params: int,
+        per_output: float = DOF_PER_OUTPUT,
+        outputs: int | None = None,
+        max_fraction: float = 0.5,
     ) -> float | None:
         """The effective directions ``damping="auto"`` keeps (``per_output`` per model output, or per ``outputs``
-        when given, at most half of the parameters), or None at a minimum (the minimal damping)."""
+        when given, at most ``max_fraction`` of the parameters), or None at a minimum (the minimal damping)."""
         if self.at_minimum:
             return None
         count = self.outputs if outputs is None else outputs
-        return float(min(per_output * max(count, 1), num_params / 2))
+        return float(min(per_output * max(count, 1), num_params * max_fraction))
 
 
 class Curvature(ABC):

@@ -84,7 +84,7 @@ layer is penalised (``lambda > 0``) and ``1e-3`` times the layer's mean eigenval
 the dense routes. Away from a minimum of the objective (told by the attributor,
 :class:`~datatrace.curvature.base.TrainingState`) ``"auto"`` is instead one damping for every layer that keeps
 ``KFAC_DOF_PER_OUTPUT`` effective directions per output column and location over all layers' eigenvalues
-together (:func:`datatrace.linalg.dof_damping`; at most half the parameters): the columns are the model outputs
+together (:func:`datatrace.linalg.dof_damping`; the count reaching the parameters means no damping): the columns are the model outputs
 (the sampled Fisher: its draws, one per predictive distribution), times the most locations per example of any
 layer (a convolution's pixels, a sequence's positions; 1 for a dense layer), since every column reaches every
 location and the Kronecker factors spread the curvature over that many more directions. Without it a model
@@ -190,6 +190,9 @@ def default_fisher(task: Task, outputs: int | None) -> str:
 #: away from a minimum, K-FAC/EK-FAC's "auto" damping keeps this many effective directions per model output (more
 #: than the dense routes' ten: the Kronecker eigenvalues spread the spectrum, so the same count damps too much)
 KFAC_DOF_PER_OUTPUT = 75
+#: ... and at most this fraction of the parameters in scope (1: once the count reaches them, no damping; the dense
+#: routes stop at half, :meth:`~datatrace.curvature.base.TrainingState.dof_target`)
+KFAC_DOF_MAX_FRACTION = 1.0
 #: "auto" damping, as a fraction of the layer's mean eigenvalue, used when the regulariser does not bound the
 #: eigenvalues away from zero
 AUTO_DAMPING_FRACTION = 1e-3
@@ -542,7 +545,9 @@ class KFAC(Curvature):
                 # positions): the Kronecker factors spread the curvature over that many more directions
                 locations = max((layer.locations / max(layer.examples, 1) for layer in layers), default=1.0)
                 columns = round(self.training_state.outputs * max(1.0, locations))
-            target = self.training_state.dof_target(fmodel.num_params, KFAC_DOF_PER_OUTPUT, columns)
+            target = self.training_state.dof_target(
+                fmodel.num_params, KFAC_DOF_PER_OUTPUT, columns, max_fraction=KFAC_DOF_MAX_FRACTION
+            )
         shared = None
         if target is not None:  # away from a minimum: one damping for all layers from all their eigenvalues
             curvatures = []
