@@ -693,3 +693,21 @@ def test_zero_rows_solve_and_empty_index_lists(route, mlp_classification):
     inf = InfluenceFunction(model, task, curvature=route(), progress=False).fit(data)
     assert all(v.shape[0] == 0 for v in inf.params_change([]).values())
     assert all(float(v.abs().sum()) == 0.0 for v in inf.removal_params([]).values())
+
+
+@pytest.mark.parametrize("route", ["kfac", "ekfac"])
+def test_float32_working_dtype_rotates_in_float32_and_agrees_with_float64(cnn_problem, route):
+    """A float32 model's per-batch products and basis rotations run in float32 (factors and eigendecompositions
+    stay float64): the scores agree with the float64 fit to float32 accuracy."""
+    import datatrace
+
+    p = cnn_problem
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        inf = datatrace.InfluenceFunction(p.model, p.task, curvature=route, dtype=dtype, progress=False)
+        inf.fit(p.train)
+        assert inf.curvature_._compute_dtype == dtype
+        assert inf.curvature_.layers_[0].Q_A.dtype == torch.float64
+        runs[dtype] = inf.score(p.query).values.double()
+    f32, f64 = runs[torch.float32], runs[torch.float64]
+    assert float((f32 - f64).norm() / f64.norm()) < 1e-4

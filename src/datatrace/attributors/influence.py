@@ -53,6 +53,7 @@ compresses per layer, :mod:`datatrace.attributors.query_rank`), the same numbers
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Iterator
@@ -72,7 +73,7 @@ from datatrace.attributors.base import (
     json_scalars,
 )
 from datatrace.attributors.query_rank import LowRankQueries, compress_queries, layer_products
-from datatrace.capture.engine import Layer, find_layers
+from datatrace.capture.engine import Layer, find_layers, per_example_gradients
 from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature import Curvature, make_curvature
 from datatrace.curvature.base import TrainingState, format_bytes, output_sizes
@@ -325,6 +326,11 @@ class InfluenceFunction(Attributor):
         else:
             route = curvature
         fmodel = self._narrow_scope(fmodel, source, route)
+        hook_layers = self._layers_for_products(fmodel)
+        if (
+            hook_layers is not None
+        ):  # per-example gradients from the hooks where vmap fails (e.g. BERT's masks)
+            fmodel.layer_rows = functools.partial(per_example_gradients, fmodel, hook_layers)
         streams = self._choose_streaming(fmodel, route, len(shard_indices(len(source))))
         self.fmodel_ = fmodel
         self.train_ = source
@@ -335,7 +341,7 @@ class InfluenceFunction(Attributor):
         curvature.fit(fmodel, source, progress=self.progress)
         self.local_indices_ = local_indices
         self.local_grads_ = local_grads
-        self._product_layers = self._layers_for_products(fmodel) if streams else None
+        self._product_layers = hook_layers if streams else None
         self._products_checked = False
         self.world_size_ = world()[1]
         self._all_grads: torch.Tensor | None = None if world()[2] else local_grads

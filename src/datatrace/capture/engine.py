@@ -38,6 +38,7 @@ __all__ = [
     "check_gradients",
     "find_layers",
     "first_nonfinite",
+    "per_example_gradients",
     "recording",
 ]
 
@@ -287,6 +288,46 @@ class Backprop:
             )
             yield i, 1, tuple(None if g is None else g.unsqueeze(0) for g in grads)
             i += 1
+
+
+# -- per-example gradients from the hooks --------------------------------------------------------------------------
+
+
+def per_example_gradients(
+    fmodel: FunctionalModel, layers: list[Layer], fn: nn.Module, batch: tuple | dict
+) -> torch.Tensor:
+    """The ``(b, p)`` per-example gradients of ``fn(batch)`` (one value per example, e.g. a
+    :class:`~datatrace.gradients.functional.BoundFunction` of the task's loss) from one forward pass with hooks and
+    one backward pass of the summed values: ``G_i = sum_t s_it a_it^T`` per layer. Every parameter in scope must
+    belong to ``layers`` and the examples must be independent (eval mode), which the caller checks once against
+    the per-example rows (:meth:`FunctionalModel.per_example_grads` does)."""
+    with torch.enable_grad(), recording(layers, "per-example gradients") as rec:
+        values = fn(batch)
+    b = values.shape[0] if values.dim() else 0
+    if values.shape != (b,) or b == 0:
+        raise ValueError(
+            f"the task returned shape {tuple(values.shape)}; loss and measurement must return one value per "
+            "example, shape (batch_size,). Fix: use reduction='none' and do not average over the batch."
+        )
+    shapes = dict(zip(fmodel.space.names, fmodel.space.shapes))
+    blocks = {
+        n: torch.zeros(b, *shape, dtype=fmodel.dtype, device=fmodel.device) for n, shape in shapes.items()
+    }
+    live = rec.outputs()
+    if live and values.requires_grad:
+        grads = torch.autograd.grad(values.sum(), live, allow_unused=True)
+        for i, (layer, s_rows) in enumerate(zip(layers, rec.output_rows(layers, grads, 1))):
+            a = rec.inputs(i)
+            if a is None or s_rows is None:
+                continue
+            if a.shape[0] != b:
+                raise ValueError(
+                    f"layer {layer.name!r} saw {a.shape[0]} rows for a batch of {b} examples: per-example "
+                    "gradients from hooks need the batch axis first in every supported layer's input"
+                )
+            gradient = torch.einsum("bto,bti->boi", s_rows[0], a)  # (b, out, in')
+            blocks.update({n: g.to(fmodel.dtype) for n, g in layer.scatter(gradient, shapes).items()})
+    return fmodel.space.flatten(blocks, batch_dims=1)
 
 
 # -- the self-check ------------------------------------------------------------------------------------------------------

@@ -125,7 +125,9 @@ order of float additions; ``info["examples_this_rank"]`` shows the split). ``fis
 seeded stream per rank (``random_state + rank``), so its samples differ from a single process's (same
 distribution). A failure on one rank raises on every rank instead of leaving the others waiting.
 
-Every factor is accumulated and eigendecomposed in float64. Non-finite factors raise a ``FloatingPointError``
+Every factor is accumulated and eigendecomposed in float64; the per-batch products and the basis rotations (the
+bulk of the work) run in the working dtype of the model when it is float32 or lower (in float32 then), whose
+rounding is already in the gradients they rotate, and in float64 for a float64 model. Non-finite factors raise a ``FloatingPointError``
 naming the layer. Parameters in scope that do not belong to a supported module (LayerNorm, embeddings, a bare
 ``nn.Parameter``, a weight shared by two modules) raise a ``ValueError`` naming them. On the first batch the
 per-example gradients rebuilt from the hooks are checked against autograd's batch gradient, which catches weights
@@ -326,6 +328,8 @@ class KFAC(Curvature):
                 "define both methods on the task, or use fisher='empirical'",
             )
         layers = find_layers(fmodel)
+        compute = torch.float64 if fmodel.dtype == torch.float64 else torch.float32
+        self._compute_dtype = compute
         seed = self.random_state if self.random_state is not None else int(torch.randint(0, 2**62, ()).item())
         self._seed = seed
         self._backprop = Backprop("K-FAC")
@@ -339,16 +343,16 @@ class KFAC(Curvature):
         position = {id(layer): i for i, layer in enumerate(layers)}
 
         def accumulate(layer: _Layer, a: torch.Tensor, s: torch.Tensor, first_chunk: bool) -> None:
-            a64 = a.to(torch.float64).reshape(-1, a.shape[-1])
-            s_stack = s.to(torch.float64)  # (columns, b, T, out)
+            a_c = a.to(compute).reshape(-1, a.shape[-1])
+            s_stack = s.to(compute)  # (columns, b, T, out)
             if weighted:  # rows weighted by the squared norm of their output pseudo-gradients (all columns)
                 w = (s_stack * s_stack).sum(dim=(0, -1)).reshape(-1)
-                layer.A += (a64 * w[:, None]).T @ a64
-                weight_totals[position[id(layer)]] += w.sum()
+                layer.A += ((a_c * w[:, None]).T @ a_c).to(torch.float64)
+                weight_totals[position[id(layer)]] += w.to(torch.float64).sum()
             elif first_chunk:
-                layer.A += a64.T @ a64
-            s64 = s_stack.reshape(-1, layer.out_dim)
-            layer.S += s64.T @ s64
+                layer.A += (a_c.T @ a_c).to(torch.float64)
+            s_c = s_stack.reshape(-1, layer.out_dim)
+            layer.S += (s_c.T @ s_c).to(torch.float64)
 
         self._walk(fmodel, layers, data, progress, "K-FAC factors", accumulate, check=True)
         _reduce_over_ranks([t for layer in layers for t in (layer.A, layer.S)] + [weight_totals])
@@ -376,11 +380,16 @@ class KFAC(Curvature):
                 layer.eigenvalues = torch.zeros_like(layer.eigenvalues)
                 layer.examples = 0
 
+            bases = {id(layer): (layer.Q_A.to(compute), layer.Q_S.to(compute)) for layer in layers}
+
             def project(layer: _Layer, a: torch.Tensor, s: torch.Tensor, first_chunk: bool) -> None:
-                a_rot = a.to(torch.float64) @ layer.Q_A  # (b, T, in')
-                s_rot = s.to(torch.float64) @ layer.Q_S  # (columns, b, T, out)
+                q_a, q_s = bases[id(layer)]
+                a_rot = a.to(compute) @ q_a  # (b, T, in')
+                s_rot = s.to(compute) @ q_s  # (columns, b, T, out)
                 if a_rot.shape[1] == 1:  # rank one per example: (Q_S^T s a^T Q_A)^2 = (s')^2 (a')^2^T
-                    layer.eigenvalues += (s_rot[:, :, 0] ** 2).sum(dim=0).T @ (a_rot[:, 0] ** 2)
+                    layer.eigenvalues += ((s_rot[:, :, 0] ** 2).sum(dim=0).T @ (a_rot[:, 0] ** 2)).to(
+                        torch.float64
+                    )
                     return
                 per = max(1, CHUNK_ELEMENTS // max(1, layer.out_dim * layer.a_dim))  # (column, example) pairs
                 b = a_rot.shape[0]
@@ -390,14 +399,14 @@ class KFAC(Curvature):
                     step = per // b
                     for start in range(0, s_rot.shape[0], step):
                         g = torch.einsum("cbto,bti->cboi", s_rot[start : start + step], a_rot)
-                        layer.eigenvalues += (g * g).sum(dim=(0, 1))
+                        layer.eigenvalues += (g * g).sum(dim=(0, 1)).to(torch.float64)
                     return
                 for s_col in s_rot:
                     for start in range(0, b, per):
                         g = torch.einsum(
                             "bto,bti->boi", s_col[start : start + per], a_rot[start : start + per]
                         )
-                        layer.eigenvalues += (g * g).sum(dim=0)
+                        layer.eigenvalues += (g * g).sum(dim=0).to(torch.float64)
 
             self._walk(fmodel, layers, data, progress, "EK-FAC eigenvalues", project, check=False)
             _reduce_over_ranks([layer.eigenvalues for layer in layers])
@@ -655,21 +664,25 @@ class KFAC(Curvature):
             )
         if vectors.shape[0] == 0:  # nothing to solve (e.g. a rank with an empty shard)
             return vectors.clone()
-        v = vectors.to(torch.float64)
+        compute = getattr(self, "_compute_dtype", torch.float64)
+        v = vectors.to(compute)
         blocks = space.unflatten(v)
         shapes = dict(zip(space.names, space.shapes))
         result: dict[str, torch.Tensor] = {}
         for layer in self.layers_:
             M = layer.gather(blocks, lead=1)  # (m, out, in')
-            X = layer.Q_S.T @ M @ layer.Q_A
+            q_s, q_a = layer.Q_S.to(compute), layer.Q_A.to(compute)
+            X = q_s.T @ M @ q_a
             if inverse:
-                Y = X * layer.inv
+                inv = layer.inv.to(compute)
+                Y = X * inv
                 if layer.bias_correction is not None:
-                    z = layer.bias_correction * (Y @ layer.bias_row)  # (m, out) in the Q_S basis
-                    Y = Y - z.unsqueeze(-1) * layer.bias_row * layer.inv
-                out = layer.Q_S @ Y @ layer.Q_A.T
+                    row = layer.bias_row.to(compute)
+                    z = layer.bias_correction.to(compute) * (Y @ row)  # (m, out) in the Q_S basis
+                    Y = Y - z.unsqueeze(-1) * row * inv
+                out = q_s @ Y @ q_a.T
             else:
-                out = layer.Q_S @ (X * layer.eigenvalues) @ layer.Q_A.T + (layer.lam + layer.damping) * M
+                out = q_s @ (X * layer.eigenvalues.to(compute)) @ q_a.T + (layer.lam + layer.damping) * M
                 if layer.bias is not None and layer.weight is not None:
                     out[..., -1] += (layer.lam_bias - layer.lam) * M[..., -1]
             result.update(layer.scatter(out, shapes))

@@ -98,6 +98,10 @@ def check_working_dtype(dtype: torch.dtype, explicit: bool = True) -> None:
         )
 
 
+#: examples of the first batch whose per-example gradients from layer hooks are checked against one-at-a-time rows
+LAYER_ROWS_CHECKED = 4
+
+
 class BoundFunction(nn.Module):
     """Holds ``model`` as a submodule so that ``functional_call`` can swap its parameters inside ``fn``."""
 
@@ -167,6 +171,13 @@ class FunctionalModel:
         self.chunk_size = chunk_size
         #: False once ``vmap`` over examples failed for this model: per-example work loops over examples
         self.vmap_examples = True
+        #: ``(module, batch) -> (b, p)`` per-example gradients from layer hooks, set by an attributor when every
+        #: parameter in scope belongs to a supported layer (:func:`datatrace.capture.engine.per_example_gradients`):
+        #: used instead of the one-example-at-a-time loop once ``vmap`` failed, after agreeing with the loop's
+        #: rows on one batch
+        self.layer_rows: Callable[[nn.Module, tuple | dict], torch.Tensor] | None = None
+        self._layer_rows_checked = False
+        self._vmap_probed = False
         self._split_logged = False
         #: "forward-over-reverse", or "reverse-over-reverse" once forward-mode AD failed for this model
         self.hvp_mode = "forward-over-reverse"
@@ -245,6 +256,14 @@ class FunctionalModel:
                 )
             return out[0]
 
+        if self.layer_rows is not None and self.vmap_examples and not self._vmap_probed:
+            # one example first: if vmap fails on this model, the hooks take the batch instead of the loop
+            self._vmap_probed = True
+            self.over_examples(grad(single), (self.theta,), (take_examples(batch, slice(0, 1)),))
+        if not self.vmap_examples and self.layer_rows is not None:
+            rows = self._from_layers(module, batch, single)
+            if rows is not None:
+                return rows
         # detached: out-of-scope parameters may require grad, and no caller differentiates these rows again
         count, step = batch_length(batch), self.rows_per_pass()
         if count <= step:
@@ -267,6 +286,37 @@ class FunctionalModel:
             for s in range(0, count, step)
         ]
         return torch.cat(parts)
+
+    def _from_layers(
+        self, module: nn.Module, batch: tuple | dict, single: Callable[..., torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Per-example gradients from :attr:`layer_rows` in one batched pass (``None`` when they are off). The
+        first time they are compared with the loop's rows for the same batch; if those differ (examples that
+        interact, a weight used outside its module) the hooks are switched off for good, with the reason logged."""
+        assert self.layer_rows is not None
+        rows = self.layer_rows(module, batch).detach()
+        if self._layer_rows_checked:
+            return rows
+        head = take_examples(batch, slice(0, min(self.rows_per_pass(), LAYER_ROWS_CHECKED)))
+        reference = self.over_examples(grad(single), (self.theta,), (head,)).detach()
+        error = float((rows[: reference.shape[0]] - reference).norm())
+        rtol = min(0.1, max(1e-10, 1e3 * torch.finfo(self.dtype).eps))
+        if error <= rtol * float(reference.norm()) + 1e-300:
+            self._layer_rows_checked = True
+            logger.info(
+                "per-example gradients of %s from the layers' hooks, a batch at a time (vmap cannot batch it; "
+                "checked against one example at a time: relative difference %.2g).",
+                type(self.model).__name__,
+                error / max(float(reference.norm()), 1e-300),
+            )
+            return rows
+        logger.info(
+            "per-example gradients: the layers' hooks differ from one example at a time (relative error %.3g: "
+            "examples that interact, or a weight used outside its module); one example at a time from now on.",
+            error / max(float(reference.norm()), 1e-300),
+        )
+        self.layer_rows = None
+        return None
 
     def rows_per_pass(self) -> int:
         """Examples whose per-example gradients are computed together: as many as keep
