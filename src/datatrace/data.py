@@ -1,8 +1,8 @@
 """One view of the user's data, whatever form it came in.
 
 datatrace accepts a tuple of tensors or numpy arrays, a dict of equal-length columns (a tokenizer's
-``BatchEncoding``, with labels added: read as a Dataset of dicts), a ``torch.utils.data.Dataset`` or a
-``DataLoader``. All of
+``BatchEncoding``, with labels added: read as a Dataset of dicts), a list of examples (``[(x_0, y_0), ...]`` or
+dicts: read as a Dataset), a ``torch.utils.data.Dataset`` or a ``DataLoader``. All of
 them become a :class:`DataSource`: a fixed, indexed sequence of ``n`` examples that can be walked in batches *in
 index order* (scores are indexed by training example, so a shuffling loader is re-read sequentially; a loader whose
 sampler serves a subset gives that subset, and one whose sampler does not define a fixed set is refused) and cut into
@@ -319,7 +319,7 @@ def _loader_examples(loader: DataLoader, name: str) -> Dataset:
 
 
 def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = None) -> DataSource:
-    """Turn a tuple of tensors/arrays, a Dataset or a DataLoader into a :class:`DataSource`.
+    """Turn a tuple of tensors/arrays, a list of examples, a Dataset or a DataLoader into a :class:`DataSource`.
 
     Raises a ValueError naming ``name`` for anything else, for tuples whose elements disagree in length and for
     an empty data set.
@@ -361,6 +361,9 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
         if not hasattr(data, "__len__"):
             raise bad_value(name, data, "the Dataset has no __len__", "implement __len__ on the Dataset")
         source = DataSource("dataset", None, data, batch_size or DEFAULT_BATCH_SIZE, default_collate, name)
+    elif isinstance(data, list) and data and all(isinstance(e, (tuple, Mapping)) for e in data):
+        # a list of examples, [(x_0, y_0), (x_1, y_1), ...] or [{"x": ..., "y": ...}, ...]: a map-style Dataset
+        source = DataSource("dataset", None, data, batch_size or DEFAULT_BATCH_SIZE, default_collate, name)
     elif isinstance(data, (tuple, list)):
         if len(data) == 0:
             raise bad_value(name, data, "an empty tuple holds no data", "pass (inputs, targets)")
@@ -382,7 +385,8 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
         raise bad_value(
             name,
             data,
-            "expected a tuple of tensors or numpy arrays, a dict of columns, a torch Dataset or a DataLoader",
+            "expected a tuple of tensors or numpy arrays, a dict of columns, a list of examples (tuples or dicts), "
+            "a torch Dataset or a DataLoader",
             "wrap arrays as (X, y)",
         )
     if len(source) == 0:
