@@ -203,6 +203,31 @@ def test_fractional_and_float_multiclass_labels_are_refused(classification_data)
         ClassificationTask().check_batch(nn.Linear(3, 3).double(), (X, y.double()))
 
 
+def test_a_column_of_class_labels_gives_the_scores_of_flat_labels(classification_data):
+    """Labels of shape (n, 1) (a column, as pandas' df[["label"]] gives) are the same labels as (n,); they used to
+    be refused inside the per-example pass with the shape of one example, (1, 1)."""
+    X, y = classification_data
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3).double()
+    task = ClassificationTask(weight_decay=0.1)
+    for route in ("exact", "ekfac"):
+        flat = InfluenceFunction(model, task, curvature=route, progress=False).fit((X, y))
+        col = InfluenceFunction(model, task, curvature=route, progress=False).fit((X, y[:, None]))
+        torch.testing.assert_close(
+            col.score((X[:4], y[:4, None])).values, flat.score((X[:4], y[:4])).values, rtol=0, atol=0
+        )
+    assert ClassificationTask().check_batch(model, (X, y[:, None].int()))[1].shape == y.shape
+
+
+def test_one_hot_labels_are_refused_with_the_batch_shape_and_the_fix(classification_data):
+    X, y = classification_data
+    inf = InfluenceFunction(nn.Linear(3, 3).double(), ClassificationTask(), progress=False)
+    with pytest.raises(
+        ValueError, match=r"labels of shape \(60, 3\) .*one class index per example.*y\.argmax"
+    ):
+        inf.fit((X, F.one_hot(y, 3)))
+
+
 # -- RegressionTask ------------------------------------------------------------------------------------------------
 
 
