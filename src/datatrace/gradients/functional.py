@@ -161,6 +161,14 @@ class FunctionalModel:
         self.default_scope = params is None
         self.space = ParamSpace.from_tensors(selected)
         self.theta = self.space.flatten({n: p.detach() for n, p in selected.items()})
+        #: the trainable parameters out of scope, detached: constants of every function of ``theta`` (left
+        #: requiring grad, some kernels fail inside ``torch.func.grad``: ``nn.EmbeddingBag`` raises "Autograd not
+        #: support dtype: Long" when a route narrows the scope to the layers it supports)
+        self.fixed = {
+            "model." + n: p.detach()
+            for n, p in model.named_parameters()
+            if p.requires_grad and n not in selected
+        }
         self.dtype = self.theta.dtype
         check_working_dtype(self.dtype, explicit=False)
         self.device = self.theta.device
@@ -185,7 +193,7 @@ class FunctionalModel:
 
     # -- scalar functions of theta -----------------------------------------------------------------------------
     def call(self, module: nn.Module, theta: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
-        named = {"model." + k: v for k, v in self.space.unflatten(theta).items()}
+        named = {**self.fixed, **{"model." + k: v for k, v in self.space.unflatten(theta).items()}}
         return functional_call(module, named, (batch,))
 
     def losses(self, theta: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
