@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import hessian
 
-from datatrace import ClassificationTask, InfluenceFunction, RegressionTask, Task
+from datatrace import ClassificationTask, InfluenceFunction, ProjectedInfluence, RegressionTask, Task
 from datatrace.data import as_data_source
 from datatrace.gradients.functional import FunctionalModel
 from datatrace.verification.training import fit_full_batch
@@ -157,6 +157,16 @@ def test_multiclass_label_at_or_above_the_number_of_logits_is_refused(classifica
     with pytest.raises(
         ValueError, match=r"label 3 at example 11 \(2 bad in its batch\).*3 logits: labels 0\.\.2"
     ):
+        inf.fit((X, y))
+
+
+def test_projected_influence_names_the_bad_label_by_its_example(classification_data):
+    """The projected route checks its training batches with their indices too (it said "position 3")."""
+    X, y = classification_data
+    y = y.clone()
+    y[43] = 3  # position 3 of the sixth batch of 8
+    inf = ProjectedInfluence(nn.Linear(3, 3).double(), ClassificationTask(), progress=False, batch_size=8)
+    with pytest.raises(ValueError, match=r"label 3 at example 43 \(1 bad in its batch\).*3 logits"):
         inf.fit((X, y))
 
 

@@ -202,10 +202,11 @@ class FunctionalModel:
     def measurements(self, theta: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
         return self.call(self.measurement_module, theta, batch)
 
-    def prepare(self, batch: tuple | dict) -> tuple | dict:
+    def prepare(self, batch: tuple | dict, indices: torch.Tensor | None = None) -> tuple | dict:
         """``batch`` cast to the working dtype and device, then checked by the task (:meth:`Task.check_batch`)
-        while its values are still concrete (the ``torch.func`` transforms cannot branch on them)."""
-        return self.task.check_batch(self.model, cast_batch(batch, self.dtype, self.device))
+        while its values are still concrete (the ``torch.func`` transforms cannot branch on them); ``indices``, the
+        batch's positions in its data set when known, let a message name the offending example."""
+        return self.task.check_batch(self.model, cast_batch(batch, self.dtype, self.device), indices)
 
     # -- per-example gradients ---------------------------------------------------------------------------------
     def over_examples(self, fn: Callable[..., torch.Tensor], shared: tuple, batched: tuple) -> torch.Tensor:
