@@ -442,6 +442,17 @@ def check_model_and_task(
             "expected a torch.nn.Module",
             model_fix,
         )
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise bad_value(
+            "model",
+            "a model on the 'meta' device",
+            f"{len(meta)} of its tensors ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}) are meta "
+            "tensors, which have a shape but no values, so there are no trained weights to attribute (a model "
+            "built under torch.device('meta'), or loaded with init_empty_weights / low_cpu_mem_usage)",
+            "load the trained weights first, e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(state_dict)",
+        )
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise bad_value("dtype", dtype, "expected a floating torch dtype or None", "pass torch.float64")
     if dtype is not None:
@@ -450,7 +461,16 @@ def check_model_and_task(
 
 def batch_failure(task: Task, what: str, batch: tuple | dict, err: BaseException) -> ValueError:
     """The error for a task that failed on a batch: the shapes it got and what usually disagrees (for a dict batch,
-    that the task must read dicts)."""
+    that the task must read dicts, and a model operation that ``torch.func`` cannot differentiate)."""
+    if "doesn't have storage" in str(err):  # a kernel that reads raw memory, which torch.func's wrappers lack
+        return ValueError(
+            f"running {type(task).__name__} on a batch of {what} failed ({type(err).__name__}: {err}): an operation "
+            "of the model reads the raw memory of a tensor, which torch.func's transforms (grad, vmap), used for "
+            "every per-example gradient, do not provide. The usual one is a packed sequence "
+            "(nn.utils.rnn.pack_padded_sequence) run through nn.LSTM / GRU / RNN. Fix: run the recurrent layer on "
+            "the padded batch and take each sequence's last real step, out[torch.arange(len(x)), lengths - 1] "
+            "(the same function for a one-directional layer with right padding), or replace the operation."
+        )
     if isinstance(batch, dict):
         return ValueError(
             f"running {type(task).__name__} on a batch of {what} failed ({type(err).__name__}: {err}). The "
