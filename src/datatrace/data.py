@@ -270,7 +270,8 @@ def _loader_examples(loader: DataLoader, name: str) -> Dataset:
     """The examples a DataLoader actually serves, as a map-style Dataset read in index order.
 
     A loader over its whole dataset (sequential, or shuffled without replacement) serves every example once: its
-    dataset is used as is. A ``SubsetRandomSampler`` serves ``sampler.indices`` only: those examples, in that
+    dataset is used as is, except that a sequential loader with ``drop_last=True`` never serves its last, incomplete
+    batch, whose examples are left out (a shuffling one drops different examples every epoch, so it serves all). A ``SubsetRandomSampler`` serves ``sampler.indices`` only: those examples, in that
     order, become the data (score column ``j`` is ``loader.dataset[sampler.indices[j]]``). Any other sampler or
     batch sampler (weighted, with replacement, distributed shards, custom) does not define a fixed set of
     examples, so it is refused rather than read as the whole dataset.
@@ -287,6 +288,17 @@ def _loader_examples(loader: DataLoader, name: str) -> Dataset:
         )
     n = len(dataset)  # type: ignore[arg-type]
     if type(sampler) is SequentialSampler:
+        dropped = n % loader.batch_size if loader.drop_last and loader.batch_size else 0
+        if dropped:  # the last, incomplete batch is never served: those examples were not trained on
+            logger.info(
+                "%s: the DataLoader reads in order with drop_last=True, so it never serves the last %d of %d "
+                "examples; the data are its first %d (pass the dataset itself to include them).",
+                name,
+                dropped,
+                n,
+                n - dropped,
+            )
+            return Subset(dataset, list(range(n - dropped)))
         return dataset
     if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n:
         return dataset  # every example once; datatrace reads them in index order

@@ -249,6 +249,22 @@ def test_shuffling_loader_is_the_whole_dataset_in_index_order():
     assert X[:, 0].tolist() == [float(i) for i in range(20)]
 
 
+def test_drop_last_leaves_out_the_examples_a_sequential_loader_never_serves(caplog):
+    """20 examples in batches of 6, read in order with drop_last=True: examples 18 and 19 are never served (nor
+    trained on), so they are not training data; shuffling drops different ones every epoch, so it keeps all 20."""
+    with caplog.at_level("INFO", logger="datatrace.data"):
+        source = as_data_source(DataLoader(_tensor_dataset(), batch_size=6, drop_last=True), "train")
+    assert len(source) == 18 and "never serves the last 2 of 20 examples" in caplog.text
+    X = torch.cat([b[0] for _, b in source.batches()])
+    assert X[:, 0].tolist() == [float(i) for i in range(18)]
+    assert (
+        len(as_data_source(DataLoader(_tensor_dataset(), batch_size=5, drop_last=True))) == 20
+    )  # none dropped
+    assert (
+        len(as_data_source(DataLoader(_tensor_dataset(), batch_size=6, shuffle=True, drop_last=True))) == 20
+    )
+
+
 @pytest.mark.parametrize(
     "kind", ["weighted", "replacement", "fewer", "distributed", "batch_sampler", "repeated"]
 )
