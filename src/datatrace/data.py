@@ -1,8 +1,8 @@
 """One view of the user's data, whatever form it came in.
 
 datatrace accepts a tuple of tensors or numpy arrays, a dict of equal-length columns (a tokenizer's
-``BatchEncoding``, with labels added: read as a Dataset of dicts), a ``torch.utils.data.Dataset`` or a
-``DataLoader``. All of
+``BatchEncoding``, with labels added: read as a Dataset of dicts), a list of examples (``[(x_0, y_0), ...]`` or
+dicts: read as a Dataset), a ``torch.utils.data.Dataset`` or a ``DataLoader``. All of
 them become a :class:`DataSource`: a fixed, indexed sequence of ``n`` examples that can be walked in batches *in
 index order* (scores are indexed by training example, so a shuffling loader is re-read sequentially; a loader whose
 sampler serves a subset gives that subset, and one whose sampler does not define a fixed set is refused) and cut into
@@ -270,7 +270,8 @@ def _loader_examples(loader: DataLoader, name: str) -> Dataset:
     """The examples a DataLoader actually serves, as a map-style Dataset read in index order.
 
     A loader over its whole dataset (sequential, or shuffled without replacement) serves every example once: its
-    dataset is used as is. A ``SubsetRandomSampler`` serves ``sampler.indices`` only: those examples, in that
+    dataset is used as is, except that a sequential loader with ``drop_last=True`` never serves its last, incomplete
+    batch, whose examples are left out (a shuffling one drops different examples every epoch, so it serves all). A ``SubsetRandomSampler`` serves ``sampler.indices`` only: those examples, in that
     order, become the data (score column ``j`` is ``loader.dataset[sampler.indices[j]]``). Any other sampler or
     batch sampler (weighted, with replacement, distributed shards, custom) does not define a fixed set of
     examples, so it is refused rather than read as the whole dataset.
@@ -287,6 +288,17 @@ def _loader_examples(loader: DataLoader, name: str) -> Dataset:
         )
     n = len(dataset)  # type: ignore[arg-type]
     if type(sampler) is SequentialSampler:
+        dropped = n % loader.batch_size if loader.drop_last and loader.batch_size else 0
+        if dropped:  # the last, incomplete batch is never served: those examples were not trained on
+            logger.info(
+                "%s: the DataLoader reads in order with drop_last=True, so it never serves the last %d of %d "
+                "examples; the data are its first %d (pass the dataset itself to include them).",
+                name,
+                dropped,
+                n,
+                n - dropped,
+            )
+            return Subset(dataset, list(range(n - dropped)))
         return dataset
     if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n:
         return dataset  # every example once; datatrace reads them in index order
@@ -319,7 +331,7 @@ def _loader_examples(loader: DataLoader, name: str) -> Dataset:
 
 
 def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = None) -> DataSource:
-    """Turn a tuple of tensors/arrays, a Dataset or a DataLoader into a :class:`DataSource`.
+    """Turn a tuple of tensors/arrays, a list of examples, a Dataset or a DataLoader into a :class:`DataSource`.
 
     Raises a ValueError naming ``name`` for anything else, for tuples whose elements disagree in length and for
     an empty data set.
@@ -361,6 +373,9 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
         if not hasattr(data, "__len__"):
             raise bad_value(name, data, "the Dataset has no __len__", "implement __len__ on the Dataset")
         source = DataSource("dataset", None, data, batch_size or DEFAULT_BATCH_SIZE, default_collate, name)
+    elif isinstance(data, list) and data and all(isinstance(e, (tuple, Mapping)) for e in data):
+        # a list of examples, [(x_0, y_0), (x_1, y_1), ...] or [{"x": ..., "y": ...}, ...]: a map-style Dataset
+        source = DataSource("dataset", None, data, batch_size or DEFAULT_BATCH_SIZE, default_collate, name)
     elif isinstance(data, (tuple, list)):
         if len(data) == 0:
             raise bad_value(name, data, "an empty tuple holds no data", "pass (inputs, targets)")
@@ -382,7 +397,8 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
         raise bad_value(
             name,
             data,
-            "expected a tuple of tensors or numpy arrays, a dict of columns, a torch Dataset or a DataLoader",
+            "expected a tuple of tensors or numpy arrays, a dict of columns, a list of examples (tuples or dicts), "
+            "a torch Dataset or a DataLoader",
             "wrap arrays as (X, y)",
         )
     if len(source) == 0:

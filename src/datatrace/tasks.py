@@ -343,7 +343,7 @@ class ClassificationTask(_SupervisedTask):
 
     Outputs of shape ``(b, k)`` with ``k >= 2`` use softmax cross-entropy; outputs of shape ``(b,)`` or ``(b, 1)``
     are one logit per example and use the logistic loss with labels in {0, 1}. Labels of any integer dtype are
-    read as int64; :meth:`check_batch` refuses, naming the example, a label outside the model's classes (-100,
+    read as int64, a column ``(b, 1)`` as ``(b,)``; :meth:`check_batch` refuses, naming the example, a label outside the model's classes (-100,
     cross-entropy's ``ignore_index``, included: drop unlabelled examples instead).
     """
 
@@ -386,7 +386,8 @@ class ClassificationTask(_SupervisedTask):
         """Labels as int64 class indices inside the model's classes, or a ValueError naming the first bad one.
 
         With ``K`` logits the allowed labels are ``0 <= y < K``; with one logit (the logistic loss) they are 0
-        and 1 (integers, or floats equal to 0.0 / 1.0). Integer labels of any width (and bools) become int64.
+        and 1 (integers, or floats equal to 0.0 / 1.0). Integer labels of any width (and bools) become int64, and a
+        column of labels ``(b, 1)`` becomes ``(b,)``; other shapes (one-hot rows) are refused.
         Refused: a label out of range (cross-entropy would raise, and the logistic loss would silently take
         ``y = 2`` as a target), a negative label, including -100 (cross-entropy's ``ignore_index``, whose example
         would silently get a zero loss and zero influence), and fractional labels. ``K`` is read from the model's
@@ -404,6 +405,14 @@ class ClassificationTask(_SupervisedTask):
             return batch  # loss_from_outputs reports what it cannot use
         if not y.is_floating_point():
             y = y.long()
+        if y.dim() > 1:
+            if any(size != 1 for size in y.shape[1:]):
+                raise ValueError(
+                    f"labels of shape {tuple(y.shape)} ({y.dtype}): ClassificationTask takes one class index per "
+                    "example, shape (batch,) or (batch, 1). Fix: for one-hot labels pass y.argmax(dim=1); for "
+                    "soft or multi-label targets write a Task subclass with your own loss."
+                )
+            y = y.reshape(y.shape[0])  # a column of class indices, (batch, 1): the same labels as (batch,)
         if y.numel() == 0:
             return self._with_targets(batch, y)
         flat = y.reshape(-1)

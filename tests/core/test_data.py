@@ -19,6 +19,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
+import datatrace
 from datatrace.data import DataSource, as_data_source, cast_batch
 
 N = 11
@@ -45,13 +46,14 @@ def kinds(X, y):
     return {
         "tensors": (X, y),
         "list": [X, y],
+        "examples": [(X[i], y[i]) for i in range(len(X))],  # a list of (x, y) pairs: read as a Dataset
         "numpy": (X.numpy(), y.numpy()),
         "dataset": TensorDataset(X, y),
         "loader": DataLoader(TensorDataset(X, y), batch_size=4, shuffle=True),
     }
 
 
-@pytest.mark.parametrize("kind", ["tensors", "list", "numpy", "dataset", "loader"])
+@pytest.mark.parametrize("kind", ["tensors", "list", "examples", "numpy", "dataset", "loader"])
 def test_every_kind_reads_in_index_order(arrays, kind):
     X, y = arrays
     data = kinds(X, y)[kind]
@@ -117,7 +119,7 @@ def test_numpy_is_converted_without_changing_dtype(arrays):
     assert torch.equal(source.get([3])[0], X[[3]])
 
 
-@pytest.mark.parametrize("kind", ["tensors", "numpy", "dataset", "loader"])
+@pytest.mark.parametrize("kind", ["tensors", "examples", "numpy", "dataset", "loader"])
 def test_subset_returns_the_same_kind(arrays, kind):
     X, y = arrays
     source = as_data_source(kinds(X, y)[kind])
@@ -247,6 +249,22 @@ def test_shuffling_loader_is_the_whole_dataset_in_index_order():
     assert X[:, 0].tolist() == [float(i) for i in range(20)]
 
 
+def test_drop_last_leaves_out_the_examples_a_sequential_loader_never_serves(caplog):
+    """20 examples in batches of 6, read in order with drop_last=True: examples 18 and 19 are never served (nor
+    trained on), so they are not training data; shuffling drops different ones every epoch, so it keeps all 20."""
+    with caplog.at_level("INFO", logger="datatrace.data"):
+        source = as_data_source(DataLoader(_tensor_dataset(), batch_size=6, drop_last=True), "train")
+    assert len(source) == 18 and "never serves the last 2 of 20 examples" in caplog.text
+    X = torch.cat([b[0] for _, b in source.batches()])
+    assert X[:, 0].tolist() == [float(i) for i in range(18)]
+    assert (
+        len(as_data_source(DataLoader(_tensor_dataset(), batch_size=5, drop_last=True))) == 20
+    )  # none dropped
+    assert (
+        len(as_data_source(DataLoader(_tensor_dataset(), batch_size=6, shuffle=True, drop_last=True))) == 20
+    )
+
+
 @pytest.mark.parametrize(
     "kind", ["weighted", "replacement", "fewer", "distributed", "batch_sampler", "repeated"]
 )
@@ -314,3 +332,20 @@ def test_cast_batch_keeps_the_dict_form(arrays):
     X, y = arrays
     out = cast_batch({"x": X.float(), "y": y}, torch.float64, "cpu")
     assert isinstance(out, dict) and out["x"].dtype == torch.float64 and out["y"].dtype == torch.int64
+
+
+def test_a_list_of_examples_gives_the_scores_of_the_tuple_form(classification_data):
+    """``[(x_0, y_0), ...]`` (and a list of dicts) is a map-style Dataset, as for train and query alike; it used
+    to be refused as a tuple of columns whose element 0 'must be a tensor'."""
+    X, y = classification_data
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3).double()
+    task = datatrace.ClassificationTask(weight_decay=0.1)
+    ref = datatrace.InfluenceFunction(model, task, curvature="exact", progress=False).fit((X, y))
+    pairs = [(X[i], y[i]) for i in range(len(X))]
+    got = datatrace.InfluenceFunction(model, task, curvature="exact", progress=False).fit(pairs)
+    torch.testing.assert_close(got.score(pairs[:4]).values, ref.score((X[:4], y[:4])).values, rtol=0, atol=0)
+    dicts = [{"x": X[i], "y": y[i]} for i in range(len(X))]
+    keyed = datatrace.ClassificationTask(weight_decay=0.1, input_key="x", target_key="y")
+    by_key = datatrace.InfluenceFunction(model, keyed, curvature="exact", progress=False).fit(dicts)
+    torch.testing.assert_close(by_key.self_influence(), ref.self_influence(), rtol=0, atol=0)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import hessian
 
-from datatrace import ClassificationTask, InfluenceFunction, RegressionTask, Task
+from datatrace import ClassificationTask, InfluenceFunction, ProjectedInfluence, RegressionTask, Task
 from datatrace.data import as_data_source
 from datatrace.gradients.functional import FunctionalModel
 from datatrace.verification.training import fit_full_batch
@@ -160,6 +160,16 @@ def test_multiclass_label_at_or_above_the_number_of_logits_is_refused(classifica
         inf.fit((X, y))
 
 
+def test_projected_influence_names_the_bad_label_by_its_example(classification_data):
+    """The projected route checks its training batches with their indices too (it said "position 3")."""
+    X, y = classification_data
+    y = y.clone()
+    y[43] = 3  # position 3 of the sixth batch of 8
+    inf = ProjectedInfluence(nn.Linear(3, 3).double(), ClassificationTask(), progress=False, batch_size=8)
+    with pytest.raises(ValueError, match=r"label 3 at example 43 \(1 bad in its batch\).*3 logits"):
+        inf.fit((X, y))
+
+
 def test_query_labels_are_checked_too(classification_data):
     X, y = classification_data
     torch.manual_seed(0)
@@ -201,6 +211,31 @@ def test_fractional_and_float_multiclass_labels_are_refused(classification_data)
         ClassificationTask().check_batch(model, (Xb, soft))
     with pytest.raises(ValueError, match=r"integer class labels for a model with 3 logits.*torch.float64"):
         ClassificationTask().check_batch(nn.Linear(3, 3).double(), (X, y.double()))
+
+
+def test_a_column_of_class_labels_gives_the_scores_of_flat_labels(classification_data):
+    """Labels of shape (n, 1) (a column, as pandas' df[["label"]] gives) are the same labels as (n,); they used to
+    be refused inside the per-example pass with the shape of one example, (1, 1)."""
+    X, y = classification_data
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3).double()
+    task = ClassificationTask(weight_decay=0.1)
+    for route in ("exact", "ekfac"):
+        flat = InfluenceFunction(model, task, curvature=route, progress=False).fit((X, y))
+        col = InfluenceFunction(model, task, curvature=route, progress=False).fit((X, y[:, None]))
+        torch.testing.assert_close(
+            col.score((X[:4], y[:4, None])).values, flat.score((X[:4], y[:4])).values, rtol=0, atol=0
+        )
+    assert ClassificationTask().check_batch(model, (X, y[:, None].int()))[1].shape == y.shape
+
+
+def test_one_hot_labels_are_refused_with_the_batch_shape_and_the_fix(classification_data):
+    X, y = classification_data
+    inf = InfluenceFunction(nn.Linear(3, 3).double(), ClassificationTask(), progress=False)
+    with pytest.raises(
+        ValueError, match=r"labels of shape \(60, 3\) .*one class index per example.*y\.argmax"
+    ):
+        inf.fit((X, F.one_hot(y, 3)))
 
 
 # -- RegressionTask ------------------------------------------------------------------------------------------------

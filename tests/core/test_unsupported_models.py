@@ -4,6 +4,7 @@ and finite differences in float64) or an error naming what is unsupported and th
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 
@@ -388,3 +389,100 @@ def test_dict_batches_with_a_tuple_task_name_the_form_and_the_fix(make_mlp, clas
         r"ClassificationTask\(input_key=..., target_key=...\)",
     ):
         inf.fit(DictDataset(X, y))
+
+
+# -- case 17: nn.EmbeddingBag outside the parameters in scope ------------------------------------------------------
+class Bag(nn.Module):
+    """Bag-of-tokens classifier: ``nn.EmbeddingBag`` (mean) then a linear head."""
+
+    def __init__(self, vocab: int = 12, e: int = 3, k: int = 3) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, e, mode="mean")
+        self.head = nn.Linear(e, k)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bag(tokens))
+
+
+def tokens(n: int = 30, length: int = 5, vocab: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (n, length), generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_embedding_bag_out_of_scope_gives_the_exact_influence_of_the_head():
+    """Out-of-scope parameters are constants: ``nn.EmbeddingBag``'s weight left requiring grad made every
+    ``torch.func.grad`` fail ("Autograd not support dtype: Long") once ``params=`` (or a K-FAC route's default
+    scope) excluded it. Oracle: logistic regression of the head on the fixed bag features, by plain autograd."""
+    torch.manual_seed(0)
+    X, y = tokens()
+    model = Bag().double()
+    features = model.bag(X).detach()
+    head = model.head
+
+    def loss(t: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        out = functional_call(head, named(head, t), (features[rows],))
+        return F.cross_entropy(out, y[rows], reduction="sum")
+
+    theta = theta_of(head)
+    H = torch.autograd.functional.hessian(lambda t: loss(t) / len(X) + 0.5 * WD * (t * t).sum(), theta)
+    t = theta.clone().requires_grad_(True)
+    G = torch.stack([torch.autograd.grad(loss(t, slice(i, i + 1)), t)[0] for i in range(len(X))])
+    oracle = G[:4] @ torch.linalg.solve(H, G.T) / len(X)
+    task = datatrace.ClassificationTask(weight_decay=WD)
+    inf = datatrace.InfluenceFunction(
+        model, task, curvature="exact", damping=0.0, params=["head"], progress=False
+    ).fit((X, y))
+    torch.testing.assert_close(inf.score((X[:4], y[:4])).values, oracle, rtol=1e-8, atol=1e-12)
+    # EK-FAC covers the head by itself (EmbeddingBag is not a layer it supports): the scores of a frozen bag
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    frozen.head.requires_grad_(True)
+    ekfac = datatrace.InfluenceFunction(model, task, curvature="ekfac", progress=False).fit((X, y))
+    ref = datatrace.InfluenceFunction(frozen, task, curvature="ekfac", progress=False).fit((X, y))
+    torch.testing.assert_close(ekfac.score((X[:4], y[:4])).values, ref.score((X[:4], y[:4])).values)
+
+
+# -- case 18: models that cannot be differentiated or have no values -----------------------------------------------
+class Packed(nn.Module):
+    """An LSTM over packed sequences (``pack_padded_sequence``); the lengths are the last input channel."""
+
+    def __init__(self, d: int = 2, h: int = 3, k: int = 2) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(d, h, batch_first=True)
+        self.head = nn.Linear(h, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = x[:, 0, -1].long().cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x[..., :-1], lengths, batch_first=True, enforce_sorted=False
+        )
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1])
+
+
+def test_packed_sequences_are_refused_naming_the_cause_and_the_padded_rewrite():
+    """torch.func cannot run a packed LSTM (its kernel reads raw memory); the error said to check the data."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 5, (8,), generator=g)
+    X = torch.randn(8, 4, 3, generator=g, dtype=torch.float64)
+    X[..., -1] = lengths[:, None].double()
+    y = torch.randint(0, 2, (8,), generator=g)
+    for make in (datatrace.InfluenceFunction, datatrace.ProjectedInfluence):
+        with pytest.raises(
+            ValueError, match=r"pack_padded_sequence.*Fix: run the recurrent layer on the padded"
+        ):
+            make(Packed().double(), datatrace.ClassificationTask(), progress=False).fit((X, y))
+
+
+def test_a_model_on_the_meta_device_is_refused_at_construction():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    task = datatrace.ClassificationTask()
+    pattern = (
+        r"model=\"a model on the 'meta' device\" is not allowed: 4 of its tensors \(0\.weight.*Fix: load"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        datatrace.InfluenceFunction(model, task)
+    with pytest.raises(ValueError, match=pattern):
+        datatrace.ProjectedInfluence(model, task)
+    with pytest.raises(ValueError, match=pattern):
+        datatrace.TracIn(model, task, [{}], 0.1, batch_size_train=1)

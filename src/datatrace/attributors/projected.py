@@ -544,7 +544,7 @@ class ProjectedInfluence(Attributor):
         pseudo: list[torch.Tensor] = []
 
         def gradients(batch: tuple) -> torch.Tensor:
-            g, p = self._project_train_batch(idx, self.fmodel_.prepare(batch))
+            g, p = self._project_train_batch(idx, self.fmodel_.prepare(batch, idx))
             pseudo.append(p)
             return g
 

@@ -165,6 +165,14 @@ class FunctionalModel:
         self.default_scope = params is None
         self.space = ParamSpace.from_tensors(selected)
         self.theta = self.space.flatten({n: p.detach() for n, p in selected.items()})
+        #: the trainable parameters out of scope, detached: constants of every function of ``theta`` (left
+        #: requiring grad, some kernels fail inside ``torch.func.grad``: ``nn.EmbeddingBag`` raises "Autograd not
+        #: support dtype: Long" when a route narrows the scope to the layers it supports)
+        self.fixed = {
+            "model." + n: p.detach()
+            for n, p in model.named_parameters()
+            if p.requires_grad and n not in selected
+        }
         self.dtype = self.theta.dtype
         check_working_dtype(self.dtype, explicit=False)
         self.device = self.theta.device
@@ -196,7 +204,7 @@ class FunctionalModel:
 
     # -- scalar functions of theta -----------------------------------------------------------------------------
     def call(self, module: nn.Module, theta: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
-        named = {"model." + k: v for k, v in self.space.unflatten(theta).items()}
+        named = {**self.fixed, **{"model." + k: v for k, v in self.space.unflatten(theta).items()}}
         return functional_call(module, named, (batch,))
 
     def losses(self, theta: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
@@ -205,10 +213,11 @@ class FunctionalModel:
     def measurements(self, theta: torch.Tensor, batch: tuple | dict) -> torch.Tensor:
         return self.call(self.measurement_module, theta, batch)
 
-    def prepare(self, batch: tuple | dict) -> tuple | dict:
+    def prepare(self, batch: tuple | dict, indices: torch.Tensor | None = None) -> tuple | dict:
         """``batch`` cast to the working dtype and device, then checked by the task (:meth:`Task.check_batch`)
-        while its values are still concrete (the ``torch.func`` transforms cannot branch on them)."""
-        return self.task.check_batch(self.model, cast_batch(batch, self.dtype, self.device))
+        while its values are still concrete (the ``torch.func`` transforms cannot branch on them); ``indices``, the
+        batch's positions in its data set when known, let a message name the offending example."""
+        return self.task.check_batch(self.model, cast_batch(batch, self.dtype, self.device), indices)
 
     # -- per-example gradients ---------------------------------------------------------------------------------
     def over_examples(self, fn: Callable[..., torch.Tensor], shared: tuple, batched: tuple) -> torch.Tensor:
@@ -483,6 +492,17 @@ def check_model_and_task(
             "expected a torch.nn.Module",
             model_fix,
         )
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise bad_value(
+            "model",
+            "a model on the 'meta' device",
+            f"{len(meta)} of its tensors ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}) are meta "
+            "tensors, which have a shape but no values, so there are no trained weights to attribute (a model "
+            "built under torch.device('meta'), or loaded with init_empty_weights / low_cpu_mem_usage)",
+            "load the trained weights first, e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(state_dict)",
+        )
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise bad_value("dtype", dtype, "expected a floating torch dtype or None", "pass torch.float64")
     if dtype is not None:
@@ -491,7 +511,16 @@ def check_model_and_task(
 
 def batch_failure(task: Task, what: str, batch: tuple | dict, err: BaseException) -> ValueError:
     """The error for a task that failed on a batch: the shapes it got and what usually disagrees (for a dict batch,
-    that the task must read dicts)."""
+    that the task must read dicts, and a model operation that ``torch.func`` cannot differentiate)."""
+    if "doesn't have storage" in str(err):  # a kernel that reads raw memory, which torch.func's wrappers lack
+        return ValueError(
+            f"running {type(task).__name__} on a batch of {what} failed ({type(err).__name__}: {err}): an operation "
+            "of the model reads the raw memory of a tensor, which torch.func's transforms (grad, vmap), used for "
+            "every per-example gradient, do not provide. The usual one is a packed sequence "
+            "(nn.utils.rnn.pack_padded_sequence) run through nn.LSTM / GRU / RNN. Fix: run the recurrent layer on "
+            "the padded batch and take each sequence's last real step, out[torch.arange(len(x)), lengths - 1] "
+            "(the same function for a one-directional layer with right padding), or replace the operation."
+        )
     if isinstance(batch, dict):
         return ValueError(
             f"running {type(task).__name__} on a batch of {what} failed ({type(err).__name__}: {err}). The "
