@@ -134,6 +134,12 @@ def prepare_model(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     clone = copy.deepcopy(model)
     if dtype is not None:
         clone = clone.to(dtype)
+    if model.training:
+        logger.info(
+            "%s was passed in train mode; influence works on a private copy in eval mode (dropout off, BatchNorm's "
+            "running statistics), the objective a trained model is used with. Your model is not changed.",
+            type(model).__name__,
+        )
     clone.eval()
     return clone
 
