@@ -65,7 +65,7 @@ def test_examples_that_interact_fall_back_to_one_example_at_a_time(caplog) -> No
     task = datatrace.ClassificationTask(weight_decay=1e-2)
     with caplog.at_level("INFO", logger="datatrace"):
         inf = datatrace.InfluenceFunction(model, task, curvature="gauss-newton", progress=False).fit(train)
-    assert inf.fmodel_.layer_rows is None and "differ from one example at a time" in caplog.text
+    assert inf.fmodel_.layer_rows is None and "differ from per-example autograd" in caplog.text
     x, y = train
     for i in (0, 7):
         model.zero_grad()

@@ -168,8 +168,9 @@ def test_query_rank_on_a_conv_model_keeps_the_layer_layout():
 
 def test_streamed_scores_come_from_the_layers_when_they_hold_every_parameter(problem, monkeypatch):
     _, _, query = problem
+    """Streamed, no b x p rows are formed, neither in fit (the stationarity check's sums and norms come from the
+    hooks too) nor in scoring; the hooks were checked once, on a few examples, against per-example autograd."""
     kept = _fit(problem, curvature="ekfac", keep_gradients=True)
-    streamed = _fit(problem, curvature="ekfac", keep_gradients=False)
     calls = []
     original = FunctionalModel.per_example_grads
 
@@ -178,12 +179,15 @@ def test_streamed_scores_come_from_the_layers_when_they_hold_every_parameter(pro
         return original(self, batch)
 
     monkeypatch.setattr(FunctionalModel, "per_example_grads", counting)
+    streamed = _fit(problem, curvature="ekfac", keep_gradients=False)
+    assert calls == [] and streamed.fmodel_._layer_rows_checked
     torch.testing.assert_close(streamed.score(query).values, kept.score(query).values, rtol=1e-9, atol=1e-12)
-    assert streamed._product_layers is not None and streamed._products_checked
-    assert calls == [16]  # the first batch's rows, to check the layer products once; never again
-    calls.clear()
-    streamed.score(query)
-    assert calls == []
+    assert streamed._product_layers is not None and calls == []
+    torch.testing.assert_close(streamed.self_influence(), kept.self_influence(), rtol=1e-9, atol=1e-12)
+    # the stationarity check saw the same gradient sums and norms
+    assert streamed.gradient_norm_ == pytest.approx(kept.gradient_norm_, rel=1e-9)
+    ratio = streamed.curvature_.training_state.gradient_ratio
+    assert ratio == pytest.approx(kept.curvature_.training_state.gradient_ratio, rel=1e-9)
 
 
 def test_streamed_scores_use_gradient_rows_for_parameters_outside_the_layers(caplog):
@@ -211,11 +215,11 @@ def test_streamed_scores_use_gradient_rows_for_parameters_outside_the_layers(cap
     torch.testing.assert_close(
         streamed.score((X, y)).values, kept.score((X, y)).values, rtol=1e-9, atol=1e-12
     )
-    tied = InfluenceFunction(model, task, keep_gradients=False, params=["inp", "out"], **args).fit((X, y))
-    assert tied._product_layers is not None
-    with caplog.at_level(logging.INFO, logger="datatrace.attributors.influence"):
-        values = tied.score((X, y)).values
-    assert tied._product_layers is None and any("differ from those" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.INFO, logger="datatrace"):  # the hooks are checked in fit, once
+        tied = InfluenceFunction(model, task, keep_gradients=False, params=["inp", "out"], **args).fit((X, y))
+    assert any("differ from per-example autograd" in r.getMessage() for r in caplog.records)
+    values = tied.score((X, y)).values
+    assert tied._product_layers is None and tied.fmodel_.layer_rows is None
     reference = InfluenceFunction(model, task, keep_gradients=True, params=["inp", "out"], **args).fit((X, y))
     torch.testing.assert_close(values, reference.score((X, y)).values, rtol=1e-9, atol=1e-12)
 

@@ -73,7 +73,7 @@ from datatrace.attributors.base import (
     json_scalars,
 )
 from datatrace.attributors.query_rank import LowRankQueries, compress_queries, layer_products
-from datatrace.capture.engine import Layer, find_layers, per_example_gradients
+from datatrace.capture.engine import Layer, find_layers, per_example_gradient_sums, per_example_gradients
 from datatrace.capture.scope import narrow_to_supported
 from datatrace.curvature import Curvature, make_curvature
 from datatrace.curvature.base import TrainingState, format_bytes, output_sizes
@@ -335,14 +335,15 @@ class InfluenceFunction(Attributor):
         self.fmodel_ = fmodel
         self.train_ = source
         self.streams_ = streams
-        local_indices, local_grads, sums = self._local_training_gradients(fmodel, source, keep=not streams)
+        local_indices, local_grads, sums = self._local_training_gradients(
+            fmodel, source, keep=not streams, layers=hook_layers
+        )
         ratio = self._check_stationary(fmodel, sums, len(source))
         curvature.training_state = TrainingState(ratio, *output_sizes(fmodel, source))
         curvature.fit(fmodel, source, progress=self.progress)
         self.local_indices_ = local_indices
         self.local_grads_ = local_grads
         self._product_layers = hook_layers if streams else None
-        self._products_checked = False
         self.world_size_ = world()[1]
         self._all_grads: torch.Tensor | None = None if world()[2] else local_grads
         self.curvature_ = curvature
@@ -408,11 +409,16 @@ class InfluenceFunction(Attributor):
             yield idx, self._rows(fmodel, idx, batch)
 
     def _local_training_gradients(
-        self, fmodel: FunctionalModel, source: DataSource, keep: bool
+        self, fmodel: FunctionalModel, source: DataSource, keep: bool, layers: list[Layer] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """This rank's shard of the training indices, their gradients (``None`` when streamed) and, for the
         stationarity check, ``[sum_i g_i, sum_i ||g_i||]`` over the shard (float64); a failure on one rank raises
-        on every rank."""
+        on every rank. Streamed, with supported ``layers`` holding every parameter in scope, the sums come from
+        the layers' hooks without the batch's ``b x p`` rows (:func:`per_example_gradient_sums`)."""
+        if not keep and layers is not None:
+            sums = self._hooked_sums(fmodel, source, layers)
+            if sums is not None:
+                return shard_indices(len(source)), None, sums
         indices = shard_indices(len(source))
         error = None
         grads = None
@@ -683,15 +689,60 @@ class InfluenceFunction(Attributor):
             return all_gather_rows(local.T.contiguous()).T.contiguous()
         return local
 
+    def _hooked_sums(
+        self, fmodel: FunctionalModel, source: DataSource, layers: list[Layer]
+    ) -> torch.Tensor | None:
+        """``[sum_i g_i, sum_i ||g_i||]`` over this rank's shard from the layers' hooks, or ``None`` when the
+        hooks disagree with the rows (checked on the first batch)."""
+        sums = torch.zeros(fmodel.num_params + 1, dtype=torch.float64, device=fmodel.device)
+        error, agreed = None, True
+        indices = shard_indices(len(source))
+        total: list[torch.Tensor] = []  # the batch's summed gradient, set by norms()
+        try:
+            for idx, batch in self._training_batches(fmodel, source, indices, "training gradients"):
+                total.clear()
+
+                def norms(b: Any) -> torch.Tensor:
+                    if not fmodel.layer_rows_agree(b):
+                        return torch.zeros(0, 1, dtype=fmodel.dtype)
+                    summed, lengths = per_example_gradient_sums(fmodel, layers, fmodel.loss_module, b)
+                    total.append(summed)
+                    return lengths[:, None]
+
+                lengths = checked_rows(
+                    norms,
+                    self.task,
+                    "train",
+                    idx,
+                    batch,
+                    lambda i: f"gradient of train example {i}",
+                    _ROW_FIX,
+                )
+                if not total:
+                    agreed = False
+                    break
+                sums[:-1] += total[0]
+                sums[-1] += lengths.sum()
+        except Exception as err:
+            error = err
+            if not world()[2]:
+                raise
+        raise_if_any_failed(error, "training gradients")
+        agreed = bool(all_reduce_sum(torch.tensor([float(not agreed)])).item() == 0)
+        return sums if agreed else None
+
     def _layer_products(
         self, queries: LowRankQueries, dot: Any, idx: torch.Tensor, batch: Any
     ) -> torch.Tensor:
         """``(n_query, b)`` products from the layers' inputs and output gradients (:func:`layer_products`), never
-        forming the per-example gradients. On the first batch they are compared with the products of the
-        per-example gradient rows; if they disagree (weights used outside their module, an input not batch-first)
-        the rows are used from then on, with the reason logged."""
+        forming the per-example gradients, once the hooks agree with the rows
+        (:meth:`FunctionalModel.layer_rows_agree`; else the rows from then on)."""
         fmodel, layers = self.fmodel_, self._product_layers
-        values = checked_rows(
+        assert layers is not None
+        if not fmodel.layer_rows_agree(batch):  # the batch ran through the model in fit already
+            self._product_layers = None
+            return dot(self._rows(fmodel, idx, batch))
+        return checked_rows(
             lambda b: layer_products(queries, fmodel, layers, b),
             self.task,
             "train",
@@ -700,22 +751,6 @@ class InfluenceFunction(Attributor):
             lambda i: f"scores of train example {i}",
             _ROW_FIX,
         ).T
-        if self._products_checked:
-            return values
-        reference = dot(self._rows(fmodel, idx, batch))
-        error = float((values - reference).norm())
-        rtol = min(0.1, max(1e-10, 1e3 * torch.finfo(fmodel.dtype).eps))
-        if error <= rtol * float(reference.norm()) + 1e-300:
-            self._products_checked = True
-            return values
-        logger.info(
-            "streamed scores: the products from the layers' hooks differ from those of the per-example gradients "
-            "(relative error %.3g; weights used outside their module's forward, or an input that is not "
-            "batch-first); using the per-example gradients.",
-            error / max(float(reference.norm()), 1e-300),
-        )
-        self._product_layers = None
-        return reference
 
     def _stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's training gradients again, batch by batch (streaming mode)."""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from datatrace.capture.kinds import LayerKind, layer_kind
+from datatrace.data import batch_length
 from datatrace.gradients.functional import FunctionalModel
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ __all__ = [
     "check_gradients",
     "find_layers",
     "first_nonfinite",
+    "per_example_gradient_sums",
     "per_example_gradients",
     "recording",
 ]
@@ -293,14 +295,12 @@ class Backprop:
 # -- per-example gradients from the hooks --------------------------------------------------------------------------
 
 
-def per_example_gradients(
-    fmodel: FunctionalModel, layers: list[Layer], fn: nn.Module, batch: tuple | dict
-) -> torch.Tensor:
-    """The ``(b, p)`` per-example gradients of ``fn(batch)`` (one value per example, e.g. a
-    :class:`~datatrace.gradients.functional.BoundFunction` of the task's loss) from one forward pass with hooks and
-    one backward pass of the summed values: ``G_i = sum_t s_it a_it^T`` per layer. Every parameter in scope must
-    belong to ``layers`` and the examples must be independent (eval mode), which the caller checks once against
-    the per-example rows (:meth:`FunctionalModel.per_example_grads` does)."""
+def _hooked_layer_rows(
+    layers: list[Layer], fn: nn.Module, batch: tuple | dict
+) -> Iterator[tuple[Layer, torch.Tensor, torch.Tensor]]:
+    """One forward pass of ``fn(batch)`` (one value per example) with hooks and one backward pass of the summed
+    values; then, per layer reached, ``(layer, s, a)``: its output-gradient rows ``(b, T, out)`` and input
+    rows ``(b, T, in')``, so that example ``i``'s gradient is ``G_i = sum_t s_it a_it^T``."""
     with torch.enable_grad(), recording(layers, "per-example gradients") as rec:
         values = fn(batch)
     b = values.shape[0] if values.dim() else 0
@@ -309,25 +309,59 @@ def per_example_gradients(
             f"the task returned shape {tuple(values.shape)}; loss and measurement must return one value per "
             "example, shape (batch_size,). Fix: use reduction='none' and do not average over the batch."
         )
+    live = rec.outputs()
+    if not live or not values.requires_grad:
+        return
+    grads = torch.autograd.grad(values.sum(), live, allow_unused=True)
+    for i, (layer, s_rows) in enumerate(zip(layers, rec.output_rows(layers, grads, 1))):
+        a = rec.inputs(i)
+        if a is None or s_rows is None:
+            continue
+        if a.shape[0] != b:
+            raise ValueError(
+                f"layer {layer.name!r} saw {a.shape[0]} rows for a batch of {b} examples: per-example "
+                "gradients from hooks need the batch axis first in every supported layer's input"
+            )
+        yield layer, s_rows[0], a
+
+
+def per_example_gradients(
+    fmodel: FunctionalModel, layers: list[Layer], fn: nn.Module, batch: tuple | dict
+) -> torch.Tensor:
+    """The ``(b, p)`` per-example gradients of ``fn(batch)`` (one value per example, e.g. a
+    :class:`~datatrace.gradients.functional.BoundFunction` of the task's loss) from one forward pass with hooks and
+    one backward pass of the summed values: ``G_i = sum_t s_it a_it^T`` per layer. Every parameter in scope must
+    belong to ``layers`` and the examples must be independent (eval mode), which the caller checks once against
+    the per-example rows (:meth:`FunctionalModel.per_example_grads` does)."""
     shapes = dict(zip(fmodel.space.names, fmodel.space.shapes))
+    b = batch_length(batch)
     blocks = {
         n: torch.zeros(b, *shape, dtype=fmodel.dtype, device=fmodel.device) for n, shape in shapes.items()
     }
-    live = rec.outputs()
-    if live and values.requires_grad:
-        grads = torch.autograd.grad(values.sum(), live, allow_unused=True)
-        for i, (layer, s_rows) in enumerate(zip(layers, rec.output_rows(layers, grads, 1))):
-            a = rec.inputs(i)
-            if a is None or s_rows is None:
-                continue
-            if a.shape[0] != b:
-                raise ValueError(
-                    f"layer {layer.name!r} saw {a.shape[0]} rows for a batch of {b} examples: per-example "
-                    "gradients from hooks need the batch axis first in every supported layer's input"
-                )
-            gradient = torch.einsum("bto,bti->boi", s_rows[0], a)  # (b, out, in')
-            blocks.update({n: g.to(fmodel.dtype) for n, g in layer.scatter(gradient, shapes).items()})
+    for layer, s, a in _hooked_layer_rows(layers, fn, batch):
+        gradient = torch.einsum("bto,bti->boi", s, a)  # (b, out, in')
+        blocks.update({n: g.to(fmodel.dtype) for n, g in layer.scatter(gradient, shapes).items()})
     return fmodel.space.flatten(blocks, batch_dims=1)
+
+
+def per_example_gradient_sums(
+    fmodel: FunctionalModel, layers: list[Layer], fn: nn.Module, batch: tuple | dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_i G_i, ||G_i||)``: the summed gradient ``(p,)`` and the per-example gradient norms ``(b,)`` of the
+    values of :func:`per_example_gradients`, without its ``b x p`` rows: each layer's ``(b, out, in')`` blocks
+    are formed a few examples at a time (:data:`CHUNK_ELEMENTS`) and dropped."""
+    shapes = dict(zip(fmodel.space.names, fmodel.space.shapes))
+    b = batch_length(batch)
+    total = {n: torch.zeros(shape, dtype=torch.float64, device=fmodel.device) for n, shape in shapes.items()}
+    squares = torch.zeros(b, dtype=torch.float64, device=fmodel.device)
+    for layer, s, a in _hooked_layer_rows(layers, fn, batch):
+        summed = torch.einsum("bto,bti->oi", s, a).to(torch.float64)
+        total.update(layer.scatter(summed, shapes))
+        step = max(1, CHUNK_ELEMENTS // max(1, layer.out_dim * a.shape[-1]))
+        for start in range(0, b, step):
+            g = torch.einsum("bto,bti->boi", s[start : start + step], a[start : start + step])
+            squares[start : start + step] += g.square_().sum(dim=(1, 2)).to(torch.float64)
+    return fmodel.space.flatten(total), squares.sqrt()
 
 
 # -- the self-check ------------------------------------------------------------------------------------------------------

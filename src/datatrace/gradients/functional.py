@@ -261,24 +261,14 @@ class FunctionalModel:
             return torch.stack([fn(*shared, *take_examples(batched, i)) for i in range(count)])
 
     def _per_example(self, module: nn.Module, batch: tuple | dict) -> torch.Tensor:
-        def single(theta: torch.Tensor, example: tuple | dict) -> torch.Tensor:
-            out = self.call(module, theta, map_batch(lambda t: t.unsqueeze(0), example))
-            if out.shape != (1,):
-                raise ValueError(
-                    f"the task returned shape {tuple(out.shape)} for a batch of one example; loss and "
-                    "measurement must return one value per example, shape (batch_size,). "
-                    "Fix: use reduction='none' and do not average over the batch."
-                )
-            return out[0]
-
+        single = self._single(module)
         if self.layer_rows is not None and self.vmap_examples and not self._vmap_probed:
             # one example first: if vmap fails on this model, the hooks take the batch instead of the loop
             self._vmap_probed = True
             self.over_examples(grad(single), (self.theta,), (take_examples(batch, slice(0, 1)),))
-        if not self.vmap_examples and self.layer_rows is not None:
-            rows = self._from_layers(module, batch, single)
-            if rows is not None:
-                return rows
+        if not self.vmap_examples and self.layer_rows_agree(batch, module):
+            assert self.layer_rows is not None
+            return self.layer_rows(module, batch).detach()
         # detached: out-of-scope parameters may require grad, and no caller differentiates these rows again
         count, step = batch_length(batch), self.rows_per_pass()
         if count <= step:
@@ -302,36 +292,54 @@ class FunctionalModel:
         ]
         return torch.cat(parts)
 
-    def _from_layers(
-        self, module: nn.Module, batch: tuple | dict, single: Callable[..., torch.Tensor]
-    ) -> torch.Tensor | None:
-        """Per-example gradients from :attr:`layer_rows` in one batched pass (``None`` when they are off). The
-        first time they are compared with the loop's rows for the same batch; if those differ (examples that
-        interact, a weight used outside its module) the hooks are switched off for good, with the reason logged."""
-        assert self.layer_rows is not None
-        rows = self.layer_rows(module, batch).detach()
+    def _single(self, module: nn.Module) -> Callable[[torch.Tensor, tuple | dict], torch.Tensor]:
+        """``theta, example -> module(one-example batch)``: the scalar whose gradient is a per-example row."""
+
+        def single(theta: torch.Tensor, example: tuple | dict) -> torch.Tensor:
+            out = self.call(module, theta, map_batch(lambda t: t.unsqueeze(0), example))
+            if out.shape != (1,):
+                raise ValueError(
+                    f"the task returned shape {tuple(out.shape)} for a batch of one example; loss and "
+                    "measurement must return one value per example, shape (batch_size,). "
+                    "Fix: use reduction='none' and do not average over the batch."
+                )
+            return out[0]
+
+        return single
+
+    def layer_rows_agree(self, batch: tuple | dict, module: nn.Module | None = None) -> bool:
+        """Whether :attr:`layer_rows` give the per-example gradients (of ``module``, default the loss): checked
+        once, on the first :data:`LAYER_ROWS_CHECKED` examples of a prepared ``batch``, against ``vmap`` or the
+        one-at-a-time loop. They differ when examples interact, a weight is used outside its module's forward or
+        an input is not batch-first; then the hooks are switched off for good, with the reason logged."""
+        if self.layer_rows is None:
+            return False
         if self._layer_rows_checked:
-            return rows
-        head = take_examples(batch, slice(0, min(self.rows_per_pass(), LAYER_ROWS_CHECKED)))
-        reference = self.over_examples(grad(single), (self.theta,), (head,)).detach()
-        error = float((rows[: reference.shape[0]] - reference).norm())
-        rtol = min(0.1, max(1e-10, 1e3 * torch.finfo(self.dtype).eps))
-        if error <= rtol * float(reference.norm()) + 1e-300:
-            self._layer_rows_checked = True
-            logger.info(
-                "per-example gradients of %s from the layers' hooks, a batch at a time (vmap cannot batch it; "
-                "checked against one example at a time: relative difference %.2g).",
-                type(self.model).__name__,
-                error / max(float(reference.norm()), 1e-300),
+            return True
+        module = self.loss_module if module is None else module
+        head = take_examples(batch, slice(0, min(batch_length(batch), LAYER_ROWS_CHECKED)))
+        reference = self.over_examples(grad(self._single(module)), (self.theta,), (head,)).detach()
+        try:
+            hooked = self.layer_rows(module, head).detach()
+        except ValueError as err:  # a supported layer whose input is not batch-first
+            reason = str(err)
+        else:
+            error = float((hooked - reference).norm()) / max(float(reference.norm()), 1e-300)
+            if error <= min(0.1, max(1e-10, 1e3 * torch.finfo(self.dtype).eps)):
+                self._layer_rows_checked = True
+                logger.info(
+                    "per-example gradients of %s from the layers' hooks, a batch at a time (checked against "
+                    "per-example autograd: relative difference %.2g).",
+                    type(self.model).__name__,
+                    error,
+                )
+                return True
+            reason = (
+                f"relative error {error:.3g}: examples that interact, or a weight used outside its module"
             )
-            return rows
-        logger.info(
-            "per-example gradients: the layers' hooks differ from one example at a time (relative error %.3g: "
-            "examples that interact, or a weight used outside its module); one example at a time from now on.",
-            error / max(float(reference.norm()), 1e-300),
-        )
+        logger.info("per-example gradients: the layers' hooks differ from per-example autograd (%s).", reason)
         self.layer_rows = None
-        return None
+        return False
 
     def rows_per_pass(self) -> int:
         """Examples whose per-example gradients are computed together: as many as keep
