@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -94,6 +95,8 @@ class Scores:
         return min(k, self.n_train)
 
     def _check_query(self, q: int) -> int:
+        if isinstance(q, np.integer):
+            q = int(q)  # e.g. an index read from a numpy array
         if isinstance(q, bool) or not isinstance(q, int) or not -self.n_query <= q < self.n_query:
             raise IndexError(
                 f"q={q!r} is out of range for {self.n_query} queries: allowed is an int with "
@@ -130,7 +133,24 @@ class Scores:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (safetensors, the values) and ``path.json`` (metadata) atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise bad_value(
+                "path",
+                str(path),
+                "it is a folder; Scores.save writes one file (the values) and path.json beside it",
+                f"pass a file path, e.g. {str(path / 'scores.safetensors')!r}",
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK):
+                raise PermissionError(f"no write permission in {path.parent}")
+        except OSError as err:
+            raise bad_value(
+                "path",
+                str(path),
+                f"its folder cannot be created or written ({err})",
+                "pass a path you can write",
+            ) from err
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

@@ -271,3 +271,21 @@ def test_load_of_a_folder_is_refused(scores, tmp_path):
 def test_constructor_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=rf"{name}=.*Fix:"):
         Scores(**kwargs)
+
+
+def test_save_refuses_a_folder_and_an_unwritable_path(scores, tmp_path):
+    with pytest.raises(ValueError, match=r"path=.*is a folder.*scores\.safetensors"):
+        scores.save(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"path=.*cannot be created or written"):
+        scores.save(blocker / "scores")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing half-written
+
+
+def test_query_row_may_be_a_numpy_integer(scores):
+    import numpy as np
+
+    rows = np.flatnonzero(VALUES[:, 0].numpy() > 0)  # query rows found with numpy
+    assert torch.equal(scores.proponents(rows[0], 2).indices, scores.proponents(0, 2).indices)
+    assert torch.equal(scores.opponents(np.int32(-1), 2).indices, scores.opponents(2, 2).indices)

@@ -248,7 +248,10 @@ def detection_summary(
             f"expected one bool per training example, shape ({result.n},), got shape {flags.shape}",
             f"pass a bool array of length {result.n}",
         )
-    fracs = [float(f) for f in fractions]
+    try:  # a single number is one fraction
+        fracs = [float(f) for f in np.atleast_1d(np.asarray(fractions, dtype=np.float64)).reshape(-1)]
+    except (TypeError, ValueError):
+        fracs = []
     if not fracs or any(not 0.0 < f <= 1.0 for f in fracs):
         raise bad_value("fractions", fractions, "expected numbers in (0, 1]", "pass e.g. (0.05, 0.1, 0.2)")
     rankings: dict[str, np.ndarray] = {
