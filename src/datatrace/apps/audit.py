@@ -66,6 +66,7 @@ __all__ = [
     "PositiveProbability",
     "confirm_memorisation",
     "fairness_audit",
+    "first_missing_label",
     "memorisation_audit",
     "tail_test",
 ]
@@ -200,6 +201,13 @@ class FairnessAudit:
         return float(self.gap + self.effect[idx.numpy()].sum())
 
 
+def first_missing_label(labels: np.ndarray) -> int | None:
+    """The position of the first ``None`` / NaN (pandas' missing values) in an object array of labels, or None."""
+    if labels.dtype != object:
+        return None
+    return next((i for i, g in enumerate(labels.tolist()) if g is None or g != g), None)
+
+
 def _group_weights(groups: Any, m: int, group_names: Sequence[Any] | None) -> tuple[np.ndarray, tuple, tuple]:
     arr = np.asarray(groups.detach().cpu() if isinstance(groups, torch.Tensor) else groups)
     if arr.ndim != 1 or arr.shape[0] != m:
@@ -209,9 +217,8 @@ def _group_weights(groups: Any, m: int, group_names: Sequence[Any] | None) -> tu
             f"expected one group label per query example, shape ({m},), got shape {arr.shape}",
             f"pass an array of length {m} (the query's number of rows)",
         )
-    missing = [i for i, g in enumerate(arr.tolist()) if g is None or g != g] if arr.dtype == object else []
-    if missing:  # None / NaN (pandas' missing values) among other labels
-        missing = missing[0]
+    missing = first_missing_label(arr)
+    if missing is not None:
         raise bad_value(
             "groups",
             groups,

@@ -160,19 +160,6 @@ def _match_group_names(groups: np.ndarray, names: list[str] | None) -> tuple[Any
     return labels[names[0]], labels[names[1]]
 
 
-def _positive_label(influence: Any, index: int) -> Any:
-    """``--positive-class`` is a class index; an estimator's attributor takes the label ``classes_[index]``."""
-    classes = getattr(influence, "classes_", None)
-    if classes is None:
-        return index
-    if not 0 <= index < len(classes):
-        raise UsageError(
-            f"--positive-class {index} is not a class index of the estimator, whose classes_ are "
-            f"{np.asarray(classes).tolist()[:20]}. Fix: pass an index between 0 and {len(classes) - 1}."
-        )
-    return np.asarray(classes)[index].item()
-
-
 def run_audit(
     spec_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] = "datatrace-audit",
@@ -240,14 +227,19 @@ def run_audit(
         split = spec.query_split
         logger.info("fairness audit: %s gap between groups over %d %s examples", metric, spec.n(split), split)
         t0 = time.perf_counter()
-        fair = fairness_audit(
-            influence,
-            spec.influence_data(split),
-            spec.groups,
-            metric=metric,
-            positive_class=_positive_label(influence, int(positive_class)),
-            group_names=names,
-        )
+        try:
+            fair = fairness_audit(
+                influence,
+                spec.influence_data(split),
+                spec.groups,
+                metric=metric,
+                positive_class=int(positive_class),
+                group_names=names,
+            )
+        except ValueError as err:  # a class index the model does not have: a bad flag (exit code 2)
+            if str(err).startswith("positive_class="):
+                raise UsageError(f"--positive-class {positive_class}: {err}") from err
+            raise
         ctx.timings["fairness_seconds"] = time.perf_counter() - t0
         effect_units = units if metric == "loss" else "probability"
         k = min(top, n)
