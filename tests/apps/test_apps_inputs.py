@@ -131,3 +131,36 @@ def test_pandas_query_and_training_data_match_numpy(logreg):
     assert np.allclose(debug_data(inf, train=train).training_loss, debug_data(inf).training_loss)
     with pytest.raises(ValueError, match=r"query\[0\]=DataFrame\(shape=\(4, 2\)\).*non-numeric"):
         inf.score((pd.DataFrame({"a": [1.0, 2, 3, 4], "b": ["x", "y", "x", "y"]}), labels))
+
+
+def test_non_finite_scores_are_refused_not_ranked_last(logreg, monkeypatch):
+    """A NaN self-influence or score would sort to one end of every ranking (the example silently looks harmless,
+    or is never flagged); the apps say which example instead."""
+    from datatrace.apps import memorisation_audit, value_data
+
+    inf, X, y, _ = logreg
+    self_influence, score = inf.self_influence, inf.score
+
+    def nan_self_influence():
+        values = self_influence().clone()
+        values[3] = float("nan")
+        return values
+
+    def nan_score(query, measurement=None):
+        scores = score(query, measurement)
+        scores.values[:, 5] = float("inf")
+        return scores
+
+    monkeypatch.setattr(inf, "self_influence", nan_self_influence)
+    with pytest.raises(FloatingPointError, match=r"self_influence\(\).*index \(3,\): nan"):
+        debug_data(inf)
+    with pytest.raises(FloatingPointError, match=r"self_influence\(\).*index \(3,\)"):
+        memorisation_audit(inf, false_positive_rate=0.2)
+    monkeypatch.setattr(inf, "self_influence", self_influence)
+    monkeypatch.setattr(inf, "score", nan_score)
+    with pytest.raises(FloatingPointError, match=r"validation data.*index \(5,\): inf"):
+        value_data(inf, (X[:3], y[:3]))
+    with pytest.raises(FloatingPointError, match=r"validation data.*index \(5,\)"):
+        debug_data(inf, validation=(X[:3], y[:3]))
+    with pytest.raises(FloatingPointError, match=r"scores of the query.*index \(0, 5\)"):
+        fairness_audit(inf, (X[:4], y[:4]), [0, 1, 0, 1])

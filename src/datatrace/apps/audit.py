@@ -349,7 +349,7 @@ def fairness_audit(
     values = per_example(model, fn, source, "query")
     # the attributor encodes labels itself (SklearnInfluence): score the query as given, not `prepared`
     scores = influence.score(query, measurement)
-    rows = as_numpy(scores.values)
+    rows = as_numpy(scores.values, "scores of the query")
     effect = weights @ rows
     gap = float(weights @ values)
     in_a, in_b = weights > 0, weights < 0
@@ -495,7 +495,7 @@ def memorisation_audit(
             "false_positive_rate", false_positive_rate, "expected a number in (0, 1)", "pass e.g. 0.001"
         )
     check_attributor(influence, "expected a fitted attributor with self_influence()")
-    s = as_numpy(influence.self_influence()).reshape(-1)
+    s = as_numpy(influence.self_influence(), "self_influence()").reshape(-1)
     z, pvalues, centre, scale = tail_test(s)
     flagged = np.flatnonzero(pvalues < rate)
     flagged = flagged[np.argsort(-s[flagged], kind="stable")]
@@ -526,7 +526,7 @@ def memorisation_audit(
             )
         measure = Margin(task)
         margin = per_example(model, measure, subset, "train")
-        rows = as_numpy(influence.score(subset, measure).values)
+        rows = as_numpy(influence.score(subset, measure).values, "margin scores")
         change = rows[np.arange(flagged.size), flagged]
         flip = np.sign(margin) != np.sign(margin + change)
     elif check_flips:

@@ -188,7 +188,7 @@ def debug_data(
     """
     check_choice("rank_by", rank_by, RANKINGS)
     check_attributor(influence, "expected a fitted attributor with self_influence() and score(query)")
-    self_inf = as_numpy(influence.self_influence()).reshape(-1)
+    self_inf = as_numpy(influence.self_influence(), "self_influence()").reshape(-1)
     n = self_inf.shape[0]
     model, task = model_and_task(influence)
     source = training_source(influence, train)
@@ -203,7 +203,7 @@ def debug_data(
     val_inf = None
     harmful_order = None
     if validation is not None:
-        val_inf = as_numpy(influence.score(validation).total()).reshape(-1)
+        val_inf = as_numpy(influence.score(validation).total(), "scores of the validation data").reshape(-1)
         harmful_order = np.argsort(val_inf, kind="stable")
     suspicious = np.argsort(-ranking_values(rank_by, training_loss, self_inf), kind="stable")
     logger.info(
