@@ -564,3 +564,27 @@ def test_pandas_training_data_reach_train_fn_as_pandas_rows(data):
     expected = leave_one_out(ridge_train_fn, (X, y), Predict(X_query), indices=[0, 5], progress=False)
     np.testing.assert_allclose(result.changes, expected.changes, rtol=0, atol=1e-12)
     assert set(seen) == {("DataFrame", ("a", "b", "c"), "Series")}
+
+
+def test_train_fn_returning_none_is_named(data):
+    """A train_fn without `return` used to fail inside the task (``'NoneType' object is not callable``)."""
+    X, y, _ = data
+    task_evaluate = evaluator(_LossTask(), (torch.as_tensor(X[:2]), torch.as_tensor(y[:2])))
+
+    def forgot_return(train):
+        ridge_train_fn(train)
+
+    with pytest.raises(
+        ValueError, match=r"train_fn returned None for .*Fix: end train_fn with `return model`"
+    ):
+        subsets(forgot_return, (X, y), task_evaluate, n_subsets=2, progress=False)
+    with pytest.raises(ValueError, match=r"train_fn returned None"):
+        leave_one_out(forgot_return, (X, y), task_evaluate, indices=[0], n_jobs=2, progress=False)
+
+
+class _LossTask:
+    """measurement(model, batch): squared error of a torch module (picklable)."""
+
+    def measurement(self, model, batch):
+        x, y = batch
+        return (model(x).reshape(-1) - y) ** 2
