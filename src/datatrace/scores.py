@@ -9,6 +9,7 @@ Negative: removing ``i`` lowers the loss, so ``i`` hurt it (an *opponent*).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -107,22 +108,24 @@ class Scores:
     def top_k(self, k: int) -> TopK:
         """For every query, the ``k`` training examples with the largest ``|score|`` (shape ``(n_query, k)``)."""
         k = self._check_k(k)
-        _, idx = torch.topk(self.values.abs(), k, dim=1)
+        # NaN (not scored, e.g. off a shortlist: ShortlistScores.to_dense) ranks below every score, not above
+        _, idx = torch.topk(torch.nan_to_num(self.values.abs(), nan=-1.0), k, dim=1)
         return TopK(idx, torch.gather(self.values, 1, idx))
 
-    def proponents(self, q: int, k: int = 10) -> TopK:
-        """The ``k`` most helpful training examples of query ``q``: largest positive scores first."""
+    def _signed_top(self, q: int, k: int, sign: float) -> TopK:
         q, k = self._check_query(q), self._check_k(k)
-        values, idx = torch.topk(self.values[q], k)
-        keep = values > 0
-        return TopK(idx[keep], values[keep])
+        values, idx = torch.topk(torch.nan_to_num(sign * self.values[q], nan=-math.inf), k)
+        keep = values > 0  # NaN (not scored) is never picked
+        return TopK(idx[keep], sign * values[keep])
+
+    def proponents(self, q: int, k: int = 10) -> TopK:
+        """The ``k`` most helpful training examples of query ``q``: largest positive scores first (NaN, not
+        scored, left out)."""
+        return self._signed_top(q, k, 1.0)
 
     def opponents(self, q: int, k: int = 10) -> TopK:
-        """The ``k`` most harmful training examples of query ``q``: most negative scores first."""
-        q, k = self._check_query(q), self._check_k(k)
-        values, idx = torch.topk(-self.values[q], k)
-        keep = values > 0
-        return TopK(idx[keep], -values[keep])
+        """The ``k`` most harmful training examples of query ``q``: most negative scores first (NaN left out)."""
+        return self._signed_top(q, k, -1.0)
 
     def total(self) -> torch.Tensor:
         """Sum over queries, shape ``(n_train,)``: the first-order effect of removing ``i`` on the summed

@@ -289,3 +289,15 @@ def test_query_row_may_be_a_numpy_integer(scores):
     rows = np.flatnonzero(VALUES[:, 0].numpy() > 0)  # query rows found with numpy
     assert torch.equal(scores.proponents(rows[0], 2).indices, scores.proponents(0, 2).indices)
     assert torch.equal(scores.opponents(np.int32(-1), 2).indices, scores.opponents(2, 2).indices)
+
+
+def test_nan_scores_are_never_picked_before_real_ones():
+    """NaN marks an example that was not scored (ShortlistScores.to_dense): torch.topk ranks NaN first, which
+    left proponents empty when NaN outnumbered k."""
+    nan = float("nan")
+    values = torch.tensor([[nan, 0.5, nan, -0.9, nan, 0.2, nan, -0.1]], dtype=torch.float64)
+    scores = Scores(values, "the query's loss")
+    assert scores.proponents(0, 2).indices.tolist() == [1, 5]
+    assert scores.opponents(0, 2).indices.tolist() == [3, 7]
+    assert scores.proponents(0, 8).indices.tolist() == [1, 5]
+    assert scores.top_k(4).indices.tolist() == [[3, 1, 5, 7]]
