@@ -46,9 +46,23 @@ logger = logging.getLogger(__name__)
 DataLike = Any  # tuple of tensors/arrays | Dataset | DataLoader | DataSource
 
 
+def _is_pandas(value: Any) -> bool:
+    """A pandas DataFrame or Series (duck-typed: pandas is not a dependency)."""
+    return hasattr(value, "iloc") and callable(getattr(value, "to_numpy", None))
+
+
 def _to_tensor(array: Any, name: str) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array
+    if _is_pandas(array):  # its rows in order (the index labels are not used), numeric columns only
+        given, array = array, array.to_numpy(copy=True)  # a copy: pandas may hand out a read-only view
+        if array.dtype == object:
+            raise bad_value(
+                name,
+                given,
+                "a pandas object with non-numeric (or mixed) columns cannot become a tensor",
+                "encode its categorical / text columns as numbers first (e.g. pd.get_dummies)",
+            )
     if isinstance(array, np.ndarray):
         if array.dtype == object:
             raise bad_value(name, array, "object arrays cannot become tensors", "convert to a numeric dtype")
@@ -147,12 +161,13 @@ class DataSource:
     back the same form (a tuple of arrays stays a tuple of arrays; a Dataset becomes a ``Subset``).
     """
 
-    kind: str  # "tensors" | "numpy" | "dataset"
+    kind: str  # "tensors" | "numpy" | "pandas" | "dataset"
     tensors: tuple[torch.Tensor, ...] | None
     dataset: Dataset | None
     batch_size: int
     collate_fn: Any
     name: str
+    originals: tuple | None = None  # kind "pandas": the tuple as given, cut by subset() with .iloc
 
     def __len__(self) -> int:
         if self.tensors is not None:
@@ -193,6 +208,9 @@ class DataSource:
             return tuple(t.numpy()[np_idx] for t in self.tensors)  # type: ignore[union-attr]
         if self.kind == "tensors":
             return tuple(t[idx] for t in self.tensors)  # type: ignore[union-attr]
+        if self.kind == "pandas":
+            np_idx = idx.numpy()
+            return tuple(a.iloc[np_idx] if _is_pandas(a) else a[np_idx] for a in self.originals)  # type: ignore[union-attr]
         return Subset(self.dataset, idx.tolist())  # type: ignore[arg-type]
 
     def content_sha256(self) -> str:
@@ -379,7 +397,8 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
     elif isinstance(data, (tuple, list)):
         if len(data) == 0:
             raise bad_value(name, data, "an empty tuple holds no data", "pass (inputs, targets)")
-        is_numpy = all(isinstance(a, np.ndarray) for a in data)
+        is_numpy = all(isinstance(a, np.ndarray) or _is_pandas(a) for a in data)
+        has_pandas = any(_is_pandas(a) for a in data)
         tensors = tuple(_to_tensor(a, f"{name}[{i}]") for i, a in enumerate(data))
         for i, t in enumerate(tensors):
             if t.dim() == 0:
@@ -390,8 +409,15 @@ def as_data_source(data: DataLike, name: str = "data", batch_size: int | None = 
                 f"{name} has elements of different lengths {lengths}: every element of the tuple must have one "
                 f"row per example. Fix: pass arrays with the same first dimension."
             )
+        kind = ("pandas" if has_pandas else "numpy") if is_numpy else "tensors"
         source = DataSource(
-            "numpy" if is_numpy else "tensors", tensors, None, batch_size or DEFAULT_BATCH_SIZE, None, name
+            kind,
+            tensors,
+            None,
+            batch_size or DEFAULT_BATCH_SIZE,
+            None,
+            name,
+            tuple(data) if kind == "pandas" else None,
         )
     else:
         raise bad_value(

@@ -70,6 +70,9 @@ def describe(value: Any, limit: int = 80) -> str:
         return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
     if isinstance(value, np.ndarray):
         return f"ndarray(shape={value.shape}, dtype={value.dtype})"
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and not isinstance(value, (np.generic, str, bytes)):
+        return f"{type(value).__name__}(shape={shape})"  # pandas, scipy sparse, other array-likes
     text = " ".join(repr(value).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -87,9 +90,10 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
 
 
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as a Python int (numpy integers accepted, bools not), else the project's error naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise bad_value(name, value, f"expected an integer >= {minimum}", f"pass an integer >= {minimum}")
-    return value
+    return int(value)
 
 
 def check_bool(name: str, value: Any) -> bool:

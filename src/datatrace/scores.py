@@ -9,12 +9,14 @@ Negative: removing ``i`` lowers the loss, so ``i`` hurt it (an *opponent*).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -94,6 +96,8 @@ class Scores:
         return min(k, self.n_train)
 
     def _check_query(self, q: int) -> int:
+        if isinstance(q, np.integer):
+            q = int(q)  # e.g. an index read from a numpy array
         if isinstance(q, bool) or not isinstance(q, int) or not -self.n_query <= q < self.n_query:
             raise IndexError(
                 f"q={q!r} is out of range for {self.n_query} queries: allowed is an int with "
@@ -104,22 +108,24 @@ class Scores:
     def top_k(self, k: int) -> TopK:
         """For every query, the ``k`` training examples with the largest ``|score|`` (shape ``(n_query, k)``)."""
         k = self._check_k(k)
-        _, idx = torch.topk(self.values.abs(), k, dim=1)
+        # NaN (not scored, e.g. off a shortlist: ShortlistScores.to_dense) ranks below every score, not above
+        _, idx = torch.topk(torch.nan_to_num(self.values.abs(), nan=-1.0), k, dim=1)
         return TopK(idx, torch.gather(self.values, 1, idx))
 
-    def proponents(self, q: int, k: int = 10) -> TopK:
-        """The ``k`` most helpful training examples of query ``q``: largest positive scores first."""
+    def _signed_top(self, q: int, k: int, sign: float) -> TopK:
         q, k = self._check_query(q), self._check_k(k)
-        values, idx = torch.topk(self.values[q], k)
-        keep = values > 0
-        return TopK(idx[keep], values[keep])
+        values, idx = torch.topk(torch.nan_to_num(sign * self.values[q], nan=-math.inf), k)
+        keep = values > 0  # NaN (not scored) is never picked
+        return TopK(idx[keep], sign * values[keep])
+
+    def proponents(self, q: int, k: int = 10) -> TopK:
+        """The ``k`` most helpful training examples of query ``q``: largest positive scores first (NaN, not
+        scored, left out)."""
+        return self._signed_top(q, k, 1.0)
 
     def opponents(self, q: int, k: int = 10) -> TopK:
-        """The ``k`` most harmful training examples of query ``q``: most negative scores first."""
-        q, k = self._check_query(q), self._check_k(k)
-        values, idx = torch.topk(-self.values[q], k)
-        keep = values > 0
-        return TopK(idx[keep], -values[keep])
+        """The ``k`` most harmful training examples of query ``q``: most negative scores first (NaN left out)."""
+        return self._signed_top(q, k, -1.0)
 
     def total(self) -> torch.Tensor:
         """Sum over queries, shape ``(n_train,)``: the first-order effect of removing ``i`` on the summed
@@ -130,7 +136,24 @@ class Scores:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (safetensors, the values) and ``path.json`` (metadata) atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise bad_value(
+                "path",
+                str(path),
+                "it is a folder; Scores.save writes one file (the values) and path.json beside it",
+                f"pass a file path, e.g. {str(path / 'scores.safetensors')!r}",
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK):
+                raise PermissionError(f"no write permission in {path.parent}")
+        except OSError as err:
+            raise bad_value(
+                "path",
+                str(path),
+                f"its folder cannot be created or written ({err})",
+                "pass a path you can write",
+            ) from err
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

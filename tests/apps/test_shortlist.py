@@ -313,3 +313,19 @@ def test_rows_product_in_small_blocks_equals_the_product_with_the_rows(tmp_path,
     idx = torch.tensor([0, 1, 2, 6, 7, 13, 20, 21, 22, 23, 48, 49])  # rows in 6 of the 8 chunks
     got = rows_product(queries, features, idx, block_bytes=2 * 6 * 8)  # two rows per block
     assert torch.allclose(got, queries @ F[idx].T, rtol=1e-14, atol=1e-14)
+
+
+def test_explain_takes_shortlist_scores(problem):
+    """explain(ShortlistScores): the proponents / opponents among each query's candidates, equal to the
+    shortlist's own picks; the score row is NaN off the shortlist."""
+    from datatrace.apps import explain
+
+    model, task, train, query = problem
+    inf = datatrace.InfluenceFunction(model, task, progress=False).fit(train)
+    short = score_shortlist(inf, query, similarity=_similar(train, query), m=10)
+    for e in explain(short, None, k=3):
+        assert torch.equal(e.proponents.indices, short.proponents(e.query_index, 3).indices)
+        assert torch.equal(e.opponents.indices, short.opponents(e.query_index, 3).indices)
+        on_list = np.zeros(60, dtype=bool)
+        on_list[short.candidates[e.query_index].numpy()] = True
+        assert np.isnan(e.score_row[~on_list]).all() and np.isfinite(e.score_row[on_list]).all()

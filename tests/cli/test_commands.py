@@ -338,6 +338,53 @@ def test_audit_usage_errors(tmp_path):
     assert code == 2 and "--false-positive-rate 1.5" in stderr and "(0, 1)" in stderr
 
 
+TINY_GROUPS = """
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+rng = np.random.default_rng(0)
+X = rng.normal(size=(30, 2))
+y = np.array(["cat", "dog", "emu"])[np.digitize(X[:, 0], [-0.4, 0.4])]
+
+def train():
+    return X[:24], y[:24]
+
+def query():
+    return X[24:], y[24:]
+
+def estimator():
+    return LogisticRegression(tol=1e-10, max_iter=10_000).fit(*train())
+
+def groups():
+    return GROUPS
+"""
+
+
+@pytest.mark.parametrize(
+    "groups, words",
+    [
+        ('["f", None] * 3', "no group for example 1 of query() (None)"),
+        ('np.array(["f", 1] * 3, dtype=object)', "mixed types ['int', 'str']"),
+    ],
+)
+def test_audit_groups_with_missing_or_mixed_labels(tmp_path, groups, words):
+    spec = tmp_path / "spec.py"
+    spec.write_text(TINY_GROUPS.replace("GROUPS", groups))
+    code, _, stderr = run_main(["audit", spec, "--out", tmp_path / "out", "--fairness", *FAST])
+    assert code == 2 and words in stderr and "Traceback" not in stderr
+
+
+def test_audit_positive_class_outside_the_model_is_a_usage_error(tmp_path):
+    spec = tmp_path / "spec.py"
+    spec.write_text(TINY_GROUPS.replace("GROUPS", '["f", "m"] * 3'))
+    argv = ["audit", spec, "--fairness", "--metric", "positive_rate", *FAST]
+    code, _, stderr = run_main([*argv, "--out", tmp_path / "bad", "--positive-class", "7"])
+    assert code == 2 and "--positive-class 7" in stderr and "3 classes" in stderr
+    code, _, stderr = run_main([*argv, "--out", tmp_path / "good", "--positive-class", "2"])
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "good" / "results.json").read_text())["fairness"]["positive_class"] == "emu"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Other data forms: a Dataset of channel-first images, and text
 # --------------------------------------------------------------------------------------------------------------

@@ -271,3 +271,33 @@ def test_load_of_a_folder_is_refused(scores, tmp_path):
 def test_constructor_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=rf"{name}=.*Fix:"):
         Scores(**kwargs)
+
+
+def test_save_refuses_a_folder_and_an_unwritable_path(scores, tmp_path):
+    with pytest.raises(ValueError, match=r"path=.*is a folder.*scores\.safetensors"):
+        scores.save(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"path=.*cannot be created or written"):
+        scores.save(blocker / "scores")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing half-written
+
+
+def test_query_row_may_be_a_numpy_integer(scores):
+    import numpy as np
+
+    rows = np.flatnonzero(VALUES[:, 0].numpy() > 0)  # query rows found with numpy
+    assert torch.equal(scores.proponents(rows[0], 2).indices, scores.proponents(0, 2).indices)
+    assert torch.equal(scores.opponents(np.int32(-1), 2).indices, scores.opponents(2, 2).indices)
+
+
+def test_nan_scores_are_never_picked_before_real_ones():
+    """NaN marks an example that was not scored (ShortlistScores.to_dense): torch.topk ranks NaN first, which
+    left proponents empty when NaN outnumbered k."""
+    nan = float("nan")
+    values = torch.tensor([[nan, 0.5, nan, -0.9, nan, 0.2, nan, -0.1]], dtype=torch.float64)
+    scores = Scores(values, "the query's loss")
+    assert scores.proponents(0, 2).indices.tolist() == [1, 5]
+    assert scores.opponents(0, 2).indices.tolist() == [3, 7]
+    assert scores.proponents(0, 8).indices.tolist() == [1, 5]
+    assert scores.top_k(4).indices.tolist() == [[3, 1, 5, 7]]

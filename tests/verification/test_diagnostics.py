@@ -319,3 +319,15 @@ def test_exact_fit_warns() -> None:
     X, _ = _data(n=10, d=2)
     with pytest.warns(RuntimeWarning, match="fits y exactly"):
         linear_regression_diagnostics(X, X @ np.array([1.0, 2.0]) + 3.0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.5])
+def test_sparse_design_matrix_equals_dense(alpha):
+    """A scipy sparse X (a TF-IDF matrix, say) gives the dense answer, not a 'dtype object' refusal."""
+    sparse = pytest.importorskip("scipy.sparse")
+    X, y = _data()
+    X[X < 0] = 0.0  # mostly zeros, as sparse data is
+    dense = linear_regression_diagnostics(X, y, alpha=alpha)
+    from_sparse = linear_regression_diagnostics(sparse.csr_matrix(X), y, alpha=alpha)
+    np.testing.assert_allclose(from_sparse.cooks_distance, dense.cooks_distance, rtol=1e-12)
+    np.testing.assert_allclose(from_sparse.leverage, dense.leverage, rtol=1e-12)

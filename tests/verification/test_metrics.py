@@ -370,3 +370,17 @@ def test_correlation_helpers_bad_input_names_argument():
         pearson(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="a="):
         spearman(np.zeros(1), np.zeros(1))
+
+
+def test_metrics_take_a_scores_object_as_its_values():
+    """lds / loo_correlation accept the Scores an attributor returns, equal to passing scores.values."""
+    from datatrace import Scores
+
+    rng = np.random.default_rng(3)
+    values = torch.as_tensor(rng.normal(size=(3, 8)))
+    scores = Scores(values, "the query's loss")
+    masks = rng.integers(0, 2, size=(12, 8)).astype(bool)
+    outputs = rng.normal(size=(12, 3))
+    assert lds(scores, masks, outputs).mean == lds(values, masks, outputs).mean
+    actual = rng.normal(size=(3, 8))
+    assert loo_correlation(scores, actual).mean_pearson == loo_correlation(values, actual).mean_pearson

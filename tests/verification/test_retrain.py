@@ -544,3 +544,47 @@ def test_cache_dir_that_is_a_file_raises(data, tmp_path):
     path.write_text("x")
     with pytest.raises(ValueError, match="cache_dir"):
         leave_one_out(ridge_train_fn, (X, y), Predict(X_query), cache_dir=path, progress=False)
+
+
+def test_pandas_training_data_reach_train_fn_as_pandas_rows(data):
+    """A (DataFrame, Series) training set is cut by position (.iloc) and handed to train_fn as pandas, whatever
+    its index; the changes equal those of the numpy arrays."""
+    pd = pytest.importorskip("pandas")
+    X, y, X_query = data
+    frame = pd.DataFrame(X, columns=["a", "b", "c"], index=np.arange(N) * 10 + 7)
+    target = pd.Series(y, index=frame.index)
+    seen = []
+
+    def train_fn(train):
+        Xs, ys = train
+        seen.append((type(Xs).__name__, tuple(Xs.columns), type(ys).__name__))
+        return ridge(Xs.to_numpy(), ys.to_numpy())
+
+    result = leave_one_out(train_fn, (frame, target), Predict(X_query), indices=[0, 5], progress=False)
+    expected = leave_one_out(ridge_train_fn, (X, y), Predict(X_query), indices=[0, 5], progress=False)
+    np.testing.assert_allclose(result.changes, expected.changes, rtol=0, atol=1e-12)
+    assert set(seen) == {("DataFrame", ("a", "b", "c"), "Series")}
+
+
+def test_train_fn_returning_none_is_named(data):
+    """A train_fn without `return` used to fail inside the task (``'NoneType' object is not callable``)."""
+    X, y, _ = data
+    task_evaluate = evaluator(_LossTask(), (torch.as_tensor(X[:2]), torch.as_tensor(y[:2])))
+
+    def forgot_return(train):
+        ridge_train_fn(train)
+
+    with pytest.raises(
+        ValueError, match=r"train_fn returned None for .*Fix: end train_fn with `return model`"
+    ):
+        subsets(forgot_return, (X, y), task_evaluate, n_subsets=2, progress=False)
+    with pytest.raises(ValueError, match=r"train_fn returned None"):
+        leave_one_out(forgot_return, (X, y), task_evaluate, indices=[0], n_jobs=2, progress=False)
+
+
+class _LossTask:
+    """measurement(model, batch): squared error of a torch module (picklable)."""
+
+    def measurement(self, model, batch):
+        x, y = batch
+        return (model(x).reshape(-1) - y) ** 2

@@ -52,7 +52,7 @@ from datatrace.apps.common import (
 from datatrace.attributors.base import Attributor, check_index_set
 from datatrace.data import DataLike, as_data_source
 from datatrace.errors import bad_value, check_indices, check_positive_int
-from datatrace.tasks import Task
+from datatrace.tasks import RegressionTask, Task
 from datatrace.verification.retrain import evaluator, leave_one_out
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ __all__ = [
     "PositiveProbability",
     "confirm_memorisation",
     "fairness_audit",
+    "first_missing_label",
     "memorisation_audit",
     "tail_test",
 ]
@@ -200,6 +201,13 @@ class FairnessAudit:
         return float(self.gap + self.effect[idx.numpy()].sum())
 
 
+def first_missing_label(labels: np.ndarray) -> int | None:
+    """The position of the first ``None`` / NaN (pandas' missing values) in an object array of labels, or None."""
+    if labels.dtype != object:
+        return None
+    return next((i for i, g in enumerate(labels.tolist()) if g is None or g != g), None)
+
+
 def _group_weights(groups: Any, m: int, group_names: Sequence[Any] | None) -> tuple[np.ndarray, tuple, tuple]:
     arr = np.asarray(groups.detach().cpu() if isinstance(groups, torch.Tensor) else groups)
     if arr.ndim != 1 or arr.shape[0] != m:
@@ -209,8 +217,25 @@ def _group_weights(groups: Any, m: int, group_names: Sequence[Any] | None) -> tu
             f"expected one group label per query example, shape ({m},), got shape {arr.shape}",
             f"pass an array of length {m} (the query's number of rows)",
         )
+    missing = first_missing_label(arr)
+    if missing is not None:
+        raise bad_value(
+            "groups",
+            groups,
+            f"every query example needs a group label, but groups[{missing}] is {arr[missing]!r}",
+            "fill in the missing labels (e.g. groups.fillna('unknown')) or leave those examples out of the query",
+        )
     if group_names is None:
-        names = np.unique(arr)
+        try:
+            names = np.unique(arr)
+        except TypeError:  # labels of mixed types (e.g. 1 and "1") cannot be sorted
+            kinds = sorted({type(g).__name__ for g in arr.tolist()})
+            raise bad_value(
+                "groups",
+                groups,
+                f"group labels of mixed types {kinds} cannot be told apart reliably",
+                "pass labels of one type (e.g. groups.astype(str)), or group_names=(A, B)",
+            ) from None
         if names.size != 2:
             raise bad_value(
                 "groups",
@@ -238,12 +263,35 @@ def _group_weights(groups: Any, m: int, group_names: Sequence[Any] | None) -> tu
     return weights.astype(np.float64), (a, b), (int(in_a.sum()), int(in_b.sum()))
 
 
+def _positive_index(influence: Attributor, positive_class: Any) -> int:
+    """The class index of ``positive_class``: a label of ``classes_`` for an attributor that encodes labels
+    through them (a scikit-learn classifier: labels {1, 2, 5} or strings), else a class index; None: 1."""
+    classes = getattr(influence, "classes_", None)
+    if classes is not None:
+        if positive_class is None:
+            return 1
+        labels = np.asarray(classes).tolist()
+        if positive_class not in labels:
+            raise bad_value(
+                "positive_class",
+                positive_class,
+                f"for a scikit-learn classifier it is a label of the estimator's classes_ {labels[:20]}",
+                f"pass one of those labels, e.g. positive_class={labels[-1]!r}",
+            )
+        return labels.index(positive_class)
+    if positive_class is None:
+        return 1
+    if isinstance(positive_class, (bool, np.bool_)) or not isinstance(positive_class, (int, np.integer)):
+        raise bad_value("positive_class", positive_class, "expected a class index (int)", "pass e.g. 1")
+    return int(positive_class)
+
+
 def fairness_audit(
     influence: Attributor,
     query: DataLike,
     groups: Any,
     metric: str = "loss",
-    positive_class: int = 1,
+    positive_class: Any = None,
     group_names: Sequence[Any] | None = None,
 ) -> FairnessAudit:
     """Estimate how removing each training example would change the gap of ``metric`` between two groups.
@@ -255,7 +303,9 @@ def fairness_audit(
         groups: one group label per query example.
         metric: ``"loss"`` (mean loss per group) or ``"positive_rate"`` (mean predicted probability of
             ``positive_class``: the smooth version of the rate of positive predictions).
-        positive_class: the class whose rate is compared, for ``"positive_rate"``.
+        positive_class: the class whose rate is compared, for ``"positive_rate"``: a class index (default 1), or
+            for an attributor of a scikit-learn classifier (:func:`datatrace.from_sklearn`) a label of the
+            estimator's ``classes_``, as in its ``y`` (default ``classes_[1]``, scikit-learn's positive class).
         group_names: ``(A, B)``: the gap is ``A - B``. Default: the two distinct labels of ``groups``, sorted.
 
     Returns:
@@ -265,9 +315,8 @@ def fairness_audit(
         raise bad_value(
             "metric", metric, f"expected one of {list(METRICS)}", "pass metric='loss' or 'positive_rate'"
         )
-    if isinstance(positive_class, bool) or not isinstance(positive_class, (int, np.integer)):
-        raise bad_value("positive_class", positive_class, "expected a class index (int)", "pass e.g. 1")
     check_attributor(influence, "expected a fitted attributor with score(query)")
+    positive_index = _positive_index(influence, positive_class)
     model, task = model_and_task(influence)
     prepared = prepare_query(influence, query, "query")
     source = as_data_source(prepared, "query")
@@ -277,7 +326,17 @@ def fairness_audit(
         fn = task.loss
         words = "the query's loss"
     else:
-        measurement = PositiveProbability(task, int(positive_class))
+        if isinstance(task, RegressionTask):
+            raise bad_value(
+                "metric",
+                metric,
+                "'positive_rate' compares predicted class probabilities, but the model's task is a RegressionTask "
+                "(its outputs are predictions, not logits)",
+                "use metric='loss' for a regression model",
+            )
+        measurement = PositiveProbability(task, positive_index)
+        if positive_class is not None and positive_index != positive_class:
+            measurement.__name__ = f"predicted probability of class {positive_class!r}"
         fn = measurement
         words = measurement.__name__
     if measurement is not None and not influence.supports_measurement:
@@ -290,7 +349,7 @@ def fairness_audit(
     values = per_example(model, fn, source, "query")
     # the attributor encodes labels itself (SklearnInfluence): score the query as given, not `prepared`
     scores = influence.score(query, measurement)
-    rows = as_numpy(scores.values)
+    rows = as_numpy(scores.values, "scores of the query")
     effect = weights @ rows
     gap = float(weights @ values)
     in_a, in_b = weights > 0, weights < 0
@@ -436,7 +495,7 @@ def memorisation_audit(
             "false_positive_rate", false_positive_rate, "expected a number in (0, 1)", "pass e.g. 0.001"
         )
     check_attributor(influence, "expected a fitted attributor with self_influence()")
-    s = as_numpy(influence.self_influence()).reshape(-1)
+    s = as_numpy(influence.self_influence(), "self_influence()").reshape(-1)
     z, pvalues, centre, scale = tail_test(s)
     flagged = np.flatnonzero(pvalues < rate)
     flagged = flagged[np.argsort(-s[flagged], kind="stable")]
@@ -467,7 +526,7 @@ def memorisation_audit(
             )
         measure = Margin(task)
         margin = per_example(model, measure, subset, "train")
-        rows = as_numpy(influence.score(subset, measure).values)
+        rows = as_numpy(influence.score(subset, measure).values, "margin scores")
         change = rows[np.arange(flagged.size), flagged]
         flip = np.sign(margin) != np.sign(margin + change)
     elif check_flips:

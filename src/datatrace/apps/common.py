@@ -14,7 +14,7 @@ from torch import nn
 
 from datatrace.attributors.base import Attributor
 from datatrace.data import DataLike, DataSource, as_data_source, cast_batch
-from datatrace.errors import bad_value
+from datatrace.errors import bad_value, check_finite
 from datatrace.tasks import Task
 
 __all__ = [
@@ -98,10 +98,20 @@ def per_example(
     return torch.cat(out).numpy()
 
 
-def as_numpy(values: Any) -> np.ndarray:
+def as_numpy(values: Any, what: str | None = None) -> np.ndarray:
+    """``values`` as float64 numpy; with ``what`` (e.g. ``"self_influence()"``), NaN or inf raise a
+    FloatingPointError saying where, instead of sorting silently to one end of a ranking."""
     if isinstance(values, torch.Tensor):
-        return values.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(values, dtype=np.float64)
+        out = values.detach().to("cpu", torch.float64).numpy()
+    else:
+        out = np.asarray(values, dtype=np.float64)
+    if what is not None:
+        check_finite(
+            torch.from_numpy(out),
+            f"the attributor's {what}",
+            "Fix: look for NaN or inf in the model's parameters and the data, or raise the attributor's damping.",
+        )
+    return out
 
 
 def call_train(train_fn: Callable[..., Any], data: Any, seed: int | None) -> Any:

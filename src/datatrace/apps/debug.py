@@ -188,7 +188,7 @@ def debug_data(
     """
     check_choice("rank_by", rank_by, RANKINGS)
     check_attributor(influence, "expected a fitted attributor with self_influence() and score(query)")
-    self_inf = as_numpy(influence.self_influence()).reshape(-1)
+    self_inf = as_numpy(influence.self_influence(), "self_influence()").reshape(-1)
     n = self_inf.shape[0]
     model, task = model_and_task(influence)
     source = training_source(influence, train)
@@ -203,7 +203,7 @@ def debug_data(
     val_inf = None
     harmful_order = None
     if validation is not None:
-        val_inf = as_numpy(influence.score(validation).total()).reshape(-1)
+        val_inf = as_numpy(influence.score(validation).total(), "scores of the validation data").reshape(-1)
         harmful_order = np.argsort(val_inf, kind="stable")
     suspicious = np.argsort(-ranking_values(rank_by, training_loss, self_inf), kind="stable")
     logger.info(
@@ -248,7 +248,10 @@ def detection_summary(
             f"expected one bool per training example, shape ({result.n},), got shape {flags.shape}",
             f"pass a bool array of length {result.n}",
         )
-    fracs = [float(f) for f in fractions]
+    try:  # a single number is one fraction
+        fracs = [float(f) for f in np.atleast_1d(np.asarray(fractions, dtype=np.float64)).reshape(-1)]
+    except (TypeError, ValueError):
+        fracs = []
     if not fracs or any(not 0.0 < f <= 1.0 for f in fracs):
         raise bad_value("fractions", fractions, "expected numbers in (0, 1]", "pass e.g. (0.05, 0.1, 0.2)")
     rankings: dict[str, np.ndarray] = {

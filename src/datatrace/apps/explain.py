@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from datatrace.apps.common import check_attributor
+from datatrace.apps.shortlist import ShortlistScores
 from datatrace.attributors.base import Attributor, Measurement
 from datatrace.errors import check_indices, check_positive_int
 from datatrace.scores import MEANING, Scores, TopK
@@ -92,7 +93,9 @@ def explain(
     Args:
         influence: any fitted :class:`~datatrace.attributors.base.Attributor` (:class:`~datatrace.InfluenceFunction`,
             :class:`~datatrace.TracIn`, projected influence, ...). A :class:`~datatrace.Scores` already computed
-            for the queries is accepted too (then ``query`` is ignored and may be ``None``).
+            for the queries is accepted too (then ``query`` is ignored and may be ``None``), and so is a
+            :class:`~datatrace.apps.ShortlistScores` (proponents and opponents among each query's candidates;
+            ``score_row`` is NaN for the training examples that were not scored).
         query: the query data (same forms as the attributor's ``score``).
         indices: which query rows to explain (default: all), in the order given.
         k: at most this many proponents and opponents per query (fewer when fewer scores have that sign).
@@ -103,11 +106,14 @@ def explain(
         one :class:`Explanation` per requested query.
     """
     check_positive_int("k", k)
+    if isinstance(influence, ShortlistScores):
+        influence = influence.to_dense()  # NaN for the training examples not on the shortlist: never picked
     if isinstance(influence, Scores):
         scores = influence
     else:
         check_attributor(
-            influence, "expected a fitted attributor with a score(query) method, or a datatrace.Scores"
+            influence,
+            "expected a fitted attributor with a score(query) method, a datatrace.Scores or ShortlistScores",
         )
         scores = influence.score(query, measurement)
     rows = (

@@ -162,7 +162,7 @@ def value_data(influence: Attributor, validation: DataLike) -> DataValues:
         )
     check_attributor(influence, "expected a fitted attributor with a score(query) method")
     scores = influence.score(validation)
-    values = as_numpy(scores.total()).reshape(-1)
+    values = as_numpy(scores.total(), "scores of the validation data").reshape(-1)
     logger.info(
         "value_data: %d training examples valued on %d validation examples; %d negative (harmful)",
         values.size,

@@ -227,14 +227,19 @@ def run_audit(
         split = spec.query_split
         logger.info("fairness audit: %s gap between groups over %d %s examples", metric, spec.n(split), split)
         t0 = time.perf_counter()
-        fair = fairness_audit(
-            influence,
-            spec.influence_data(split),
-            spec.groups,
-            metric=metric,
-            positive_class=int(positive_class),
-            group_names=names,
-        )
+        try:
+            fair = fairness_audit(
+                influence,
+                spec.influence_data(split),
+                spec.groups,
+                metric=metric,
+                positive_class=int(positive_class),
+                group_names=names,
+            )
+        except ValueError as err:  # a class index the model does not have: a bad flag (exit code 2)
+            if str(err).startswith("positive_class="):
+                raise UsageError(f"--positive-class {positive_class}: {err}") from err
+            raise
         ctx.timings["fairness_seconds"] = time.perf_counter() - t0
         effect_units = units if metric == "loss" else "probability"
         k = min(top, n)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from datatrace.apps.audit import first_missing_label
 from datatrace.attributors.sklearn import SklearnInfluence, scale_weight_decay
 from datatrace.cli.spec_model import KINDS, SPLITS, Spec, curvature_arguments
 from datatrace.curvature import Curvature
@@ -309,9 +310,23 @@ def check_groups(spec: Spec, groups: Any) -> np.ndarray:
             f"labels the examples of {split}() (query() if defined, else validation()), one each. Fix: return "
             f"{n} labels."
         )
-    if len(np.unique(array)) < 2:
+    missing = first_missing_label(array)
+    if missing is not None:
         raise SpecError(
-            f"{where(file, 'groups')}() has a single group {np.unique(array).tolist()}; a fairness audit compares "
+            f"{where(file, 'groups')}() has no group for example {missing} of {split}() ({array[missing]!r}). Fix: "
+            "return a label for every example (e.g. fill the missing ones with 'unknown')."
+        )
+    try:
+        distinct = np.unique(array)
+    except TypeError:  # labels of mixed types (e.g. 1 and "1") cannot be sorted
+        kinds = sorted({type(g).__name__ for g in array.tolist()})
+        raise SpecError(
+            f"{where(file, 'groups')}() returned labels of mixed types {kinds}. Fix: return labels of one type "
+            "(e.g. strings)."
+        ) from None
+    if len(distinct) < 2:
+        raise SpecError(
+            f"{where(file, 'groups')}() has a single group {distinct.tolist()}; a fairness audit compares "
             "at least two. Fix: return the group of each example."
         )
     return array

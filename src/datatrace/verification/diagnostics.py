@@ -162,6 +162,8 @@ def _as_float64(value: Any, name: str) -> np.ndarray:
                 name, value, "expected a real-valued tensor", f"pass {name}.real or a real tensor"
             )
         return value.detach().cpu().to(torch.float64).numpy()
+    if hasattr(value, "toarray") and callable(value.toarray):  # scipy sparse: the closed form is dense anyway
+        value = value.toarray()
     try:
         arr = np.asarray(value)
     except (TypeError, ValueError):

@@ -42,6 +42,7 @@ import torch
 from scipy.stats import rankdata
 
 from datatrace.errors import bad_value
+from datatrace.scores import Scores
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,10 @@ __all__ = [
 
 
 def _to_numpy(name: str, value: Any) -> np.ndarray:
-    """A fresh numpy copy of a tensor / array / nested list (no memory shared with the caller)."""
+    """A fresh numpy copy of a tensor / array / nested list (no memory shared with the caller); a
+    :class:`~datatrace.Scores` gives its ``values``."""
+    if isinstance(value, Scores):
+        value = value.values
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu()
         if tensor.is_complex():

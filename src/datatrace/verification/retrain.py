@@ -575,6 +575,11 @@ def _train_and_evaluate(
     """One retrain (runs in a joblib worker). Returns ``(key, outputs as a float64 array)``."""
     try:
         model = train_fn(data, seed=seed) if pass_seed else train_fn(data)
+        if model is None:
+            raise ValueError(
+                f"train_fn returned None for {label}: it must return the trained model, which evaluate(model) "
+                "measures. Fix: end train_fn with `return model`."
+            )
         out = evaluate(model)
         if isinstance(out, torch.Tensor):
             out = out.detach().to("cpu", torch.float64).numpy()
