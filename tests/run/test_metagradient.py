@@ -209,7 +209,7 @@ def test_single_model_subsets_are_replays_without_the_removed_examples(tmp_path,
     assert (result.masks.sum(1) == 18).all()
     # the same masks as subsets() draws with the same random_state
     plain = retrain.subsets(
-        lambda d: None, train, lambda m: np.zeros(3), n_subsets=4, fraction=0.75, progress=False
+        lambda d: object(), train, lambda m: np.zeros(3), n_subsets=4, fraction=0.75, progress=False
     )
     assert np.array_equal(plain.masks, result.masks)
     replay = Replay(make_model(True), task, recording, train)
