@@ -100,8 +100,6 @@ def check_working_dtype(dtype: torch.dtype, explicit: bool = True) -> None:
 
 #: examples of the first batch whose per-example gradients from layer hooks are checked against one-at-a-time rows
 LAYER_ROWS_CHECKED = 4
-#: take the layer hooks' per-example gradients (where an attributor set them) also where ``vmap`` works
-PREFER_LAYER_ROWS = True
 
 
 class BoundFunction(nn.Module):
@@ -193,6 +191,7 @@ class FunctionalModel:
         #: rows on one batch
         self.layer_rows: Callable[[nn.Module, tuple | dict], torch.Tensor] | None = None
         self._layer_rows_checked = False
+        self._vmap_probed = False
         self._split_logged = False
         #: "forward-over-reverse", or "reverse-over-reverse" once forward-mode AD failed for this model
         self.hvp_mode = "forward-over-reverse"
@@ -263,10 +262,13 @@ class FunctionalModel:
 
     def _per_example(self, module: nn.Module, batch: tuple | dict) -> torch.Tensor:
         single = self._single(module)
-        if self.layer_rows is not None and (PREFER_LAYER_ROWS or not self.vmap_examples):
-            if self.layer_rows_agree(batch, module):  # one batched pass, no per-example copies of the model
-                assert self.layer_rows is not None
-                return self.layer_rows(module, batch).detach()
+        if self.layer_rows is not None and self.vmap_examples and not self._vmap_probed:
+            # one example first: if vmap fails on this model, the hooks take the batch instead of the loop
+            self._vmap_probed = True
+            self.over_examples(grad(single), (self.theta,), (take_examples(batch, slice(0, 1)),))
+        if not self.vmap_examples and self.layer_rows_agree(batch, module):
+            assert self.layer_rows is not None
+            return self.layer_rows(module, batch).detach()
         # detached: out-of-scope parameters may require grad, and no caller differentiates these rows again
         count, step = batch_length(batch), self.rows_per_pass()
         if count <= step:
