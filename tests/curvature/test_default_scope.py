@@ -214,3 +214,38 @@ def test_random_projection_keeps_every_parameter(encoder_problem):
     )  # projector="auto": random here
     meta = inf.score((train[0][:2], train[1][:2])).metadata
     assert meta["params_left_out"] == []
+
+
+def test_grouped_convolution_is_left_out_of_the_default_scope_and_refused_when_chosen():
+    """A depthwise convolution (groups > 1) is not a K-FAC layer: the default scope leaves it out with the reason
+    (scores equal those with the other parameters chosen by hand); choosing it explicitly is refused, with a fix
+    that reads as one."""
+    torch.manual_seed(0)
+    X = torch.randn(40, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, groups=4, padding=1),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).double()
+    task = datatrace.ClassificationTask(weight_decay=1e-2)
+    default = datatrace.InfluenceFunction(model, task, curvature="ekfac", progress=False).fit((X, y))
+    assert default.params_left_out_ == {
+        "2.weight": "grouped Conv2d (groups=4): not supported",
+        "2.bias": "grouped Conv2d (groups=4): not supported",
+    }
+    by_hand = datatrace.InfluenceFunction(
+        model, task, curvature="ekfac", params=["0.weight", "0.bias", "6.weight", "6.bias"], progress=False
+    ).fit((X, y))
+    torch.testing.assert_close(default.score((X[:4], y[:4])).values, by_hand.score((X[:4], y[:4])).values)
+    with pytest.raises(
+        ValueError, match=r"grouped Conv2d \(groups=4\).*Fix: exclude its parameters with params=, or use "
+    ) as err:
+        datatrace.InfluenceFunction(
+            model, task, curvature="ekfac", params=["2.weight", "6.weight"], progress=False
+        ).fit((X, y))
+    assert "use use" not in str(err.value)

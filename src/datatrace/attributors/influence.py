@@ -448,7 +448,7 @@ class InfluenceFunction(Attributor):
         """The supported layers when they hold every parameter in scope (then streamed scores come from their
         inputs and output gradients, :func:`layer_products`), else ``None`` (per-example gradient rows)."""
         try:
-            layers, uncovered = find_layers(fmodel, "streamed scores", "keep_gradients=True")
+            layers, uncovered = find_layers(fmodel, "streamed scores", "use keep_gradients=True")
         except ValueError:  # a layer its kind cannot handle (a grouped convolution): rows instead
             return None
         return layers if layers and not uncovered else None

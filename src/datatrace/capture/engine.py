@@ -113,13 +113,15 @@ L = TypeVar("L", bound=Layer)
 
 
 def find_layers(
-    fmodel: FunctionalModel, who: str, fix: str, layer_type: type[L] = Layer
+    fmodel: FunctionalModel, who: str, fix: str, layer_type: type[L] = Layer, lenient: bool = False
 ) -> tuple[list[L], list[str]]:
     """Supported layers owning parameters in scope (model order, as ``layer_type``), and the in-scope parameters
-    they do not cover (those shared by several modules described as such).
+    they do not cover (those shared by several modules, or of a module its kind cannot handle, described as such:
+    ``"name (reason)"``).
 
     A module that its kind cannot handle (a grouped convolution) raises a ValueError naming ``who`` (the route)
-    and ending with ``fix``.
+    and ending with ``fix``; with ``lenient`` its parameters are listed as not covered instead (a default scope
+    that leaves them out).
     """
     named = dict(fmodel.model.named_parameters())
     in_scope = {id(named[n]): n for n in fmodel.space.names if n in named}
@@ -146,7 +148,16 @@ def find_layers(
         if shared:
             continue
         if kind.check is not None:
-            kind.check(mname, module, who, fix)
+            try:
+                kind.check(mname, module, who, fix)
+            except ValueError as err:
+                if not lenient:
+                    raise
+                reason = str(err).split(". Fix:")[0].split("; ")[0].removeprefix(f"module {mname!r} is a ")
+                for n in (weight, bias):
+                    if n is not None:
+                        problems[n] = f"{n} ({reason}: not supported)"
+                continue
         in_dim, out_dim = kind.widths(module)
         layers.append(layer_type(mname, module, kind, weight, bias, in_dim, out_dim))
         covered.update(n for n in (weight, bias) if n is not None)
@@ -416,5 +427,5 @@ def check_gradients(
                 f"{layer.params} (error {error:.3g} relative to {max(scale, float(true.norm())):.3g}): the "
                 "parameters are used outside the module's own forward (weight tying, a functional call, a "
                 "parametrisation), or the layer's input/output is not batch-first. Fix: exclude them with "
-                f"params=, or use {fix}."
+                f"params=, or {fix}."
             )

@@ -136,7 +136,7 @@ def check_ungrouped(name: str, module: nn.Module, who: str, fix: str) -> None:
     if module.groups != 1:
         raise ValueError(
             f"module {name!r} is a grouped {type(module).__name__} (groups={module.groups}); {who} supports "
-            f"groups=1. Fix: exclude its parameters with params=, or use {fix}."
+            f"groups=1. Fix: exclude its parameters with params=, or {fix}."
         )
 
 

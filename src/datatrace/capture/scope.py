@@ -61,8 +61,9 @@ def supported_scope(fmodel: FunctionalModel, data: DataSource, who: str, fix: st
     """Which parameters in scope of ``fmodel`` a layer-structured route (``who``, e.g. ``"EK-FAC"``) covers on
     ``data``: those of supported layers whose own ``forward`` runs on the first training example.
 
-    ``fix`` ends the error raised when a supported module cannot be handled (a grouped convolution)."""
-    layers, uncovered = find_layers(fmodel, who, fix)
+    A supported module the route cannot handle (a grouped convolution) is left out with the reason; ``fix`` ends
+    the errors of the layer checks that remain."""
+    layers, uncovered = find_layers(fmodel, who, fix, lenient=True)
     if not uncovered:  # every parameter in a supported layer: no probe (a weight used outside its module's
         # forward is still caught by the routes' first-batch check of the hook gradients against autograd)
         return Scope(covered=tuple(fmodel.space.names))

@@ -249,7 +249,7 @@ def find_layers(fmodel: FunctionalModel) -> list[_Layer]:
     Raises a ValueError naming every parameter in scope that no supported module owns (or that two modules
     share), and for grouped convolutions.
     """
-    layers, listed = engine_find_layers(fmodel, "K-FAC here", _other_routes(), _Layer)
+    layers, listed = engine_find_layers(fmodel, "K-FAC here", f"use {_other_routes()}", _Layer)
     if listed:
         raise ValueError(
             f"K-FAC covers parameters of {SUPPORTED_MODULES} only, each owned by a single module, but these "
@@ -485,7 +485,7 @@ class KFAC(Curvature):
                 true_grad = task.output_gradient(outputs, batch) if check else None
         if check:
             check_gradients(
-                fmodel, layers, rec, root, true_grad, "K-FAC", _other_routes(), skip_nonfinite=True
+                fmodel, layers, rec, root, true_grad, "K-FAC", f"use {_other_routes()}", skip_nonfinite=True
             )
         inputs: list[torch.Tensor | None] = []
         mask = task.position_mask(batch)

@@ -86,7 +86,7 @@ class ProjectedLayer(Layer):
 def find_layers(fmodel: FunctionalModel) -> list[ProjectedLayer]:
     """The supported modules owning the parameters in scope, in model order; a ValueError names any parameter in
     scope that no supported module owns (or that two modules share)."""
-    layers, missing = engine_find_layers(fmodel, WHO, "RandomProjector", ProjectedLayer)
+    layers, missing = engine_find_layers(fmodel, WHO, "use RandomProjector", ProjectedLayer)
     if missing:
         raise bad_value(
             "projector",
@@ -265,7 +265,7 @@ class FactorizedProjector(Projector):
                 result[:, start : start + count, layer.offset : layer.offset + layer.dim] = feat
         if not self._checked:
             check_gradients(
-                fmodel, layers, rec, flat, cot[:, 0], WHO, "RandomProjector", skip_nonfinite=False
+                fmodel, layers, rec, flat, cot[:, 0], WHO, "use RandomProjector", skip_nonfinite=False
             )
             self._checked = True
         return result
