@@ -56,7 +56,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -389,10 +389,16 @@ class InfluenceFunction(Attributor):
                 )
                 bar.update(len(idx))
 
-    def _rows(self, fmodel: FunctionalModel, idx: torch.Tensor, batch: Any) -> torch.Tensor:
-        """The per-example gradient rows of one checked batch (:func:`checked_rows`)."""
+    def _rows(
+        self,
+        fmodel: FunctionalModel,
+        idx: torch.Tensor,
+        batch: Any,
+        fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The per-example gradient rows of one checked batch (:func:`checked_rows`), or ``fn``'s per-example rows."""
         return checked_rows(
-            fmodel.per_example_grads,
+            fmodel.per_example_grads if fn is None else fn,
             self.task,
             "train",
             idx,
@@ -709,15 +715,7 @@ class InfluenceFunction(Attributor):
                     total.append(summed)
                     return lengths[:, None]
 
-                lengths = checked_rows(
-                    norms,
-                    self.task,
-                    "train",
-                    idx,
-                    batch,
-                    lambda i: f"gradient of train example {i}",
-                    _ROW_FIX,
-                )
+                lengths = self._rows(fmodel, idx, batch, norms)
                 if not total:
                     agreed = False
                     break
