@@ -241,8 +241,17 @@ def test_find_layers_reports_uncovered_and_shared_parameters():
     assert uncovered[0].startswith("a.weight (shared by modules ['a', 'b'])")
     assert "norm.weight" in uncovered and "norm.bias" in uncovered
     fm = fmodel_of(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), RegressionTask())
-    with pytest.raises(ValueError, match=r"grouped Conv2d \(groups=2\); route X supports groups=1.*use Y"):
-        find_layers(fm, "route X", "Y")
+    with pytest.raises(
+        ValueError, match=r"grouped Conv2d \(groups=2\); route X supports groups=1.*, or use Y\."
+    ):
+        find_layers(fm, "route X", "use Y")
+    layers, uncovered = find_layers(
+        fm, "route X", "use Y", lenient=True
+    )  # a default scope: left out, with why
+    assert layers == [] and uncovered == [
+        "0.weight (grouped Conv2d (groups=2): not supported)",
+        "0.bias (grouped Conv2d (groups=2): not supported)",
+    ]
 
 
 def test_self_check_catches_a_weight_used_outside_its_module():
