@@ -16,7 +16,8 @@ own batch-mean loss); the measurement is the query's loss; sampled targets are d
 ``t + 1``) and targets ``y_t`` = the labels (``input_ids`` when the batch has no labels) shifted by one, the
 per-example loss is the sequence's **summed** negative log-likelihood over its valid next-token positions,
 
-    l_i = - sum_{t : m_it = 1} log softmax(z_it)[y_i,t+1],   m_it = [y_i,t+1 != -100] * [attention_mask_i,t+1 = 1],
+    l_i = - sum_{t : m_it = 1} log softmax(z_it)[y_i,t+1],
+    m_it = [y_i,t+1 != -100] * [attention_mask_i,t+1 = 1] * [attention_mask_i,t = 1],
 
 in nats. The sum, not the mean over tokens, so that the measurement is a log-likelihood in natural units: for a
 query whose labels are -100 on a prompt, the measurement is ``-log p(completion | prompt)`` and ``score[q, i]`` is
@@ -36,7 +37,9 @@ itself above 1024 outputs per sequence (:mod:`datatrace.curvature.auto`); it tak
 only when no route covering every parameter (Arnoldi, CG) is predicted to fit its time budget, so a small model
 may get Arnoldi instead (docs/examples/gpt2_completion.py shows both).
 
-**Padding changes nothing** (right padding, attention mask 0, labels -100; tests/hf/test_hf_lm_properties.py):
+**Padding changes nothing** (right or left padding, attention mask 0, labels -100;
+tests/hf/test_hf_lm_properties.py, tests/hf/test_hf_architectures.py): left-padded sequences reach the model
+right-aligned (:meth:`CausalLMTask.outputs`), so their tokens keep the positions of the unpadded sequence;
 padded positions enter neither the loss, the gradients nor EK-FAC's weighted factors; the sampled Fisher draws
 only at counted positions, and ``damping="auto"`` counts only the outputs the loss depends on
 (:meth:`CausalLMTask.output_counts`). The exception is K-FAC's plain-mean input factor (``KFAC()``'s default),
@@ -160,6 +163,25 @@ def attention_positions(batch: Any) -> torch.Tensor | None:
     return None if mask is None else mask.bool()
 
 
+def left_padding(batch: Mapping) -> torch.Tensor | None:
+    """Per example, its number of leading padded positions (``attention_mask`` 0 before the first real token),
+    shape ``(b,)``; ``None`` without a 2-d attention mask."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return (mask.cumsum(dim=1) == 0).sum(dim=1)
+
+
+def shift_positions(x: torch.Tensor, offsets: torch.Tensor, sign: int) -> torch.Tensor:
+    """Each row ``x[i]`` rolled along the positions (dim 1) so that position ``t`` reads ``x[i, t + sign *
+    offsets[i]]`` (cyclically): ``sign=1`` moves left padding to the right end, ``sign=-1`` moves it back. A gather,
+    without branching on the values (``torch.func`` transforms run it too)."""
+    T = x.shape[1]
+    idx = (torch.arange(T, device=x.device)[None, :] + sign * offsets.to(x.device)[:, None]) % T
+    idx = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, idx)
+
+
 def model_inputs(batch: Mapping, label_key: str) -> dict[str, torch.Tensor]:
     """The keyword arguments of the model: the batch without its labels (so the model computes no loss)."""
     return {k: v for k, v in batch.items() if k != label_key}
@@ -260,20 +282,39 @@ class CausalLMTask(Task):
 
     def next_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """``(targets, valid)``, both ``(b, T - 1)``: the target of the logits at each position ``t < T - 1`` (the
-        label at ``t + 1``, 0 where invalid) and whether it counts (label not -100, not padding)."""
+        label at ``t + 1``, 0 where invalid) and whether it counts (label not -100, neither position ``t + 1`` nor
+        the position ``t`` predicting it padding: with left padding, the padded position before the first token
+        predicts nothing)."""
         labels = self._labels(batch)
         target = labels[:, 1:]
         valid = target != IGNORE_INDEX
         mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            valid = valid & (mask[:, 1:] != 0)
+        if isinstance(mask, torch.Tensor):  # both the predicted token and the one predicting it are real
+            valid = valid & (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
         return torch.where(valid, target, torch.zeros_like(target)).long(), valid
 
     # -- the loss ------------------------------------------------------------------------------------------------
     def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
-        """``model(**inputs).logits``, shape ``(b, T, V)`` (the labels are not passed to the model)."""
+        """``model(**inputs).logits``, shape ``(b, T, V)`` (the labels are not passed to the model).
+
+        Left-padded sequences are given to the model right-aligned (every input of shape ``(b, T, ...)`` rolled so
+        the real tokens come first) and their logits rolled back: the real tokens then sit at positions ``0..L-1``
+        as in the unpadded sequence (``generate``'s ``position_ids``), and no real token follows a padded one, so
+        eager attention in float64 meets no fully masked row (NaN). Right-padded batches are unchanged."""
         batch = _require_dict(batch, type(self).__name__)
-        logits = logits_of(model(**model_inputs(batch, self.label_key)))
+        inputs = model_inputs(batch, self.label_key)
+        offsets = left_padding(batch)
+        if offsets is not None:
+            shape = batch["attention_mask"].shape
+            inputs = {
+                k: shift_positions(v, offsets, 1)
+                if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == shape
+                else v
+                for k, v in inputs.items()
+            }
+        logits = logits_of(model(**inputs))
+        if offsets is not None and logits.dim() == 3:
+            logits = shift_positions(logits, offsets, -1)
         if logits.dim() != 3:
             raise ValueError(
                 f"CausalLMTask expects logits of shape (batch, sequence, vocabulary), got {tuple(logits.shape)}. "
@@ -351,8 +392,11 @@ class CausalLMTask(Task):
         return valid.sum(dim=1) * outputs.shape[-1]
 
     def position_mask(self, batch: Any) -> torch.Tensor | None:
-        """The attention mask: padded positions are not data."""
-        return attention_positions(batch)
+        """The attention mask as the model sees it (left padding moved to the right end, :meth:`outputs`): padded
+        positions are not data."""
+        mask = attention_positions(batch)
+        offsets = left_padding(batch) if mask is not None else None
+        return mask if offsets is None else shift_positions(mask, offsets, 1)
 
     def distribution_counts(self, outputs: torch.Tensor, batch: Mapping) -> torch.Tensor:
         """One next-token distribution per position whose next token counts, shape ``(b,)``."""

@@ -1,0 +1,81 @@
+"""Hugging Face architectures as users bring them (tiny configs, no download), float64.
+
+1. **Left padding changes nothing** (common for decoder-only models): left-padded sequences give the scores of the
+   same sequences unpadded, on absolute positions (GPT-2) and rotary ones (Llama), with eager and SDPA attention.
+   Without care, the model sees the real tokens at shifted positions, the padded position before the first token
+   "predicts" it, and eager attention in float64 turns the fully masked rows of the padding into NaN.
+2. **Eager and SDPA attention give the same scores.**
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import datatrace
+from datatrace.curvature.kfac import EKFAC
+from datatrace.hf import IGNORE_INDEX, CausalLMTask
+from dict_data import DictDataset
+
+N, L, EXTRA, V = 6, 5, 2, 20
+WD = 1e-2
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    module = pytest.importorskip("transformers")
+    module.logging.set_verbosity_error()
+    return module
+
+
+def causal_lm(transformers, name: str, attn: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=16)
+        model = transformers.GPT2LMHeadModel
+    else:
+        config = transformers.LlamaConfig(
+            num_hidden_layers=1, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=24, vocab_size=V, max_position_embeddings=16,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM
+    config._attn_implementation = attn
+    return model(config).double().eval()
+
+
+def sequences(n: int, seed: int, pad: str | None) -> DictDataset:
+    """``n`` sequences of ``L`` tokens in 1..V-1, unpadded or padded by ``EXTRA`` positions on the ``pad`` side."""
+    ids = torch.randint(1, V, (n, L), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if pad is not None:
+        zeros = torch.zeros(n, EXTRA, dtype=torch.long)
+        ids, mask = (
+            torch.cat([zeros, t], 1) if pad == "left" else torch.cat([t, zeros], 1) for t in (ids, mask)
+        )
+    return DictDataset(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, IGNORE_INDEX))
+
+
+ROUTES = {
+    "cg": lambda m: datatrace.InfluenceFunction(m, CausalLMTask(WD), curvature="cg", progress=False),
+    "ekfac": lambda m: datatrace.InfluenceFunction(
+        m, CausalLMTask(WD), curvature=EKFAC(fisher="sampled", random_state=0), progress=False
+    ),
+}
+
+
+def scores(model: torch.nn.Module, route: str, pad: str | None) -> torch.Tensor:
+    inf = ROUTES[route](model).fit(sequences(N, 0, pad))
+    values = inf.score(sequences(2, 1, pad)).values
+    assert values.shape == (2, N) and torch.isfinite(values).all() and values.abs().amax() > 0
+    return values
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@pytest.mark.parametrize(("name", "attn"), [("gpt2", "sdpa"), ("llama", "eager"), ("llama", "sdpa")])
+def test_left_padding_does_not_change_the_scores(name, attn, route, transformers):
+    model = causal_lm(transformers, name, attn)
+    plain = scores(model, route, None)
+    for pad in ("left", "right"):
+        torch.testing.assert_close(
+            scores(model, route, pad), plain, rtol=1e-9, atol=1e-9 * float(plain.abs().amax())
+        )
