@@ -79,3 +79,34 @@ def test_left_padding_does_not_change_the_scores(name, attn, route, transformers
         torch.testing.assert_close(
             scores(model, route, pad), plain, rtol=1e-9, atol=1e-9 * float(plain.abs().amax())
         )
+
+
+@pytest.mark.parametrize(("name", "tol"), [("gpt2", 1e-9), ("llama", 1e-5)])
+def test_eager_and_sdpa_attention_give_the_same_scores(name, tol, transformers):
+    """Llama's eager attention takes its softmax in float32 even in a float64 model: agreement to float32."""
+    eager = scores(causal_lm(transformers, name, "eager"), "cg", "left")
+    sdpa = scores(causal_lm(transformers, name, "sdpa"), "cg", "left")
+    torch.testing.assert_close(sdpa, eager, rtol=tol, atol=tol * float(eager.abs().amax()))
+
+
+def test_layers_run_on_flattened_examples_are_left_out_by_name(transformers):
+    """OPT's MLP runs on ``(b * T, d)``: K-FAC/EK-FAC and the factorised projection cannot tell its rows apart by
+    example, so with the default scope they leave ``fc1``/``fc2`` out and say why, instead of refusing the model."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=24, vocab_size=V,
+        max_position_embeddings=16, word_embed_proj_dim=16,
+    )  # fmt: skip
+    model = transformers.OPTForCausalLM(config).double().eval()
+    train, query = sequences(N, 0, "right"), sequences(2, 1, "right")
+    inf = datatrace.InfluenceFunction(model, CausalLMTask(WD), curvature="ekfac", progress=False).fit(train)
+    values = inf.score(query).values
+    assert values.shape == (2, N) and torch.isfinite(values).all() and values.abs().amax() > 0
+    fc = {k: v for k, v in inf.params_left_out_.items() if ".fc" in k}
+    assert sorted(fc) == [f"model.decoder.layers.0.fc{i}.{p}" for i in (1, 2) for p in ("bias", "weight")]
+    assert all("batch axis" in why for why in fc.values())
+    assert "model.decoder.layers.0.self_attn.q_proj.weight" not in inf.params_left_out_
+    projected = datatrace.ProjectedInfluence(
+        model, CausalLMTask(WD), projector=datatrace.FactorizedProjector(), progress=False
+    ).fit(train)
+    assert torch.isfinite(projected.score(query).values).all()
