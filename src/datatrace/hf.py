@@ -83,7 +83,7 @@ import torch
 from torch import nn
 
 from datatrace.errors import bad_value
-from datatrace.tasks import ClassificationTask, Task, with_targets
+from datatrace.tasks import ClassificationTask, RegressionTask, Task, with_targets
 
 logger = logging.getLogger(__name__)
 
@@ -212,9 +212,88 @@ class SequenceClassificationTask(ClassificationTask):
         return True
 
     def check_batch(self, model: nn.Module, batch: Any, indices: torch.Tensor | None = None) -> Any:
-        """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings),
-        then :meth:`ClassificationTask.check_batch <datatrace.ClassificationTask.check_batch>` (labels)."""
-        check_model_inputs(model, _require_dict(batch, type(self).__name__), type(self).__name__, indices)
+        """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings), a
+        model whose ``config.problem_type`` is not single-label classification refused by name, labels per token
+        (a language model's) refused, then :meth:`ClassificationTask.check_batch
+        <datatrace.ClassificationTask.check_batch>` (labels)."""
+        batch = _require_dict(batch, type(self).__name__)
+        check_model_inputs(model, batch, type(self).__name__, indices)
+        config = getattr(model, "config", None)
+        problem = getattr(config, "problem_type", None)
+        labels = batch.get(self.label_key)
+        if problem is None and getattr(config, "num_labels", None) == 1:
+            if isinstance(labels, torch.Tensor) and labels.is_floating_point():
+                problem = "regression"  # what transformers infers: one output, real-valued labels
+        fixes = {
+            "regression": "use datatrace.hf.SequenceRegressionTask (squared error of the logits against the labels)",
+            "multi_label_classification": "write a datatrace.Task subclass whose outputs are datatrace.hf.logits_of("
+            "model(**datatrace.hf.model_inputs(batch, 'labels'))) and whose loss_from_outputs is the summed binary "
+            "cross-entropy, torch.nn.functional.binary_cross_entropy_with_logits(outputs, batch['labels'], "
+            "reduction='none').sum(dim=1)",
+        }
+        if problem in fixes:
+            raise bad_value(
+                "task",
+                type(self).__name__,
+                f"{type(model).__name__} has config.problem_type={problem!r}, and SequenceClassificationTask is "
+                "the cross-entropy of one class index per sequence (problem_type 'single_label_classification')",
+                fixes[problem],
+            )
+        ids = batch.get("input_ids")
+        if (
+            isinstance(labels, torch.Tensor)
+            and isinstance(ids, torch.Tensor)
+            and labels.dim() == 2
+            and labels.shape == ids.shape
+            and labels.shape[1] > 1
+            and not labels.is_floating_point()
+        ):
+            raise bad_value(
+                self.label_key,
+                labels,
+                "one label per token (a language model's labels); SequenceClassificationTask takes one class index "
+                "per sequence",
+                "use datatrace.hf.CausalLMTask with a *ForCausalLM model, or labels of shape (batch,)",
+            )
+        return super().check_batch(model, batch, indices)
+
+    def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
+        """``model(**inputs).logits``, shape ``(b, num_labels)``."""
+        batch = _require_dict(batch, type(self).__name__)
+        return logits_of(model(**model_inputs(batch, self.label_key)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weight_decay={self.weight_decay!r}, label_key={self.label_key!r})"
+
+
+class SequenceRegressionTask(RegressionTask):
+    """Squared error of ``model(**inputs).logits`` against ``batch[label_key]``, summed over the outputs (no factor
+    1/2), one value per sequence: a ``*ForSequenceClassification`` model with ``problem_type="regression"``
+    (``num_labels`` real-valued targets per sequence; transformers' own loss is the mean squared error of a batch).
+
+    It is :class:`~datatrace.RegressionTask` (closed-form output Hessian ``2 I``, Gaussian sampled targets) on dict
+    batches: every key but ``label_key`` is passed to the model.
+
+    Args:
+        weight_decay: the L2 strength the model was trained with, in the units of this summed loss.
+        label_key: the key of the labels (default ``"labels"``).
+    """
+
+    def __init__(self, weight_decay: float | Mapping[str, float] = 0.0, *, label_key: str = "labels") -> None:
+        super().__init__(weight_decay, target_key=label_key)
+        self.label_key = label_key
+
+    def position_mask(self, batch: Any) -> torch.Tensor | None:
+        """The attention mask: padded positions are not data."""
+        return attention_positions(batch)
+
+    def _reads_dicts(self) -> bool:
+        return True
+
+    def check_batch(self, model: nn.Module, batch: Any, indices: torch.Tensor | None = None) -> Any:
+        """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings)."""
+        batch = _require_dict(batch, type(self).__name__)
+        check_model_inputs(model, batch, type(self).__name__, indices)
         return super().check_batch(model, batch, indices)
 
     def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
@@ -421,6 +500,17 @@ class CausalLMTask(Task):
         """Token ids and labels as int64; labels are -100 or token ids ``0 <= y < V`` (``V`` from the model's
         config when it has one), else a ValueError naming the example."""
         batch = _require_dict(batch, type(self).__name__)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise bad_value(
+                "model",
+                type(model).__name__,
+                "CausalLMTask scores a decoder-only language model (the logits at position t predict input token "
+                "t + 1); an encoder-decoder model (config.is_encoder_decoder) predicts its labels from another "
+                "sequence, through decoder inputs that CausalLMTask does not build",
+                "use a *ForCausalLM model, or write a Task whose outputs are model(**inputs, "
+                "decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits and whose "
+                "loss is the summed cross-entropy against the labels (-100 ignored)",
+            )
         check_model_inputs(model, batch, type(self).__name__, indices)
         out = dict(batch)
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -490,6 +580,7 @@ __all__ = [
     "MAX_EXACT_OUTPUTS",
     "CausalLMTask",
     "SequenceClassificationTask",
+    "SequenceRegressionTask",
     "check_model_inputs",
     "logits_of",
     "model_inputs",

@@ -5,16 +5,27 @@
    Without care, the model sees the real tokens at shifted positions, the padded position before the first token
    "predicts" it, and eager attention in float64 turns the fully masked rows of the padding into NaN.
 2. **Eager and SDPA attention give the same scores.**
+3. **Layers a route cannot follow, and objectives a task does not compute, are named**: OPT's MLP on flattened
+   examples is left out by name; a regression model gets its own task; a multi-label model, an encoder-decoder
+   model and per-token labels are refused with the fix.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.functional import binary_cross_entropy_with_logits
 
 import datatrace
 from datatrace.curvature.kfac import EKFAC
-from datatrace.hf import IGNORE_INDEX, CausalLMTask
+from datatrace.hf import (
+    IGNORE_INDEX,
+    CausalLMTask,
+    SequenceClassificationTask,
+    SequenceRegressionTask,
+    logits_of,
+    model_inputs,
+)
 from dict_data import DictDataset
 
 N, L, EXTRA, V = 6, 5, 2, 20
@@ -110,3 +121,83 @@ def test_layers_run_on_flattened_examples_are_left_out_by_name(transformers):
         model, CausalLMTask(WD), projector=datatrace.FactorizedProjector(), progress=False
     ).fit(train)
     assert torch.isfinite(projected.score(query).values).all()
+
+
+# -- models whose objective is not the task's: supported by another task, or refused by name ----------------------
+
+
+def bert_classifier(transformers, **config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, **config,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config).double().eval()
+
+
+def encoded(labels: torch.Tensor) -> DictDataset:
+    ids = torch.randint(1, V, (len(labels), L), generator=torch.Generator().manual_seed(0))
+    return DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
+def test_a_regression_model_is_scored_by_its_squared_error_and_refused_by_the_classification_task(
+    transformers,
+):
+    model = bert_classifier(transformers, num_labels=1, problem_type="regression")
+    data = encoded(torch.randn(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match=r"problem_type='regression'.*Fix: use datatrace.hf.SequenceRegressionTask"
+    ):
+        datatrace.InfluenceFunction(model, SequenceClassificationTask(WD), progress=False).fit(data)
+    task = SequenceRegressionTask(WD)
+    batch = data.head(N).columns
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(task.loss(model, batch), (logits[:, 0] - batch["labels"]) ** 2)
+    for route in ("cg", "ekfac"):
+        inf = datatrace.InfluenceFunction(model, task, curvature=route, progress=False).fit(data)
+        values = inf.score(data.head(2)).values
+        assert values.shape == (2, N) and torch.isfinite(values).all() and values.abs().amax() > 0
+
+
+def test_a_multi_label_model_is_refused_with_a_fix_that_works(transformers):
+    model = bert_classifier(transformers, num_labels=3, problem_type="multi_label_classification")
+    data = encoded((torch.rand(N, 3, generator=torch.Generator().manual_seed(1)) > 0.5).double())
+    with pytest.raises(
+        ValueError, match=r"problem_type='multi_label_classification'.*Fix: write a datatrace.Task"
+    ):
+        datatrace.InfluenceFunction(model, SequenceClassificationTask(WD), progress=False).fit(data)
+
+    class MultiLabelTask(datatrace.Task):  # the fix, as the message words it
+        def outputs(self, model, batch):
+            return logits_of(model(**model_inputs(batch, "labels")))
+
+        def loss_from_outputs(self, outputs, batch):
+            return binary_cross_entropy_with_logits(outputs, batch["labels"], reduction="none").sum(dim=1)
+
+    inf = datatrace.InfluenceFunction(model, MultiLabelTask(WD), curvature="cg", progress=False).fit(data)
+    assert torch.isfinite(inf.score(data.head(2)).values).all()
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_an_encoder_decoder_model_is_refused_by_the_language_model_task(name, transformers):
+    """BART ran before, silently: without labels it decodes its own input shifted, which CausalLMTask shifted again."""
+    torch.manual_seed(0)
+    if name == "t5":
+        config = transformers.T5Config(
+            vocab_size=V, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2,
+            decoder_start_token_id=0,
+        )  # fmt: skip
+        model = transformers.T5ForConditionalGeneration(config)
+    else:
+        config = transformers.BartConfig(
+            vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=16,
+        )  # fmt: skip
+        model = transformers.BartForConditionalGeneration(config)
+    data = sequences(N, 0, None)
+    with pytest.raises(
+        ValueError, match=r"encoder-decoder model \(config.is_encoder_decoder\).*Fix: use a \*ForCausalLM"
+    ):
+        datatrace.InfluenceFunction(model, CausalLMTask(WD), progress=False).fit(data)
+    with pytest.raises(ValueError, match=r"one label per token.*Fix: use datatrace.hf.CausalLMTask"):
+        datatrace.InfluenceFunction(model, SequenceClassificationTask(WD), progress=False).fit(data)
