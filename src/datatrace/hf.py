@@ -187,6 +187,51 @@ def model_inputs(batch: Mapping, label_key: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != label_key}
 
 
+def right_aligned(batch: Mapping, label_key: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """:func:`model_inputs` with left-padded sequences moved to the left end (every input of shape ``(b, T, ...)``
+    rolled by the example's :func:`left_padding`), and those offsets (``None`` without an attention mask).
+
+    The real tokens then sit at positions ``0..L-1`` as in the unpadded sequence (the ``position_ids`` of
+    ``generate``; absolute position embeddings would otherwise see them shifted), and no real token follows a padded
+    one, so eager attention in float64 meets no fully masked row (NaN). Right-padded batches are unchanged."""
+    inputs = model_inputs(batch, label_key)
+    offsets = left_padding(batch)
+    if offsets is not None:
+        shape = batch["attention_mask"].shape
+        inputs = {
+            k: shift_positions(v, offsets, 1)
+            if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == shape
+            else v
+            for k, v in inputs.items()
+        }
+    return inputs, offsets
+
+
+def call_model(model: nn.Module, inputs: Mapping) -> Any:
+    """``model(**inputs)``, with transformers' refusal of a decoder-only classifier without a padding token made
+    a message naming the fix."""
+    try:
+        return model(**inputs)
+    except ValueError as err:
+        if "no padding token is defined" not in str(err):
+            raise
+        raise bad_value(
+            "model",
+            type(model).__name__,
+            "config.pad_token_id is None, and this classifier finds each sequence's last token by the padding id "
+            "(transformers refuses batches of more than one sequence without it)",
+            "set model.config.pad_token_id = tokenizer.pad_token_id (often tokenizer.eos_token_id for GPT-2 or "
+            "Llama) before passing the model",
+        ) from err
+
+
+def aligned_positions(batch: Any) -> torch.Tensor | None:
+    """The attention mask as the model sees it (:func:`right_aligned`): padded positions are not data."""
+    mask = attention_positions(batch)
+    offsets = left_padding(batch) if mask is not None else None
+    return mask if offsets is None else shift_positions(mask, offsets, 1)
+
+
 class SequenceClassificationTask(ClassificationTask):
     """Cross-entropy of ``model(**inputs).logits`` against ``batch[label_key]``, one value per sequence.
 
@@ -205,8 +250,8 @@ class SequenceClassificationTask(ClassificationTask):
         self.label_key = label_key
 
     def position_mask(self, batch: Any) -> torch.Tensor | None:
-        """The attention mask: padded positions are not data."""
-        return attention_positions(batch)
+        """The attention mask as the model sees it (:func:`right_aligned`): padded positions are not data."""
+        return aligned_positions(batch)
 
     def _reads_dicts(self) -> bool:
         return True
@@ -258,9 +303,10 @@ class SequenceClassificationTask(ClassificationTask):
         return super().check_batch(model, batch, indices)
 
     def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
-        """``model(**inputs).logits``, shape ``(b, num_labels)``."""
+        """``model(**inputs).logits``, shape ``(b, num_labels)``; left-padded sequences are given right-aligned
+        (:func:`right_aligned`), so left padding changes no score."""
         batch = _require_dict(batch, type(self).__name__)
-        return logits_of(model(**model_inputs(batch, self.label_key)))
+        return logits_of(call_model(model, right_aligned(batch, self.label_key)[0]))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight_decay={self.weight_decay!r}, label_key={self.label_key!r})"
@@ -284,8 +330,8 @@ class SequenceRegressionTask(RegressionTask):
         self.label_key = label_key
 
     def position_mask(self, batch: Any) -> torch.Tensor | None:
-        """The attention mask: padded positions are not data."""
-        return attention_positions(batch)
+        """The attention mask as the model sees it (:func:`right_aligned`): padded positions are not data."""
+        return aligned_positions(batch)
 
     def _reads_dicts(self) -> bool:
         return True
@@ -297,9 +343,9 @@ class SequenceRegressionTask(RegressionTask):
         return super().check_batch(model, batch, indices)
 
     def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
-        """``model(**inputs).logits``, shape ``(b, num_labels)``."""
+        """``model(**inputs).logits``, shape ``(b, num_labels)`` (left padding right-aligned, :func:`right_aligned`)."""
         batch = _require_dict(batch, type(self).__name__)
-        return logits_of(model(**model_inputs(batch, self.label_key)))
+        return logits_of(call_model(model, right_aligned(batch, self.label_key)[0]))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight_decay={self.weight_decay!r}, label_key={self.label_key!r})"
@@ -376,22 +422,11 @@ class CausalLMTask(Task):
     def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
         """``model(**inputs).logits``, shape ``(b, T, V)`` (the labels are not passed to the model).
 
-        Left-padded sequences are given to the model right-aligned (every input of shape ``(b, T, ...)`` rolled so
-        the real tokens come first) and their logits rolled back: the real tokens then sit at positions ``0..L-1``
-        as in the unpadded sequence (``generate``'s ``position_ids``), and no real token follows a padded one, so
-        eager attention in float64 meets no fully masked row (NaN). Right-padded batches are unchanged."""
+        Left-padded sequences are given to the model right-aligned (:func:`right_aligned`) and their logits rolled
+        back, so left padding changes no score."""
         batch = _require_dict(batch, type(self).__name__)
-        inputs = model_inputs(batch, self.label_key)
-        offsets = left_padding(batch)
-        if offsets is not None:
-            shape = batch["attention_mask"].shape
-            inputs = {
-                k: shift_positions(v, offsets, 1)
-                if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == shape
-                else v
-                for k, v in inputs.items()
-            }
-        logits = logits_of(model(**inputs))
+        inputs, offsets = right_aligned(batch, self.label_key)
+        logits = logits_of(call_model(model, inputs))
         if offsets is not None and logits.dim() == 3:
             logits = shift_positions(logits, offsets, -1)
         if logits.dim() != 3:
@@ -471,11 +506,8 @@ class CausalLMTask(Task):
         return valid.sum(dim=1) * outputs.shape[-1]
 
     def position_mask(self, batch: Any) -> torch.Tensor | None:
-        """The attention mask as the model sees it (left padding moved to the right end, :meth:`outputs`): padded
-        positions are not data."""
-        mask = attention_positions(batch)
-        offsets = left_padding(batch) if mask is not None else None
-        return mask if offsets is None else shift_positions(mask, offsets, 1)
+        """The attention mask as the model sees it (:func:`right_aligned`): padded positions are not data."""
+        return aligned_positions(batch)
 
     def distribution_counts(self, outputs: torch.Tensor, batch: Mapping) -> torch.Tensor:
         """One next-token distribution per position whose next token counts, shape ``(b,)``."""

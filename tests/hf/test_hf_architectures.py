@@ -201,3 +201,33 @@ def test_an_encoder_decoder_model_is_refused_by_the_language_model_task(name, tr
         datatrace.InfluenceFunction(model, CausalLMTask(WD), progress=False).fit(data)
     with pytest.raises(ValueError, match=r"one label per token.*Fix: use datatrace.hf.CausalLMTask"):
         datatrace.InfluenceFunction(model, SequenceClassificationTask(WD), progress=False).fit(data)
+
+
+def gpt2_classifier(transformers, pad_token_id: int | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=16, num_labels=3, pad_token_id=pad_token_id
+    )
+    return transformers.GPT2ForSequenceClassification(config).double().eval()
+
+
+def test_left_padding_does_not_change_the_scores_of_a_decoder_only_classifier(transformers):
+    model = gpt2_classifier(transformers, pad_token_id=0)
+    task = SequenceClassificationTask(WD)
+    results = []
+    for pad in (None, "left", "right"):
+        data = sequences(N, 0, pad)
+        data.columns["labels"] = torch.arange(N) % 3
+        inf = datatrace.InfluenceFunction(model, task, curvature="cg", progress=False).fit(data)
+        results.append(inf.score(data.head(2)).values)
+    plain = results[0]
+    assert torch.isfinite(plain).all() and plain.abs().amax() > 0
+    for padded in results[1:]:
+        torch.testing.assert_close(padded, plain, rtol=1e-9, atol=1e-9 * float(plain.abs().amax()))
+
+
+def test_a_decoder_only_classifier_without_a_padding_token_names_the_fix(transformers):
+    data = encoded(torch.arange(N) % 3)
+    model = gpt2_classifier(transformers, pad_token_id=None)
+    with pytest.raises(ValueError, match=r"config.pad_token_id is None.*Fix: set model.config.pad_token_id"):
+        datatrace.InfluenceFunction(model, SequenceClassificationTask(WD), progress=False).fit(data)
