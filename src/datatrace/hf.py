@@ -89,6 +89,8 @@ logger = logging.getLogger(__name__)
 
 #: the label value that marks a position without a target (cross-entropy's ``ignore_index`` in transformers)
 IGNORE_INDEX = -100
+#: the model inputs with one entry per position, rolled with the attention mask when a batch is left-padded
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 #: above this many outputs per sequence (positions x vocabulary) the exact output Hessian (``fisher="ggn"``) is
 #: refused: it backpropagates one pseudo-gradient per output (K-FAC's own limit is lower, 1024)
 MAX_EXACT_OUTPUTS = 4096
@@ -188,8 +190,9 @@ def model_inputs(batch: Mapping, label_key: str) -> dict[str, torch.Tensor]:
 
 
 def right_aligned(batch: Mapping, label_key: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """:func:`model_inputs` with left-padded sequences moved to the left end (every input of shape ``(b, T, ...)``
-    rolled by the example's :func:`left_padding`), and those offsets (``None`` without an attention mask).
+    """:func:`model_inputs` with left-padded sequences moved to the left end (the inputs of :data:`TOKEN_INPUTS`
+    rolled by the example's :func:`left_padding`; other inputs, e.g. ``pixel_values``, as they are), and those
+    offsets (``None`` without an attention mask).
 
     The real tokens then sit at positions ``0..L-1`` as in the unpadded sequence (the ``position_ids`` of
     ``generate``; absolute position embeddings would otherwise see them shifted), and no real token follows a padded
@@ -200,7 +203,7 @@ def right_aligned(batch: Mapping, label_key: str) -> tuple[dict[str, torch.Tenso
         shape = batch["attention_mask"].shape
         inputs = {
             k: shift_positions(v, offsets, 1)
-            if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == shape
+            if k in TOKEN_INPUTS and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == shape
             else v
             for k, v in inputs.items()
         }
@@ -610,6 +613,7 @@ def prompt_completion(
 __all__ = [
     "IGNORE_INDEX",
     "MAX_EXACT_OUTPUTS",
+    "TOKEN_INPUTS",
     "CausalLMTask",
     "SequenceClassificationTask",
     "SequenceRegressionTask",

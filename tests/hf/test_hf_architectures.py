@@ -17,6 +17,7 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits
 
 import datatrace
+from datatrace.apps.tokens import token_influence
 from datatrace.curvature.kfac import EKFAC
 from datatrace.hf import (
     IGNORE_INDEX,
@@ -231,3 +232,19 @@ def test_a_decoder_only_classifier_without_a_padding_token_names_the_fix(transfo
     model = gpt2_classifier(transformers, pad_token_id=None)
     with pytest.raises(ValueError, match=r"config.pad_token_id is None.*Fix: set model.config.pad_token_id"):
         datatrace.InfluenceFunction(model, SequenceClassificationTask(WD), progress=False).fit(data)
+
+
+def test_token_parts_of_left_padded_sequences_sit_on_their_own_tokens(transformers):
+    """Token-wise influence of left-padded training sequences: the parts sum to the scores, the padding and the
+    first real token (predicted by nothing) carry none, and they equal the unpadded sequence's parts, shifted."""
+    model = causal_lm(transformers, "gpt2", "sdpa")
+    parts = []
+    for pad in (None, "left"):
+        inf = ROUTES["cg"](model).fit(sequences(N, 0, pad))
+        query = sequences(2, 1, pad)
+        split = token_influence(inf, query, [0, 1])
+        torch.testing.assert_close(split.sum(dim=-1), inf.score(query).values[:, :2])
+        parts.append(split)
+    plain, left = parts
+    assert left[..., : EXTRA + 1].abs().amax() == 0 and plain[..., 0].abs().amax() == 0
+    torch.testing.assert_close(left[..., EXTRA:], plain, rtol=1e-9, atol=1e-9 * float(plain.abs().amax()))
