@@ -136,13 +136,20 @@ def check_model_inputs(
     if config is None or not isinstance(ids, torch.Tensor) or ids.dim() < 2:
         return
     limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and ids.shape[1] > limit:
+    offset = _position_offset(model) if isinstance(limit, int) else 0
+    if isinstance(limit, int) and ids.shape[1] > limit - offset:
+        why = (
+            f", less padding_idx + 1 = {offset}: its positions are counted from after the padding index, as in RoBERTa"
+            if offset
+            else ""
+        )
         raise bad_value(
             "data",
             f"sequences of {ids.shape[1]} tokens",
-            f"the model ({type(model).__name__}) has position embeddings for {limit} tokens "
-            "(config.max_position_embeddings)",
-            f"truncate the sequences to at most {limit} tokens (tokenizer(..., truncation=True, max_length={limit}))",
+            f"the model ({type(model).__name__}) has position embeddings for {limit - offset} tokens "
+            f"(config.max_position_embeddings = {limit}{why})",
+            f"truncate the sequences to at most {limit - offset} tokens (tokenizer(..., truncation=True, "
+            f"max_length={limit - offset}))",
         )
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and not ids.is_floating_point():
@@ -157,6 +164,19 @@ def check_model_inputs(
                 f"{type(model).__name__} (token ids 0..{vocab - 1}, config.vocab_size = {vocab}) that {who} is "
                 "given. Fix: tokenise with the tokenizer of this model, or pad with a token id of the vocabulary."
             )
+
+
+def _position_offset(model: nn.Module) -> int:
+    """``padding_idx + 1`` for embeddings that number positions from after the padding index (RoBERTa and its
+    family: ``create_position_ids_from_input_ids``), so that only ``max_position_embeddings - padding_idx - 1``
+    tokens fit; else 0."""
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if callable(getattr(module, "create_position_ids_from_input_ids", None)) and isinstance(
+            padding_idx, int
+        ):
+            return padding_idx + 1
+    return 0
 
 
 def attention_positions(batch: Any) -> torch.Tensor | None:

@@ -248,3 +248,25 @@ def test_token_parts_of_left_padded_sequences_sit_on_their_own_tokens(transforme
     plain, left = parts
     assert left[..., : EXTRA + 1].abs().amax() == 0 and plain[..., 0].abs().amax() == 0
     torch.testing.assert_close(left[..., EXTRA:], plain, rtol=1e-9, atol=1e-9 * float(plain.abs().amax()))
+
+
+def test_roberta_sequences_longer_than_its_offset_positions_are_named(transformers):
+    """RoBERTa numbers positions from padding_idx + 1: 12 position embeddings hold 10 tokens, not 12."""
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=12, pad_token_id=1, num_labels=3,
+    )  # fmt: skip
+    model = transformers.RobertaForSequenceClassification(config).double().eval()
+    task = SequenceClassificationTask(WD)
+    for length in (10, 11):
+        ids = torch.randint(2, V, (N, length), generator=torch.Generator().manual_seed(0))
+        data = DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.arange(N) % 3)
+        inf = datatrace.InfluenceFunction(model, task, curvature="ekfac", progress=False)
+        if length == 10:
+            assert torch.isfinite(inf.fit(data).score(data.head(2)).values).all()
+        else:
+            with pytest.raises(
+                ValueError, match=r"sequences of 11 tokens.*position embeddings for 10 tokens"
+            ):
+                inf.fit(data)
