@@ -108,6 +108,22 @@ def _require_dict(batch: Any, who: str) -> Mapping:
     return batch
 
 
+def _require_labels(batch: Mapping, label_key: str, who: str) -> None:
+    """A dict batch without ``label_key`` refused by the task's own argument (``label_key=``), naming a likely key
+    (``datasets`` names the column ``label``)."""
+    if label_key in batch:
+        return
+    likely = [k for k in batch if k in ("label", "labels", "label_ids", "target", "targets", "y")]
+    raise bad_value(
+        "label_key",
+        label_key,
+        f"the batch is a dict with keys {sorted(batch)}, none of them {label_key!r}",
+        f"pass {who}(label_key={likely[0]!r})"
+        if likely
+        else f"name the key of the labels: {who}(label_key=...)",
+    )
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """The logits of a model's output: ``output.logits`` (a ``ModelOutput``), ``output[0]`` (``return_dict=False``)
     or the tensor itself."""
@@ -279,6 +295,10 @@ class SequenceClassificationTask(ClassificationTask):
     def _reads_dicts(self) -> bool:
         return True
 
+    def _targets(self, batch: Any) -> torch.Tensor:
+        _require_labels(_require_dict(batch, type(self).__name__), self.label_key, type(self).__name__)
+        return super()._targets(batch)
+
     def check_batch(self, model: nn.Module, batch: Any, indices: torch.Tensor | None = None) -> Any:
         """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings), a
         model whose ``config.problem_type`` is not single-label classification refused by name, labels per token
@@ -358,6 +378,10 @@ class SequenceRegressionTask(RegressionTask):
 
     def _reads_dicts(self) -> bool:
         return True
+
+    def _targets(self, batch: Any) -> torch.Tensor:
+        _require_labels(_require_dict(batch, type(self).__name__), self.label_key, type(self).__name__)
+        return super()._targets(batch)
 
     def check_batch(self, model: nn.Module, batch: Any, indices: torch.Tensor | None = None) -> Any:
         """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings)."""

@@ -270,3 +270,19 @@ def test_roberta_sequences_longer_than_its_offset_positions_are_named(transforme
                 ValueError, match=r"sequences of 11 tokens.*position embeddings for 10 tokens"
             ):
                 inf.fit(data)
+
+
+def test_a_label_column_under_another_name_is_named_with_the_tasks_own_argument(transformers):
+    """``datasets`` names the column ``label``: the message names ``label_key=`` (not ``target_key=``) and works."""
+    model = bert_classifier(transformers, num_labels=3)
+    data = encoded(torch.arange(N) % 3)
+    data.columns["label"] = data.columns.pop("labels")
+    with pytest.raises(
+        ValueError, match=r"label_key='labels'.*Fix: pass SequenceClassificationTask\(label_key='label'\)"
+    ):
+        datatrace.InfluenceFunction(
+            model, SequenceClassificationTask(WD), curvature="ekfac", progress=False
+        ).fit(data)
+    task = SequenceClassificationTask(WD, label_key="label")
+    inf = datatrace.InfluenceFunction(model, task, curvature="ekfac", progress=False).fit(data)
+    assert torch.isfinite(inf.score(data.head(2)).values).all()
