@@ -16,7 +16,8 @@ own batch-mean loss); the measurement is the query's loss; sampled targets are d
 ``t + 1``) and targets ``y_t`` = the labels (``input_ids`` when the batch has no labels) shifted by one, the
 per-example loss is the sequence's **summed** negative log-likelihood over its valid next-token positions,
 
-    l_i = - sum_{t : m_it = 1} log softmax(z_it)[y_i,t+1],   m_it = [y_i,t+1 != -100] * [attention_mask_i,t+1 = 1],
+    l_i = - sum_{t : m_it = 1} log softmax(z_it)[y_i,t+1],
+    m_it = [y_i,t+1 != -100] * [attention_mask_i,t+1 = 1] * [attention_mask_i,t = 1],
 
 in nats. The sum, not the mean over tokens, so that the measurement is a log-likelihood in natural units: for a
 query whose labels are -100 on a prompt, the measurement is ``-log p(completion | prompt)`` and ``score[q, i]`` is
@@ -36,7 +37,9 @@ itself above 1024 outputs per sequence (:mod:`datatrace.curvature.auto`); it tak
 only when no route covering every parameter (Arnoldi, CG) is predicted to fit its time budget, so a small model
 may get Arnoldi instead (docs/examples/gpt2_completion.py shows both).
 
-**Padding changes nothing** (right padding, attention mask 0, labels -100; tests/hf/test_hf_lm_properties.py):
+**Padding changes nothing** (right or left padding, attention mask 0, labels -100;
+tests/hf/test_hf_lm_properties.py, tests/hf/test_hf_architectures.py): left-padded sequences reach the model
+right-aligned (:meth:`CausalLMTask.outputs`), so their tokens keep the positions of the unpadded sequence;
 padded positions enter neither the loss, the gradients nor EK-FAC's weighted factors; the sampled Fisher draws
 only at counted positions, and ``damping="auto"`` counts only the outputs the loss depends on
 (:meth:`CausalLMTask.output_counts`). The exception is K-FAC's plain-mean input factor (``KFAC()``'s default),
@@ -80,12 +83,14 @@ import torch
 from torch import nn
 
 from datatrace.errors import bad_value
-from datatrace.tasks import ClassificationTask, Task, with_targets
+from datatrace.tasks import ClassificationTask, RegressionTask, Task, with_targets
 
 logger = logging.getLogger(__name__)
 
 #: the label value that marks a position without a target (cross-entropy's ``ignore_index`` in transformers)
 IGNORE_INDEX = -100
+#: the model inputs with one entry per position, rolled with the attention mask when a batch is left-padded
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 #: above this many outputs per sequence (positions x vocabulary) the exact output Hessian (``fisher="ggn"``) is
 #: refused: it backpropagates one pseudo-gradient per output (K-FAC's own limit is lower, 1024)
 MAX_EXACT_OUTPUTS = 4096
@@ -101,6 +106,22 @@ def _require_dict(batch: Any, who: str) -> Mapping:
             "list of tokenizer outputs), or use ClassificationTask for (x, y) tuples",
         )
     return batch
+
+
+def _require_labels(batch: Mapping, label_key: str, who: str) -> None:
+    """A dict batch without ``label_key`` refused by the task's own argument (``label_key=``), naming a likely key
+    (``datasets`` names the column ``label``)."""
+    if label_key in batch:
+        return
+    likely = [k for k in batch if k in ("label", "labels", "label_ids", "target", "targets", "y")]
+    raise bad_value(
+        "label_key",
+        label_key,
+        f"the batch is a dict with keys {sorted(batch)}, none of them {label_key!r}",
+        f"pass {who}(label_key={likely[0]!r})"
+        if likely
+        else f"name the key of the labels: {who}(label_key=...)",
+    )
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -131,13 +152,20 @@ def check_model_inputs(
     if config is None or not isinstance(ids, torch.Tensor) or ids.dim() < 2:
         return
     limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and ids.shape[1] > limit:
+    offset = _position_offset(model) if isinstance(limit, int) else 0
+    if isinstance(limit, int) and ids.shape[1] > limit - offset:
+        why = (
+            f", less padding_idx + 1 = {offset}: its positions are counted from after the padding index, as in RoBERTa"
+            if offset
+            else ""
+        )
         raise bad_value(
             "data",
             f"sequences of {ids.shape[1]} tokens",
-            f"the model ({type(model).__name__}) has position embeddings for {limit} tokens "
-            "(config.max_position_embeddings)",
-            f"truncate the sequences to at most {limit} tokens (tokenizer(..., truncation=True, max_length={limit}))",
+            f"the model ({type(model).__name__}) has position embeddings for {limit - offset} tokens "
+            f"(config.max_position_embeddings = {limit}{why})",
+            f"truncate the sequences to at most {limit - offset} tokens (tokenizer(..., truncation=True, "
+            f"max_length={limit - offset}))",
         )
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and not ids.is_floating_point():
@@ -154,15 +182,93 @@ def check_model_inputs(
             )
 
 
+def _position_offset(model: nn.Module) -> int:
+    """``padding_idx + 1`` for embeddings that number positions from after the padding index (RoBERTa and its
+    family: ``create_position_ids_from_input_ids``), so that only ``max_position_embeddings - padding_idx - 1``
+    tokens fit; else 0."""
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if callable(getattr(module, "create_position_ids_from_input_ids", None)) and isinstance(
+            padding_idx, int
+        ):
+            return padding_idx + 1
+    return 0
+
+
 def attention_positions(batch: Any) -> torch.Tensor | None:
     """The batch's ``attention_mask`` as booleans ``(b, T)`` (True: a real token), or ``None`` without one."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     return None if mask is None else mask.bool()
 
 
+def left_padding(batch: Mapping) -> torch.Tensor | None:
+    """Per example, its number of leading padded positions (``attention_mask`` 0 before the first real token),
+    shape ``(b,)``; ``None`` without a 2-d attention mask."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return (mask.cumsum(dim=1) == 0).sum(dim=1)
+
+
+def shift_positions(x: torch.Tensor, offsets: torch.Tensor, sign: int) -> torch.Tensor:
+    """Each row ``x[i]`` rolled along the positions (dim 1) so that position ``t`` reads ``x[i, t + sign *
+    offsets[i]]`` (cyclically): ``sign=1`` moves left padding to the right end, ``sign=-1`` moves it back. A gather,
+    without branching on the values (``torch.func`` transforms run it too)."""
+    T = x.shape[1]
+    idx = (torch.arange(T, device=x.device)[None, :] + sign * offsets.to(x.device)[:, None]) % T
+    idx = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, idx)
+
+
 def model_inputs(batch: Mapping, label_key: str) -> dict[str, torch.Tensor]:
     """The keyword arguments of the model: the batch without its labels (so the model computes no loss)."""
     return {k: v for k, v in batch.items() if k != label_key}
+
+
+def right_aligned(batch: Mapping, label_key: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """:func:`model_inputs` with left-padded sequences moved to the left end (the inputs of :data:`TOKEN_INPUTS`
+    rolled by the example's :func:`left_padding`; other inputs, e.g. ``pixel_values``, as they are), and those
+    offsets (``None`` without an attention mask).
+
+    The real tokens then sit at positions ``0..L-1`` as in the unpadded sequence (the ``position_ids`` of
+    ``generate``; absolute position embeddings would otherwise see them shifted), and no real token follows a padded
+    one, so eager attention in float64 meets no fully masked row (NaN). Right-padded batches are unchanged."""
+    inputs = model_inputs(batch, label_key)
+    offsets = left_padding(batch)
+    if offsets is not None:
+        shape = batch["attention_mask"].shape
+        inputs = {
+            k: shift_positions(v, offsets, 1)
+            if k in TOKEN_INPUTS and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == shape
+            else v
+            for k, v in inputs.items()
+        }
+    return inputs, offsets
+
+
+def call_model(model: nn.Module, inputs: Mapping) -> Any:
+    """``model(**inputs)``, with transformers' refusal of a decoder-only classifier without a padding token made
+    a message naming the fix."""
+    try:
+        return model(**inputs)
+    except ValueError as err:
+        if "no padding token is defined" not in str(err):
+            raise
+        raise bad_value(
+            "model",
+            type(model).__name__,
+            "config.pad_token_id is None, and this classifier finds each sequence's last token by the padding id "
+            "(transformers refuses batches of more than one sequence without it)",
+            "set model.config.pad_token_id = tokenizer.pad_token_id (often tokenizer.eos_token_id for GPT-2 or "
+            "Llama) before passing the model",
+        ) from err
+
+
+def aligned_positions(batch: Any) -> torch.Tensor | None:
+    """The attention mask as the model sees it (:func:`right_aligned`): padded positions are not data."""
+    mask = attention_positions(batch)
+    offsets = left_padding(batch) if mask is not None else None
+    return mask if offsets is None else shift_positions(mask, offsets, 1)
 
 
 class SequenceClassificationTask(ClassificationTask):
@@ -183,22 +289,110 @@ class SequenceClassificationTask(ClassificationTask):
         self.label_key = label_key
 
     def position_mask(self, batch: Any) -> torch.Tensor | None:
-        """The attention mask: padded positions are not data."""
-        return attention_positions(batch)
+        """The attention mask as the model sees it (:func:`right_aligned`): padded positions are not data."""
+        return aligned_positions(batch)
 
     def _reads_dicts(self) -> bool:
         return True
 
+    def _targets(self, batch: Any) -> torch.Tensor:
+        _require_labels(_require_dict(batch, type(self).__name__), self.label_key, type(self).__name__)
+        return super()._targets(batch)
+
     def check_batch(self, model: nn.Module, batch: Any, indices: torch.Tensor | None = None) -> Any:
-        """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings),
-        then :meth:`ClassificationTask.check_batch <datatrace.ClassificationTask.check_batch>` (labels)."""
-        check_model_inputs(model, _require_dict(batch, type(self).__name__), type(self).__name__, indices)
+        """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings), a
+        model whose ``config.problem_type`` is not single-label classification refused by name, labels per token
+        (a language model's) refused, then :meth:`ClassificationTask.check_batch
+        <datatrace.ClassificationTask.check_batch>` (labels)."""
+        batch = _require_dict(batch, type(self).__name__)
+        check_model_inputs(model, batch, type(self).__name__, indices)
+        config = getattr(model, "config", None)
+        problem = getattr(config, "problem_type", None)
+        labels = batch.get(self.label_key)
+        if problem is None and getattr(config, "num_labels", None) == 1:
+            if isinstance(labels, torch.Tensor) and labels.is_floating_point():
+                problem = "regression"  # what transformers infers: one output, real-valued labels
+        fixes = {
+            "regression": "use datatrace.hf.SequenceRegressionTask (squared error of the logits against the labels)",
+            "multi_label_classification": "write a datatrace.Task subclass whose outputs are datatrace.hf.logits_of("
+            "model(**datatrace.hf.model_inputs(batch, 'labels'))) and whose loss_from_outputs is the summed binary "
+            "cross-entropy, torch.nn.functional.binary_cross_entropy_with_logits(outputs, batch['labels'], "
+            "reduction='none').sum(dim=1)",
+        }
+        if problem in fixes:
+            raise bad_value(
+                "task",
+                type(self).__name__,
+                f"{type(model).__name__} has config.problem_type={problem!r}, and SequenceClassificationTask is "
+                "the cross-entropy of one class index per sequence (problem_type 'single_label_classification')",
+                fixes[problem],
+            )
+        ids = batch.get("input_ids")
+        if (
+            isinstance(labels, torch.Tensor)
+            and isinstance(ids, torch.Tensor)
+            and labels.dim() == 2
+            and labels.shape == ids.shape
+            and labels.shape[1] > 1
+            and not labels.is_floating_point()
+        ):
+            raise bad_value(
+                self.label_key,
+                labels,
+                "one label per token (a language model's labels); SequenceClassificationTask takes one class index "
+                "per sequence",
+                "use datatrace.hf.CausalLMTask with a *ForCausalLM model, or labels of shape (batch,)",
+            )
         return super().check_batch(model, batch, indices)
 
     def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
-        """``model(**inputs).logits``, shape ``(b, num_labels)``."""
+        """``model(**inputs).logits``, shape ``(b, num_labels)``; left-padded sequences are given right-aligned
+        (:func:`right_aligned`), so left padding changes no score."""
         batch = _require_dict(batch, type(self).__name__)
-        return logits_of(model(**model_inputs(batch, self.label_key)))
+        return logits_of(call_model(model, right_aligned(batch, self.label_key)[0]))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weight_decay={self.weight_decay!r}, label_key={self.label_key!r})"
+
+
+class SequenceRegressionTask(RegressionTask):
+    """Squared error of ``model(**inputs).logits`` against ``batch[label_key]``, summed over the outputs (no factor
+    1/2), one value per sequence: a ``*ForSequenceClassification`` model with ``problem_type="regression"``
+    (``num_labels`` real-valued targets per sequence; transformers' own loss is the mean squared error of a batch).
+
+    It is :class:`~datatrace.RegressionTask` (closed-form output Hessian ``2 I``, Gaussian sampled targets) on dict
+    batches: every key but ``label_key`` is passed to the model.
+
+    Args:
+        weight_decay: the L2 strength the model was trained with, in the units of this summed loss.
+        label_key: the key of the labels (default ``"labels"``).
+    """
+
+    def __init__(self, weight_decay: float | Mapping[str, float] = 0.0, *, label_key: str = "labels") -> None:
+        super().__init__(weight_decay, target_key=label_key)
+        self.label_key = label_key
+
+    def position_mask(self, batch: Any) -> torch.Tensor | None:
+        """The attention mask as the model sees it (:func:`right_aligned`): padded positions are not data."""
+        return aligned_positions(batch)
+
+    def _reads_dicts(self) -> bool:
+        return True
+
+    def _targets(self, batch: Any) -> torch.Tensor:
+        _require_labels(_require_dict(batch, type(self).__name__), self.label_key, type(self).__name__)
+        return super()._targets(batch)
+
+    def check_batch(self, model: nn.Module, batch: Any, indices: torch.Tensor | None = None) -> Any:
+        """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings)."""
+        batch = _require_dict(batch, type(self).__name__)
+        check_model_inputs(model, batch, type(self).__name__, indices)
+        return super().check_batch(model, batch, indices)
+
+    def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
+        """``model(**inputs).logits``, shape ``(b, num_labels)`` (left padding right-aligned, :func:`right_aligned`)."""
+        batch = _require_dict(batch, type(self).__name__)
+        return logits_of(call_model(model, right_aligned(batch, self.label_key)[0]))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight_decay={self.weight_decay!r}, label_key={self.label_key!r})"
@@ -260,20 +454,28 @@ class CausalLMTask(Task):
 
     def next_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """``(targets, valid)``, both ``(b, T - 1)``: the target of the logits at each position ``t < T - 1`` (the
-        label at ``t + 1``, 0 where invalid) and whether it counts (label not -100, not padding)."""
+        label at ``t + 1``, 0 where invalid) and whether it counts (label not -100, neither position ``t + 1`` nor
+        the position ``t`` predicting it padding: with left padding, the padded position before the first token
+        predicts nothing)."""
         labels = self._labels(batch)
         target = labels[:, 1:]
         valid = target != IGNORE_INDEX
         mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            valid = valid & (mask[:, 1:] != 0)
+        if isinstance(mask, torch.Tensor):  # both the predicted token and the one predicting it are real
+            valid = valid & (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
         return torch.where(valid, target, torch.zeros_like(target)).long(), valid
 
     # -- the loss ------------------------------------------------------------------------------------------------
     def outputs(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
-        """``model(**inputs).logits``, shape ``(b, T, V)`` (the labels are not passed to the model)."""
+        """``model(**inputs).logits``, shape ``(b, T, V)`` (the labels are not passed to the model).
+
+        Left-padded sequences are given to the model right-aligned (:func:`right_aligned`) and their logits rolled
+        back, so left padding changes no score."""
         batch = _require_dict(batch, type(self).__name__)
-        logits = logits_of(model(**model_inputs(batch, self.label_key)))
+        inputs, offsets = right_aligned(batch, self.label_key)
+        logits = logits_of(call_model(model, inputs))
+        if offsets is not None and logits.dim() == 3:
+            logits = shift_positions(logits, offsets, -1)
         if logits.dim() != 3:
             raise ValueError(
                 f"CausalLMTask expects logits of shape (batch, sequence, vocabulary), got {tuple(logits.shape)}. "
@@ -351,8 +553,8 @@ class CausalLMTask(Task):
         return valid.sum(dim=1) * outputs.shape[-1]
 
     def position_mask(self, batch: Any) -> torch.Tensor | None:
-        """The attention mask: padded positions are not data."""
-        return attention_positions(batch)
+        """The attention mask as the model sees it (:func:`right_aligned`): padded positions are not data."""
+        return aligned_positions(batch)
 
     def distribution_counts(self, outputs: torch.Tensor, batch: Mapping) -> torch.Tensor:
         """One next-token distribution per position whose next token counts, shape ``(b,)``."""
@@ -377,6 +579,17 @@ class CausalLMTask(Task):
         """Token ids and labels as int64; labels are -100 or token ids ``0 <= y < V`` (``V`` from the model's
         config when it has one), else a ValueError naming the example."""
         batch = _require_dict(batch, type(self).__name__)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise bad_value(
+                "model",
+                type(model).__name__,
+                "CausalLMTask scores a decoder-only language model (the logits at position t predict input token "
+                "t + 1); an encoder-decoder model (config.is_encoder_decoder) predicts its labels from another "
+                "sequence, through decoder inputs that CausalLMTask does not build",
+                "use a *ForCausalLM model, or write a Task whose outputs are model(**inputs, "
+                "decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits and whose "
+                "loss is the summed cross-entropy against the labels (-100 ignored)",
+            )
         check_model_inputs(model, batch, type(self).__name__, indices)
         out = dict(batch)
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -444,8 +657,10 @@ def prompt_completion(
 __all__ = [
     "IGNORE_INDEX",
     "MAX_EXACT_OUTPUTS",
+    "TOKEN_INPUTS",
     "CausalLMTask",
     "SequenceClassificationTask",
+    "SequenceRegressionTask",
     "check_model_inputs",
     "logits_of",
     "model_inputs",

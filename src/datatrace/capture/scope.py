@@ -11,9 +11,11 @@ tracks only the modules it supports). The influence is then that of the covered 
 exact definition restricted to that block of the model (the other parameters held fixed).
 
 Whether a module's ``forward`` runs is observed, not guessed, once some parameter is outside the supported layers
-(a model made of supported layers only is taken whole, with no extra pass): one forward pass on one training
-example with hooks on every candidate, the parameters requiring gradients as in the real pass (PyTorch's inference
+(a model made of supported layers only is taken whole, with no extra pass): one forward pass on two training
+examples with hooks on every candidate, the parameters requiring gradients as in the real pass (PyTorch's inference
 fast paths, e.g. ``nn.TransformerEncoderLayer`` in eval mode without gradients, skip the submodules' ``forward``).
+The same pass leaves out a layer whose input does not lead with the batch axis (OPT's ``fc1``/``fc2`` run on the
+examples and positions flattened together, ``(b * T, d)``): its rows cannot be told apart by example.
 """
 
 from __future__ import annotations
@@ -68,13 +70,24 @@ def supported_scope(fmodel: FunctionalModel, data: DataSource, who: str, fix: st
         # forward is still caught by the routes' first-batch check of the hook gradients against autograd)
         return Scope(covered=tuple(fmodel.space.names))
     called: set[str] = set()
+    flattened: set[str] = (
+        set()
+    )  # layers whose input does not lead with the batch axis (OPT's fc1 on (b*T, d))
+    size = min(2, len(data))
+
+    def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor, name: str) -> None:
+        called.add(name)
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0 and len(inputs[0]) != size:
+            flattened.add(name)
+
     handles = [
-        layer.module.register_forward_hook(lambda *_, name=layer.name: called.add(name)) for layer in layers
+        layer.module.register_forward_hook(lambda *args, name=layer.name: hook(*args, name))
+        for layer in layers
     ]
     try:
         theta = fmodel.theta.detach().requires_grad_(True)  # as in the real pass: no inference fast paths
         with torch.enable_grad():
-            fmodel.losses(theta, fmodel.prepare(data.get([0])))
+            fmodel.losses(theta, fmodel.prepare(data.get(list(range(size)))))
     finally:
         for handle in handles:
             handle.remove()
@@ -87,7 +100,13 @@ def supported_scope(fmodel: FunctionalModel, data: DataSource, who: str, fix: st
         )
     for layer in layers:
         names = [n for n in (layer.weight, layer.bias) if n is not None]
-        if layer.name in called:
+        if layer.name in flattened:
+            for name in names:
+                left_out[name] = (
+                    f"{type(layer.module).__name__} whose input does not lead with the batch axis (the model "
+                    "flattens the examples and positions together)"
+                )
+        elif layer.name in called:
             covered.extend(names)
         else:
             for name in names:
