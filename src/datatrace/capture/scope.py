@@ -77,7 +77,13 @@ def supported_scope(fmodel: FunctionalModel, data: DataSource, who: str, fix: st
 
     def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor, name: str) -> None:
         called.add(name)
-        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0 and len(inputs[0]) != size:
+        # the probe's batch (or one example of it: a task may check one example first) leads a batch-first input
+        if (
+            inputs
+            and isinstance(inputs[0], torch.Tensor)
+            and inputs[0].dim() > 0
+            and len(inputs[0]) not in (1, size)
+        ):
             flattened.add(name)
 
     handles = [
