@@ -271,21 +271,12 @@ def aligned_positions(batch: Any) -> torch.Tensor | None:
     return mask if offsets is None else shift_positions(mask, offsets, 1)
 
 
-class SequenceClassificationTask(ClassificationTask):
-    """Cross-entropy of ``model(**inputs).logits`` against ``batch[label_key]``, one value per sequence.
-
-    The batch is a dict (``input_ids``, ``attention_mask``, ``token_type_ids``... and the labels); every key but
-    ``label_key`` is passed to the model. Labels are class indices ``0 <= y < num_labels`` (checked on every batch,
-    :meth:`~datatrace.ClassificationTask.check_batch`); the output Hessian and the sampled targets (softmax) have
-    closed forms. The measurement is the query's loss, ``-log p(y_q | x_q)`` in nats.
-
-    Args:
-        weight_decay: the L2 strength the model was trained with (:class:`~datatrace.Task`).
-        label_key: the key of the labels (default ``"labels"``).
-    """
+class _SequenceLabels:
+    """What the sequence tasks share on top of their built-in task: dict batches, labels at ``label_key`` (checked
+    by name), and the attention mask as the model sees it as the position mask."""
 
     def __init__(self, weight_decay: float | Mapping[str, float] = 0.0, *, label_key: str = "labels") -> None:
-        super().__init__(weight_decay, target_key=label_key)
+        super().__init__(weight_decay, target_key=label_key)  # type: ignore[call-arg]
         self.label_key = label_key
 
     def position_mask(self, batch: Any) -> torch.Tensor | None:
@@ -297,7 +288,21 @@ class SequenceClassificationTask(ClassificationTask):
 
     def _targets(self, batch: Any) -> torch.Tensor:
         _require_labels(_require_dict(batch, type(self).__name__), self.label_key, type(self).__name__)
-        return super()._targets(batch)
+        return super()._targets(batch)  # type: ignore[misc]
+
+
+class SequenceClassificationTask(_SequenceLabels, ClassificationTask):
+    """Cross-entropy of ``model(**inputs).logits`` against ``batch[label_key]``, one value per sequence.
+
+    The batch is a dict (``input_ids``, ``attention_mask``, ``token_type_ids``... and the labels); every key but
+    ``label_key`` is passed to the model. Labels are class indices ``0 <= y < num_labels`` (checked on every batch,
+    :meth:`~datatrace.ClassificationTask.check_batch`); the output Hessian and the sampled targets (softmax) have
+    closed forms. The measurement is the query's loss, ``-log p(y_q | x_q)`` in nats.
+
+    Args:
+        weight_decay: the L2 strength the model was trained with (:class:`~datatrace.Task`).
+        label_key: the key of the labels (default ``"labels"``).
+    """
 
     def check_batch(self, model: nn.Module, batch: Any, indices: torch.Tensor | None = None) -> Any:
         """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings), a
@@ -355,7 +360,7 @@ class SequenceClassificationTask(ClassificationTask):
         return f"{type(self).__name__}(weight_decay={self.weight_decay!r}, label_key={self.label_key!r})"
 
 
-class SequenceRegressionTask(RegressionTask):
+class SequenceRegressionTask(_SequenceLabels, RegressionTask):
     """Squared error of ``model(**inputs).logits`` against ``batch[label_key]``, summed over the outputs (no factor
     1/2), one value per sequence: a ``*ForSequenceClassification`` model with ``problem_type="regression"``
     (``num_labels`` real-valued targets per sequence; transformers' own loss is the mean squared error of a batch).
@@ -367,21 +372,6 @@ class SequenceRegressionTask(RegressionTask):
         weight_decay: the L2 strength the model was trained with, in the units of this summed loss.
         label_key: the key of the labels (default ``"labels"``).
     """
-
-    def __init__(self, weight_decay: float | Mapping[str, float] = 0.0, *, label_key: str = "labels") -> None:
-        super().__init__(weight_decay, target_key=label_key)
-        self.label_key = label_key
-
-    def position_mask(self, batch: Any) -> torch.Tensor | None:
-        """The attention mask as the model sees it (:func:`right_aligned`): padded positions are not data."""
-        return aligned_positions(batch)
-
-    def _reads_dicts(self) -> bool:
-        return True
-
-    def _targets(self, batch: Any) -> torch.Tensor:
-        _require_labels(_require_dict(batch, type(self).__name__), self.label_key, type(self).__name__)
-        return super()._targets(batch)
 
     def check_batch(self, model: nn.Module, batch: Any, indices: torch.Tensor | None = None) -> Any:
         """:func:`check_model_inputs` (token ids in the vocabulary, sequences within the position embeddings)."""

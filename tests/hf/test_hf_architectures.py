@@ -33,13 +33,6 @@ N, L, EXTRA, V = 6, 5, 2, 20
 WD = 1e-2
 
 
-@pytest.fixture(scope="module")
-def transformers():
-    module = pytest.importorskip("transformers")
-    module.logging.set_verbosity_error()
-    return module
-
-
 def causal_lm(transformers, name: str, attn: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "gpt2":

@@ -23,13 +23,6 @@ N, T, V, EXTRA = 8, 5, 5, 3
 WD = 1e-2
 
 
-@pytest.fixture(scope="module")
-def transformers():
-    module = pytest.importorskip("transformers")
-    module.logging.set_verbosity_error()
-    return module
-
-
 def gpt2(transformers, n_layer: int = 1, n_embd: int = 16, vocab: int = V, seed: int = 0):
     """A randomly initialised GPT-2 (not at a minimum: the "auto" damping takes its degrees-of-freedom rule)."""
     torch.manual_seed(seed)

@@ -120,13 +120,6 @@ def _tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids * mask, mask
 
 
-@pytest.fixture(scope="module")
-def transformers():
-    module = pytest.importorskip("transformers")
-    module.logging.set_verbosity_error()
-    return module
-
-
 @pytest.fixture
 def bert(transformers):
     torch.manual_seed(0)

@@ -736,8 +736,9 @@ class InfluenceFunction(Attributor):
         forming the per-example gradients, once the hooks agree with the rows
         (:meth:`FunctionalModel.layer_rows_agree`; else the rows from then on)."""
         fmodel, layers = self.fmodel_, self._product_layers
-        assert layers is not None
-        if not fmodel.layer_rows_agree(batch):  # the batch ran through the model in fit already
+        if layers is None or not fmodel.layer_rows_agree(
+            batch
+        ):  # the batch ran through the model in fit already
             self._product_layers = None
             return dot(self._rows(fmodel, idx, batch))
         return checked_rows(

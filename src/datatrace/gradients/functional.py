@@ -266,8 +266,7 @@ class FunctionalModel:
             # one example first: if vmap fails on this model, the hooks take the batch instead of the loop
             self._vmap_probed = True
             self.over_examples(grad(single), (self.theta,), (take_examples(batch, slice(0, 1)),))
-        if not self.vmap_examples and self.layer_rows_agree(batch, module):
-            assert self.layer_rows is not None
+        if not self.vmap_examples and self.layer_rows_agree(batch, module) and self.layer_rows is not None:
             return self.layer_rows(module, batch).detach()
         # detached: out-of-scope parameters may require grad, and no caller differentiates these rows again
         count, step = batch_length(batch), self.rows_per_pass()
