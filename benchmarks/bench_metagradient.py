@@ -8,6 +8,10 @@ examples:
 * ``metagradient``: :class:`datatrace.attributors.metagradient.Metagradient` (reverse-mode through the run);
 * ``auto`` and ``ekfac``: :class:`datatrace.InfluenceFunction` with the default curvature and with EK-FAC.
 
+Problems are catalogue names or ``realistic.VARIANTS`` (``mlp-small-gelu``: mlp-small with GELU instead of ReLU, the
+same data, initialisation and recipe; a ReLU run is not differentiable in its data weights,
+:mod:`datatrace.run.smoothness`).
+
 Ground truths (LDS, Park et al. 2023; ``metrics.lds``):
 
 * **single-model**: the recorded run replayed with the left-out examples' loss terms removed (same initialisation,
@@ -39,6 +43,7 @@ import datatrace
 import realistic
 from datatrace.attributors.metagradient import Metagradient
 from datatrace.run.recording import Recording
+from datatrace.run.replay import Replay
 from datatrace.verification import metrics, retrain
 from datatrace.verification.training import fit_minibatch
 
@@ -75,8 +80,25 @@ def lds(scores: np.ndarray, truth: retrain.SubsetResult, n_query: int) -> float:
     return float(lds_result(scores, truth, n_query).mean)
 
 
+def path_truth(
+    problem: realistic.Problem, recording: Recording, masks: np.ndarray, alpha: float, query: tuple
+) -> retrain.SubsetResult:
+    """The recorded run replayed with the left-out examples' weights lowered to ``1 - alpha`` (not 0): the same
+    directions as the subsets, ``alpha`` times as far (``alpha -> 0`` is where a derivative must be exact)."""
+    train_data = problem.data()[0]
+    replay = Replay(problem.build_model(0), problem.task(), recording, train_data)
+    evaluate = retrain.evaluator(problem.task(), query)
+    outputs = []
+    for mask in masks:
+        weights = torch.as_tensor(1.0 - alpha * (1.0 - mask.astype(np.float64)), dtype=replay.dtype)
+        outputs.append(evaluate(replay.model_at(replay.run(replay.initial(), replay.n_steps, weights))))
+    return retrain.SubsetResult(
+        masks=masks, outputs=np.asarray(outputs)[:, None, :], seeds=np.zeros((len(masks), 1), dtype=np.int64)
+    )
+
+
 def run_problem(
-    name: str, n_query: int, n_subsets: int, fractions: list[float], n_jobs: int
+    name: str, n_query: int, n_subsets: int, fractions: list[float], n_jobs: int, alphas: list[float]
 ) -> dict[str, Any]:
     problem = realistic.problem(name)
     train_data, test = problem.data()
@@ -117,6 +139,7 @@ def run_problem(
         "segment": run["segment"],
         "held_bytes": run["max_states_held"] * state_bytes(recording),
         "replay_relative_error": run["replay_relative_error"],
+        "non_smooth_operations": list(attributor.non_smooth_),
     }
     start = time.perf_counter()
     attributor.score((query[0][:1], query[1][:1]))
@@ -149,6 +172,11 @@ def run_problem(
             fraction=fraction,
             n_jobs=n_jobs,
             cache_dir=cache / f"single-model-{n_query}q-{n_subsets}x-keep{fraction:g}-{tag}",
+        )
+    for alpha in alphas:  # along the keep-0.9 directions, a fraction alpha of the way
+        base = truths[f"single-model, keep {0.9:g}"]
+        truths[f"single-model, keep 0.9, weight 1-{alpha:g}"] = path_truth(
+            problem, recording, base.masks, alpha, query
         )
     seed_averaged = realistic.ground_truth(problem, n_jobs=n_jobs)
     truths["seed-averaged, keep 0.5"] = seed_averaged
@@ -189,12 +217,19 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--subsets", type=int, default=50)
     parser.add_argument("--fractions", default="0.5,0.9")
+    parser.add_argument(
+        "--path-alphas",
+        default="",
+        help="also the keep-0.9 subsets' examples down-weighted to 1 - alpha instead of removed (needs 0.9 in "
+        "--fractions), e.g. 0.01",
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "metagradient.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",")]
+    alphas = [float(a) for a in args.path_alphas.split(",") if a]
     payload: dict[str, Any] = {"problems": {}, "versions": common.versions(["torch", "numpy"])}
     out = Path(args.out)
     if out.exists():
@@ -202,7 +237,9 @@ def main() -> None:
 
         payload["problems"] = json.loads(out.read_text()).get("problems", {})
     for name in args.problems.split(","):
-        payload["problems"][name] = run_problem(name, args.queries, args.subsets, fractions, args.jobs)
+        payload["problems"][name] = run_problem(
+            name, args.queries, args.subsets, fractions, args.jobs, alphas
+        )
         common.write_json(out, payload)
         print_table({"problems": {name: payload["problems"][name]}})
 

@@ -189,18 +189,31 @@ def docstring_lm_data(n_train: int, n_test: int, seed: int, vocab: int, length: 
 # Models
 # --------------------------------------------------------------------------------------------------------------
 class DigitsCNN(nn.Module):
-    """Conv(1->c1, 3x3) -> BatchNorm -> ReLU -> max-pool 2 -> Conv(c1->c2) -> BatchNorm -> ReLU -> dropout -> Linear."""
+    """Conv(1->c1, 3x3) -> BatchNorm -> ReLU -> max-pool 2 -> Conv(c1->c2) -> BatchNorm -> ReLU -> dropout -> Linear.
 
-    def __init__(self, c1: int = 8, c2: int = 16, dropout: float = 0.1, classes: int = 10) -> None:
+    ``smooth=True`` (a :data:`VARIANTS` setting): GELU and average pooling instead of ReLU and max-pooling;
+    ``batch_norm=False``: no BatchNorm layers."""
+
+    def __init__(
+        self,
+        c1: int = 8,
+        c2: int = 16,
+        dropout: float = 0.1,
+        classes: int = 10,
+        smooth: bool = False,
+        batch_norm: bool = True,
+    ) -> None:
         super().__init__()
+        act = nn.GELU if smooth else nn.ReLU
+        norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
         self.features = nn.Sequential(
             nn.Conv2d(1, c1, 3, padding=1),
-            nn.BatchNorm2d(c1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            norm(c1),
+            act(),
+            nn.AvgPool2d(2) if smooth else nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 3, padding=1),
-            nn.BatchNorm2d(c2),
-            nn.ReLU(),
+            norm(c2),
+            act(),
             nn.Flatten(),
             nn.Dropout(dropout),
         )
@@ -243,10 +256,10 @@ def gpt2(vocab: int, length: int, dim: int = 64, layers: int = 2, heads: int = 4
     return transformers.GPT2LMHeadModel(config)
 
 
-def _mlp(sizes: tuple[int, ...]) -> nn.Module:
+def _mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU) -> nn.Module:
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(sizes):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(a, b), activation()]
     return nn.Sequential(*layers[:-1])
 
 
@@ -274,7 +287,7 @@ class Problem:
 
     name: str
     data_kind: str  # "digits" | "digits-image" | "breast-cancer" | "docstrings" | "docstrings-lm"
-    model_kind: str  # "mlp" | "cnn" | "text" | "gpt2"
+    model_kind: str  # "mlp" | "mlp-gelu" | "cnn" | "text" | "gpt2"
     arch: tuple = ()
     n_train: int = 1000
     n_test: int = 200
@@ -323,6 +336,8 @@ class Problem:
             torch.manual_seed(seed)
             if self.model_kind == "mlp":
                 return _mlp(self.arch)
+            if self.model_kind == "mlp-gelu":
+                return _mlp(self.arch, nn.GELU)
             if self.model_kind == "cnn":
                 return DigitsCNN(*self.arch)
             if self.model_kind == "text":
@@ -422,11 +437,43 @@ CATALOGUE: dict[str, Problem] = {
 }
 
 
+#: variants outside the catalogue (not in its tables): the same data and recipe with a smooth activation, for
+#: the metagradient's single-model study (``bench_metagradient.py``; a ReLU network's training run is not a
+#: differentiable function of its data weights, a GELU network's is)
+VARIANTS: dict[str, Problem] = {
+    "mlp-small-gelu": Problem(
+        "mlp-small-gelu",
+        "digits",
+        "mlp-gelu",
+        (64, 32, 10),
+        description="digits, MLP 64-32-10 GELU, Adam 30 epochs, batch 32 (mlp-small with a smooth activation)",
+    ),
+    "cnn-gelu": Problem(
+        "cnn-gelu",
+        "digits-image",
+        "cnn",
+        (8, 16, 0.1, 10, True),
+        recipe=Recipe(epochs=20, lr=3e-3),
+        description="the cnn problem with GELU and average pooling instead of ReLU and max-pooling",
+    ),
+    "cnn-gelu-no-bn": Problem(
+        "cnn-gelu-no-bn",
+        "digits-image",
+        "cnn",
+        (8, 16, 0.1, 10, True, False),
+        recipe=Recipe(epochs=20, lr=3e-3),
+        description="cnn-gelu without its BatchNorm layers",
+    ),
+}
+
+
 def problem(name: str, scale: str = "full") -> Problem:
-    """A catalogue problem by name; ``scale="ci"`` shrinks the data and the budget for the test suite."""
-    if name not in CATALOGUE:
-        raise ValueError(f"unknown catalogue problem {name!r}; expected one of {sorted(CATALOGUE)}")
-    full = CATALOGUE[name]
+    """A catalogue problem (or a :data:`VARIANTS` one) by name; ``scale="ci"`` shrinks the data and the budget
+    for the test suite."""
+    known = {**CATALOGUE, **VARIANTS}
+    if name not in known:
+        raise ValueError(f"unknown catalogue problem {name!r}; expected one of {sorted(known)}")
+    full = known[name]
     if scale == "full":
         return full
     if scale != "ci":
@@ -499,6 +546,7 @@ Score = Callable[[np.ndarray], float]
 __all__ = [
     "CATALOGUE",
     "DOCSTRING_GROUPS",
+    "VARIANTS",
     "DigitsCNN",
     "Problem",
     "Recipe",

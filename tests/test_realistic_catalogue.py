@@ -13,7 +13,7 @@ import datatrace
 import realistic as catalogue
 
 
-@pytest.mark.parametrize("name", sorted(catalogue.CATALOGUE))
+@pytest.mark.parametrize("name", sorted({**catalogue.CATALOGUE, **catalogue.VARIANTS}))
 def test_problem_builds_trains_and_scores_at_ci_size(name: str) -> None:
     problem = catalogue.problem(name, scale="ci")
     train, test = problem.data()
@@ -77,3 +77,13 @@ def test_language_model_trains_and_caches_with_its_tied_embedding(tmp_path, monk
     _, test = problem.data()
     assert 1.0 < catalogue.perplexity(again, test) < problem.arch[0]
     assert 0.0 <= catalogue.accuracy(again, test) <= 1.0
+
+
+def test_smooth_variant_differs_from_its_relu_problem_only_in_the_activation() -> None:
+    relu, gelu = catalogue.problem("mlp-small"), catalogue.problem("mlp-small-gelu")
+    assert relu.recipe == gelu.recipe and relu.data_kind == gelu.data_kind and relu.arch == gelu.arch
+    assert relu.key() != gelu.key()  # separate caches
+    kinds = [type(m) for m in gelu.build_model(0)]
+    assert torch.nn.GELU in kinds and torch.nn.ReLU not in kinds
+    for a, b in zip(relu.build_model(0).parameters(), gelu.build_model(0).parameters(), strict=True):
+        assert torch.equal(a, b)  # the same initialisation

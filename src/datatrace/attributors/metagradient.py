@@ -13,6 +13,10 @@ dropout seeds): datatrace's leave-one-out sign and units (:data:`datatrace.score
 truth is :func:`datatrace.verification.retrain.single_model_subsets`; against retraining with fresh seeds it is
 one model's answer, like every single-model route.
 
+The derivative describes removals only where the run is smooth in its data weights: ReLU-like activations and
+max-pooling make every step's update jump when an example's weight changes (:mod:`datatrace.run.smoothness`);
+``fit`` names such operations in a warning and ``Scores.metadata["non_smooth_operations"]``.
+
 Cost: a few training runs for one query, growing with the number of queries (each adds one vector-Jacobian
 product per step); ``O(sqrt T)`` model states in memory (:mod:`datatrace.run.metagradient`).
 """
@@ -93,6 +97,15 @@ class Metagradient(Attributor):
         """Bind the training data the recording's indices refer to; nothing is computed until :meth:`score`."""
         self.replay_ = Replay(self.model, self.task, self.recording, train)
         self.n_train_ = self.recording.n_train
+        self.non_smooth_ = self.replay_.non_smooth_operations()
+        if self.non_smooth_:
+            logger.warning(
+                "metagradient: the model calls %s, whose derivative jumps, so the recorded run is not a "
+                "differentiable function of the examples' weights: the scores are its exact derivative but predict "
+                "removals less closely than on a smooth model (GELU, SiLU, tanh, average pooling); see "
+                "datatrace.run.smoothness and benchmarks/README.md (bench_metagradient.py)",
+                ", ".join(self.non_smooth_),
+            )
         self._final_state = self.replay_.saved(self.recording.n_steps)
         return self
 
@@ -183,5 +196,6 @@ class Metagradient(Attributor):
             recording=str(self.recording.folder),
             optimizer=self.recording.kind,
             removal="the example's loss terms dropped from the same run (same order, minibatches and seeds)",
+            non_smooth_operations=list(self.non_smooth_),
             **self.last_run_,
         )

@@ -1,3 +1,3 @@
-"""The training run itself: record it (:mod:`.recording`), replay it (:mod:`.replay`) and differentiate through it
-(:mod:`.metagradient`); the attributors built on it are :class:`datatrace.Metagradient` and
-:class:`datatrace.RecordedTracIn`."""
+"""The training run itself: record it (:mod:`.recording`), replay it (:mod:`.replay`), differentiate through it
+(:mod:`.metagradient`) and name what keeps that derivative from describing removals (:mod:`.smoothness`); the
+attributors built on it are :class:`datatrace.Metagradient` and :class:`datatrace.RecordedTracIn`."""

@@ -41,6 +41,7 @@ from datatrace.errors import bad_value
 from datatrace.gradients.functional import BoundFunction, second_order_kernels
 from datatrace.run.optimizers import initial_state, optimizer_step
 from datatrace.run.recording import Recording, set_seed
+from datatrace.run.smoothness import non_smooth_operations
 from datatrace.run.state import TrainState
 from datatrace.tasks import Task
 
@@ -314,6 +315,15 @@ class Replay:
             for n, b in model.named_buffers():
                 b.copy_(state.buffers[n])
         return model.eval()
+
+    def non_smooth_operations(self) -> list[str]:
+        """The operations of the model's training loss that make this run non-differentiable in the data weights
+        (:mod:`datatrace.run.smoothness`), seen in one forward pass on two examples of the first step."""
+        indices = self.recording.steps[0].indices[:2]
+        batch = cast_batch(self.source.get(indices), self.dtype, self.device)
+        state = self.initial()
+        named = {"model." + n: v.detach().clone() for n, v in {**state.params, **state.buffers}.items()}
+        return non_smooth_operations(lambda: functional_call(self.loss_module, named, (batch,)))
 
     def describe(self) -> dict[str, Any]:
         return {
