@@ -90,3 +90,15 @@ def test_a_smooth_run_is_linear_in_its_data_weights_at_removal_scale(tmp_path, a
     )  # score ~ f(without i) - f, here i is a fraction alpha removed
     actual = after - before
     assert abs(actual - predicted).max() <= 0.02 * abs(actual).max() + 1e-12
+
+
+def test_a_forward_pass_that_cannot_be_probed_leaves_smoothness_unknown(tmp_path, monkeypatch) -> None:
+    import datatrace.run.replay as replay_module
+
+    def fails(forward):
+        raise RuntimeError("no torch function mode here")
+
+    monkeypatch.setattr(replay_module, "non_smooth_operations", fails)
+    model, recording, train = _record(tmp_path, nn.ReLU, "relu")
+    attributor = Metagradient(model, datatrace.ClassificationTask(), recording, progress=False).fit(train)
+    assert attributor.score((train[0][:2], train[1][:2])).metadata["non_smooth_operations"] is None

@@ -15,7 +15,8 @@ one model's answer, like every single-model route.
 
 The derivative describes removals only where the run is smooth in its data weights: ReLU-like activations and
 max-pooling make every step's update jump when an example's weight changes (:mod:`datatrace.run.smoothness`);
-``fit`` names such operations in a warning and ``Scores.metadata["non_smooth_operations"]``.
+``fit`` names such operations in a warning and ``Scores.metadata["non_smooth_operations"]`` (``None`` when the
+model's forward pass could not be probed outside a training step).
 
 Cost: a few training runs for one query, growing with the number of queries (each adds one vector-Jacobian
 product per step); ``O(sqrt T)`` model states in memory (:mod:`datatrace.run.metagradient`).
@@ -196,6 +197,6 @@ class Metagradient(Attributor):
             recording=str(self.recording.folder),
             optimizer=self.recording.kind,
             removal="the example's loss terms dropped from the same run (same order, minibatches and seeds)",
-            non_smooth_operations=list(self.non_smooth_),
+            non_smooth_operations=None if self.non_smooth_ is None else list(self.non_smooth_),
             **self.last_run_,
         )

@@ -316,14 +316,21 @@ class Replay:
                 b.copy_(state.buffers[n])
         return model.eval()
 
-    def non_smooth_operations(self) -> list[str]:
+    def non_smooth_operations(self) -> list[str] | None:
         """The operations of the model's training loss that make this run non-differentiable in the data weights
-        (:mod:`datatrace.run.smoothness`), seen in one forward pass on two examples of the first step."""
+        (:mod:`datatrace.run.smoothness`), seen in one forward pass on two examples of the first step; ``None``
+        (unknown) when that forward pass fails outside a training step."""
         indices = self.recording.steps[0].indices[:2]
         batch = cast_batch(self.source.get(indices), self.dtype, self.device)
         state = self.initial()
         named = {"model." + n: v.detach().clone() for n, v in {**state.params, **state.buffers}.items()}
-        return non_smooth_operations(lambda: functional_call(self.loss_module, named, (batch,)))
+        try:
+            return non_smooth_operations(lambda: functional_call(self.loss_module, named, (batch,)))
+        except Exception as err:  # the probe only informs; the replay's own steps report real failures
+            logger.info(
+                "replay: could not list the model's non-smooth operations (%s: %s)", type(err).__name__, err
+            )
+            return None
 
     def describe(self) -> dict[str, Any]:
         return {
