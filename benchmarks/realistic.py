@@ -225,14 +225,16 @@ class DigitsCNN(nn.Module):
 
 class TextEncoder(nn.Module):
     """Token + position embeddings -> one Transformer encoder layer (self-attention with the padding mask, LayerNorm,
-    feed-forward, dropout) -> mean over the real tokens -> Linear. Token id 0 is padding."""
+    feed-forward with ``activation``, dropout) -> mean over the real tokens -> Linear. Token id 0 is padding."""
 
-    def __init__(self, vocab: int, length: int, dim: int = 32, heads: int = 2, classes: int = 6) -> None:
+    def __init__(
+        self, vocab: int, length: int, dim: int = 32, heads: int = 2, classes: int = 6, activation: str = "relu"
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.position = nn.Parameter(torch.randn(length, dim) * 0.02)
         self.encoder = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=2 * dim, dropout=0.1, batch_first=True
+            dim, heads, dim_feedforward=2 * dim, dropout=0.1, batch_first=True, activation=activation
         )
         self.head = nn.Linear(dim, classes)
 
@@ -341,8 +343,7 @@ class Problem:
             if self.model_kind == "cnn":
                 return DigitsCNN(*self.arch)
             if self.model_kind == "text":
-                vocab, length, dim, heads, classes = self.arch
-                return TextEncoder(vocab, length, dim, heads, classes)
+                return TextEncoder(*self.arch)
             if self.model_kind == "gpt2":
                 return gpt2(*self.arch)
         raise ValueError(f"unknown model_kind {self.model_kind!r}")
@@ -463,6 +464,16 @@ VARIANTS: dict[str, Problem] = {
         (8, 16, 0.1, 10, True, False),
         recipe=Recipe(epochs=20, lr=3e-3),
         description="cnn-gelu without its BatchNorm layers",
+    ),
+    "text-gelu": Problem(
+        "text-gelu",
+        "docstrings",
+        "text",
+        (1000, 32, 32, 2, len(DOCSTRING_GROUPS), "gelu"),
+        n_train=1200,
+        n_test=200,
+        recipe=Recipe(epochs=15, lr=2e-3),
+        description="the text problem with GELU in the encoder layer's feed-forward instead of ReLU",
     ),
 }
 
