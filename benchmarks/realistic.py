@@ -228,7 +228,13 @@ class TextEncoder(nn.Module):
     feed-forward with ``activation``, dropout) -> mean over the real tokens -> Linear. Token id 0 is padding."""
 
     def __init__(
-        self, vocab: int, length: int, dim: int = 32, heads: int = 2, classes: int = 6, activation: str = "relu"
+        self,
+        vocab: int,
+        length: int,
+        dim: int = 32,
+        heads: int = 2,
+        classes: int = 6,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
