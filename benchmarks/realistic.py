@@ -29,7 +29,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -447,40 +447,39 @@ CATALOGUE: dict[str, Problem] = {
 #: variants outside the catalogue (not in its tables): the same data and recipe with a smooth activation, for
 #: the metagradient's single-model study (``bench_metagradient.py``; a ReLU network's training run is not a
 #: differentiable function of its data weights, a GELU network's is)
+def _variant(base: str, name: str, arch: tuple, description: str, model_kind: str | None = None) -> Problem:
+    """Catalogue problem ``base`` with another architecture setting (same data, split and recipe)."""
+    original = CATALOGUE[base]
+    kind = model_kind or original.model_kind
+    return replace(original, name=name, model_kind=kind, arch=arch, description=description)
+
+
 VARIANTS: dict[str, Problem] = {
-    "mlp-small-gelu": Problem(
-        "mlp-small-gelu",
-        "digits",
-        "mlp-gelu",
-        (64, 32, 10),
-        description="digits, MLP 64-32-10 GELU, Adam 30 epochs, batch 32 (mlp-small with a smooth activation)",
-    ),
-    "cnn-gelu": Problem(
-        "cnn-gelu",
-        "digits-image",
-        "cnn",
-        (8, 16, 0.1, 10, True),
-        recipe=Recipe(epochs=20, lr=3e-3),
-        description="the cnn problem with GELU and average pooling instead of ReLU and max-pooling",
-    ),
-    "cnn-gelu-no-bn": Problem(
-        "cnn-gelu-no-bn",
-        "digits-image",
-        "cnn",
-        (8, 16, 0.1, 10, True, False),
-        recipe=Recipe(epochs=20, lr=3e-3),
-        description="cnn-gelu without its BatchNorm layers",
-    ),
-    "text-gelu": Problem(
-        "text-gelu",
-        "docstrings",
-        "text",
-        (1000, 32, 32, 2, len(DOCSTRING_GROUPS), "gelu"),
-        n_train=1200,
-        n_test=200,
-        recipe=Recipe(epochs=15, lr=2e-3),
-        description="the text problem with GELU in the encoder layer's feed-forward instead of ReLU",
-    ),
+    p.name: p
+    for p in (
+        _variant(
+            "mlp-small",
+            "mlp-small-gelu",
+            (64, 32, 10),
+            "digits, MLP 64-32-10 GELU, Adam 30 epochs, batch 32 (mlp-small with a smooth activation)",
+            model_kind="mlp-gelu",
+        ),
+        _variant(
+            "cnn",
+            "cnn-gelu",
+            (8, 16, 0.1, 10, True),
+            "the cnn problem with GELU and average pooling instead of ReLU and max-pooling",
+        ),
+        _variant(
+            "cnn", "cnn-gelu-no-bn", (8, 16, 0.1, 10, True, False), "cnn-gelu without its BatchNorm layers"
+        ),
+        _variant(
+            "text",
+            "text-gelu",
+            (1000, 32, 32, 2, len(DOCSTRING_GROUPS), "gelu"),
+            "the text problem with GELU in the encoder layer's feed-forward instead of ReLU",
+        ),
+    )
 }
 
 
