@@ -81,11 +81,15 @@ def lds(scores: np.ndarray, truth: retrain.SubsetResult, n_query: int) -> float:
 
 
 def path_truth(
-    problem: realistic.Problem, recording: Recording, masks: np.ndarray, alpha: float, query: tuple
+    problem: realistic.Problem,
+    recording: Recording,
+    train_data: Any,
+    masks: np.ndarray,
+    alpha: float,
+    query: tuple,
 ) -> retrain.SubsetResult:
     """The recorded run replayed with the left-out examples' weights lowered to ``1 - alpha`` (not 0): the same
     directions as the subsets, ``alpha`` times as far (``alpha -> 0`` is where a derivative must be exact)."""
-    train_data = problem.data()[0]
     replay = Replay(problem.build_model(0), problem.task(), recording, train_data)
     evaluate = retrain.evaluator(problem.task(), query)
     outputs = []
@@ -139,7 +143,7 @@ def run_problem(
         "segment": run["segment"],
         "held_bytes": run["max_states_held"] * state_bytes(recording),
         "replay_relative_error": run["replay_relative_error"],
-        "non_smooth_operations": list(attributor.non_smooth_),
+        "non_smooth_operations": attributor.metadata()["non_smooth_operations"],
     }
     start = time.perf_counter()
     attributor.score((query[0][:1], query[1][:1]))
@@ -176,7 +180,7 @@ def run_problem(
     for alpha in alphas:  # along the keep-0.9 directions, a fraction alpha of the way
         base = truths[f"single-model, keep {0.9:g}"]
         truths[f"single-model, keep 0.9, weight 1-{alpha:g}"] = path_truth(
-            problem, recording, base.masks, alpha, query
+            problem, recording, train_data, base.masks, alpha, query
         )
     seed_averaged = realistic.ground_truth(problem, n_jobs=n_jobs)
     truths["seed-averaged, keep 0.5"] = seed_averaged

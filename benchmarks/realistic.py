@@ -444,9 +444,6 @@ CATALOGUE: dict[str, Problem] = {
 }
 
 
-#: variants outside the catalogue (not in its tables): the same data and recipe with a smooth activation, for
-#: the metagradient's single-model study (``bench_metagradient.py``; a ReLU network's training run is not a
-#: differentiable function of its data weights, a GELU network's is)
 def _variant(base: str, name: str, arch: tuple, description: str, model_kind: str | None = None) -> Problem:
     """Catalogue problem ``base`` with another architecture setting (same data, split and recipe)."""
     original = CATALOGUE[base]
@@ -454,6 +451,9 @@ def _variant(base: str, name: str, arch: tuple, description: str, model_kind: st
     return replace(original, name=name, model_kind=kind, arch=arch, description=description)
 
 
+#: variants outside the catalogue (not in its tables): the same data and recipe with a smooth activation, for
+#: the metagradient's single-model study (``bench_metagradient.py``; a ReLU network's training run is not a
+#: differentiable function of its data weights, a GELU network's is)
 VARIANTS: dict[str, Problem] = {
     p.name: p
     for p in (
