@@ -16,7 +16,7 @@ import datatrace
 from datatrace.attributors.metagradient import Metagradient
 from datatrace.errors import StoreCorruptedError
 from datatrace.gradients.functional import BoundFunction
-from datatrace.run.metagradient import metagradients
+from datatrace.run.metagradient import graph_bytes, metagradients
 from datatrace.run.recording import Recorder, Recording
 from datatrace.run.replay import Replay, ReplayMismatchError
 from datatrace.verification import metrics, retrain
@@ -167,6 +167,25 @@ def test_reverse_pass_holds_order_sqrt_t_states(tmp_path, data, every):
     assert torch.allclose(result.grads, again.grads, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("every", [4, 1000])
+def test_holding_the_segments_graphs_gives_the_same_metagradient(tmp_path, data, every):
+    train, query = data
+    task = datatrace.ClassificationTask(weight_decay=DECAY)
+    recording = record(tmp_path, "adam", True, train, task, epochs=4, every=every)
+    replay = Replay(make_model(True), task, recording, train)
+    measure = final_measurement(replay, task, query)
+    rebuilt = metagradients(replay, measure, n_query=3, segment=3)
+    per_step = graph_bytes(replay)
+    assert per_step > replay.initial().nbytes()  # a graph holds at least the step's output state
+    held = metagradients(replay, measure, n_query=3, segment=3, graph_budget=3 * per_step)
+    assert not rebuilt.info["held_graphs"] and held.info["held_graphs"]
+    assert held.info["graph_bytes_per_step"] == per_step
+    assert held.max_states_held == rebuilt.max_states_held
+    assert torch.allclose(held.grads, rebuilt.grads, rtol=1e-10, atol=1e-13)
+    too_small = metagradients(replay, measure, n_query=3, segment=3, graph_budget=3 * per_step - 1)
+    assert not too_small.info["held_graphs"]
+
+
 def test_metagradient_attributor_scores_are_minus_the_derivative_and_match_removal(tmp_path, data):
     train, query = data
     task = datatrace.ClassificationTask(weight_decay=DECAY)
@@ -181,7 +200,12 @@ def test_metagradient_attributor_scores_are_minus_the_derivative_and_match_remov
     assert torch.allclose(scores.values, -grads, rtol=1e-10, atol=1e-14)
     meta = scores.metadata
     assert meta["estimator"] == "Metagradient" and meta["reverse_passes"] == 2
+    assert meta["held_graphs"] and meta["graph_bytes_per_step"] > 0  # a tiny run's graphs fit the budget
     json.dumps(meta)
+    rebuilt = Metagradient(make_model(False), task, recording, progress=False, hold_graphs=False).fit(train)
+    again = rebuilt.score(query)
+    assert not again.metadata["held_graphs"] and again.metadata["graph_bytes_per_step"] is None
+    assert torch.allclose(again.values, scores.values, rtol=1e-10, atol=1e-14)
     # first order: the score predicts the change when one example is dropped from the run (weight 0)
     with torch.no_grad():
         measure = final_measurement(replay, task, query)
@@ -273,6 +297,8 @@ def test_refusals_name_the_problem(tmp_path, data):
         Recorder(tmp_path / "c", model, torch.optim.SGD(model.parameters(), lr=0.1))
     # a tampered state file is detected
     recording = record(tmp_path / "d", "sgd", False, train, task)
+    with pytest.raises(ValueError, match="hold_graphs"):
+        Metagradient(model, task, recording, hold_graphs="yes")
     path = tmp_path / "d" / "state-00000004.safetensors"
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF

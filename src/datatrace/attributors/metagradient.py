@@ -58,8 +58,12 @@ class Metagradient(Attributor):
         task: the task whose loss the run minimised and whose measurement the queries use.
         recording: a :class:`~datatrace.run.recording.Recording` or its folder.
         segment: steps recomputed per reverse segment (default ``ceil(sqrt(T))``: ``O(sqrt T)`` states held).
-        query_batch_size: queries sharing one reverse pass (default: all that fit the default memory budget, each
-            holding a few adjoint copies of a training state).
+        query_batch_size: queries sharing one reverse pass (default: all that fit half the default memory budget,
+            each holding a few adjoint copies of a training state).
+        hold_graphs: replay each reverse segment once, with its autograd graphs, and hold them for its reverse
+            pass (saves one replay of every step). ``None``: when a segment's graphs fit half the default memory
+            budget (:func:`~datatrace.run.metagradient.graph_bytes`); ``True``: always; ``False``: never (rebuild
+            each step's graph in reverse order, holding states only).
         progress: show a tqdm bar per reverse pass.
     """
 
@@ -75,6 +79,7 @@ class Metagradient(Attributor):
         *,
         segment: int | None = None,
         query_batch_size: int | None = None,
+        hold_graphs: bool | None = None,
         progress: bool = True,
     ) -> None:
         if not isinstance(task, Task):
@@ -88,8 +93,16 @@ class Metagradient(Attributor):
             )
         if query_batch_size is not None and (not isinstance(query_batch_size, int) or query_batch_size < 1):
             raise bad_value("query_batch_size", query_batch_size, "a positive int or None", "leave it None")
+        if hold_graphs is not None and not isinstance(hold_graphs, bool):
+            raise bad_value(
+                "hold_graphs",
+                hold_graphs,
+                "True, False or None",
+                "leave it None to hold graphs when they fit",
+            )
         self.segment = segment
         self.query_batch_size = query_batch_size
+        self.hold_graphs = hold_graphs
         self.progress = check_bool("progress", progress)
         self.last_run_: dict[str, Any] = {}
 
@@ -137,6 +150,7 @@ class Metagradient(Attributor):
         n_query = len(source)
         chunk = self.query_batch_size or self._default_query_batch(n_query)
         rows, held, worst, batched = [], 0, 0.0, True
+        graph_budget = self._graph_budget()
         for start in range(0, n_query, chunk):
             idx = torch.arange(start, min(start + chunk, n_query))
             batch = cast_batch(source.get(idx), replay.dtype, replay.device)
@@ -151,6 +165,7 @@ class Metagradient(Attributor):
                     lambda state, batch=batch: replay.evaluate(state, fn, batch),
                     len(idx),
                     segment=self.segment,
+                    graph_budget=graph_budget,
                     progress=bar.update,
                 )
             rows.append(-result.grads)
@@ -164,15 +179,24 @@ class Metagradient(Attributor):
             "replay_relative_error": worst,
             "reverse_passes": len(rows),
             "batched_queries": batched,
+            "held_graphs": result.info["held_graphs"],
+            "graph_bytes_per_step": result.info["graph_bytes_per_step"],
         }
         values = torch.cat(rows).to(torch.float64 if replay.dtype == torch.float64 else replay.dtype)
         return Scores(values, self.describe_measurement(measurement), self.metadata())
 
+    def _graph_budget(self) -> int:
+        """Bytes the reverse pass may spend on held graphs (``hold_graphs``: half the default budget, all, none)."""
+        if self.hold_graphs is None:
+            return default_memory_budget(self.replay_.device)[0] // 2
+        return 2**62 if self.hold_graphs else 0
+
     def _default_query_batch(self, n_query: int) -> int:
         """As many queries per reverse pass as fit :data:`QUERY_MEMORY_FACTOR` adjoint copies of a training state
-        each within the default memory budget (:func:`~datatrace.attributors.base.default_memory_budget`)."""
+        each within half the default memory budget (:func:`~datatrace.attributors.base.default_memory_budget`;
+        the other half is for held graphs)."""
         per_query = QUERY_MEMORY_FACTOR * self._final_state.nbytes()
-        budget, _ = default_memory_budget(self.replay_.device)
+        budget = default_memory_budget(self.replay_.device)[0] // 2
         fits = max(1, budget // max(per_query, 1))
         if fits < n_query:
             logger.info(

@@ -16,10 +16,12 @@ anchors: the saved states of the recording, and, between saved states more than 
 in memory every ``k`` steps (Griewank 1992's two-level checkpointing). At most ``ceil(L / k) + k + 2`` states
 are held at once (``L`` the longest stretch between saved states): ``O(sqrt T)`` with the default ``k``, which
 is ``L`` itself when ``L <= 4 sqrt(T)`` (no second forward pass) and ``ceil(sqrt(T))`` otherwise.
-Cost: every step is replayed once or twice without a graph (the segment, and the anchors of long stretches) and
-once with a graph for the vector-Jacobian products through its double backward; the queries of one pass share
-the replays, and each adds one product per step (batched with ``vmap`` where the model allows). Measured costs are
-in benchmarks/README.md (``bench_metagradient.py``).
+Cost: every step is replayed with a graph for the vector-Jacobian products through its double backward, and
+before that without one to recover the segment's states (plus once more for the anchors of long stretches). When
+a segment's graphs fit ``graph_budget``, the segment is instead replayed once with graphs, held until its reverse
+pass (``k`` graphs in memory instead of ``k`` states), which saves the replay without a graph. The queries of one
+pass share the replays, and each adds one product per step (batched with ``vmap`` where the model allows).
+Measured costs are in benchmarks/README.md (``bench_metagradient.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from datatrace.run.state import TrainState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MetagradientResult", "metagradients"]
+__all__ = ["MetagradientResult", "graph_bytes", "metagradients"]
 
 #: measurement of the final state: ``TrainState -> (n_query,)`` tensor, differentiable in params and buffers
 FinalMeasurement = Callable[[TrainState], torch.Tensor]
@@ -95,9 +97,15 @@ def metagradients(
     n_query: int,
     *,
     segment: int | None = None,
+    graph_budget: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> MetagradientResult:
-    """``d f_q / d w_i`` for the queries measured by ``measure`` on the final state (module docstring)."""
+    """``d f_q / d w_i`` for the queries measured by ``measure`` on the final state (module docstring).
+
+    ``graph_budget`` (bytes): when a segment's autograd graphs fit it (:func:`graph_bytes` of one step times the
+    segment), each segment is replayed once, with graphs, and they are held for its reverse pass; otherwise (and
+    with the default ``0``) the segment is replayed without graphs and each step is rebuilt with its graph in
+    reverse order. Both give the same numbers; holding saves one replay of every step."""
     rec = replay.recording
     T = rec.n_steps
     saved = rec.checkpoint_steps
@@ -127,6 +135,8 @@ def metagradients(
         adjoint[slot] = torch.stack(parts).detach()
     del final, values, rows
 
+    per_graph = graph_bytes(replay) if graph_budget > 0 else 0
+    hold = 0 < per_graph * k <= graph_budget
     batched_ok = True
     for a, b in reversed(list(itertools.pairwise(saved))):
         anchors: dict[int, TrainState] = {a: replay.saved(a)}
@@ -139,13 +149,20 @@ def metagradients(
             worst = max(worst, replay.check(replay.run(state, b), saved_b))
         for start in sorted(anchors, reverse=True):
             stop = min(start + k, b) if b - a > k else b
-            states = [anchors[start]]
-            for t in range(start, stop - 1):
-                states.append(replay.step(states[-1], t)[0].detached())
+            states: list[Any] = [anchors[start]]
+            if hold:  # every step of the segment with its graph, reversed below
+                states = [_graph_step(replay, anchors[start], start)]
+                for t in range(start + 1, stop):
+                    states.append(_graph_step(replay, states[-1][1].detached(), t))
+            else:
+                for t in range(start, stop - 1):
+                    states.append(replay.step(states[-1], t)[0].detached())
             held = max(held, len(anchors) + len(states) + 2)
             for t in range(stop - 1, start - 1, -1):
-                s_in = _leaves(states[t - start], trainable)
-                s_out, w = replay.step(s_in, t, graph=True)
+                if hold:
+                    s_in, s_out, w = states.pop()
+                else:
+                    s_in, s_out, w = _graph_step(replay, states[t - start], t)
                 if t == b - 1 and b - a <= k:
                     worst = max(worst, replay.check(s_out, saved_b))
                 out_slots = [
@@ -162,7 +179,31 @@ def metagradients(
                     progress(1)
             del states
         del anchors
-    return MetagradientResult(grads, held, k, worst, {"batched_queries": batched_ok})
+    info = {"batched_queries": batched_ok, "held_graphs": hold, "graph_bytes_per_step": per_graph or None}
+    return MetagradientResult(grads, held, k, worst, info)
+
+
+def _graph_step(replay: Replay, state: TrainState, t: int) -> tuple[TrainState, TrainState, torch.Tensor]:
+    """``(input leaves, output, weights)`` of step ``t`` from ``state``, built with its autograd graph."""
+    s_in = _leaves(state, replay.trainable)
+    s_out, w = replay.step(s_in, t, graph=True)
+    return s_in, s_out, w
+
+
+def graph_bytes(replay: Replay) -> int:
+    """Bytes one step's autograd graph holds (the first step from the initial state), estimated as twice the
+    tensors autograd saves for its double backward (each storage once) plus the step's output state: the
+    factor covers the allocator and the tensors the graph creates without saving them."""
+    storages: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        storage = x.untyped_storage()
+        storages[storage.data_ptr() or id(x)] = storage.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        _, s_out, _ = _graph_step(replay, replay.initial(), 0)
+    return 2 * (sum(storages.values()) + s_out.nbytes())
 
 
 def _vjp(

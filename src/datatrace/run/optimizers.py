@@ -90,8 +90,11 @@ def initial_state(kind: str, hyper: dict[str, Any], param: torch.Tensor) -> dict
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
-    positive = v > 0
-    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+    """``sqrt(v)`` (bit for bit) whose derivative is 0 where ``v = 0``: ``sqrt(v m + 1 - m) m`` with ``m = [v > 0]``.
+    Written with products rather than ``torch.where``, whose backward has no batching rule for the batched
+    vector-Jacobian products of the reverse pass (a loop over the queries)."""
+    mask = (v > 0).to(v.dtype)
+    return (v * mask + (1.0 - mask)).sqrt() * mask
 
 
 def optimizer_step(
