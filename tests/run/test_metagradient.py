@@ -19,8 +19,9 @@ from datatrace.gradients.functional import BoundFunction
 from datatrace.run.metagradient import graph_bytes, metagradients
 from datatrace.run.recording import Recorder, Recording
 from datatrace.run.replay import Replay, ReplayMismatchError
-from datatrace.verification import metrics, retrain
+from datatrace.verification import metrics, retrain, verify
 from datatrace.verification.training import fit_minibatch
+from datatrace.verification.verify import _single_model_verdict
 
 N, BATCH, DECAY = 24, 8, 1e-2
 
@@ -219,6 +220,45 @@ def test_metagradient_attributor_scores_are_minus_the_derivative_and_match_remov
     assert not model.training
     saved = replay.saved(replay.n_steps)
     assert torch.equal(dict(model.named_parameters())["0.weight"].detach(), saved.params["0.weight"])
+
+
+def test_verify_checks_a_metagradient_against_replays_of_its_recorded_run(tmp_path, data):
+    train, query = data
+    task = datatrace.ClassificationTask(weight_decay=DECAY)
+    recording = record(tmp_path, "sgd", False, train, task)
+    attributor = Metagradient(make_model(False), task, recording, progress=False).fit(train)
+    check = verify(attributor, train, None, query, n_retrains=10, progress=False)
+    assert check.method == "single-model" and check.n_retrains == 10
+    truth = retrain.single_model_subsets(
+        make_model(False),
+        task,
+        recording,
+        train,
+        retrain.evaluator(task, query),
+        n_subsets=10,
+        fraction=0.9,
+        progress=False,
+    )
+    assert np.array_equal(check.truth.masks, truth.masks) and np.allclose(check.truth.outputs, truth.outputs)
+    assert (~truth.masks).sum(axis=1).tolist() == [round(0.1 * N)] * 10
+    scores = attributor.score(query).values.numpy()
+    assert check.agreement["lds"] == pytest.approx(
+        float(metrics.lds(scores, truth.masks, truth.outputs).mean)
+    )
+    # a smooth float64 SGD run is linear in its data at this scale: the scores are right in their units (with
+    # Adam the same run's actual changes are about 1.45x the predicted ones: still within the verdict's range)
+    assert check.agreement["lds"] > 0.95 and 0.9 < check.agreement["calibration_slope"] < 1.15
+    assert check.verdict == "trustworthy"
+    for value, verdict in ((0.5, "use rankings only"), (0.1, "not trustworthy here")):
+        said, why = _single_model_verdict({"lds": value, "calibration_slope": 1.0})
+        assert said == verdict and "BatchNorm" in why
+    assert _single_model_verdict({"lds": 0.95, "calibration_slope": 3.0})[0] == "use rankings only"
+    json.dumps(check.to_dict())
+    with pytest.raises(ValueError, match="train_fn"):
+        verify(attributor, train, None, query, method="subsets", progress=False)
+    influence = datatrace.InfluenceFunction(make_model(False), task, progress=False).fit(train)
+    with pytest.raises(ValueError, match="recorded run"):
+        verify(influence, train, None, query, method="single-model", progress=False)
 
 
 def test_single_model_subsets_are_replays_without_the_removed_examples(tmp_path, data):

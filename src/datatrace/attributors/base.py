@@ -206,6 +206,9 @@ class Attributor(ABC):
     route: str = ""
     #: whether ``score`` / ``query_gradients`` accept ``measurement=``
     supports_measurement: bool = False
+    #: whether the scores estimate removals from the attributor's *recorded run* (same initialisation, order and
+    #: seeds; ground truth :func:`~datatrace.verification.retrain.single_model_subsets`) rather than retraining
+    removal_from_recorded_run: bool = False
 
     task: Any
 

@@ -70,6 +70,7 @@ class Metagradient(Attributor):
     fitted_attribute = "replay_"
     route = "metagradient (reverse-mode through the recorded training run)"
     supports_measurement = True
+    removal_from_recorded_run = True
 
     def __init__(
         self,

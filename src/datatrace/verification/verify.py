@@ -11,7 +11,11 @@ way to know is to retrain. :func:`verify` retrains on a random sample and compar
   calibration slope (actual on estimated, centred per query, so the per-query shift of retraining a mean loss on
   ``n - 1`` examples drops out);
 * **random half subsets** otherwise (large ``n``, stochastic training): the linear datamodeling score (Park et al.
-  2023, :func:`datatrace.verification.metrics.lds`) with the retraining noise ceiling from two seeds per subset.
+  2023, :func:`datatrace.verification.metrics.lds`) with the retraining noise ceiling from two seeds per subset;
+* **single-model subsets** for an attributor whose scores estimate removals from its recorded run
+  (:class:`~datatrace.attributors.metagradient.Metagradient`): the run replayed without random subsets of
+  ``1 - SINGLE_MODEL_FRACTION`` (10%) of the examples (:func:`datatrace.verification.retrain.single_model_subsets`;
+  no ``train_fn``, no retraining noise), the LDS and a calibration slope of the actual changes on the predicted ones.
 
 The verdict, with these thresholds (chosen on the benchmarks of ``benchmarks/README.md``: the exact route reaches
 LOO Pearson 0.995 on logistic regression, where sizes can be read; on the realistic catalogue's Adam-trained
@@ -21,6 +25,7 @@ checks that the verdict of a 60-retrain sample matches the one the full benchmar
 
 * ``"trustworthy"``: leave-one-out Pearson >= 0.9 and calibration slope in [0.5, 2]: the scores can be read in
   their units;
+* ``"trustworthy"`` (single-model): LDS >= 0.9 and calibration slope in [0.5, 2];
 * ``"use rankings only"``: leave-one-out Spearman >= 0.5, or LDS >= 0.3 and >= half its correlation ceiling: the
   order of the scores is informative, their size is not certified;
 * ``"not trustworthy here"``: below those;
@@ -49,7 +54,14 @@ from datatrace.errors import (
     check_random_state,
 )
 from datatrace.verification.metrics import lds, loo_correlation
-from datatrace.verification.retrain import LOOResult, SubsetResult, evaluator, leave_one_out, subsets
+from datatrace.verification.retrain import (
+    LOOResult,
+    SubsetResult,
+    evaluator,
+    leave_one_out,
+    single_model_subsets,
+    subsets,
+)
 
 __all__ = ["VERDICTS", "Verification", "verify"]
 
@@ -63,6 +75,16 @@ LOO_SPEARMAN_RANKINGS = 0.5
 LDS_RANKINGS = 0.3
 LDS_CEILING_FRACTION = 0.5
 MIN_CORRELATION_CEILING = 0.3
+SINGLE_MODEL_LDS_TRUSTWORTHY = 0.9
+#: share of the examples each single-model subset keeps (a removal of 10%: a first-order estimate's scale)
+SINGLE_MODEL_FRACTION = 0.9
+
+_RUN_ADVICE = (
+    "What to try: the recorded run is not linear in its data at this scale. ReLU-like activations and max-pooling "
+    "make it jump under any reweighting (Scores.metadata['non_smooth_operations']) and BatchNorm amplifies "
+    "perturbations (benchmarks/README.md, bench_metagradient.py); a network with smooth activations (GELU, SiLU, "
+    "tanh) and without BatchNorm is, and an influence function may rank better here."
+)
 
 _ADVICE = (
     "What to try: another curvature route (curvature='gauss-newton' or 'cg' for a network whose Hessian is "
@@ -76,17 +98,17 @@ class Verification:
     """What :func:`verify` measured.
 
     Attributes:
-        method: ``"leave-one-out"`` or ``"subsets"``.
+        method: ``"leave-one-out"``, ``"subsets"`` or ``"single-model"``.
         reason: why that method was chosen, in words.
         verdict: one of :data:`VERDICTS`.
         explanation: the verdict's numbers against its thresholds, in words, with what to try when it is poor.
         agreement: the numbers: ``mean_pearson``, ``mean_spearman``, ``pooled_pearson``, ``calibration_slope``
-            (leave-one-out) or ``lds``, ``noise_ceiling``, ``correlation_ceiling`` (subsets), plus
-            ``retrain_noise`` and ``effect_spread`` of the method choice.
-        n_retrains: how many models were trained.
+            (leave-one-out), ``lds``, ``noise_ceiling``, ``correlation_ceiling`` (subsets) or ``lds``,
+            ``calibration_slope`` (single-model), plus ``retrain_noise`` and ``effect_spread`` of the method choice.
+        n_retrains: how many models were trained (or runs replayed).
         estimated: for leave-one-out the ``(n_query, m)`` estimated changes of the sampled examples; for subsets
             the ``(n_subsets, n_query)`` predicted outputs (up to a per-query constant).
-        actual: the matching measured changes (leave-one-out) or seed-averaged outputs (subsets).
+        actual: the matching measured changes (leave-one-out) or seed-averaged (single-model: replayed) outputs.
         truth: the raw retraining result (:class:`~datatrace.verification.retrain.LOOResult` or
             :class:`~datatrace.verification.retrain.SubsetResult`).
     """
@@ -116,7 +138,7 @@ class Verification:
 def verify(
     attributor: Any,
     train: DataLike,
-    train_fn: Callable[..., Any],
+    train_fn: Callable[..., Any] | None,
     query: DataLike,
     *,
     scores: Any = None,
@@ -138,13 +160,15 @@ def verify(
             whose ``measurement`` the scores estimate, the query's loss by default).
         train: the training data the attributor was fitted on (columns of the scores).
         train_fn: ``train_fn(data)`` or ``train_fn(data, seed=...)`` returning a trained model, the way the
-            model was trained (see :func:`datatrace.verification.retrain.leave_one_out`).
+            model was trained (see :func:`datatrace.verification.retrain.leave_one_out`); ``None`` for
+            ``"single-model"``, where the recording is the training function.
         query: the queries (rows of the scores).
         scores: the attributor's scores on ``query`` if already computed (else computed here).
-        method: ``"auto"`` (leave-one-out when retraining is precise enough, else subsets), ``"leave-one-out"``
-            or ``"subsets"``.
+        method: ``"auto"`` (single-model for an attributor of a recorded run; else leave-one-out when
+            retraining is precise enough, else subsets), ``"leave-one-out"``, ``"subsets"`` or ``"single-model"``.
         n_retrains: the retraining budget: leave-one-out removes this many random examples (plus 3 models for
-            the noise check); subsets trains ``n_retrains // n_seeds`` half subsets with ``n_seeds`` seeds each.
+            the noise check); subsets trains ``n_retrains // n_seeds`` half subsets with ``n_seeds`` seeds each;
+            single-model replays the run ``n_retrains`` times.
         n_seeds: seeds per subset (2 gives the noise ceiling).
         loo_max_n: above this many training examples ``"auto"`` goes straight to subsets (one removal moves a
             model trained on many examples by ~1/n, below the precision of most training runs).
@@ -157,7 +181,7 @@ def verify(
     Returns:
         a :class:`Verification` with the method, the agreement, the verdict and its explanation.
     """
-    method = check_choice("method", method, ("auto", "leave-one-out", "subsets"))
+    method = check_choice("method", method, ("auto", "leave-one-out", "subsets", "single-model"))
     noise_ratio = check_nonnegative_float("noise_ratio", noise_ratio)
     random_state = check_random_state(random_state)
     progress = check_bool("progress", progress)
@@ -192,9 +216,34 @@ def verify(
     cache = None if cache_dir is None else Path(cache_dir)
     common = dict(n_jobs=n_jobs, backend=backend, progress=progress)
 
+    recorded = bool(getattr(attributor, "removal_from_recorded_run", False))
+    if method == "single-model" and not recorded:
+        raise bad_value(
+            "method",
+            method,
+            "'single-model' checks an attributor of a recorded run (Metagradient), whose scores estimate removals "
+            f"from that run; {type(attributor).__name__} estimates retraining",
+            "use method='auto', 'leave-one-out' or 'subsets' with a train_fn",
+        )
+    if method == "auto" and recorded:
+        method = "single-model"
+    if method != "single-model" and not callable(train_fn):
+        raise bad_value(
+            "train_fn",
+            train_fn,
+            f"method {method!r} retrains: a function train_fn(data) or train_fn(data, seed=...) returning a trained "
+            "model",
+            "pass the function that trains the model (for a Metagradient, method='single-model' needs none)",
+        )
+
     reason, noise, spread = "", None, None
     probe: list[LOOResult] = []
-    if method == "subsets":
+    if method == "single-model":
+        reason = (
+            "the scores estimate removals from the attributor's recorded run (same initialisation, order and seeds), "
+            "so that run replayed without random subsets is their ground truth"
+        )
+    elif method == "subsets":
         reason = "subsets were asked for"
     elif method == "leave-one-out":
         reason = "leave-one-out was asked for"
@@ -272,6 +321,24 @@ def verify(
         )
         verdict, explanation = _loo_verdict(agreement)
         actual = truth.changes
+    elif method == "single-model":
+        truth = single_model_subsets(
+            attributor.model,
+            task,
+            attributor.recording,
+            train,
+            evaluate,
+            n_subsets=n_retrains,
+            fraction=SINGLE_MODEL_FRACTION,
+            random_state=random_state,
+            cache_dir=_sub(cache, "single-model"),
+            **common,
+        )
+        n_trained = n_retrains
+        result = lds(values, truth.masks, truth.outputs)
+        estimated, actual = result.predicted, result.actual
+        agreement.update(lds=_float(result.mean), calibration_slope=_calibration_slope(estimated.T, actual.T))
+        verdict, explanation = _single_model_verdict(agreement)
     else:
         n_subsets = max(2, n_retrains // n_seeds)
         truth = subsets(
@@ -343,6 +410,34 @@ def _lds_verdict(a: dict[str, float | None]) -> tuple[str, str]:
     return "not trustworthy here", (
         f"{numbers}: below LDS {LDS_RANKINGS} or half the ceiling, so the scores barely predict retraining. "
         + _ADVICE
+    )
+
+
+def _single_model_verdict(a: dict[str, float | None]) -> tuple[str, str]:
+    value, slope = a["lds"], a["calibration_slope"]
+    numbers = (
+        f"single-model LDS {_fmt(value)}, calibration slope {_fmt(slope)} (the recorded run replayed without "
+        f"{1 - SINGLE_MODEL_FRACTION:.0%} of the examples)"
+    )
+    low, high = SLOPE_RANGE
+    if (
+        value is not None
+        and value >= SINGLE_MODEL_LDS_TRUSTWORTHY
+        and slope is not None
+        and low <= slope <= high
+    ):
+        return "trustworthy", (
+            f"{numbers}: LDS >= {SINGLE_MODEL_LDS_TRUSTWORTHY} and slope in [{low:g}, {high:g}], so the scores "
+            "predict removals from this run in their units (other seeds or data orders are not covered)."
+        )
+    if value is not None and value >= LDS_RANKINGS:
+        return "use rankings only", (
+            f"{numbers}: LDS >= {LDS_RANKINGS} but below {SINGLE_MODEL_LDS_TRUSTWORTHY} or the slope outside "
+            f"[{low:g}, {high:g}]: the order of the scores is informative, their size is not. " + _RUN_ADVICE
+        )
+    return "not trustworthy here", (
+        f"{numbers}: below LDS {LDS_RANKINGS}, so the scores barely predict removals from this run. "
+        + _RUN_ADVICE
     )
 
 
