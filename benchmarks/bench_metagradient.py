@@ -77,10 +77,6 @@ def lds_result(scores: np.ndarray, truth: retrain.SubsetResult, n_query: int) ->
     return metrics.lds(scores, truth.masks, truth.outputs[..., :n_query])
 
 
-def lds(scores: np.ndarray, truth: retrain.SubsetResult, n_query: int) -> float:
-    return float(lds_result(scores, truth, n_query).mean)
-
-
 def path_truth(
     problem: realistic.Problem,
     recording: Recording,
@@ -196,9 +192,17 @@ def run_problem(
         )
     seed_averaged = realistic.ground_truth(problem, n_jobs=n_jobs)
     truths["seed-averaged, keep 0.5"] = seed_averaged
+    # how far each truth moves the left-out examples' weights (removal: all the way; the paths: alpha)
+    moved = {truth: 1.0 for truth in truths}
+    moved.update({f"single-model, keep 0.9, weight 1-{alpha:g}": alpha for alpha in alphas})
     for label, values in scores.items():
-        out["routes"][label]["lds"] = {
-            truth: lds(values, result, n_query) for truth, result in truths.items()
+        fits = {truth: lds_result(values, result, n_query) for truth, result in truths.items()}
+        out["routes"][label]["lds"] = {truth: float(fit.mean) for truth, fit in fits.items()}
+        # 1 when the scores are in the units of the changes they predict (the scores predict a removal, so a
+        # path's predicted change is alpha times theirs; seed-averaged outputs are compared as they are)
+        out["routes"][label]["calibration_slope"] = {
+            truth: float(metrics.calibration_slope(moved[truth] * fit.predicted.T, fit.actual.T))
+            for truth, fit in fits.items()
         }
     result = lds_result(scores["metagradient"], seed_averaged, n_query)
     ceiling, best = result.noise_ceiling, result.correlation_ceiling
@@ -219,7 +223,10 @@ def print_table(payload: dict[str, Any]) -> None:
         truths = list(next(iter(result["routes"].values()))["lds"])
         print("  | route | seconds | x training | " + " | ".join(f"LDS {t}" for t in truths) + " |")
         for label, row in result["routes"].items():
-            cells = " | ".join(f"{row['lds'][t]:.3f}" for t in truths)
+            slopes = row.get("calibration_slope", {})
+            cells = " | ".join(
+                f"{row['lds'][t]:.3f}" + (f" (slope {slopes[t]:.2f})" if t in slopes else "") for t in truths
+            )
             print(f"  | {label} | {row['seconds']:.1f} | {row['x_training']:.1f} | {cells} |")
         mg = result["routes"]["metagradient"]
         if "x_training_one_query" in mg:

@@ -14,6 +14,7 @@ from datatrace.verification.metrics import (
     DetectionCurve,
     LDSResult,
     LOOCorrelation,
+    calibration_slope,
     detection_curve,
     lds,
     loo_correlation,
@@ -384,3 +385,20 @@ def test_metrics_take_a_scores_object_as_its_values():
     assert lds(scores, masks, outputs).mean == lds(values, masks, outputs).mean
     actual = rng.normal(size=(3, 8))
     assert loo_correlation(scores, actual).mean_pearson == loo_correlation(values, actual).mean_pearson
+
+
+def test_calibration_slope_is_the_centred_least_squares_slope():
+    rng = np.random.default_rng(0)
+    estimated = rng.normal(size=(4, 30))
+    shifts = rng.normal(size=(4, 1))
+    # a per-row constant drops out; the slope is recovered exactly
+    assert calibration_slope(estimated, 2.5 * estimated + shifts) == pytest.approx(2.5, rel=1e-12)
+    noisy = 0.5 * estimated + rng.normal(scale=0.1, size=estimated.shape)
+    e = estimated - estimated.mean(axis=1, keepdims=True)
+    a = noisy - noisy.mean(axis=1, keepdims=True)
+    expected = np.polyfit(e.ravel(), a.ravel(), 1)[0]  # pooled least squares through the centred points
+    assert calibration_slope(torch.as_tensor(estimated), noisy) == pytest.approx(expected, rel=1e-10)
+    assert calibration_slope(estimated[0], -estimated[0]) == pytest.approx(-1.0)
+    assert np.isnan(calibration_slope(np.ones((2, 5)), estimated[:2, :5]))
+    with pytest.raises(ValueError, match="actual"):
+        calibration_slope(estimated, estimated[:, :5])

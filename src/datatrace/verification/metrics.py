@@ -9,6 +9,8 @@ Functions
     Row-wise correlation coefficients (vectorised; constant rows give ``nan``).
 :func:`loo_correlation`
     Correlation between estimated and actual (retrained) leave-one-out changes, per query and pooled.
+:func:`calibration_slope`
+    Whether estimated changes are in the units of the actual ones (slope 1), centred per query.
 :func:`lds`
     The linear datamodeling score (Park et al., 2023) with a split-half noise ceiling.
 :func:`detection_curve`
@@ -50,6 +52,7 @@ __all__ = [
     "DetectionCurve",
     "LDSResult",
     "LOOCorrelation",
+    "calibration_slope",
     "detection_curve",
     "lds",
     "loo_correlation",
@@ -254,6 +257,28 @@ def spearman(a: Any, b: Any) -> np.float64 | np.ndarray:
     x, y, one_d = _paired_rows(a, b, ("a", "b"))
     out = _pearson_rows(_rank_rows(x), _rank_rows(y))
     return np.float64(out[0]) if one_d else out
+
+
+def calibration_slope(estimated: Any, actual: Any) -> np.float64:
+    r"""Least-squares slope of ``actual`` on ``estimated``, both centred row by row, pooled over the rows.
+
+    .. math:: b = \frac{\sum_{q,j} (e_{qj} - \bar e_q)(a_{qj} - \bar a_q)}{\sum_{q,j} (e_{qj} - \bar e_q)^2}
+
+    1 when the estimates are in the units of what they estimate; centring each row (a query) drops a per-query
+    constant (retraining a mean loss on fewer examples shifts every removal alike; an LDS prediction is known up to
+    one). Rows: queries; columns: removed examples (leave-one-out) or subsets (``LDSResult.predicted.T``).
+
+    Args:
+        estimated, actual: paired values of the same shape, ``(m,)`` or ``(n_rows, m)`` with ``m >= 2``.
+
+    Returns:
+        ``numpy.float64``; ``nan`` when every row of ``estimated`` is constant.
+    """
+    x, y, _ = _paired_rows(estimated, actual, ("estimated", "actual"))
+    e = x - x.mean(axis=1, keepdims=True)
+    d = y - y.mean(axis=1, keepdims=True)
+    denom = float((e * e).sum())
+    return np.float64(float((e * d).sum()) / denom) if denom > 0 else np.float64(np.nan)
 
 
 # --------------------------------------------------------------------------------------------------------------

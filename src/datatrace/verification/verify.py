@@ -53,7 +53,7 @@ from datatrace.errors import (
     check_positive_int,
     check_random_state,
 )
-from datatrace.verification.metrics import lds, loo_correlation
+from datatrace.verification.metrics import calibration_slope, lds, loo_correlation
 from datatrace.verification.retrain import (
     LOOResult,
     SubsetResult,
@@ -312,7 +312,7 @@ def verify(
         n_trained = len(truth.indices) + (3 if probe else 1)
         estimated = values[:, truth.indices]
         corr = loo_correlation(estimated, truth.changes)
-        slope = _calibration_slope(estimated, truth.changes)
+        slope = _float(calibration_slope(estimated, truth.changes))
         agreement.update(
             mean_pearson=_float(corr.mean_pearson),
             mean_spearman=_float(corr.mean_spearman),
@@ -337,7 +337,9 @@ def verify(
         n_trained = n_retrains
         result = lds(values, truth.masks, truth.outputs)
         estimated, actual = result.predicted, result.actual
-        agreement.update(lds=_float(result.mean), calibration_slope=_calibration_slope(estimated.T, actual.T))
+        agreement.update(
+            lds=_float(result.mean), calibration_slope=_float(calibration_slope(estimated.T, actual.T))
+        )
         verdict, explanation = _single_model_verdict(agreement)
     else:
         n_subsets = max(2, n_retrains // n_seeds)
@@ -439,14 +441,6 @@ def _single_model_verdict(a: dict[str, float | None]) -> tuple[str, str]:
         f"{numbers}: below LDS {LDS_RANKINGS}, so the scores barely predict removals from this run. "
         + _RUN_ADVICE
     )
-
-
-def _calibration_slope(estimated: np.ndarray, actual: np.ndarray) -> float | None:
-    """Least-squares slope of actual on estimated changes, both centred per query."""
-    e = estimated - estimated.mean(axis=1, keepdims=True)
-    a = actual - actual.mean(axis=1, keepdims=True)
-    denom = float((e * e).sum())
-    return float((e * a).sum()) / denom if denom > 0 else None
 
 
 def _rms(x: np.ndarray) -> float:
