@@ -378,7 +378,7 @@ def _loo_verdict(a: dict[str, float | None]) -> tuple[str, str]:
     r, rho, slope = a["mean_pearson"], a["mean_spearman"], a["calibration_slope"]
     numbers = f"leave-one-out Pearson {_fmt(r)}, Spearman {_fmt(rho)}, calibration slope {_fmt(slope)}"
     low, high = SLOPE_RANGE
-    if r is not None and r >= LOO_PEARSON_TRUSTWORTHY and slope is not None and low <= slope <= high:
+    if r is not None and r >= LOO_PEARSON_TRUSTWORTHY and _slope_in_range(slope):
         return "trustworthy", (
             f"{numbers}: Pearson >= {LOO_PEARSON_TRUSTWORTHY} and slope in [{low:g}, {high:g}], so the scores can "
             "be read in their units (the estimated change of the query's measurement when an example is removed)."
@@ -415,6 +415,12 @@ def _lds_verdict(a: dict[str, float | None]) -> tuple[str, str]:
     )
 
 
+def _slope_in_range(slope: float | None) -> bool:
+    """Whether a calibration slope says the scores are in their units (within :data:`SLOPE_RANGE`)."""
+    low, high = SLOPE_RANGE
+    return slope is not None and low <= slope <= high
+
+
 def _single_model_verdict(a: dict[str, float | None]) -> tuple[str, str]:
     value, slope = a["lds"], a["calibration_slope"]
     numbers = (
@@ -422,12 +428,7 @@ def _single_model_verdict(a: dict[str, float | None]) -> tuple[str, str]:
         f"{1 - SINGLE_MODEL_FRACTION:.0%} of the examples)"
     )
     low, high = SLOPE_RANGE
-    if (
-        value is not None
-        and value >= SINGLE_MODEL_LDS_TRUSTWORTHY
-        and slope is not None
-        and low <= slope <= high
-    ):
+    if value is not None and value >= SINGLE_MODEL_LDS_TRUSTWORTHY and _slope_in_range(slope):
         return "trustworthy", (
             f"{numbers}: LDS >= {SINGLE_MODEL_LDS_TRUSTWORTHY} and slope in [{low:g}, {high:g}], so the scores "
             "predict removals from this run in their units (other seeds or data orders are not covered)."
