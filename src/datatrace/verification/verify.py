@@ -374,45 +374,12 @@ def _score_values(attributor: Any, query: DataLike, scores: Any) -> np.ndarray:
     return values.astype(np.float64)
 
 
-def _loo_verdict(a: dict[str, float | None]) -> tuple[str, str]:
-    r, rho, slope = a["mean_pearson"], a["mean_spearman"], a["calibration_slope"]
-    numbers = f"leave-one-out Pearson {_fmt(r)}, Spearman {_fmt(rho)}, calibration slope {_fmt(slope)}"
-    low, high = SLOPE_RANGE
-    if r is not None and r >= LOO_PEARSON_TRUSTWORTHY and _slope_in_range(slope):
-        return "trustworthy", (
-            f"{numbers}: Pearson >= {LOO_PEARSON_TRUSTWORTHY} and slope in [{low:g}, {high:g}], so the scores can "
-            "be read in their units (the estimated change of the query's measurement when an example is removed)."
-        )
-    if rho is not None and rho >= LOO_SPEARMAN_RANKINGS:
-        return "use rankings only", (
-            f"{numbers}: Spearman >= {LOO_SPEARMAN_RANKINGS} but Pearson < {LOO_PEARSON_TRUSTWORTHY} or the slope "
-            f"outside [{low:g}, {high:g}]: the order of the scores is informative, their size is not. "
-            + _ADVICE
-        )
-    return "not trustworthy here", (
-        f"{numbers}: Spearman < {LOO_SPEARMAN_RANKINGS}, so the scores do not follow retraining here. "
-        + _ADVICE
-    )
-
-
-def _lds_verdict(a: dict[str, float | None]) -> tuple[str, str]:
-    value, ceiling = a["lds"], a["correlation_ceiling"]
-    numbers = f"LDS {_fmt(value)} (correlation ceiling of the retraining noise {_fmt(ceiling)})"
-    if ceiling is not None and ceiling < MIN_CORRELATION_CEILING:
-        return "inconclusive", (
-            f"{numbers}: retraining is so noisy that even perfect scores could reach only about {_fmt(ceiling)}; "
-            "raise n_seeds or n_retrains, or make training deterministic (fixed seed and data order)."
-        )
-    enough = value is not None and value >= LDS_RANKINGS
-    if enough and (ceiling is None or value >= LDS_CEILING_FRACTION * ceiling):
-        return "use rankings only", (
-            f"{numbers}: LDS >= {LDS_RANKINGS} and >= {LDS_CEILING_FRACTION:g} x the ceiling, so the scores rank "
-            "training examples (and sets of them) usefully; subsets cannot certify their units."
-        )
-    return "not trustworthy here", (
-        f"{numbers}: below LDS {LDS_RANKINGS} or half the ceiling, so the scores barely predict retraining. "
-        + _ADVICE
-    )
+def _first_tier(numbers: str, tiers: list[tuple[bool, str, str]], poor: str) -> tuple[str, str]:
+    """``(verdict, numbers: why)`` of the first tier whose condition holds, else ``"not trustworthy here"``."""
+    for holds, verdict, why in tiers:
+        if holds:
+            return verdict, f"{numbers}: {why}"
+    return "not trustworthy here", f"{numbers}: {poor}"
 
 
 def _slope_in_range(slope: float | None) -> bool:
@@ -421,26 +388,78 @@ def _slope_in_range(slope: float | None) -> bool:
     return slope is not None and low <= slope <= high
 
 
+def _at_least(value: float | None, threshold: float) -> bool:
+    return value is not None and value >= threshold
+
+
+def _loo_verdict(a: dict[str, float | None]) -> tuple[str, str]:
+    r, rho, slope = a["mean_pearson"], a["mean_spearman"], a["calibration_slope"]
+    low, high = SLOPE_RANGE
+    return _first_tier(
+        f"leave-one-out Pearson {_fmt(r)}, Spearman {_fmt(rho)}, calibration slope {_fmt(slope)}",
+        [
+            (
+                _at_least(r, LOO_PEARSON_TRUSTWORTHY) and _slope_in_range(slope),
+                "trustworthy",
+                f"Pearson >= {LOO_PEARSON_TRUSTWORTHY} and slope in [{low:g}, {high:g}], so the scores can be read "
+                "in their units (the estimated change of the query's measurement when an example is removed).",
+            ),
+            (
+                _at_least(rho, LOO_SPEARMAN_RANKINGS),
+                "use rankings only",
+                f"Spearman >= {LOO_SPEARMAN_RANKINGS} but Pearson < {LOO_PEARSON_TRUSTWORTHY} or the slope outside "
+                f"[{low:g}, {high:g}]: the order of the scores is informative, their size is not. " + _ADVICE,
+            ),
+        ],
+        f"Spearman < {LOO_SPEARMAN_RANKINGS}, so the scores do not follow retraining here. " + _ADVICE,
+    )
+
+
+def _lds_verdict(a: dict[str, float | None]) -> tuple[str, str]:
+    value, ceiling = a["lds"], a["correlation_ceiling"]
+    return _first_tier(
+        f"LDS {_fmt(value)} (correlation ceiling of the retraining noise {_fmt(ceiling)})",
+        [
+            (
+                ceiling is not None and ceiling < MIN_CORRELATION_CEILING,
+                "inconclusive",
+                f"retraining is so noisy that even perfect scores could reach only about {_fmt(ceiling)}; raise "
+                "n_seeds or n_retrains, or make training deterministic (fixed seed and data order).",
+            ),
+            (
+                _at_least(value, LDS_RANKINGS)
+                and (ceiling is None or value >= LDS_CEILING_FRACTION * ceiling),
+                "use rankings only",
+                f"LDS >= {LDS_RANKINGS} and >= {LDS_CEILING_FRACTION:g} x the ceiling, so the scores rank training "
+                "examples (and sets of them) usefully; subsets cannot certify their units.",
+            ),
+        ],
+        f"below LDS {LDS_RANKINGS} or half the ceiling, so the scores barely predict retraining. " + _ADVICE,
+    )
+
+
 def _single_model_verdict(a: dict[str, float | None]) -> tuple[str, str]:
     value, slope = a["lds"], a["calibration_slope"]
-    numbers = (
-        f"single-model LDS {_fmt(value)}, calibration slope {_fmt(slope)} (the recorded run replayed without "
-        f"{1 - SINGLE_MODEL_FRACTION:.0%} of the examples)"
-    )
     low, high = SLOPE_RANGE
-    if value is not None and value >= SINGLE_MODEL_LDS_TRUSTWORTHY and _slope_in_range(slope):
-        return "trustworthy", (
-            f"{numbers}: LDS >= {SINGLE_MODEL_LDS_TRUSTWORTHY} and slope in [{low:g}, {high:g}], so the scores "
-            "predict removals from this run in their units (other seeds or data orders are not covered)."
-        )
-    if value is not None and value >= LDS_RANKINGS:
-        return "use rankings only", (
-            f"{numbers}: LDS >= {LDS_RANKINGS} but below {SINGLE_MODEL_LDS_TRUSTWORTHY} or the slope outside "
-            f"[{low:g}, {high:g}]: the order of the scores is informative, their size is not. " + _RUN_ADVICE
-        )
-    return "not trustworthy here", (
-        f"{numbers}: below LDS {LDS_RANKINGS}, so the scores barely predict removals from this run. "
-        + _RUN_ADVICE
+    return _first_tier(
+        f"single-model LDS {_fmt(value)}, calibration slope {_fmt(slope)} (the recorded run replayed without "
+        f"{1 - SINGLE_MODEL_FRACTION:.0%} of the examples)",
+        [
+            (
+                _at_least(value, SINGLE_MODEL_LDS_TRUSTWORTHY) and _slope_in_range(slope),
+                "trustworthy",
+                f"LDS >= {SINGLE_MODEL_LDS_TRUSTWORTHY} and slope in [{low:g}, {high:g}], so the scores predict "
+                "removals from this run in their units (other seeds or data orders are not covered).",
+            ),
+            (
+                _at_least(value, LDS_RANKINGS),
+                "use rankings only",
+                f"LDS >= {LDS_RANKINGS} but below {SINGLE_MODEL_LDS_TRUSTWORTHY} or the slope outside "
+                f"[{low:g}, {high:g}]: the order of the scores is informative, their size is not. "
+                + _RUN_ADVICE,
+            ),
+        ],
+        f"below LDS {LDS_RANKINGS}, so the scores barely predict removals from this run. " + _RUN_ADVICE,
     )
 
 
